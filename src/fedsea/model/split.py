@@ -1,0 +1,290 @@
+"""The three-way split: head, trunk and tail as views over one Hugging Face model.
+
+``split_model(model, head_layers=p, tail_layers=q)`` cuts a LLaMA-family causal LM of L
+blocks into
+
+    head  = token embedding + blocks [0, p)          (client)
+    trunk = blocks [p, L - q)                          (server)
+    tail  = blocks [L - q, L) + final norm + LM head   (client)
+
+Design decisions:
+- The parts are *views*: they hold the model's own modules (no copies), so the unsplit
+  model and its three parts always agree, and LoRA injected into a part is seen by both.
+- Blocks are kept in a ``ModuleDict`` keyed by their global index, so parameter names
+  (``layers.12.self_attn.q_proj...``) do not depend on p and q: an adapter saved with one
+  partition can be loaded after the partition moves.
+- Only hidden states and one length per sequence pass between parts; each part rebuilds
+  its masks and rotary positions from the lengths (``fedsea.model.masks``).
+- Tied embeddings (SmolLM2) stay on the client: the head holds the embedding, the tail
+  the LM head, both sharing one matrix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+
+from fedsea.config import LoraSpec, SplitLora
+from fedsea.errors import InvalidInputError, PartitionError, UnsupportedModelError
+from fedsea.io import atomic_directory
+from fedsea.model import adapters
+from fedsea.model.masks import check_lengths, padding_mask, position_ids
+
+if TYPE_CHECKING:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+# model_type -> the causal-LM class name fedsea knows how to split.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM"}
+
+PART_NAMES: tuple[str, ...] = ("head", "trunk", "tail")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` unless ``model`` is a causal LM fedsea can split."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    expected = SUPPORTED_ARCHITECTURES.get(str(model_type))
+    if expected is None or type(model).__name__ != expected:
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+        raise UnsupportedModelError(
+            f"cannot split {type(model).__name__} (model_type={model_type!r}); supported: {supported}"
+        )
+
+
+def check_partition(num_layers: int, head_layers: int, tail_layers: int) -> None:
+    """Raise ``PartitionError`` unless p >= 1, q >= 1 and p + q < L."""
+    for name, value in (("head_layers", head_layers), ("tail_layers", tail_layers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PartitionError(f"{name} must be an integer >= 1, got {value!r}")
+    if head_layers + tail_layers >= num_layers:
+        raise PartitionError(
+            f"head_layers + tail_layers must be < the model's {num_layers} blocks so that the trunk keeps "
+            f"at least one, got {head_layers} + {tail_layers} = {head_layers + tail_layers}"
+        )
+
+
+class SplitPart(nn.Module):
+    """Blocks [start, end) of a model, runnable alone on hidden states and lengths."""
+
+    part_name: str = "part"
+
+    def __init__(self, model: PreTrainedModel, start: int, end: int) -> None:
+        super().__init__()
+        self.config = model.config
+        self.start, self.end = start, end
+        base = model.model
+        self.layers = nn.ModuleDict({str(i): base.layers[i] for i in range(start, end)})
+        # Rotary embedding has no trainable weights (inv_freq buffer only): shared, not copied.
+        self.rotary_emb = base.rotary_emb
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def new_cache(self) -> DynamicCache:
+        """A KV cache for this part's blocks (indexed by global layer number)."""
+        return DynamicCache(config=self.config)
+
+    def lora_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for n, p in self.named_parameters() if "lora_" in n)
+
+    def _check_hidden(self, hidden: torch.Tensor) -> None:
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+            raise InvalidInputError("hidden", "expected a floating-point tensor")
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
+            raise InvalidInputError(
+                "hidden", f"expected shape (batch, tokens, {self.hidden_size}), got {tuple(hidden.shape)}"
+            )
+        if hidden.shape[1] == 0:
+            raise InvalidInputError("hidden", "expected at least one token")
+        if not bool(torch.isfinite(hidden).all()):
+            raise InvalidInputError("hidden", "contains NaN or Inf")
+
+    def _run_blocks(self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
+        """Run this part's blocks on ``hidden`` (B, n, d); ``lengths`` counts cached past too."""
+        batch, new = hidden.shape[0], hidden.shape[1]
+        past = cache.get_seq_length(self.start) if cache is not None else 0
+        total = past + new
+        check_lengths(lengths, batch, total)
+        lengths = lengths.to(device=hidden.device, dtype=torch.int64)
+        attn_2d = padding_mask(lengths, total)  # (B, T)
+        pos = position_ids(lengths, total, new)  # (B, n)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attn_2d,
+            cache=cache,
+            position_ids=pos,
+            # The cache may hold only this part's layers: size the mask on one of them.
+            layer_idx=self.start,
+        )
+        rope = self.rotary_emb(hidden, position_ids=pos)  # (cos, sin), each (B, n, head_dim)
+        for layer in self.layers.values():
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=pos,
+                cache=cache,
+                use_cache=cache is not None,
+                position_embeddings=rope,
+            )
+        return hidden
+
+
+class Head(SplitPart):
+    """Client part A: token embedding and blocks [0, p). ``head(input_ids, lengths) -> h_p``."""
+
+    part_name = "head"
+
+    def __init__(self, model: PreTrainedModel, head_layers: int) -> None:
+        super().__init__(model, 0, head_layers)
+        self.embed_tokens = model.model.embed_tokens
+
+    def forward(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None = None
+    ) -> torch.Tensor:
+        """Args: input_ids (B, n) int64, left-padded; lengths (B,). Returns h_p (B, n, d)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+            raise InvalidInputError("input_ids", f"expected shape (batch, tokens) with tokens >= 1, got {shape}")
+        if input_ids.dtype != torch.int64:
+            raise InvalidInputError("input_ids", f"expected int64 token ids, got {input_ids.dtype}")
+        vocab = self.embed_tokens.num_embeddings
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise InvalidInputError("input_ids", f"token ids must be in [0, {vocab})")
+        hidden = self.embed_tokens(input_ids)  # (B, n, d)
+        return self._run_blocks(hidden, lengths, cache)
+
+
+class Trunk(SplitPart):
+    """Server part B: blocks [p, L - q). ``trunk(h_p, lengths) -> h_{L-q}``."""
+
+    part_name = "trunk"
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        self._check_hidden(hidden)
+        return self._run_blocks(hidden, lengths, cache)
+
+
+class Tail(SplitPart):
+    """Client part C: blocks [L - q, L), final norm and LM head. ``tail(h, lengths) -> logits``."""
+
+    part_name = "tail"
+
+    def __init__(self, model: PreTrainedModel, tail_layers: int) -> None:
+        num_layers = model.config.num_hidden_layers
+        super().__init__(model, num_layers - tail_layers, num_layers)
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: DynamicCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Returns logits (B, n, V), or (B, k, V) for the last ``logits_to_keep`` = k slots."""
+        self._check_hidden(hidden)
+        hidden = self._run_blocks(hidden, lengths, cache)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(self.norm(hidden))
+
+
+class SplitModel:
+    """One model seen as three parts. ``split(input_ids, lengths)`` composes them (no noise)."""
+
+    def __init__(self, model: PreTrainedModel, head_layers: int, tail_layers: int) -> None:
+        check_supported(model)
+        check_partition(int(model.config.num_hidden_layers), head_layers, tail_layers)
+        self.model = model
+        self.head_layers, self.tail_layers = head_layers, tail_layers
+        self.head = Head(model, head_layers)
+        self.trunk = Trunk(model, head_layers, model.config.num_hidden_layers - tail_layers)
+        self.tail = Tail(model, tail_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    def parts(self) -> dict[str, SplitPart]:
+        return {"head": self.head, "trunk": self.trunk, "tail": self.tail}
+
+    def __call__(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Head, trunk and tail in turn on a left-padded batch; returns logits (B, n, V)."""
+        return self.tail(self.trunk(self.head(input_ids, lengths), lengths), lengths)
+
+    def add_lora(self, lora: SplitLora | LoraSpec | None = None) -> SplitModel:
+        """Add LoRA adapters (peft) to the parts; one ``LoraSpec`` for all, or a ``SplitLora``."""
+        adapters.add_split_lora(self, lora if lora is not None else LoraSpec())
+        return self
+
+    def save_adapters(self, directory: str | os.PathLike[str]) -> Path:
+        """Write each adapted part's adapter under ``directory/{head,trunk,tail}`` (atomic)."""
+        with atomic_directory(directory) as tmp:
+            for name, part in self.parts().items():
+                if getattr(part, "lora_spec", None) is not None:
+                    adapters.save_adapter(part, tmp / name)
+        return Path(directory)
+
+    def load_adapters(self, directory: str | os.PathLike[str]) -> SplitModel:
+        """Load the adapters written by ``save_adapters`` (parts without a folder are left alone)."""
+        found = False
+        for name, part in self.parts().items():
+            if (Path(directory) / name).is_dir():
+                adapters.load_adapter(part, Path(directory) / name)
+                found = True
+        if not found:
+            raise adapters.AdapterError(f"no head/, trunk/ or tail/ adapter folder in {directory}")
+        return self
+
+    def export(self, directory: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+        """Merge all adapters into the base weights and write a plain Hugging Face checkpoint."""
+        return adapters.export_merged(self, directory, tokenizer)
+
+    def __repr__(self) -> str:
+        return (
+            f"SplitModel({type(self.model).__name__}, L={self.num_layers}, "
+            f"head=[0,{self.head.end}), trunk=[{self.trunk.start},{self.trunk.end}), "
+            f"tail=[{self.tail.start},{self.num_layers}))"
+        )
+
+
+def split_model(model: PreTrainedModel, head_layers: int, tail_layers: int) -> SplitModel:
+    """Split ``model`` into head (p blocks), trunk and tail (q blocks).
+
+    Args:
+        model: a supported Hugging Face causal LM (see ``SUPPORTED_ARCHITECTURES``).
+        head_layers: p >= 1, blocks kept by the client before the trunk.
+        tail_layers: q >= 1, blocks kept by the client after it; p + q < L.
+
+    Raises:
+        UnsupportedModelError: for an architecture fedsea cannot split.
+        PartitionError: for partition points that do not fit the model.
+    """
+    return SplitModel(model, head_layers, tail_layers)
+
+
+def central_forward(model: PreTrainedModel, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The unsplit model on a left-padded batch, with the same masks and positions as the split.
+
+    Returns logits (B, n, V).
+    """
+    total = input_ids.shape[1]
+    check_lengths(lengths, input_ids.shape[0], total)
+    lengths = lengths.to(device=input_ids.device, dtype=torch.int64)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=padding_mask(lengths, total),
+        position_ids=position_ids(lengths, total, total),
+        use_cache=False,
+    )
+    return out.logits

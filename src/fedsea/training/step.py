@@ -1,0 +1,184 @@
+"""One training step, split or centralized, through the same code.
+
+``SplitTrainer`` runs a client's step: head -> privatize -> trunk -> tail, loss, then the
+gradients flow back across both cuts as explicit tensors, exactly what crosses the wire:
+
+    up:   h~_p (B, n, d), lengths (B)          trunk.forward
+    down: h_{L-q} (B, n, d)
+    up:   dL/dh_{L-q} (B, n, d)                trunk.backward
+    down: dL/dh~_p (B, n, d)
+
+The trunk is reached through a ``TrunkLink``: ``LocalTrunk`` here (in-process), a gRPC client
+in ``fedsea.client``. ``CentralTrainer`` runs the unsplit model with the same adapters and
+the same per-part optimizers and clipping, so that with sigma = 0 both give the same step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fedsea.config import NoiseConfig, OptimConfig
+from fedsea.model.split import SplitModel, central_forward
+from fedsea.privacy.noise import Privatizer
+from fedsea.training.batch import Batch, lm_loss
+
+
+class TrunkLink(Protocol):
+    """How a client reaches the trunk (in-process or over the network)."""
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Send h~_p (B, n, d) and lengths (B,); return h_{L-q} (B, n, d), detached."""
+        ...
+
+    def backward(self, grad: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """Send dL/dh_{L-q} (B, n, d); return dL/dh~_p (B, n, d). ``update`` steps the trunk's optimizer."""
+        ...
+
+
+def make_optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+
+
+class PartOptimizer:
+    """AdamW over one part's LoRA tensors, with that part's own gradient clipping."""
+
+    def __init__(self, part: nn.Module, optim: OptimConfig) -> None:
+        self.params = [p for n, p in part.named_parameters() if "lora_" in n and p.requires_grad]
+        self.max_grad_norm = optim.max_grad_norm
+        self.optimizer = make_optimizer(self.params, optim) if self.params else None
+
+    def step(self) -> float:
+        """Clip, step and zero the gradients; return the gradient norm before clipping."""
+        if self.optimizer is None:
+            return 0.0
+        grads = [p for p in self.params if p.grad is not None]
+        norm = 0.0
+        if grads and self.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class LocalTrunk:
+    """The trunk in the same process: a ``TrunkLink`` without a network."""
+
+    def __init__(self, trunk: nn.Module, optim: OptimConfig) -> None:
+        self.trunk = trunk
+        self.optimizer = PartOptimizer(trunk, optim)
+        self._saved: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.trunk.train()
+        inp = hidden.detach().requires_grad_(True)  # (B, n, d)
+        out = self.trunk(inp, lengths)  # (B, n, d)
+        self._saved = (inp, out)
+        return out.detach()
+
+    def backward(self, grad: torch.Tensor, update: bool = True) -> torch.Tensor:
+        if self._saved is None:
+            raise RuntimeError("trunk.backward called without a pending forward")
+        inp, out = self._saved
+        self._saved = None
+        out.backward(grad)
+        if update:
+            self.optimizer.step()
+        assert inp.grad is not None  # inp requires grad and out depends on it
+        return inp.grad
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did: mean loss over its target tokens and their number."""
+
+    loss: float
+    num_targets: int
+
+
+class _Trainer:
+    """Shared step logic; subclasses define ``_forward_backward`` and ``_client_optimizers``."""
+
+    _optimizers: list[PartOptimizer]
+
+    def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_gradients(self, batch: Batch) -> float:
+        """Forward and backward without any update: every LoRA tensor's ``.grad`` is filled."""
+        for opt in self._optimizers:
+            opt.zero_grad()
+        return float(self._forward_backward(batch, update_remote=False))
+
+    def train_step(self, batch: Batch) -> StepResult:
+        """One optimizer step on ``batch``."""
+        for opt in self._optimizers:
+            opt.zero_grad()
+        loss = float(self._forward_backward(batch, update_remote=True))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss}; lower the learning rate or the noise")
+        for opt in self._optimizers:
+            opt.step()
+        return StepResult(loss=loss, num_targets=batch.num_targets)
+
+
+class SplitTrainer(_Trainer):
+    """A client's training step through the split.
+
+    Args:
+        split: the client's view of the model (head and tail are used here).
+        trunk: how to reach the trunk; defaults to ``LocalTrunk(split.trunk)``.
+        noise: clipping and Gaussian noise on h_p before it leaves the client.
+        optim: AdamW settings, one optimizer per part.
+    """
+
+    def __init__(
+        self,
+        split: SplitModel,
+        trunk: TrunkLink | None = None,
+        noise: NoiseConfig | None = None,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        optim = optim or OptimConfig()
+        self.split = split
+        self.trunk: TrunkLink = trunk if trunk is not None else LocalTrunk(split.trunk, optim)
+        self.privatizer = Privatizer(noise or NoiseConfig(), device=split.model.device)
+        self._optimizers = [PartOptimizer(split.head, optim), PartOptimizer(split.tail, optim)]
+        self.steps = 0
+
+    def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
+        head, tail = self.split.head.train(), self.split.tail.train()
+        h = head(batch.input_ids, batch.lengths)  # (B, n, d)
+        h_noised = self.privatizer(h, key=self.steps)  # the payload; a retry resends it
+        trunk_out = self.trunk.forward(h_noised.detach(), batch.lengths)  # (B, n, d)
+        received = trunk_out.detach().requires_grad_(True)
+        loss = lm_loss(tail(received, batch.lengths), batch.labels)
+        loss.backward()
+        assert received.grad is not None
+        grad_in = self.trunk.backward(received.grad, update=update_remote)  # dL/dh~_p (B, n, d)
+        h_noised.backward(grad_in)
+        self.steps += 1
+        return loss.detach()
+
+
+class CentralTrainer(_Trainer):
+    """The centralized baseline: the unsplit model, same adapters, same per-part optimizers."""
+
+    def __init__(self, split: SplitModel, optim: OptimConfig | None = None) -> None:
+        optim = optim or OptimConfig()
+        self.split = split
+        self._optimizers = [PartOptimizer(part, optim) for part in split.parts().values()]
+
+    def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
+        model = self.split.model.train()
+        loss = lm_loss(central_forward(model, batch.input_ids, batch.lengths), batch.labels)
+        loss.backward()
+        return loss.detach()
