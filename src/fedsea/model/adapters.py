@@ -39,11 +39,19 @@ if TYPE_CHECKING:
 ADAPTER_NAME = "default"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
-_TAG = f".{ADAPTER_NAME}."
 
 
-def add_lora(part: SplitPart, spec: LoraSpec) -> None:
-    """Inject a LoRA adapter into ``part`` and freeze every non-LoRA parameter of it."""
+def _tag(adapter_name: str) -> str:
+    return f".{adapter_name}."
+
+
+def add_lora(part: SplitPart, spec: LoraSpec, adapter_name: str = ADAPTER_NAME) -> None:
+    """Inject a LoRA adapter into ``part`` and freeze every non-LoRA parameter of it.
+
+    Args:
+        adapter_name: peft's adapter name. A server holds one adapter per session on the
+            same shared blocks, each under its own name.
+    """
     if getattr(part, "lora_spec", None) is not None:
         raise AdapterError(f"the {part.part_name} already has a LoRA adapter")
     config = LoraConfig(
@@ -54,12 +62,14 @@ def add_lora(part: SplitPart, spec: LoraSpec) -> None:
         bias="none",
     )
     try:
-        inject_adapter_in_model(config, part, adapter_name=ADAPTER_NAME)
+        inject_adapter_in_model(config, part, adapter_name=adapter_name)
     except ValueError as exc:
         raise AdapterError(f"cannot add LoRA to the {part.part_name}: {exc}") from exc
+    tag = _tag(adapter_name)
     for name, param in part.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_("lora_" in name and tag in name)
     part.lora_spec = spec
+    part.adapter_name = adapter_name
 
 
 def add_split_lora(split: SplitModel, lora: SplitLora | LoraSpec) -> None:
@@ -75,11 +85,15 @@ def add_split_lora(split: SplitModel, lora: SplitLora | LoraSpec) -> None:
             add_lora(part, spec)
 
 
-def adapter_state_dict(part: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_parameters(part: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+    """The part's LoRA parameters of one adapter, keyed without the adapter name."""
+    tag = _tag(adapter_name or getattr(part, "adapter_name", ADAPTER_NAME))
+    return {name.replace(tag, "."): p for name, p in part.named_parameters() if "lora_" in name and tag in name}
+
+
+def adapter_state_dict(part: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The LoRA tensors of ``part`` (detached copies), keys without the adapter name."""
-    return {
-        name.replace(_TAG, "."): param.detach().clone() for name, param in part.named_parameters() if "lora_" in name
-    }
+    return {k: p.detach().clone() for k, p in adapter_parameters(part, adapter_name).items()}
 
 
 def load_adapter_state_dict(part: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -93,7 +107,7 @@ def load_adapter_state_dict(part: nn.Module, state: dict[str, torch.Tensor], str
     Raises:
         AdapterError: naming missing, unexpected or mis-shaped keys.
     """
-    params = {name.replace(_TAG, "."): p for name, p in part.named_parameters() if "lora_" in name}
+    params = adapter_parameters(part)
     name = getattr(part, "part_name", type(part).__name__)
     if not params:
         raise AdapterError(f"the {name} has no LoRA adapter to load into")
@@ -156,6 +170,8 @@ def load_adapter(part: SplitPart, directory: str | os.PathLike[str]) -> None:
 def merged_model(model: PreTrainedModel) -> PreTrainedModel:
     """A copy of ``model`` with every LoRA adapter merged into its base weights (plain HF model)."""
     merged = copy.deepcopy(model)
+    # The copy's base weights change: it must not inherit the original's cached fingerprint.
+    merged.__dict__.pop("_fedsea_fingerprint", None)
     tuner_names = [name for name, module in merged.named_modules() if isinstance(module, BaseTunerLayer)]
     for name in tuner_names:
         parent_name, _, child = name.rpartition(".")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from fedsea.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from fedsea.io import atomic_directory
@@ -191,10 +192,16 @@ def load_model(
     else:
         location = _local_folder(resolved)
         _check_config_supported(location)
+        # A sub-second load needs no progress bar; keep the user's setting afterwards.
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
         except OSError as exc:
             raise ModelLoadError(f"cannot load the model at {location}: {exc}") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     check_supported(model)
     model.requires_grad_(False)
     return model.to(device).eval()

@@ -22,7 +22,6 @@ Design decisions:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,9 +90,6 @@ class SplitPart(nn.Module):
     def new_cache(self) -> DynamicCache:
         """A KV cache for this part's blocks (indexed by global layer number)."""
         return DynamicCache(config=self.config)
-
-    def lora_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for n, p in self.named_parameters() if "lora_" in n)
 
     def _check_hidden(self, hidden: torch.Tensor) -> None:
         if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():

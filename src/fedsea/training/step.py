@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fedsea.config import NoiseConfig, OptimConfig
+from fedsea.model.adapters import adapter_parameters
 from fedsea.model.split import SplitModel, central_forward
 from fedsea.privacy.noise import Privatizer
 from fedsea.training.batch import Batch, lm_loss
@@ -48,7 +49,7 @@ class PartOptimizer:
     """AdamW over one part's LoRA tensors, with that part's own gradient clipping."""
 
     def __init__(self, part: nn.Module, optim: OptimConfig) -> None:
-        self.params = [p for n, p in part.named_parameters() if "lora_" in n and p.requires_grad]
+        self.params = list(adapter_parameters(part).values())
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer = make_optimizer(self.params, optim) if self.params else None
 

@@ -1,0 +1,219 @@
+"""``fedsea serve``, ``fedsea train``, ``fedsea certs`` and ``fedsea token``: the networked commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedsea.config import LoraSpec, NoiseConfig, OptimConfig, ServerLimits
+from fedsea.model.load import DEFAULT_MODEL
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from fedsea.model.load import load_model
+    from fedsea.server.app import ServerTls, TrunkServer, serve_until_signalled
+    from fedsea.server.trunk import TrunkHost
+    from fedsea.wire.auth import TokenStore
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("fedsea serve: give both --tls-cert and --tls-key")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("fedsea serve: --tls-client-ca needs --tls-cert and --tls-key")
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+    tls = None
+    if args.tls_cert:
+        client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
+        tls = ServerTls(Path(args.tls_cert), Path(args.tls_key), client_ca)
+    tokens = TokenStore.load(args.tokens) if args.tokens else None
+    # Refuse a plaintext public bind before spending time on the model.
+    server_args = {
+        "host": args.host,
+        "port": args.port,
+        "tls": tls,
+        "insecure": args.insecure,
+    }
+    TrunkServer.check_bind(**{k: server_args[k] for k in ("host", "tls", "insecure")})
+    print(f"loading {args.model} ...", flush=True)
+    host = TrunkHost(load_model(args.model), limits)
+    print(f"base model fingerprint {host.fingerprint}", flush=True)
+    server = TrunkServer(host, tokens=tokens, **server_args)
+    asyncio.run(serve_until_signalled(server))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fedsea.client.connection import ClientTls
+    from fedsea.client.split_client import SplitClient
+    from fedsea.model.load import load_model, load_tokenizer
+    from fedsea.model.split import split_model
+    from fedsea.training.data import iterate_batches, load_jsonl
+    from fedsea.wire.shaper import NetShaper
+
+    tokenizer = load_tokenizer(args.model)
+    examples = load_jsonl(args.data, tokenizer, args.max_length)
+    lora = LoraSpec(
+        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=tuple(args.targets.split(","))
+    )
+    split = split_model(load_model(args.model), args.head_layers, args.tail_layers).add_lora(lora)
+    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        tls = ClientTls(
+            Path(args.tls_ca) if args.tls_ca else None,
+            Path(args.tls_cert) if args.tls_cert else None,
+            Path(args.tls_key) if args.tls_key else None,
+        )
+    client = SplitClient(
+        args.server,
+        split,
+        noise=NoiseConfig(sigma=args.sigma, clip_norm=args.clip_norm, seed=args.seed),
+        optim=OptimConfig(lr=args.lr),
+        wire_dtype=args.wire_dtype,
+        tls=tls,
+        token=args.token or os.environ.get("FEDSEA_TOKEN"),
+        shaper=NetShaper(args.net_latency_ms, args.net_mbps),
+        seed=args.seed,
+    )
+    losses: list[float] = []
+    start = time.perf_counter()
+    with client:
+        batches = iterate_batches(examples, args.batch_size, tokenizer.pad_token_id, args.epochs, args.seed)
+        bar = tqdm(total=total, desc="training", unit="step", disable=args.quiet)
+        for step, batch in enumerate(batches):
+            if step >= total:
+                break
+            losses.append(client.train_step(batch).loss)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update()
+        bar.close()
+        stats = client.stats()
+        if args.save_adapters:
+            client.save_adapters(args.save_adapters)
+    elapsed = time.perf_counter() - start
+    window = max(1, len(losses) // 10)
+    summary: dict[str, Any] = {
+        "steps": len(losses),
+        "examples": len(examples),
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+        "seconds": elapsed,
+        "bytes_sent": stats["bytes_sent"],
+        "bytes_received": stats["bytes_received"],
+        "network_s": stats["network_s"],
+        "server_compute_s": stats["remote_compute_s"],
+        "client_compute_s": stats["local_compute_s"],
+        "rpcs": stats["rpcs"],
+        "adapters": args.save_adapters,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        mib = 1024 * 1024
+        print(f"\n{len(losses)} steps on {len(examples)} examples in {elapsed:.1f} s")
+        print(f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} (mean of the first and last {window})")
+        print(f"sent {summary['bytes_sent'] / mib:.2f} MiB, received {summary['bytes_received'] / mib:.2f} MiB")
+        print(
+            f"time: network {summary['network_s']:.2f} s, server compute {summary['server_compute_s']:.2f} s, "
+            f"client compute {summary['client_compute_s']:.2f} s"
+        )
+        print(f"{'rpc':<14}{'calls':>7}{'sent':>14}{'received':>14}")
+        for name, c in stats["rpcs"].items():
+            print(f"{name:<14}{c['calls']:>7}{c['bytes_sent']:>14,}{c['bytes_received']:>14,}")
+        if args.save_adapters:
+            print(f"adapters saved to {args.save_adapters}")
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedsea.wire.certs import make_test_certs
+
+    paths = make_test_certs(args.dir, hosts=args.host, client_name=args.client_name, days=args.days)
+    print(f"wrote a throwaway CA and server/client certificates to {Path(args.dir)} (for tests, not production):")
+    for field in dataclasses.fields(paths):
+        print(f"  {field.name:<12} {getattr(paths, field.name)}")
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from fedsea.wire.auth import TokenStore
+
+    store = TokenStore.load(args.file) if Path(args.file).exists() else TokenStore()
+    token = store.add(args.client_id)
+    store.save(args.file)
+    print(token)
+    print(f"(token for {args.client_id!r}; only its hash is stored in {args.file}: keep it now)", file=sys.stderr)
+    return 0
+
+
+def add_wire_commands(sub: Any) -> None:
+    """Register the networked subcommands on the ``fedsea`` parser."""
+    serve = sub.add_parser("serve", help="run the trunk server")
+    serve.add_argument("--model", default=DEFAULT_MODEL)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--tls-cert", help="server certificate (PEM)")
+    serve.add_argument("--tls-key", help="server key (PEM)")
+    serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument("--tokens", help="tokens file (fedsea token add); clients must present one")
+    serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    for field in dataclasses.fields(ServerLimits):
+        flag = "--" + field.name.replace("_", "-")
+        kind = float if field.type in ("float", float) else int
+        serve.add_argument(flag, dest=field.name, type=kind, default=field.default, help=f"(default: {field.default})")
+    serve.set_defaults(func=_cmd_serve)
+
+    train = sub.add_parser("train", help="fine-tune one client through a trunk server on a JSONL file")
+    train.add_argument("--server", required=True, help="host:port of fedsea serve")
+    train.add_argument("--data", required=True, help='JSONL of {"text": ...} or {"prompt": ..., "completion": ...}')
+    train.add_argument("--model", default=DEFAULT_MODEL)
+    train.add_argument("--head-layers", type=int, default=2)
+    train.add_argument("--tail-layers", type=int, default=2)
+    lora, optim, noise = LoraSpec(), OptimConfig(), NoiseConfig()
+    train.add_argument("--lora-r", type=int, default=lora.r)
+    train.add_argument("--lora-alpha", type=float, default=lora.alpha)
+    train.add_argument("--lora-dropout", type=float, default=lora.dropout)
+    train.add_argument("--targets", default=",".join(lora.target_modules), help="comma-separated module names")
+    train.add_argument("--lr", type=float, default=optim.lr)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    train.add_argument("--max-length", type=int, default=256, help="tokens per example, at most")
+    train.add_argument("--sigma", type=float, default=noise.sigma, help="std of the Gaussian noise on h_p")
+    train.add_argument("--clip-norm", type=float, default=noise.clip_norm, help="per-token L2 clip before the noise")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--wire-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    train.add_argument("--tls-ca", help="CA that signed the server's certificate")
+    train.add_argument("--tls-cert", help="client certificate, for mutual TLS")
+    train.add_argument("--tls-key", help="client key, for mutual TLS")
+    train.add_argument("--token", help="bearer token (default: $FEDSEA_TOKEN)")
+    train.add_argument("--net-latency-ms", type=float, default=0.0, help="emulated one-way latency")
+    train.add_argument("--net-mbps", type=float, default=0.0, help="emulated bandwidth (0: unlimited)")
+    train.add_argument("--save-adapters", help="write head/trunk/tail adapters here at the end")
+    train.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    certs = sub.add_parser("certs", help="make a throwaway CA, server and client certificate (test setups)")
+    certs.add_argument("dir")
+    certs.add_argument("--host", action="append", default=[], help="extra server host name or IP (repeatable)")
+    certs.add_argument("--client-name", default="fedsea-client", help="the client certificate's common name")
+    certs.add_argument("--days", type=int, default=30)
+    certs.set_defaults(func=_cmd_certs)
+
+    token = sub.add_parser("token", help="manage client tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    add = token_sub.add_parser("add", help="make a token for a client; prints it once, stores its hash")
+    add.add_argument("file", help="tokens file (created if missing)")
+    add.add_argument("client_id")
+    add.set_defaults(func=_cmd_token)

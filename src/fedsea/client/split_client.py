@@ -1,0 +1,287 @@
+"""``SplitClient``: a client's head and tail here, the trunk on a server, one train step at a time.
+
+    with fedsea.SplitClient("127.0.0.1:50051", split, token=...) as client:
+        for batch in batches:
+            client.train_step(batch)
+        client.save_adapters("adapters/")
+
+The client's ``SplitModel`` defines everything: the partition points, the LoRA of each part
+(the trunk's spec and initial weights are sent to the server when the session opens, so a
+remote run starts exactly where an in-process one would), the base model (its fingerprint
+must match the server's).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsea.config import LoraSpec, NoiseConfig, OptimConfig
+from fedsea.errors import ProtocolError
+from fedsea.io import atomic_directory
+from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
+from fedsea.model.fingerprint import model_fingerprint
+from fedsea.model.split import SplitModel
+from fedsea.training.batch import Batch
+from fedsea.training.step import SplitTrainer, StepResult
+from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.shaper import NetShaper
+from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, decode, encode, torch_dtype
+from fedsea.wire.tensors import wire_dtype as wire_dtype_enum
+
+from .connection import ClientTls, Connection, ConnectionConfig
+
+FRAME_HEADROOM = 64 * 1024
+
+
+class RemoteTrunk:
+    """A ``TrunkLink`` over gRPC: one Forward and one Backward call per training step."""
+
+    def __init__(self, connection: Connection, session_id: str, dtype: int, chunk_bytes: int, model_dtype: Any):
+        self.connection = connection
+        self.session_id = session_id
+        self.dtype = dtype
+        self.chunk_bytes = chunk_bytes
+        self.model_dtype = model_dtype
+        self.step = 0
+        self._forward_shape: tuple[int, ...] | None = None
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        lens = [int(x) for x in lengths.tolist()]
+        step = self.step
+
+        def requests() -> Iterator[pb.ForwardRequest]:
+            # A retry rebuilds the same messages from the same payload: no fresh noise.
+            for i, chunk in enumerate(encode(hidden, self.dtype, self.chunk_bytes)):
+                if i == 0:
+                    yield pb.ForwardRequest(session_id=self.session_id, step=step, lengths=lens, hidden=chunk)
+                else:
+                    yield pb.ForwardRequest(hidden=chunk)
+
+        responses = self.connection.stream("forward", self.connection.stub.Forward, requests)
+        out = decode((r.hidden for r in responses), "hidden", 1 << 40)
+        if tuple(out.shape) != tuple(hidden.shape):
+            raise ProtocolError(f"server answered shape {tuple(out.shape)} for input {tuple(hidden.shape)}")
+        return out.to(self.model_dtype)
+
+    def backward(self, grad: torch.Tensor, update: bool = True) -> torch.Tensor:
+        step = self.step
+
+        def requests() -> Iterator[pb.BackwardRequest]:
+            for i, chunk in enumerate(encode(grad, self.dtype, self.chunk_bytes)):
+                if i == 0:
+                    yield pb.BackwardRequest(session_id=self.session_id, step=step, update=update, grad=chunk)
+                else:
+                    yield pb.BackwardRequest(grad=chunk)
+
+        responses = self.connection.stream("backward", self.connection.stub.Backward, requests)
+        self.step += 1
+        return decode((r.grad for r in responses), "grad", 1 << 40).to(self.model_dtype)
+
+
+class SplitClient:
+    """One client of a trunk server: connect, ``train_step``, close (or use ``with``).
+
+    Args:
+        server: ``host:port`` of ``fedsea serve``.
+        split: this client's ``SplitModel``; its parts must carry LoRA (``split.add_lora``).
+            The trunk part's spec and initial weights configure the server's trunk adapter.
+        noise: clipping and Gaussian noise on h_p before it leaves (sigma = 0: none).
+        optim: AdamW for the head and tail here, and for the trunk adapter on the server.
+        wire_dtype: ``fp32``, ``bf16`` or ``fp16`` for hidden states and gradients on the wire.
+        tls: CA (and for mutual TLS the client certificate and key); ``None`` is plaintext.
+        token: the client's bearer token.
+        shaper: emulated network (benchmarks); see ``fedsea.wire.shaper.NetShaper``.
+        seed: seeds the server's trunk adapter if the client's trunk has no LoRA.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        split: SplitModel,
+        *,
+        noise: NoiseConfig | None = None,
+        optim: OptimConfig | None = None,
+        wire_dtype: str = "fp32",
+        tls: ClientTls | None = None,
+        token: str | None = None,
+        timeout_s: float = 300.0,
+        retries: int = 3,
+        shaper: NetShaper | None = None,
+        trunk_lora: LoraSpec | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.split = split
+        self.noise = noise or NoiseConfig()
+        self.optim = optim or OptimConfig()
+        self.wire_dtype = wire_dtype
+        self._dtype = wire_dtype_enum(wire_dtype)
+        self.trunk_lora = trunk_lora or getattr(split.trunk, "lora_spec", None) or LoraSpec()
+        self.seed = seed
+        self.config = ConnectionConfig(
+            server, tls=tls, token=token, timeout_s=timeout_s, retries=retries, shaper=shaper or NetShaper()
+        )
+        self.connection: Connection | None = None
+        self.session_id: str | None = None
+        self.trainer: SplitTrainer | None = None
+        self.session_info: pb.OpenSessionResponse | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def connect(self) -> SplitClient:
+        """Open the channel and a training session; upload the trunk's initial adapter."""
+        if self.connection is not None:
+            return self
+        self.connection = Connection(self.config)
+        try:
+            o, lora = self.optim, self.trunk_lora
+            request = pb.OpenSessionRequest(
+                base_fingerprint=model_fingerprint(self.split.model),
+                head_layers=self.split.head_layers,
+                tail_layers=self.split.tail_layers,
+                trunk_lora=pb.LoraConfig(
+                    r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules)
+                ),
+                optimizer=pb.OptimizerConfig(
+                    lr=o.lr,
+                    weight_decay=o.weight_decay,
+                    beta1=o.betas[0],
+                    beta2=o.betas[1],
+                    eps=o.eps,
+                    max_grad_norm=o.max_grad_norm or 0.0,
+                ),
+                wire_dtype=self._dtype,
+                seed=self.seed,
+            )
+            info = self.connection.unary("open_session", self.connection.stub.OpenSession, request)
+            self.session_info = info
+            self.session_id = info.session_id
+            if getattr(self.split.trunk, "lora_spec", None) is not None:
+                self.put_trunk_adapter(adapter_state_dict(self.split.trunk))
+            chunk = max(1024, min(DEFAULT_CHUNK_BYTES, int(info.limits.max_message_bytes) - FRAME_HEADROOM))
+            link = RemoteTrunk(self.connection, info.session_id, self._dtype, chunk, self.split.model.dtype)
+            self.trainer = SplitTrainer(self.split, trunk=link, noise=self.noise, optim=self.optim)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Close the session (freeing the server's memory) and the channel."""
+        if self.connection is None:
+            return
+        try:
+            if self.session_id is not None:
+                self.connection.unary(
+                    "close_session",
+                    self.connection.stub.CloseSession,
+                    pb.CloseSessionRequest(session_id=self.session_id),
+                )
+        except Exception:  # closing must not mask the original error
+            pass
+        finally:
+            self.connection.close()
+            self.connection = None
+            self.session_id = None
+
+    def __enter__(self) -> SplitClient:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require(self) -> tuple[Connection, SplitTrainer]:
+        if self.connection is None or self.trainer is None:
+            raise ProtocolError("not connected: call connect() or use 'with SplitClient(...)'")
+        return self.connection, self.trainer
+
+    # -- training ----------------------------------------------------------------------------
+    def train_step(self, batch: Batch) -> StepResult:
+        """One step: head and tail update here, the trunk adapter on the server."""
+        connection, trainer = self._require()
+        start = time.perf_counter()
+        before = connection.meter.as_dict()
+        result = trainer.train_step(batch)
+        after = connection.meter.as_dict()
+        waited = float(after["network_s"]) - float(before["network_s"])  # type: ignore[arg-type]
+        remote = float(after["remote_compute_s"]) - float(before["remote_compute_s"])  # type: ignore[arg-type]
+        connection.meter.add_local_compute(time.perf_counter() - start - waited - remote)
+        return result
+
+    # -- adapters ------------------------------------------------------------------------------
+    def put_trunk_adapter(self, state: dict[str, torch.Tensor]) -> int:
+        connection, _ = self._require_connection()
+
+        def requests() -> Iterator[pb.NamedTensorChunk]:
+            first = True
+            for name in sorted(state):
+                for chunk in encode(state[name], pb.FLOAT32, DEFAULT_CHUNK_BYTES):
+                    yield pb.NamedTensorChunk(session_id=self.session_id if first else "", name=name, tensor=chunk)
+                    first = False
+
+        responses = connection.stream("put_adapter", connection.stub.PutTrunkAdapter, requests)
+        return int(responses[0].tensors)
+
+    def trunk_adapter(self) -> dict[str, torch.Tensor]:
+        """The server's current trunk adapter for this session (float32 tensors)."""
+        connection, _ = self._require_connection()
+        request = pb.AdapterRequest(session_id=self.session_id)
+
+        def call() -> list[Any]:
+            return list(
+                connection.stub.GetTrunkAdapter(
+                    request, timeout=connection.config.timeout_s, metadata=connection.metadata
+                )
+            )
+
+        chunks = connection._with_retries(call)
+        state: dict[str, list[pb.TensorChunk]] = {}
+        for message in chunks:
+            state.setdefault(message.name, []).append(message.tensor)
+        connection.meter.record("get_adapter", sent=request.ByteSize(), received=sum(m.ByteSize() for m in chunks))
+        return {name: decode(parts, f"adapter[{name}]", 1 << 40) for name, parts in state.items()}
+
+    def _require_connection(self) -> tuple[Connection, str]:
+        if self.connection is None or self.session_id is None:
+            raise ProtocolError("not connected: call connect() or use 'with SplitClient(...)'")
+        return self.connection, self.session_id
+
+    def sync_trunk_adapter(self) -> None:
+        """Copy the server's trunk adapter into the local trunk view (for saving or export)."""
+        if getattr(self.split.trunk, "lora_spec", None) is None:
+            from fedsea.model.adapters import add_lora
+
+            add_lora(self.split.trunk, self.trunk_lora)
+        load_adapter_state_dict(self.split.trunk, self.trunk_adapter())
+
+    def save_adapters(self, directory: str | os.PathLike[str]) -> Path:
+        """Write head, trunk (fetched from the server) and tail adapters under ``directory``."""
+        self.sync_trunk_adapter()
+        with atomic_directory(directory) as tmp:
+            for name, part in self.split.parts().items():
+                if getattr(part, "lora_spec", None) is not None:
+                    save_adapter(part, tmp / name)
+        return Path(directory)
+
+    # -- accounting ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Bytes and seconds per RPC kind on this client, and the server's view of this client."""
+        connection, _ = self._require_connection()
+        report: dict[str, Any] = dict(connection.meter.as_dict())
+        server = connection.unary("stats", connection.stub.GetStats, pb.StatsRequest())
+        report["server"] = {
+            r.rpc: {
+                "calls": r.calls,
+                "bytes_received": r.bytes_received,
+                "bytes_sent": r.bytes_sent,
+                "compute_s": r.compute_s,
+            }
+            for r in server.rpcs
+        }
+        report["wire_dtype"] = self.wire_dtype
+        report["wire_itemsize"] = torch.tensor([], dtype=torch_dtype(self._dtype)).element_size()
+        return report

@@ -1,0 +1,246 @@
+"""The trunk host: one frozen base model, many client sessions, no gRPC.
+
+Design decisions:
+- One base model in memory; each session gets its own LoRA adapter on the trunk blocks it
+  uses, injected by peft under the session's own adapter name into the *shared* blocks.
+  Before a session computes, its adapter is made the active one. Compute is serialized by
+  one lock, so switching adapters and computing is atomic.
+- A session's (p, q) are data: sessions with different partition points share the blocks.
+- The autograd graph of a forward is kept until the matching backward (or until the session
+  closes or times out); a resent step is answered again without stepping twice.
+- Everything a client sends is validated with ``if ... raise`` and typed errors that the
+  servicer maps to gRPC status codes (``fedsea.errors`` and ``fedsea.server.service``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import PreTrainedModel
+
+from fedsea.config import LoraSpec, OptimConfig, ServerLimits
+from fedsea.errors import (
+    InvalidInputError,
+    LimitExceededError,
+    ModelMismatchError,
+    ProtocolError,
+    SessionNotFoundError,
+)
+from fedsea.model.adapters import adapter_state_dict, add_lora, load_adapter_state_dict
+from fedsea.model.fingerprint import model_fingerprint
+from fedsea.model.split import Trunk, check_partition, check_supported
+from fedsea.training.step import PartOptimizer
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What a client asks for when it opens a training session."""
+
+    head_layers: int
+    tail_layers: int
+    lora: LoraSpec
+    optim: OptimConfig
+    wire_dtype: int
+    seed: int = 0
+
+
+@dataclass
+class _Pending:
+    step: int
+    inp: torch.Tensor  # (B, n, d), requires grad
+    out: torch.Tensor  # (B, n, d), graph to inp and the adapter
+
+
+@dataclass
+class Session:
+    """One client's open training session on the trunk."""
+
+    id: str
+    owner: str
+    spec: SessionSpec
+    trunk: Trunk
+    optimizer: PartOptimizer
+    tuner_layers: list[BaseTunerLayer]
+    last_used: float = field(default_factory=time.monotonic)
+    next_step: int = 0
+    pending: _Pending | None = None
+    answered: tuple[int, torch.Tensor] | None = None  # last backward's (step, grad) for resends
+
+    @property
+    def adapter_name(self) -> str:
+        return f"s_{self.id}"
+
+
+class TrunkHost:
+    """Sessions over one base model's trunk blocks.
+
+    Args:
+        model: the frozen base model (its fingerprint is what clients must match).
+        limits: what every request is checked against.
+    """
+
+    def __init__(self, model: PreTrainedModel, limits: ServerLimits | None = None) -> None:
+        check_supported(model)
+        model.requires_grad_(False)
+        self.model = model
+        self.limits = limits or ServerLimits()
+        self.fingerprint = model_fingerprint(model)
+        self.num_layers = int(model.config.num_hidden_layers)
+        self.hidden_size = int(model.config.hidden_size)
+        self._sessions: dict[str, Session] = {}
+        # Two locks, always taken in this order: compute (adapter injection, switching and
+        # compute on the shared blocks; held for long) then sessions (the dict; held briefly,
+        # so the event loop can look sessions up while a step computes).
+        self._compute_lock = threading.RLock()
+        self._sessions_lock = threading.RLock()
+
+    # -- sessions ---------------------------------------------------------------------------
+    def open_session(self, owner: str, fingerprint: str, spec: SessionSpec) -> Session:
+        if fingerprint != self.fingerprint:
+            raise ModelMismatchError(
+                f"base model mismatch: the client holds {fingerprint[:23]}..., this server serves "
+                f"{self.fingerprint[:23]}... (load the same base model on both sides)"
+            )
+        check_partition(self.num_layers, spec.head_layers, spec.tail_layers)
+        with self._compute_lock, self._sessions_lock:
+            mine = sum(1 for s in self._sessions.values() if s.owner == owner)
+            if mine >= self.limits.max_sessions_per_client:
+                raise LimitExceededError(
+                    f"client {owner!r} already has {mine} open sessions (max_sessions_per_client="
+                    f"{self.limits.max_sessions_per_client}); close one first"
+                )
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise LimitExceededError(f"the server is full (max_sessions={self.limits.max_sessions})")
+            session_id = secrets.token_urlsafe(16)
+            trunk = Trunk(self.model, spec.head_layers, self.num_layers - spec.tail_layers)
+            # Seed the adapter's initialisation without touching the process's global RNG.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)
+                add_lora(trunk, spec.lora, adapter_name=f"s_{session_id}")
+            tuners = [m for m in trunk.modules() if isinstance(m, BaseTunerLayer)]
+            session = Session(session_id, owner, spec, trunk, PartOptimizer(trunk, spec.optim), tuners)
+            self._sessions[session_id] = session
+            return session
+
+    def get(self, owner: str, session_id: str) -> Session:
+        """The caller's own session; someone else's is as unknown as a missing one."""
+        with self._sessions_lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.owner != owner:
+                raise SessionNotFoundError(f"no open session {session_id!r} for this client")
+            session.last_used = time.monotonic()
+            return session
+
+    def close_session(self, owner: str, session_id: str) -> None:
+        with self._compute_lock:
+            self._drop(self.get(owner, session_id))
+
+    def _drop(self, session: Session) -> None:
+        session.pending = None
+        session.answered = None
+        with warnings.catch_warnings():  # peft warns when the active adapter goes: expected here
+            warnings.simplefilter("ignore", UserWarning)
+            for layer in session.tuner_layers:
+                layer.delete_adapter(session.adapter_name)
+        with self._sessions_lock:
+            self._sessions.pop(session.id, None)
+
+    def reap_idle(self, now: float | None = None) -> list[str]:
+        """Close sessions idle for longer than ``idle_timeout_s``; return their ids."""
+        now = time.monotonic() if now is None else now
+        with self._compute_lock:
+            idle = [s for s in self._sessions.values() if now - s.last_used > self.limits.idle_timeout_s]
+            for session in idle:
+                self._drop(session)
+            return [s.id for s in idle]
+
+    def open_sessions(self, owner: str | None = None) -> int:
+        with self._sessions_lock:
+            return sum(1 for s in self._sessions.values() if owner is None or s.owner == owner)
+
+    def _activate(self, session: Session) -> None:
+        for layer in session.tuner_layers:
+            layer.set_adapter(session.adapter_name)
+
+    # -- training ---------------------------------------------------------------------------
+    def check_hidden_shape(self, shape: tuple[int, ...], field_name: str = "hidden") -> None:
+        """Limits and width of a (B, n, d) tensor, checked before its bytes are assembled."""
+        if len(shape) != 3:
+            raise InvalidInputError(field_name, f"expected shape (batch, tokens, {self.hidden_size}), got {shape}")
+        batch, tokens, width = shape
+        if width != self.hidden_size:
+            raise InvalidInputError(
+                field_name, f"width {width} does not match the model's hidden size {self.hidden_size}"
+            )
+        if batch < 1 or tokens < 1:
+            raise InvalidInputError(field_name, f"empty tensor of shape {shape}")
+        if batch > self.limits.max_batch:
+            raise LimitExceededError(f"{field_name}: batch {batch} exceeds max_batch={self.limits.max_batch}")
+        if tokens > self.limits.max_seq_len:
+            raise LimitExceededError(f"{field_name}: {tokens} tokens exceed max_seq_len={self.limits.max_seq_len}")
+
+    def forward(
+        self, owner: str, session_id: str, step: int, hidden: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """h~_p (B, n, d) -> h_{L-q} (B, n, d) for the session's step ``step``."""
+        self.check_hidden_shape(tuple(hidden.shape))
+        with self._compute_lock:
+            session = self.get(owner, session_id)
+            retry = session.pending is not None and session.pending.step == step
+            if step != session.next_step and not retry:
+                raise ProtocolError(f"forward for step {step}, but the session expects step {session.next_step}")
+            self._activate(session)
+            session.trunk.train()
+            inp = hidden.to(self.model.dtype).requires_grad_(True)
+            out = session.trunk(inp, lengths)  # validates lengths, NaN/Inf
+            session.pending = _Pending(step, inp, out)
+            return out.detach()
+
+    def backward(self, owner: str, session_id: str, step: int, grad: torch.Tensor, update: bool) -> torch.Tensor:
+        """dL/dh_{L-q} -> dL/dh~_p; steps the session's trunk optimizer if ``update``."""
+        with self._compute_lock:
+            session = self.get(owner, session_id)
+            if session.answered is not None and session.answered[0] == step:
+                return session.answered[1]  # a resend: same answer, no second update
+            pending = session.pending
+            if pending is None or pending.step != step:
+                raise ProtocolError(f"backward for step {step} without its forward")
+            if tuple(grad.shape) != tuple(pending.out.shape):
+                raise InvalidInputError("grad", f"expected shape {tuple(pending.out.shape)}, got {tuple(grad.shape)}")
+            if not bool(torch.isfinite(grad).all()):
+                raise InvalidInputError("grad", "contains NaN or Inf")
+            self._activate(session)
+            session.optimizer.zero_grad()
+            pending.out.backward(grad.to(pending.out.dtype))
+            if pending.inp.grad is None:
+                raise ProtocolError("no gradient reached the trunk's input")
+            grad_in = pending.inp.grad.detach()
+            if update:
+                session.optimizer.step()
+            session.pending = None
+            session.answered = (step, grad_in)
+            session.next_step = step + 1
+            return grad_in
+
+    # -- adapters -----------------------------------------------------------------------------
+    def get_adapter(self, owner: str, session_id: str) -> dict[str, torch.Tensor]:
+        with self._compute_lock:
+            session = self.get(owner, session_id)
+            return adapter_state_dict(session.trunk, session.adapter_name)
+
+    def put_adapter(self, owner: str, session_id: str, state: dict[str, torch.Tensor]) -> int:
+        with self._compute_lock:
+            session = self.get(owner, session_id)
+            try:
+                load_adapter_state_dict(session.trunk, state)
+            except ValueError as exc:
+                raise InvalidInputError("adapter", str(exc)) from exc
+            # New weights: the optimizer's moments belonged to the old ones.
+            session.optimizer = PartOptimizer(session.trunk, session.spec.optim)
+            return len(state)
