@@ -13,7 +13,8 @@ Quick tour::
     logits = split.tail(h, lengths)        # client: last q blocks, norm, LM head
 """
 
-from fedsea.config import LoraSpec, NoiseConfig, OptimConfig, SplitLora
+from fedsea.client import ClientTls, GenerationConfig, GenerationOutput, SplitClient
+from fedsea.config import LoraSpec, NoiseConfig, OptimConfig, ServerLimits, SplitLora
 from fedsea.errors import (
     AdapterError,
     FedseaError,
@@ -38,8 +39,11 @@ __all__ = [
     "AdapterError",
     "Batch",
     "CentralTrainer",
+    "ClientTls",
     "CutTraffic",
     "FedseaError",
+    "GenerationConfig",
+    "GenerationOutput",
     "Head",
     "InvalidInputError",
     "LocalTrunk",
@@ -50,6 +54,8 @@ __all__ = [
     "OptimConfig",
     "PartitionError",
     "Privatizer",
+    "ServerLimits",
+    "SplitClient",
     "SplitLora",
     "SplitModel",
     "SplitTrainer",

@@ -41,3 +41,124 @@ def bench_load(source: str = DEFAULT_MODEL, repeats: int = 3) -> dict[str, Any]:
         "speedup": round(first / statistics.median(cached), 1),
         "target_cached_load_s": 2.0,
     }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server_process(model: str, port: int, extra: list[str] | None = None) -> Any:
+    """``fedsea serve`` in a subprocess on loopback; returns the Popen once it listens."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--model", model, "--port", str(port), *(extra or [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "listening on" in line:
+            return proc
+    raise RuntimeError("the trunk server did not start:\n" + "".join(seen))
+
+
+def bench_train(
+    model: str = DEFAULT_MODEL,
+    batch: int = 4,
+    tokens: int = 128,
+    head_layers: int = 2,
+    tail_layers: int = 2,
+    steps: int = 8,
+    warmup: int = 2,
+    wire_dtype: str = "fp32",
+    latency_ms: float = 0.0,
+    mbps: float = 0.0,
+) -> dict[str, Any]:
+    """Median training-step time, split over loopback gRPC against centralized in-process.
+
+    The server runs in its own process (``fedsea serve``). Split and centralized steps
+    alternate on the same batch so that both see the same machine state. Targets: ratio
+    <= 1.15; bytes per step <= 1.02 x the theoretical 4 x B x n x d x wire-bytes.
+    """
+    import signal
+
+    import torch
+
+    from fedsea.client.split_client import SplitClient
+    from fedsea.config import LoraSpec, OptimConfig
+    from fedsea.model.split import split_model
+    from fedsea.training.batch import make_batch
+    from fedsea.training.step import CentralTrainer
+    from fedsea.wire.shaper import NetShaper
+
+    lora = LoraSpec(dropout=0.0)
+    optim = OptimConfig(lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    port = _free_port()
+    server = start_server_process(model, port)
+    try:
+        client_split = split_model(load_model(model), head_layers, tail_layers).add_lora(lora)
+        central_split = split_model(load_model(model), head_layers, tail_layers).add_lora(lora)
+        vocab = client_split.model.config.vocab_size
+        data = make_batch(torch.randint(3, vocab, (batch, tokens), generator=gen).tolist(), pad_token_id=0)
+        central = CentralTrainer(central_split, optim=optim)
+        shaper = NetShaper(latency_ms, mbps)
+        split_times: list[float] = []
+        central_times: list[float] = []
+        with SplitClient(
+            f"127.0.0.1:{port}", client_split, optim=optim, wire_dtype=wire_dtype, shaper=shaper
+        ) as client:
+            before = client.stats()
+            for i in range(warmup + steps):
+                t0 = time.perf_counter()
+                client.train_step(data)
+                t1 = time.perf_counter()
+                central.train_step(data)
+                t2 = time.perf_counter()
+                if i == warmup - 1:
+                    before = client.stats()
+                if i >= warmup:
+                    split_times.append(t1 - t0)
+                    central_times.append(t2 - t1)
+            after = client.stats()
+            itemsize = int(after["wire_itemsize"])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+    def moved(stats: dict[str, Any]) -> int:
+        rpcs = stats["rpcs"]
+        return sum(
+            rpcs.get(r, {}).get("bytes_sent", 0) + rpcs.get(r, {}).get("bytes_received", 0)
+            for r in ("forward", "backward")
+        )
+
+    hidden = int(client_split.model.config.hidden_size)
+    bytes_per_step = (moved(after) - moved(before)) / steps
+    theoretical = 4 * batch * tokens * hidden * itemsize
+    split_s, central_s = statistics.median(split_times), statistics.median(central_times)
+    return {
+        "bench": "train",
+        "model": model,
+        "batch": batch,
+        "tokens": tokens,
+        "head_layers": head_layers,
+        "tail_layers": tail_layers,
+        "wire_dtype": wire_dtype,
+        "net_latency_ms": latency_ms,
+        "net_mbps": mbps,
+        "steps": steps,
+        "split_step_s": round(split_s, 4),
+        "central_step_s": round(central_s, 4),
+        "ratio": round(split_s / central_s, 3),
+        "bytes_per_step": int(bytes_per_step),
+        "theoretical_bytes_per_step": theoretical,
+        "bytes_ratio": round(bytes_per_step / theoretical, 4),
+        "target_ratio": 1.15,
+        "target_bytes_ratio": 1.02,
+    }

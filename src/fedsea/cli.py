@@ -58,8 +58,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.what == "load":
         result = bench.bench_load(args.model, repeats=args.repeats)
+    elif args.what == "generate":
+        from fedsea.bench_generate import bench_generate
+
+        result = bench_generate(
+            args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers, args.tail_layers,
+            args.naive_tokens, args.net_latency_ms or 25.0, args.wire_dtype,
+        )  # fmt: skip
+    elif args.what == "train":
+        result = bench.bench_train(
+            args.model, args.batch, args.tokens, args.head_layers, args.tail_layers, args.steps, args.warmup,
+            args.wire_dtype, args.net_latency_ms, args.net_mbps,
+        )  # fmt: skip
     print(json.dumps(result))
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fedsea.tasks.command import run_eval
+
+    return run_eval(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,12 +111,50 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsea.cli_wire import add_wire_commands
 
     add_wire_commands(sub)
+    from fedsea.cli_generate import add_generate_commands
+
+    add_generate_commands(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
-    bench.add_argument("what", choices=["load"], help="load: first (converting) and cached load times")
+    bench.add_argument(
+        "what",
+        choices=["load", "train", "generate"],
+        help="load: cached load times; train: split step over gRPC vs centralized; generate: split generation",
+    )
     bench.add_argument("--model", default=DEFAULT_MODEL)
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--repeats", type=int, default=3, help="load: cached loads to time")
+    bench.add_argument("--batch", type=int, default=4, help="train: sequences per step")
+    bench.add_argument("--tokens", type=int, default=128, help="train: tokens per sequence")
+    bench.add_argument("--head-layers", type=int, default=2)
+    bench.add_argument("--tail-layers", type=int, default=2)
+    bench.add_argument("--steps", type=int, default=8, help="train: timed steps (after --warmup)")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--wire-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    bench.add_argument("--net-latency-ms", type=float, default=0.0)
+    bench.add_argument("--net-mbps", type=float, default=0.0)
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="generate: prompt length")
+    bench.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per prompt")
+    bench.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="generate: batch sizes")
+    bench.add_argument("--naive-tokens", type=int, default=8, help="generate: new tokens timed for the naive split")
+    bench.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
     bench.set_defaults(func=_cmd_bench)
+
+    ev = sub.add_parser("eval", help="evaluate a model, or a split with adapters, on a task; prints a table and JSON")
+    ev.add_argument("--task", required=True, help="sst2, boolq, cb, copa, rte, wic, wsc, multirc, record, xsum, ...")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="model source (default: %(default)s)")
+    ev.add_argument("--adapter", default=None, help="folder of saved head/, trunk/, tail/ adapters")
+    ev.add_argument("--head-layers", type=int, default=None, help="P (default: the adapter's)")
+    ev.add_argument("--tail-layers", type=int, default=None, help="Q (default: the adapter's)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
+    ev.add_argument("--split", default=None, help="data split (default: the task's evaluation split)")
+    ev.add_argument("--data", default=None, help="a data file, 'hf', or 'hf:<path>[:<config>]' (default: local)")
+    ev.add_argument("--data-dir", default=None, help="local data folder (default: $FEDSEA_DATA, ../shared/datasets)")
+    ev.add_argument("--max-tokens", type=int, default=4096, help="token budget of one batch")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default: the task's)")
+    ev.add_argument("--predictions", action="store_true", help="include each prediction in the JSON")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--json", action="store_true", help="print only the JSON result")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedsea.cli_generate import add_connection_args, client_tls
 from fedsea.config import LoraSpec, NoiseConfig, OptimConfig, ServerLimits
 from fedsea.model.load import DEFAULT_MODEL
 
@@ -52,7 +53,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from fedsea.client.connection import ClientTls
     from fedsea.client.split_client import SplitClient
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
@@ -67,13 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     split = split_model(load_model(args.model), args.head_layers, args.tail_layers).add_lora(lora)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
-    tls = None
-    if args.tls_ca or args.tls_cert:
-        tls = ClientTls(
-            Path(args.tls_ca) if args.tls_ca else None,
-            Path(args.tls_cert) if args.tls_cert else None,
-            Path(args.tls_key) if args.tls_key else None,
-        )
+    tls = client_tls(args)
     client = SplitClient(
         args.server,
         split,
@@ -174,11 +168,8 @@ def add_wire_commands(sub: Any) -> None:
     serve.set_defaults(func=_cmd_serve)
 
     train = sub.add_parser("train", help="fine-tune one client through a trunk server on a JSONL file")
-    train.add_argument("--server", required=True, help="host:port of fedsea serve")
+    add_connection_args(train)
     train.add_argument("--data", required=True, help='JSONL of {"text": ...} or {"prompt": ..., "completion": ...}')
-    train.add_argument("--model", default=DEFAULT_MODEL)
-    train.add_argument("--head-layers", type=int, default=2)
-    train.add_argument("--tail-layers", type=int, default=2)
     lora, optim, noise = LoraSpec(), OptimConfig(), NoiseConfig()
     train.add_argument("--lora-r", type=int, default=lora.r)
     train.add_argument("--lora-alpha", type=float, default=lora.alpha)
@@ -192,13 +183,6 @@ def add_wire_commands(sub: Any) -> None:
     train.add_argument("--sigma", type=float, default=noise.sigma, help="std of the Gaussian noise on h_p")
     train.add_argument("--clip-norm", type=float, default=noise.clip_norm, help="per-token L2 clip before the noise")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--wire-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    train.add_argument("--tls-ca", help="CA that signed the server's certificate")
-    train.add_argument("--tls-cert", help="client certificate, for mutual TLS")
-    train.add_argument("--tls-key", help="client key, for mutual TLS")
-    train.add_argument("--token", help="bearer token (default: $FEDSEA_TOKEN)")
-    train.add_argument("--net-latency-ms", type=float, default=0.0, help="emulated one-way latency")
-    train.add_argument("--net-mbps", type=float, default=0.0, help="emulated bandwidth (0: unlimited)")
     train.add_argument("--save-adapters", help="write head/trunk/tail adapters here at the end")
     train.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     train.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -64,6 +64,10 @@ class ProtocolError(FedseaError):
     """A request that is well formed but out of order (e.g. backward without a forward)."""
 
 
+class IdleTimeoutError(FedseaError):
+    """A stream waited longer than the idle timeout for the client's next message."""
+
+
 # The one table from error class to gRPC status code name (``grpc.StatusCode[name]``); the
 # first matching class wins, anything else is INTERNAL. Kept as names so that this module
 # does not import grpc.
@@ -76,6 +80,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (AdapterError, "INVALID_ARGUMENT"),
     (ModelMismatchError, "FAILED_PRECONDITION"),
     (ProtocolError, "FAILED_PRECONDITION"),
+    (IdleTimeoutError, "DEADLINE_EXCEEDED"),
 )
 
 

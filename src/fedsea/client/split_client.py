@@ -13,6 +13,7 @@ must match the server's).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, decode, encode, torch_dtype
 from fedsea.wire.tensors import wire_dtype as wire_dtype_enum
 
 from .connection import ClientTls, Connection, ConnectionConfig
+from .generation import GenerationConfig, GenerationOutput, generate, stream_text
+from .remote_generation import RemoteStepper
 
 FRAME_HEADROOM = 64 * 1024
 
@@ -98,6 +101,7 @@ class SplitClient:
         token: the client's bearer token.
         shaper: emulated network (benchmarks); see ``fedsea.wire.shaper.NetShaper``.
         seed: seeds the server's trunk adapter if the client's trunk has no LoRA.
+        tokenizer: needed to ``generate`` from text (chat template, stop strings, decoding).
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class SplitClient:
         shaper: NetShaper | None = None,
         trunk_lora: LoraSpec | None = None,
         seed: int = 0,
+        tokenizer: Any = None,
     ) -> None:
         self.split = split
         self.noise = noise or NoiseConfig()
@@ -123,6 +128,8 @@ class SplitClient:
         self._dtype = wire_dtype_enum(wire_dtype)
         self.trunk_lora = trunk_lora or getattr(split.trunk, "lora_spec", None) or LoraSpec()
         self.seed = seed
+        self.tokenizer = tokenizer
+        self._chunk_bytes = DEFAULT_CHUNK_BYTES
         self.config = ConnectionConfig(
             server, tls=tls, token=token, timeout_s=timeout_s, retries=retries, shaper=shaper or NetShaper()
         )
@@ -163,6 +170,7 @@ class SplitClient:
             if getattr(self.split.trunk, "lora_spec", None) is not None:
                 self.put_trunk_adapter(adapter_state_dict(self.split.trunk))
             chunk = max(1024, min(DEFAULT_CHUNK_BYTES, int(info.limits.max_message_bytes) - FRAME_HEADROOM))
+            self._chunk_bytes = chunk
             link = RemoteTrunk(self.connection, info.session_id, self._dtype, chunk, self.split.model.dtype)
             self.trainer = SplitTrainer(self.split, trunk=link, noise=self.noise, optim=self.optim)
         except BaseException:
@@ -211,6 +219,70 @@ class SplitClient:
         remote = float(after["remote_compute_s"]) - float(before["remote_compute_s"])  # type: ignore[arg-type]
         connection.meter.add_local_compute(time.perf_counter() - start - waited - remote)
         return result
+
+    # -- generation ----------------------------------------------------------------------------
+    def _prompts(self, prompts: str | list[str], chat: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ValueError("generate needs a tokenizer: SplitClient(..., tokenizer=fedsea.load_tokenizer(...))")
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts:
+            raise ValueError("no prompts")
+        use_chat = getattr(self.tokenizer, "chat_template", None) is not None if chat is None else chat
+        if use_chat:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+                )
+                for t in texts
+            ]
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat)
+        return enc["input_ids"], enc["attention_mask"].sum(dim=1)
+
+    def _config(self, config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
+        config = dataclasses.replace(config, **kwargs) if config is not None else GenerationConfig(**kwargs)
+        if config.eos_token_id is None and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            config = dataclasses.replace(config, eos_token_id=(int(self.tokenizer.eos_token_id),))
+        return config
+
+    def stepper(self, max_length: int, use_cache: bool = True) -> RemoteStepper:
+        """Open an inference stream on the server (the trunk's half of one generation)."""
+        connection, session_id = self._require_connection()
+        return RemoteStepper(
+            connection, session_id, self._dtype, self._chunk_bytes, max_length, self.split.model.dtype, use_cache
+        )
+
+    def generate_ids(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, config: GenerationConfig | None = None, **kwargs: Any
+    ) -> GenerationOutput:
+        """Generate from left-padded token ids (B, n) and their lengths (B,)."""
+        config = self._config(config, kwargs)
+        stepper = self.stepper(int(input_ids.shape[1]) + config.max_new_tokens, config.use_cache)
+        return generate(self.split, stepper, input_ids, lengths, config, self.tokenizer)
+
+    def generate(
+        self, prompts: str | list[str], config: GenerationConfig | None = None, chat: bool | None = None, **kwargs: Any
+    ) -> list[str]:
+        """Answer each prompt (chat template applied when the tokenizer has one); returns the texts.
+
+        Keyword arguments are ``GenerationConfig`` fields: ``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ``repetition_penalty``, ...
+        """
+        input_ids, lengths = self._prompts(prompts, chat)
+        return self.generate_ids(input_ids, lengths, config, **kwargs).texts
+
+    def stream(
+        self,
+        prompt: str | list[dict[str, str]],
+        config: GenerationConfig | None = None,
+        chat: bool | None = None,
+        **kwargs: Any,
+    ) -> Iterator[str]:
+        """Yield the answer to one prompt (or conversation) piece by piece, as it is generated."""
+        input_ids, lengths = self._prompts(prompt, chat)
+        config = self._config(config, kwargs)
+        stepper = self.stepper(int(input_ids.shape[1]) + config.max_new_tokens, config.use_cache)
+        return stream_text(self.split, stepper, input_ids, lengths, config, self.tokenizer)
 
     # -- adapters ------------------------------------------------------------------------------
     def put_trunk_adapter(self, state: dict[str, torch.Tensor]) -> int:

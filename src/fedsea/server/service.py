@@ -18,7 +18,8 @@ import torch
 
 from fedsea import __version__
 from fedsea.config import LoraSpec, OptimConfig
-from fedsea.errors import FedseaError, InvalidInputError, status_code_name
+from fedsea.errors import FedseaError, IdleTimeoutError, InvalidInputError, status_code_name
+from fedsea.server.generation import GenerationHost, GenStream
 from fedsea.server.trunk import SessionSpec, TrunkHost
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire import fedsea_pb2_grpc as pb_grpc
@@ -66,6 +67,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     def __init__(self, host: TrunkHost, tokens: TokenStore | None = None) -> None:
         self.host = host
+        self.generation = GenerationHost(host)
         self.tokens = tokens
         self.meters: dict[str, TrafficMeter] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsea-compute")
@@ -236,6 +238,72 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         except Exception as exc:
             await self._fail(context, exc)
 
+    # -- generation --------------------------------------------------------------------------
+    async def Generate(self, request_iterator: AsyncIterator[pb.GenerateRequest], context: Any) -> Any:
+        """One inference stream: open, prefill, decode steps, close. The cache is freed on every exit."""
+        stream: GenStream | None = None
+        try:
+            client = self._client(context)
+            requests = request_iterator.__aiter__()
+            idle = self.host.limits.idle_timeout_s
+
+            async def next_request() -> pb.GenerateRequest | None:
+                try:
+                    return await asyncio.wait_for(requests.__anext__(), idle)
+                except StopAsyncIteration:
+                    return None
+                except TimeoutError:
+                    raise IdleTimeoutError(
+                        f"inference stream idle for more than {idle:g} s; its cache was freed"
+                    ) from None
+
+            first = await next_request()
+            if first is None:
+                return
+            if first.WhichOneof("kind") != "open":
+                raise InvalidInputError("open", "the first message of a stream must open it")
+            stream = self.generation.open(client, first.open.session_id, first.open.max_length, first.open.naive)
+            dtype = stream.session.spec.wire_dtype
+            meter = self._meter(client)
+            assembler: TensorAssembler | None = None
+            head: pb.GenerateStep | None = None
+            received = 0
+            while (request := await next_request()) is not None:
+                kind = request.WhichOneof("kind")
+                if kind == "close":
+                    break
+                if kind != "step":
+                    raise InvalidInputError("request", f"expected a step or close, got {kind}")
+                received += request.ByteSize()
+                if assembler is None:
+                    head = request.step
+                    self.host.check_hidden_shape(tuple(head.hidden.shape))
+                    assembler = TensorAssembler("hidden", self.host.limits.max_tensor_bytes, dtype)
+                assembler.add(request.step.hidden)
+                if not assembler.complete:
+                    continue
+                assert head is not None
+                out, seconds = await self._compute(
+                    self.generation.step,
+                    stream,
+                    head.step,
+                    assembler.tensor(),
+                    list(head.lengths),
+                    list(head.keep_rows),
+                )
+                sent = 0
+                for chunk in encode(out, dtype, self.chunk_bytes):
+                    response = pb.GenerateResponse(step=head.step, hidden=chunk)
+                    sent += response.ByteSize()
+                    yield response
+                meter.record("generate", sent=sent, received=received, compute_s=seconds)
+                assembler, head, received = None, None, 0
+        except Exception as exc:  # every error becomes a status
+            await self._fail(context, exc)
+        finally:
+            if stream is not None:
+                self.generation.close(stream)
+
     async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
             client = self._client(context)
@@ -251,7 +319,14 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 )
                 for name, c in report.items()
             ]
-            return pb.StatsResponse(rpcs=rpcs, open_sessions=self.host.open_sessions(client))
+            return pb.StatsResponse(
+                rpcs=rpcs,
+                open_sessions=self.host.open_sessions(client),
+                generation_sessions=self.generation.count(client),
+                cache_bytes=self.generation.cache_bytes(client),
+                server_cache_bytes=self.generation.cache_bytes(),
+                server_reserved_bytes=self.generation.reserved_bytes(),
+            )
         except Exception as exc:
             await self._fail(context, exc)
 

@@ -186,6 +186,50 @@ class PutAdapterResponse(_message.Message):
     tensors: int
     def __init__(self, tensors: _Optional[int] = ...) -> None: ...
 
+class GenerateOpen(_message.Message):
+    __slots__ = ("session_id", "max_length", "naive")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NAIVE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    max_length: int
+    naive: bool
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., naive: _Optional[bool] = ...) -> None: ...
+
+class GenerateStep(_message.Message):
+    __slots__ = ("step", "lengths", "keep_rows", "hidden")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    keep_rows: _containers.RepeatedScalarFieldContainer[int]
+    hidden: TensorChunk
+    def __init__(self, step: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., keep_rows: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class GenerateClose(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("open", "step", "close")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    open: GenerateOpen
+    step: GenerateStep
+    close: GenerateClose
+    def __init__(self, open: _Optional[_Union[GenerateOpen, _Mapping]] = ..., step: _Optional[_Union[GenerateStep, _Mapping]] = ..., close: _Optional[_Union[GenerateClose, _Mapping]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("step", "hidden")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    hidden: TensorChunk
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -205,9 +249,17 @@ class RpcStats(_message.Message):
     def __init__(self, rpc: _Optional[str] = ..., calls: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("rpcs", "open_sessions")
+    __slots__ = ("rpcs", "open_sessions", "generation_sessions", "cache_bytes", "server_cache_bytes", "server_reserved_bytes")
     RPCS_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     rpcs: _containers.RepeatedCompositeFieldContainer[RpcStats]
     open_sessions: int
-    def __init__(self, rpcs: _Optional[_Iterable[_Union[RpcStats, _Mapping]]] = ..., open_sessions: _Optional[int] = ...) -> None: ...
+    generation_sessions: int
+    cache_bytes: int
+    server_cache_bytes: int
+    server_reserved_bytes: int
+    def __init__(self, rpcs: _Optional[_Iterable[_Union[RpcStats, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., generation_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., server_cache_bytes: _Optional[int] = ..., server_reserved_bytes: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class TrunkStub:
                 request_serializer=fedsea_dot_wire_dot_fedsea__pb2.AdapterRequest.SerializeToString,
                 response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.NamedTensorChunk.FromString,
                 _registered_method=True)
+        self.Generate = channel.stream_stream(
+                '/fedsea.v1.Trunk/Generate',
+                request_serializer=fedsea_dot_wire_dot_fedsea__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/fedsea.v1.Trunk/GetStats',
                 request_serializer=fedsea_dot_wire_dot_fedsea__pb2.StatsRequest.SerializeToString,
@@ -110,6 +115,12 @@ class TrunkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -148,6 +159,11 @@ def add_TrunkServicer_to_server(servicer, server):
                     servicer.GetTrunkAdapter,
                     request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.AdapterRequest.FromString,
                     response_serializer=fedsea_dot_wire_dot_fedsea__pb2.NamedTensorChunk.SerializeToString,
+            ),
+            'Generate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.GenerateRequest.FromString,
+                    response_serializer=fedsea_dot_wire_dot_fedsea__pb2.GenerateResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -317,6 +333,33 @@ class Trunk:
             '/fedsea.v1.Trunk/GetTrunkAdapter',
             fedsea_dot_wire_dot_fedsea__pb2.AdapterRequest.SerializeToString,
             fedsea_dot_wire_dot_fedsea__pb2.NamedTensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fedsea.v1.Trunk/Generate',
+            fedsea_dot_wire_dot_fedsea__pb2.GenerateRequest.SerializeToString,
+            fedsea_dot_wire_dot_fedsea__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -121,6 +121,11 @@ class TensorAssembler:
     def started(self) -> bool:
         return self._buffer is not None
 
+    @property
+    def complete(self) -> bool:
+        """All declared bytes have arrived."""
+        return self._buffer is not None and self._received == self._total
+
     def tensor(self) -> torch.Tensor:
         """The assembled tensor (in its wire dtype); raises if chunks are missing."""
         if self._buffer is None or self._shape is None or self._dtype is None:

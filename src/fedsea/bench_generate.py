@@ -1,0 +1,120 @@
+"""``fedsea bench generate``: split generation against centralized ``generate`` and the naive split."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import torch
+
+from fedsea.bench import _free_port, start_server_process
+from fedsea.model.load import DEFAULT_MODEL, load_model
+
+
+def bench_generate(
+    model: str = DEFAULT_MODEL,
+    prompt_tokens: int = 512,
+    new_tokens: int = 64,
+    batches: tuple[int, ...] = (1, 8),
+    head_layers: int = 2,
+    tail_layers: int = 2,
+    naive_tokens: int = 8,
+    latency_ms: float = 25.0,
+    wire_dtype: str = "fp32",
+) -> dict[str, Any]:
+    """Tokens per second of greedy generation: split over loopback gRPC (server in its own
+    process), Hugging Face ``generate`` on the unsplit model, and the naive split without
+    caches, all in one run; then the split again under an emulated one-way latency.
+
+    The naive split is timed over its first ``naive_tokens`` new tokens only (its cost per
+    token grows with the sequence, so this overstates its speed, which is the conservative
+    direction for the split-vs-naive ratio).
+    """
+    from fedsea.client.generation import GenerationConfig
+    from fedsea.client.split_client import SplitClient
+    from fedsea.model.split import split_model
+    from fedsea.wire.shaper import NetShaper
+
+    port = _free_port()
+    server = start_server_process(model, port)
+    results: dict[str, Any] = {
+        "bench": "generate",
+        "model": model,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "wire_dtype": wire_dtype,
+        "net_latency_ms": latency_ms,
+    }
+    try:
+        base = load_model(model)
+        split = split_model(base, head_layers, tail_layers)
+        hidden = int(base.config.hidden_size)
+        gen = torch.Generator().manual_seed(0)
+        greedy = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=())
+        naive = GenerationConfig(max_new_tokens=naive_tokens, eos_token_id=(), use_cache=False)
+        with SplitClient(f"127.0.0.1:{port}", split, wire_dtype=wire_dtype) as client:
+            itemsize = int(client.stats()["wire_itemsize"])
+            warm = torch.randint(3, base.config.vocab_size, (1, 16), generator=gen)
+            client.generate_ids(warm, torch.tensor([16]), greedy)  # warm up
+            for batch in batches:
+                ids = torch.randint(3, base.config.vocab_size, (batch, prompt_tokens), generator=gen)
+                lengths = torch.full((batch,), prompt_tokens)
+                assert client.connection is not None
+                before = client.connection.meter.rpc("generate")
+                t0 = time.perf_counter()
+                out = client.generate_ids(ids, lengths, greedy)
+                split_s = time.perf_counter() - t0
+                after = client.connection.meter.rpc("generate")
+                decode_steps = after.calls - before.calls - 1
+                # Bytes of the decode steps only: total minus the prefill's (one B x n x d tensor each way).
+                prefill = 2 * batch * prompt_tokens * hidden * itemsize
+                moved = (after.bytes_sent + after.bytes_received) - (before.bytes_sent + before.bytes_received)
+                bytes_per_step = (moved - prefill) / decode_steps
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    ref = base.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        do_sample=False,
+                        eos_token_id=None,
+                        pad_token_id=0,
+                    )
+                central_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                client.generate_ids(ids, lengths, naive)
+                naive_s = time.perf_counter() - t0
+                same = [list(r) for r in ref[:, prompt_tokens:].tolist()] == out.token_ids
+                split_tok_s = batch * new_tokens / split_s
+                row = {
+                    "split_tok_s": round(split_tok_s, 2),
+                    "central_tok_s": round(batch * new_tokens / central_s, 2),
+                    "naive_tok_s": round(batch * naive_tokens / naive_s, 2),
+                    "split_vs_central": round(split_tok_s / (batch * new_tokens / central_s), 3),
+                    "split_vs_naive": round(split_tok_s / (batch * naive_tokens / naive_s), 2),
+                    "bytes_per_step": round(bytes_per_step, 1),
+                    "theoretical_bytes_per_step": 2 * batch * hidden * itemsize,
+                    "identical_to_central": same,
+                }
+                results[f"batch{batch}"] = row
+        # The same under an emulated WAN: each token costs at least one round trip.
+        shaper = NetShaper(latency_ms=latency_ms)
+        with SplitClient(f"127.0.0.1:{port}", split, wire_dtype=wire_dtype, shaper=shaper) as client:
+            for batch in batches:
+                ids = torch.randint(3, base.config.vocab_size, (batch, prompt_tokens), generator=gen)
+                t0 = time.perf_counter()
+                client.generate_ids(ids, torch.full((batch,), prompt_tokens), greedy)
+                shaped_s = time.perf_counter() - t0
+                results[f"batch{batch}"]["shaped_split_tok_s"] = round(batch * new_tokens / shaped_s, 2)
+                results[f"batch{batch}"]["rtt_limit_tok_s"] = round(batch * 1000 / (2 * latency_ms), 2)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    first = results[f"batch{batches[0]}"]
+    # Headline fields (batch 1) as the issue names them.
+    for key in ("split_tok_s", "central_tok_s", "naive_tok_s", "bytes_per_step", "theoretical_bytes_per_step"):
+        results[key] = first[key]
+    results["targets"] = {"split_vs_central": ">= 0.85", "split_vs_naive": ">= 8", "bytes": "<= 1.1x theoretical + 200"}
+    return results

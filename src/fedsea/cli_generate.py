@@ -1,0 +1,153 @@
+"""``fedsea generate`` and ``fedsea chat``: text through the split, the server never sees it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from fedsea.model.load import DEFAULT_MODEL
+
+
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """Server address, model, partition points, TLS and token: shared by the client commands."""
+    parser.add_argument("--server", required=True, help="host:port of fedsea serve")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--head-layers", type=int, default=2)
+    parser.add_argument("--tail-layers", type=int, default=2)
+    parser.add_argument("--wire-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--tls-ca", help="CA that signed the server's certificate")
+    parser.add_argument("--tls-cert", help="client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", help="client key, for mutual TLS")
+    parser.add_argument("--token", help="bearer token (default: $FEDSEA_TOKEN)")
+    parser.add_argument("--net-latency-ms", type=float, default=0.0, help="emulated one-way latency")
+    parser.add_argument("--net-mbps", type=float, default=0.0, help="emulated bandwidth (0: unlimited)")
+
+
+def client_tls(args: argparse.Namespace) -> Any:
+    from fedsea.client.connection import ClientTls
+
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    return ClientTls(
+        Path(args.tls_ca) if args.tls_ca else None,
+        Path(args.tls_cert) if args.tls_cert else None,
+        Path(args.tls_key) if args.tls_key else None,
+    )
+
+
+def _generation_args(parser: argparse.ArgumentParser) -> None:
+    from fedsea.client.generation import GenerationConfig
+
+    g = GenerationConfig()
+    parser.add_argument(
+        "--adapters", help="folder with head/, trunk/ and tail/ adapters (fedsea train --save-adapters)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=g.max_new_tokens)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=g.temperature)
+    parser.add_argument("--top-k", type=int, default=g.top_k)
+    parser.add_argument("--top-p", type=float, default=g.top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=g.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+    parser.add_argument("--no-cache", action="store_true", help="naive baseline: recompute everything each token")
+
+
+def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from fedsea.client.split_client import SplitClient
+    from fedsea.model.load import load_model, load_tokenizer
+    from fedsea.model.split import split_model
+    from fedsea.wire.shaper import NetShaper
+
+    split = split_model(load_model(args.model), args.head_layers, args.tail_layers)
+    if args.adapters:
+        split.load_adapters(args.adapters)  # the trunk adapter goes to the server on connect
+    client = SplitClient(
+        args.server,
+        split,
+        wire_dtype=args.wire_dtype,
+        tls=client_tls(args),
+        token=args.token or os.environ.get("FEDSEA_TOKEN"),
+        shaper=NetShaper(args.net_latency_ms, args.net_mbps),
+        tokenizer=load_tokenizer(args.model),
+    )
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": tuple(args.stop),
+        "use_cache": not args.no_cache,
+    }
+    return client, options
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    client, options = _client(args)
+    chat = False if args.no_chat_template else None
+    with client:
+        if args.stream:
+            if len(args.prompt) != 1:
+                raise ValueError("--stream takes exactly one --prompt")
+            for piece in client.stream(args.prompt[0], chat=chat, **options):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            for prompt, answer in zip(args.prompt, client.generate(args.prompt, chat=chat, **options), strict=True):
+                if len(args.prompt) > 1:
+                    print(f"> {prompt}")
+                print(answer)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    client, options = _client(args)
+    history: list[dict[str, str]] = []
+    print("fedsea chat: your text stays on this machine; the server sees only noised hidden states.")
+    print("/reset forgets the conversation, /quit (or Ctrl-D) ends it.")
+    with client:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                return 0
+            if line == "/reset":
+                history.clear()
+                print("(conversation reset)")
+                continue
+            history.append({"role": "user", "content": line})
+            print("model> ", end="", flush=True)
+            pieces = []
+            for piece in client.stream(history, **options):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def add_generate_commands(sub: Any) -> None:
+    generate = sub.add_parser("generate", help="generate text through the split (prompts never leave this machine)")
+    add_connection_args(generate)
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
+    generate.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    _generation_args(generate)
+    generate.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser("chat", help="an interactive chat through the split, streaming the answers")
+    add_connection_args(chat)
+    _generation_args(chat)
+    chat.set_defaults(func=_cmd_chat)
+
+
+__all__ = ["add_connection_args", "add_generate_commands", "client_tls"]

@@ -1,0 +1,106 @@
+"""``RemoteStepper``: the trunk's half of a generation over one bidirectional gRPC stream."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import torch
+
+from fedsea.errors import ProtocolError, RemoteError
+from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.tensors import TensorAssembler, encode
+
+from .connection import Connection
+
+_END = object()
+
+
+class RemoteStepper:
+    """Open an inference stream on the server for one of this client's training sessions.
+
+    Every ``step`` sends the hidden states (chunked if large) and waits for the trunk's answer;
+    ``close`` ends the stream, which frees the server's cache (so does dropping it).
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        session_id: str,
+        wire_dtype: int,
+        chunk_bytes: int,
+        max_length: int,
+        model_dtype: torch.dtype,
+        use_cache: bool = True,
+    ) -> None:
+        self.connection = connection
+        self.dtype = wire_dtype
+        self.chunk_bytes = chunk_bytes
+        self.model_dtype = model_dtype
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._closed = False
+        open_request = pb.GenerateRequest(
+            open=pb.GenerateOpen(session_id=session_id, max_length=max_length, naive=not use_cache)
+        )
+        self._requests.put(open_request)
+        self._responses: Iterator[pb.GenerateResponse] = connection.stub.Generate(
+            iter(self._requests.get, _END), metadata=connection.metadata
+        )
+
+    def step(
+        self, step: int, hidden: torch.Tensor, lengths: torch.Tensor | None, keep_rows: list[int] | None
+    ) -> torch.Tensor:
+        if self._closed:
+            raise ProtocolError("the inference stream is closed")
+        start = time.perf_counter()
+        sent = 0
+        lens = [int(x) for x in lengths.tolist()] if lengths is not None else []
+        for i, chunk in enumerate(encode(hidden, self.dtype, self.chunk_bytes)):
+            if i == 0:
+                message = pb.GenerateRequest(
+                    step=pb.GenerateStep(step=step, lengths=lens, keep_rows=keep_rows or [], hidden=chunk)
+                )
+            else:
+                message = pb.GenerateRequest(step=pb.GenerateStep(step=step, hidden=chunk))
+            sent += message.ByteSize()
+            self._requests.put(message)
+        self.connection.config.shaper.wait(sent)
+        assembler = TensorAssembler("hidden", 1 << 40)
+        received = 0
+        try:
+            while not assembler.complete:
+                response = next(self._responses)
+                received += response.ByteSize()
+                assembler.add(response.hidden)
+        except grpc.RpcError as err:
+            self._closed = True
+            raise RemoteError(err.code().name, err.details() or "") from None
+        except StopIteration:
+            self._closed = True
+            raise ProtocolError("the server ended the inference stream") from None
+        self.connection.config.shaper.wait(received)
+        self.connection.meter.record("generate", sent=sent, received=received, network_s=time.perf_counter() - start)
+        return assembler.tensor().to(self.model_dtype)
+
+    def close(self) -> None:
+        """End the stream politely; the server frees the cache."""
+        if self._closed:
+            return
+        self._closed = True
+        self._requests.put(pb.GenerateRequest(close=pb.GenerateClose()))
+        self._requests.put(_END)
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError:
+            pass
+
+    def abandon(self) -> None:
+        """Drop the stream without closing it (what a crashed client does); for tests."""
+        self._closed = True
+        cancel = getattr(self._responses, "cancel", None)
+        if cancel is not None:
+            cancel()

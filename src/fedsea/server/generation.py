@@ -1,0 +1,195 @@
+"""Inference streams on the trunk: the server's half of KV-cache collaboration.
+
+A stream belongs to one of the client's training sessions and uses its trunk adapter and
+partition points. At the prefill the server admits the stream against the cache budget by
+reserving its worst case (rows x max_length x bytes per token); a request that would exceed
+the budget is refused with RESOURCE_EXHAUSTED instead of risking an out-of-memory crash.
+Each decode step then runs the trunk on one hidden vector per row against the cached keys
+and values. Finished rows can be dropped (``keep_rows``) so they stop costing work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from fedsea.errors import InvalidInputError, LimitExceededError, ProtocolError
+from fedsea.server.trunk import Session, TrunkHost
+
+
+@dataclass
+class GenStream:
+    """One open inference stream."""
+
+    id: str
+    owner: str
+    session: Session
+    max_length: int
+    naive: bool
+    step: int = 0
+    batch: int = 0
+    reserved: int = 0  # bytes of the cache budget held for this stream
+    cache: DynamicCache | None = None
+    lengths: torch.Tensor | None = None  # (B,) real tokens so far, past included
+    closed: bool = field(default=False)
+
+    def cache_bytes(self) -> int:
+        if self.cache is None:
+            return 0
+        total = 0
+        for layer in self.cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+class GenerationHost:
+    """Open, step and close inference streams over a ``TrunkHost``'s sessions."""
+
+    def __init__(self, host: TrunkHost) -> None:
+        self.host = host
+        self.limits = host.limits
+        self._streams: dict[str, GenStream] = {}
+        self._lock = threading.Lock()  # the stream table and the budget
+        cfg = host.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._kv_per_layer_token = 2 * cfg.num_key_value_heads * head_dim * host.model.dtype.itemsize
+
+    def bytes_per_row_token(self, stream: GenStream) -> int:
+        """Cache bytes one row adds per token: 2 (K, V) x kv heads x head dim x dtype x trunk blocks."""
+        trunk = stream.session.trunk
+        return self._kv_per_layer_token * (trunk.end - trunk.start)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def open(self, owner: str, session_id: str, max_length: int, naive: bool) -> GenStream:
+        session = self.host.get(owner, session_id)
+        if max_length < 1:
+            raise InvalidInputError("max_length", f"must be >= 1, got {max_length}")
+        if max_length > self.limits.max_seq_len:
+            raise LimitExceededError(
+                f"max_length {max_length} exceeds the server's max_seq_len={self.limits.max_seq_len}"
+            )
+        with self._lock:
+            if len(self._streams) >= self.limits.max_generation_sessions:
+                raise LimitExceededError(
+                    f"the server has {len(self._streams)} open inference streams "
+                    f"(max_generation_sessions={self.limits.max_generation_sessions}); try again later"
+                )
+            stream = GenStream(secrets.token_urlsafe(12), owner, session, max_length, naive)
+            self._streams[stream.id] = stream
+        return stream
+
+    def close(self, stream: GenStream) -> None:
+        """Free the stream's cache and give its reservation back (idempotent)."""
+        with self._lock:
+            stream.closed = True
+            stream.cache = None
+            stream.lengths = None
+            stream.reserved = 0
+            self._streams.pop(stream.id, None)
+
+    def _reserve(self, stream: GenStream, rows: int) -> None:
+        need = rows * stream.max_length * self.bytes_per_row_token(stream)
+        with self._lock:
+            others = sum(s.reserved for s in self._streams.values() if s is not stream)
+            if others + need > self.limits.max_cache_bytes:
+                raise LimitExceededError(
+                    f"KV-cache budget exhausted: this stream needs {need:,} bytes ({rows} rows x "
+                    f"{stream.max_length} tokens), {others:,} of {self.limits.max_cache_bytes:,} are in use; "
+                    "retry later or ask for a shorter max_length"
+                )
+            stream.reserved = need
+
+    # -- steps -----------------------------------------------------------------------------------
+    def step(
+        self,
+        stream: GenStream,
+        step: int,
+        hidden: torch.Tensor,
+        lengths: list[int],
+        keep_rows: list[int],
+    ) -> torch.Tensor:
+        """Run the trunk for one step of ``stream``; returns (B, n, d) hidden states."""
+        if stream.closed:
+            raise ProtocolError("the inference stream is closed")
+        if step != stream.step:
+            raise ProtocolError(f"generation step {step}, but the stream expects step {stream.step}")
+        self.host.check_hidden_shape(tuple(hidden.shape))
+        batch, new = hidden.shape[0], hidden.shape[1]
+        if keep_rows:
+            self._keep(stream, keep_rows)
+        if stream.naive or step == 0:
+            if step > 0 and batch != stream.batch:
+                raise InvalidInputError("hidden", f"expected {stream.batch} rows, got {batch}")
+            if len(lengths) != batch:
+                raise InvalidInputError("lengths", f"expected {batch} lengths, got {len(lengths)}")
+            if new > stream.max_length:
+                raise LimitExceededError(f"hidden: {new} tokens exceed the stream's max_length={stream.max_length}")
+            lens = torch.tensor(lengths, dtype=torch.int64)
+            if step == 0:
+                self._reserve(stream, batch)
+                stream.batch = batch
+                stream.cache = None if stream.naive else stream.session.trunk.new_cache()
+        else:
+            if lengths:
+                raise InvalidInputError("lengths", "only the prefill carries lengths")
+            if new != 1 or batch != stream.batch:
+                raise InvalidInputError(
+                    "hidden",
+                    f"a decode step carries one vector per row: expected ({stream.batch}, 1, d), "
+                    f"got {tuple(hidden.shape)}",
+                )
+            assert stream.lengths is not None
+            lens = stream.lengths + 1
+            if int(lens.max()) > stream.max_length or self._cached_len(stream) + 1 > stream.max_length:
+                raise LimitExceededError(f"the stream reached its max_length={stream.max_length}")
+        out = self._compute(stream, hidden, lens)
+        stream.lengths = lens
+        stream.step += 1
+        return out
+
+    def _cached_len(self, stream: GenStream) -> int:
+        return stream.cache.get_seq_length(stream.session.trunk.start) if stream.cache is not None else 0
+
+    def _keep(self, stream: GenStream, rows: list[int]) -> None:
+        if stream.step == 0 or (stream.naive and stream.lengths is None):
+            raise InvalidInputError("keep_rows", "nothing to keep before the prefill")
+        if any(b <= a for a, b in itertools.pairwise(rows)) or rows[0] < 0 or rows[-1] >= stream.batch:
+            raise InvalidInputError("keep_rows", f"must be increasing row numbers below {stream.batch}, got {rows}")
+        index = torch.tensor(rows, dtype=torch.int64)
+        with self.host._compute_lock:
+            if stream.cache is not None:
+                stream.cache.batch_select_indices(index)
+            assert stream.lengths is not None
+            stream.lengths = stream.lengths[index]
+            stream.batch = len(rows)
+        with self._lock:
+            stream.reserved = len(rows) * stream.max_length * self.bytes_per_row_token(stream)
+
+    def _compute(self, stream: GenStream, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        host = self.host
+        with host._compute_lock, torch.no_grad():
+            session = host.get(stream.owner, stream.session.id)  # NOT_FOUND if it was closed meanwhile
+            host._activate(session)
+            trunk = session.trunk.eval()
+            return trunk(hidden.to(host.model.dtype), lengths, cache=stream.cache)
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def count(self, owner: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for s in self._streams.values() if owner is None or s.owner == owner)
+
+    def cache_bytes(self, owner: str | None = None) -> int:
+        with self._lock:
+            streams = [s for s in self._streams.values() if owner is None or s.owner == owner]
+        return sum(s.cache_bytes() for s in streams)
+
+    def reserved_bytes(self) -> int:
+        with self._lock:
+            return sum(s.reserved for s in self._streams.values())
