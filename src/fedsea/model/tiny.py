@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fedsea.model.seeding import seeded
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # 256 byte symbols of the byte-level alphabet plus the special tokens.
@@ -138,7 +139,6 @@ def tiny_llama(
         seed: seed of the weight initialisation (the global RNG is left untouched).
     """
     config = tiny_llama_config(num_layers, hidden_size, num_heads, num_kv_heads, vocab_size, **config_kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = LlamaForCausalLM(config)
     return model.eval()

@@ -18,7 +18,7 @@ import torch
 
 from fedsea import __version__
 from fedsea.config import LoraSpec, OptimConfig
-from fedsea.errors import FedseaError, IdleTimeoutError, InvalidInputError, status_code_name
+from fedsea.errors import FedseaError, IdleTimeoutError, InvalidInputError, ProtocolError, status_code_name
 from fedsea.server.generation import GenerationHost, GenStream
 from fedsea.server.trunk import SessionSpec, TrunkHost
 from fedsea.wire import fedsea_pb2 as pb
@@ -67,6 +67,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     def __init__(self, host: TrunkHost, tokens: TokenStore | None = None) -> None:
         self.host = host
+        self.coordinator: Any = None  # a fedsea.server.federation.Coordinator when a run is configured
         self.generation = GenerationHost(host)
         self.tokens = tokens
         self.meters: dict[str, TrafficMeter] = {}
@@ -90,6 +91,11 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             return result, time.perf_counter() - start
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the compute thread and return its result (for the coordinator)."""
+        result, _ = await self._compute(fn, *args)
+        return result
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         code = status_code_name(exc)
@@ -303,6 +309,79 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         finally:
             if stream is not None:
                 self.generation.close(stream)
+
+    # -- federation ----------------------------------------------------------------------------
+    def _coordinator(self) -> Any:
+        if self.coordinator is None:
+            raise ProtocolError("this server runs no federated run (start it with fedsea serve --run CONFIG)")
+        return self.coordinator
+
+    async def JoinRun(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            client = self._client(context)
+            coordinator = self._coordinator()
+            await coordinator.join(client, request.session_id, int(request.num_samples))
+            cfg = coordinator.config
+            self._meter(client).record("join", received=request.ByteSize())
+            return pb.JoinResponse(
+                client_id=client,
+                rounds=cfg.rounds,
+                local_steps=cfg.local_steps,
+                mode=cfg.mode,
+                next_round=coordinator.completed + 1,
+                seed=cfg.seed,
+            )
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def AwaitRound(self, request: pb.RoundRequest, context: Any) -> Any:
+        try:
+            client = self._client(context)
+            coordinator = self._coordinator()
+            number, selected, finished, state = await coordinator.await_round(client, int(request.after_round))
+            steps = coordinator.config.local_steps
+            yield pb.RoundMessage(round=number, selected=selected, finished=finished, local_steps=steps)
+            sent = 0
+            for name in sorted(state):
+                for chunk in encode(state[name], pb.FLOAT32, self.chunk_bytes):
+                    message = pb.RoundMessage(round=number, tensor=pb.NamedTensorChunk(name=name, tensor=chunk))
+                    sent += message.ByteSize()
+                    yield message
+            self._meter(client).record("await_round", sent=sent, received=request.ByteSize())
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def SubmitUpdate(self, request_iterator: AsyncIterator[pb.SubmitChunk], context: Any) -> Any:
+        try:
+            client = self._client(context)
+            coordinator = self._coordinator()
+            first: pb.SubmitChunk | None = None
+            assemblers: dict[str, TensorAssembler] = {}
+            received = 0
+            async for req in request_iterator:
+                received += req.ByteSize()
+                first = first or req
+                if not req.tensor.name:
+                    continue
+                if req.tensor.name not in assemblers:
+                    if len(assemblers) >= 100_000:
+                        raise InvalidInputError("update", "too many tensors")
+                    limit = self.host.limits.max_tensor_bytes
+                    assemblers[req.tensor.name] = TensorAssembler(f"update[{req.tensor.name}]", limit)
+                assemblers[req.tensor.name].add(req.tensor.tensor)
+            if first is None:
+                raise InvalidInputError("request", "empty request stream")
+            state = {name: a.tensor().float() for name, a in assemblers.items()}
+            for name, tensor in state.items():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise InvalidInputError(f"update[{name}]", "contains NaN or Inf")
+            if first.num_samples < 1:
+                raise InvalidInputError("num_samples", "must be >= 1")
+            await coordinator.submit(client, int(first.round), int(first.num_samples), float(first.loss), state)
+            self._meter(client).record("submit", received=received)
+            return pb.SubmitResponse(accepted=True)
+        except Exception as exc:
+            await self._fail(context, exc)
 
     async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         try:

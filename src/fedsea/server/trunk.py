@@ -34,6 +34,7 @@ from fedsea.errors import (
 )
 from fedsea.model.adapters import adapter_state_dict, add_lora, load_adapter_state_dict
 from fedsea.model.fingerprint import model_fingerprint
+from fedsea.model.seeding import seeded
 from fedsea.model.split import Trunk, check_partition, check_supported
 from fedsea.training.step import PartOptimizer
 
@@ -120,8 +121,7 @@ class TrunkHost:
             session_id = secrets.token_urlsafe(16)
             trunk = Trunk(self.model, spec.head_layers, self.num_layers - spec.tail_layers)
             # Seed the adapter's initialisation without touching the process's global RNG.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(spec.seed)
+            with seeded(spec.seed):
                 add_lora(trunk, spec.lora, adapter_name=f"s_{session_id}")
             tuners = [m for m in trunk.modules() if isinstance(m, BaseTunerLayer)]
             session = Session(session_id, owner, spec, trunk, PartOptimizer(trunk, spec.optim), tuners)

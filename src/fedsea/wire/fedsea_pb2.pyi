@@ -230,6 +230,68 @@ class GenerateResponse(_message.Message):
     hidden: TensorChunk
     def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
+class JoinRequest(_message.Message):
+    __slots__ = ("session_id", "num_samples")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    num_samples: int
+    def __init__(self, session_id: _Optional[str] = ..., num_samples: _Optional[int] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("client_id", "rounds", "local_steps", "mode", "next_round", "seed")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    rounds: int
+    local_steps: int
+    mode: str
+    next_round: int
+    seed: int
+    def __init__(self, client_id: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., mode: _Optional[str] = ..., next_round: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RoundRequest(_message.Message):
+    __slots__ = ("after_round",)
+    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    after_round: int
+    def __init__(self, after_round: _Optional[int] = ...) -> None: ...
+
+class RoundMessage(_message.Message):
+    __slots__ = ("round", "selected", "finished", "local_steps", "tensor")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    selected: bool
+    finished: bool
+    local_steps: int
+    tensor: NamedTensorChunk
+    def __init__(self, round: _Optional[int] = ..., selected: _Optional[bool] = ..., finished: _Optional[bool] = ..., local_steps: _Optional[int] = ..., tensor: _Optional[_Union[NamedTensorChunk, _Mapping]] = ...) -> None: ...
+
+class SubmitChunk(_message.Message):
+    __slots__ = ("round", "num_samples", "loss", "tensor")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    num_samples: int
+    loss: float
+    tensor: NamedTensorChunk
+    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[NamedTensorChunk, _Mapping]] = ...) -> None: ...
+
+class SubmitResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -69,6 +69,21 @@ class TrunkStub:
                 request_serializer=fedsea_dot_wire_dot_fedsea__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.JoinRun = channel.unary_unary(
+                '/fedsea.v1.Trunk/JoinRun',
+                request_serializer=fedsea_dot_wire_dot_fedsea__pb2.JoinRequest.SerializeToString,
+                response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.AwaitRound = channel.unary_stream(
+                '/fedsea.v1.Trunk/AwaitRound',
+                request_serializer=fedsea_dot_wire_dot_fedsea__pb2.RoundRequest.SerializeToString,
+                response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.RoundMessage.FromString,
+                _registered_method=True)
+        self.SubmitUpdate = channel.stream_unary(
+                '/fedsea.v1.Trunk/SubmitUpdate',
+                request_serializer=fedsea_dot_wire_dot_fedsea__pb2.SubmitChunk.SerializeToString,
+                response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.SubmitResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/fedsea.v1.Trunk/GetStats',
                 request_serializer=fedsea_dot_wire_dot_fedsea__pb2.StatsRequest.SerializeToString,
@@ -121,6 +136,24 @@ class TrunkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AwaitRound(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitUpdate(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -164,6 +197,21 @@ def add_TrunkServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.GenerateRequest.FromString,
                     response_serializer=fedsea_dot_wire_dot_fedsea__pb2.GenerateResponse.SerializeToString,
+            ),
+            'JoinRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinRun,
+                    request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.JoinRequest.FromString,
+                    response_serializer=fedsea_dot_wire_dot_fedsea__pb2.JoinResponse.SerializeToString,
+            ),
+            'AwaitRound': grpc.unary_stream_rpc_method_handler(
+                    servicer.AwaitRound,
+                    request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.RoundRequest.FromString,
+                    response_serializer=fedsea_dot_wire_dot_fedsea__pb2.RoundMessage.SerializeToString,
+            ),
+            'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitUpdate,
+                    request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.SubmitChunk.FromString,
+                    response_serializer=fedsea_dot_wire_dot_fedsea__pb2.SubmitResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -360,6 +408,87 @@ class Trunk:
             '/fedsea.v1.Trunk/Generate',
             fedsea_dot_wire_dot_fedsea__pb2.GenerateRequest.SerializeToString,
             fedsea_dot_wire_dot_fedsea__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsea.v1.Trunk/JoinRun',
+            fedsea_dot_wire_dot_fedsea__pb2.JoinRequest.SerializeToString,
+            fedsea_dot_wire_dot_fedsea__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedsea.v1.Trunk/AwaitRound',
+            fedsea_dot_wire_dot_fedsea__pb2.RoundRequest.SerializeToString,
+            fedsea_dot_wire_dot_fedsea__pb2.RoundMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitUpdate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedsea.v1.Trunk/SubmitUpdate',
+            fedsea_dot_wire_dot_fedsea__pb2.SubmitChunk.SerializeToString,
+            fedsea_dot_wire_dot_fedsea__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

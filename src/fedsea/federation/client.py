@@ -1,0 +1,160 @@
+"""A client's side of a federated run: join, then per round load, train locally, submit."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from fedsea.client.split_client import SplitClient
+from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict
+from fedsea.privacy.noise import Privatizer
+from fedsea.training.batch import Batch
+from fedsea.training.data import Example, iterate_batches
+from fedsea.training.step import PartOptimizer
+from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, decode, encode
+
+logger = logging.getLogger(__name__)
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (same parts, same seed, in any process)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class RoundResult:
+    round: int
+    selected: bool
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+
+
+class FederatedClient:
+    """Drives a connected ``SplitClient`` through the rounds of the server's run.
+
+    Args:
+        client: a connected ``SplitClient`` (its split carries LoRA on head and tail).
+        examples: the client's local data.
+        batch_size: examples per local step.
+        name: used to derive this client's seeds (data order, noise) per round.
+        on_step: called with (round, step, loss) after every local step.
+    """
+
+    def __init__(
+        self,
+        client: SplitClient,
+        examples: Sequence[Example],
+        batch_size: int,
+        name: str,
+        on_step: Callable[[int, int, float], None] | None = None,
+        progress: bool = False,
+    ) -> None:
+        if client.connection is None or client.trainer is None:
+            raise ValueError("connect the SplitClient first")
+        self.client = client
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.name = name
+        self.on_step = on_step
+        self.progress = progress
+        self.info: pb.JoinResponse | None = None
+        self.history: list[RoundResult] = []
+
+    def join(self) -> pb.JoinResponse:
+        connection, session_id = self.client._require_connection()
+        request = pb.JoinRequest(session_id=session_id, num_samples=len(self.examples))
+        self.info = connection.unary("join", connection.stub.JoinRun, request)
+        return self.info
+
+    def _await(self, after: int) -> tuple[pb.RoundMessage, dict[str, torch.Tensor]]:
+        connection, _ = self.client._require_connection()
+        request = pb.RoundRequest(after_round=after)
+
+        def call() -> list[pb.RoundMessage]:
+            # A round may be long in coming: no deadline on this wait.
+            return list(connection.stub.AwaitRound(request, metadata=connection.metadata))
+
+        messages = connection._with_retries(call)
+        connection.meter.record("await_round", sent=request.ByteSize(), received=sum(m.ByteSize() for m in messages))
+        chunks: dict[str, list[pb.TensorChunk]] = {}
+        for message in messages[1:]:
+            chunks.setdefault(message.tensor.name, []).append(message.tensor.tensor)
+        return messages[0], {k: decode(v, f"global[{k}]", 1 << 40) for k, v in chunks.items()}
+
+    def _submit(self, round_number: int, samples: int, loss: float) -> None:
+        connection, _ = self.client._require_connection()
+        state = {**adapter_state_dict(self.client.split.head), **adapter_state_dict(self.client.split.tail)}
+
+        def requests() -> Iterator[pb.SubmitChunk]:
+            yield pb.SubmitChunk(round=round_number, num_samples=samples, loss=loss)
+            for key in sorted(state):
+                for chunk in encode(state[key], pb.FLOAT32, DEFAULT_CHUNK_BYTES):
+                    yield pb.SubmitChunk(tensor=pb.NamedTensorChunk(name=key, tensor=chunk))
+
+        connection.stream("submit", connection.stub.SubmitUpdate, requests)
+
+    def _batches(self, round_number: int, steps: int) -> Iterator[Batch]:
+        seed = derived_seed(self.info.seed if self.info else 0, self.name, round_number)
+        epochs = math.ceil(steps * self.batch_size / max(1, len(self.examples))) + 1
+        pad = self.client.split.model.config.pad_token_id or 0
+        batches = iterate_batches(self.examples, self.batch_size, pad, epochs=epochs, seed=seed)
+        for _, batch in zip(range(steps), batches, strict=False):
+            yield batch
+
+    def _start_round(self, round_number: int, state: dict[str, torch.Tensor]) -> None:
+        split = self.client.split
+        for part in (split.head, split.tail):
+            load_adapter_state_dict(part, state, strict=False)
+        trainer = self.client.trainer
+        assert trainer is not None
+        # Local optimizers restart every round; the noise and data order are seeded per round.
+        trainer._optimizers = [
+            PartOptimizer(split.head, self.client.optim),
+            PartOptimizer(split.tail, self.client.optim),
+        ]
+        noise_seed = derived_seed(self.info.seed if self.info else 0, self.name, round_number, "noise")
+        trainer.privatizer = Privatizer(
+            type(self.client.noise)(self.client.noise.sigma, self.client.noise.clip_norm, noise_seed),
+            device=split.model.device,
+        )
+        torch.manual_seed(derived_seed(self.info.seed if self.info else 0, self.name, round_number, "torch"))
+
+    def run(self) -> list[RoundResult]:
+        """Join (if not yet) and take part in rounds until the run is over."""
+        info = self.info or self.join()
+        last = info.next_round - 1
+        while True:
+            message, state = self._await(last)
+            if message.finished:
+                return self.history
+            last = message.round
+            if not message.selected:
+                self.history.append(RoundResult(message.round, False))
+                continue
+            self._start_round(message.round, state)
+            result = RoundResult(message.round, True)
+            bar = tqdm(
+                total=message.local_steps,
+                desc=f"{self.name} round {message.round}",
+                disable=not self.progress,
+                leave=False,
+            )
+            for step, batch in enumerate(self._batches(message.round, message.local_steps)):
+                loss = self.client.train_step(batch).loss
+                result.losses.append(loss)
+                result.samples += int(batch.input_ids.shape[0])
+                if self.on_step is not None:
+                    self.on_step(message.round, step, loss)
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.4f}")
+            bar.close()
+            mean = sum(result.losses) / len(result.losses)
+            self._submit(message.round, result.samples, mean)
+            self.history.append(result)

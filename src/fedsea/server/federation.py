@@ -1,0 +1,280 @@
+"""The server's federated-run coordinator: joins, rounds, modes, aggregation, checkpoints.
+
+Design decisions:
+- One global adapter keyed by global layer number covers the whole model. A selected
+  client receives the tensors of its head and tail blocks; the server loads the tensors of
+  its trunk blocks into the client's training session before the client starts.
+- ``hierarchical``: every selected client trains in parallel against its own trunk adapter
+  (its session's); at the round's end the trunk adapters are averaged like the rest.
+  ``sequential``: clients take turns; the trunk adapter passes from one to the next, and is
+  taken as it is at the end. Local optimizers restart every round (the FedAvg convention),
+  so a round's checkpoint (global adapter, round, RNG states) is all a resume needs.
+- A client that has not submitted when the round times out is left out of the average and
+  can join again later; late submissions are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from fedsea.errors import ModelMismatchError, ProtocolError
+from fedsea.federation.checkpoint import latest_round, load_round, save_round
+from fedsea.federation.config import FedConfig
+from fedsea.federation.strategy import Update, make_strategy
+from fedsea.model.adapters import adapter_state_dict, add_lora
+from fedsea.model.seeding import seeded
+from fedsea.model.split import SplitPart
+from fedsea.server.trunk import Session, TrunkHost
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def initial_global_state(host: TrunkHost, config: FedConfig) -> dict[str, torch.Tensor]:
+    """LoRA tensors for every block, initialised by peft with the run's seed."""
+    view = SplitPart(host.model, 0, host.num_layers)
+    name = "fedsea_global_init"
+    with host._compute_lock, seeded(config.seed):
+        add_lora(view, config.lora, adapter_name=name)
+        state = adapter_state_dict(view, name)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in view.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.delete_adapter(name)
+    return state
+
+
+@dataclass
+class Member:
+    client_id: str
+    session_id: str
+    num_samples: int
+    joined: float
+
+
+class Coordinator:
+    """Runs the rounds of one federated run on a ``TrunkHost``.
+
+    Args:
+        host: sessions and compute.
+        config: the run.
+        run_dir: where checkpoints and ``metrics.jsonl`` go (None: nowhere).
+        compute: runs a blocking function off the event loop (the servicer's executor).
+        resume: continue from the latest checkpoint in ``run_dir``.
+    """
+
+    def __init__(
+        self,
+        host: TrunkHost,
+        config: FedConfig,
+        run_dir: Path | None,
+        compute: Callable[..., Any],
+        resume: bool = False,
+    ) -> None:
+        self.host = host
+        self.config = config
+        self.run_dir = run_dir
+        self._compute = compute
+        self.strategy = make_strategy(config.strategy, config.fraction, config.min_clients)
+        self.members: dict[str, Member] = {}
+        self.completed = 0
+        self.global_state: dict[str, torch.Tensor] = {}
+        if resume and run_dir is not None and (folder := latest_round(run_dir)) is not None:
+            self.completed, self.global_state, _, extra = load_round(folder)
+            torch.random.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
+            logger.info("resuming after round %d from %s", self.completed, folder)
+        if not self.global_state:
+            self.global_state = initial_global_state(host, config)
+        self.current: int | None = None  # the open round
+        self.allowed: set[str] = set()  # who may fetch the open round now (sequential: one at a time)
+        self.selected: list[str] = []
+        self.submitted: dict[str, Update] = {}
+        self._trunk_of: dict[str, dict[str, torch.Tensor]] = {}  # each submitter's trunk adapter
+        self.finished = self.completed >= config.rounds
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- client-facing ------------------------------------------------------------------------
+    async def join(self, client_id: str, session_id: str, num_samples: int) -> Member:
+        session = self.host.get(client_id, session_id)
+        if session.spec.lora != self.config.lora:
+            raise ModelMismatchError(
+                f"the session's trunk LoRA {session.spec.lora} differs from the run's {self.config.lora}"
+            )
+        if num_samples < 1:
+            raise ProtocolError("num_samples must be >= 1")
+        async with self._changed:
+            member = Member(client_id, session_id, num_samples, time.monotonic())
+            self.members[client_id] = member  # a rejoin replaces the old session
+            self._changed.notify_all()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        logger.info("client %s joined (session %s, %d samples)", client_id, session_id, num_samples)
+        return member
+
+    async def await_round(self, client_id: str, after: int) -> tuple[int, bool, bool, dict[str, torch.Tensor]]:
+        """Block until a round after ``after`` is open to this client (or the run is over)."""
+        async with self._changed:
+            while True:
+                if self.finished:
+                    return self.completed, False, True, {}
+                if self.current is not None and self.current > after:
+                    if client_id not in self.selected:
+                        return self.current, False, False, {}
+                    if client_id in self.allowed:
+                        break
+                await self._changed.wait()
+            round_number = self.current
+        member = self.members[client_id]
+        session = self.host.get(client_id, member.session_id)
+        keys = self._client_keys(session)
+        return round_number, True, False, {k: self.global_state[k] for k in keys if k in self.global_state}
+
+    async def submit(
+        self, client_id: str, round_number: int, num_samples: int, loss: float, state: dict[str, torch.Tensor]
+    ) -> None:
+        async with self._changed:
+            if self.current != round_number or client_id not in self.allowed or client_id in self.submitted:
+                raise ProtocolError(
+                    f"round {round_number} is not open to client {client_id!r} (closed or not selected)"
+                )
+            member = self.members[client_id]
+        session = self.host.get(client_id, member.session_id)
+        allowed_keys = set(self._client_keys(session))
+        if not set(state) <= allowed_keys:
+            raise ProtocolError(
+                f"update holds tensors outside the client's head and tail: {sorted(set(state) - allowed_keys)[:3]}"
+            )
+        trunk_state = await self._compute(self.host.get_adapter, client_id, member.session_id)
+        async with self._changed:
+            self.submitted[client_id] = Update(client_id, float(num_samples), state, {"loss": loss})
+            self._trunk_of[client_id] = trunk_state
+            self._changed.notify_all()
+
+    # -- rounds -------------------------------------------------------------------------------------
+    def _client_keys(self, session: Session) -> list[str]:
+        trunk = session.trunk
+        return [k for k in self.global_state if not trunk.start <= int(k.split(".")[1]) < trunk.end]
+
+    def _trunk_keys(self, session: Session) -> dict[str, torch.Tensor]:
+        trunk = session.trunk
+        return {k: v for k, v in self.global_state.items() if trunk.start <= int(k.split(".")[1]) < trunk.end}
+
+    async def _load_trunk(self, client_id: str, state: dict[str, torch.Tensor]) -> None:
+        member = self.members[client_id]
+        session = self.host.get(client_id, member.session_id)
+        part = {k: v for k, v in state.items() if session.trunk.start <= int(k.split(".")[1]) < session.trunk.end}
+        await self._compute(self.host.put_adapter, client_id, member.session_id, part)
+
+    async def _wait_for_members(self) -> None:
+        deadline = time.monotonic() + self.config.join_timeout_s
+        async with self._changed:
+            while len(self.members) < self.config.expected_clients:
+                left = deadline - time.monotonic()
+                if left <= 0 and len(self.members) >= self.config.min_clients:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=max(left, 1.0))
+
+    async def _open(self, round_number: int, selected: list[str], allowed: set[str]) -> None:
+        async with self._changed:
+            self.current, self.selected, self.allowed = round_number, selected, allowed
+            self._changed.notify_all()
+
+    async def _wait_submitted(self, who: set[str], deadline: float) -> None:
+        async with self._changed:
+            while not who <= set(self.submitted):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=left)
+                except TimeoutError:
+                    return
+
+    async def _run(self) -> None:
+        try:
+            await self._wait_for_members()
+            for round_number in range(self.completed + 1, self.config.rounds + 1):
+                await self._round(round_number)
+        except Exception:
+            logger.exception("the federated run failed")
+            raise
+        finally:
+            async with self._changed:
+                self.finished = True
+                self.current = None
+                self._changed.notify_all()
+
+    async def _round(self, round_number: int) -> None:
+        started = time.monotonic()
+        pool = list(self.members)
+        selected = self.strategy.select(pool, round_number, self.config.seed)
+        self.submitted, self._trunk_of = {}, {}
+        deadline = time.monotonic() + self.config.round_timeout_s
+        updates: list[Update] = []
+        if self.config.mode == "sequential":
+            shared = dict(self.global_state)
+            await self._open(round_number, selected, set())
+            for client_id in selected:
+                await self._load_trunk(client_id, shared)
+                async with self._changed:
+                    self.allowed = {client_id}
+                    self._changed.notify_all()
+                await self._wait_submitted({client_id}, deadline)
+                if client_id in self._trunk_of:
+                    shared.update(self._trunk_of[client_id])
+            done = [c for c in selected if c in self.submitted]
+            trunk_keys = {k for c in done for k in self._trunk_of[c]}
+            if done:
+                weight = float(sum(self.submitted[c].weight for c in done))
+                updates.append(Update("trunk:shared", weight, {k: shared[k] for k in trunk_keys}))
+        else:
+            for client_id in selected:
+                await self._load_trunk(client_id, self.global_state)
+            await self._open(round_number, selected, set(selected))
+            await self._wait_submitted(set(selected), deadline)
+            done = [c for c in selected if c in self.submitted]
+            updates += [Update(f"trunk:{c}", self.submitted[c].weight, self._trunk_of[c]) for c in done]
+        async with self._changed:
+            self.allowed = set()  # late submissions are refused from here on
+            done = [c for c in selected if c in self.submitted]
+            updates += [self.submitted[c] for c in done]
+        if len(done) < self.config.min_clients:
+            logger.warning("round %d: %d of %d clients submitted (< min_clients); global unchanged",
+                           round_number, len(done), len(selected))  # fmt: skip
+        else:
+            self.global_state = await self._compute(self.strategy.aggregate, updates, self.global_state)
+        dropped = sorted(set(selected) - set(done))
+        for client_id in dropped:  # left out; they may join again
+            self.members.pop(client_id, None)
+        record = {
+            "round": round_number,
+            "selected": selected,
+            "submitted": done,
+            "dropped": dropped,
+            "losses": {c: self.submitted[c].metrics.get("loss") for c in done},
+            "samples": {c: self.submitted[c].weight for c in done},
+            "seconds": time.monotonic() - started,
+            "mode": self.config.mode,
+        }
+        if self.run_dir is not None:
+            await self._compute(save_round, self.run_dir, round_number, self.global_state, None, {"record": record})
+            with (self.run_dir / "server_rounds.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        async with self._changed:
+            self.completed = round_number
+            self.current = None
+            self._changed.notify_all()
+        logger.info("round %d closed: %d/%d clients", round_number, len(done), len(selected))
