@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsea.cli_generate import add_generate_commands
 
     add_generate_commands(sub)
+    from fedsea.cli_fed import add_fed_commands
+
+    add_fed_commands(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
     bench.add_argument(

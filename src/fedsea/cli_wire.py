@@ -45,7 +45,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ...", flush=True)
     host = TrunkHost(load_model(args.model), limits)
     print(f"base model fingerprint {host.fingerprint}", flush=True)
-    server = TrunkServer(host, tokens=tokens, **server_args)
+    federation, run_dir = None, None
+    if args.run:
+        from fedsea.federation.simconfig import load_plan
+
+        federation = load_plan(args.run).fed
+        run_dir = Path(args.run_dir or Path(args.run).parent)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"federated run: {federation.rounds} rounds, {federation.mode}, checkpoints in {run_dir}", flush=True)
+    server = TrunkServer(host, tokens=tokens, federation=federation, run_dir=run_dir, resume=args.resume, **server_args)
     asyncio.run(serve_until_signalled(server))
     return 0
 
@@ -161,6 +169,9 @@ def add_wire_commands(sub: Any) -> None:
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     serve.add_argument("--tokens", help="tokens file (fedsea token add); clients must present one")
     serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    serve.add_argument("--run", help="run file (TOML): coordinate a federated run (fedsea join)")
+    serve.add_argument("--run-dir", help="where the run's checkpoints and metrics go")
+    serve.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     for field in dataclasses.fields(ServerLimits):
         flag = "--" + field.name.replace("_", "-")
         kind = float if field.type in ("float", float) else int

@@ -34,6 +34,8 @@ class RoundResult:
     selected: bool
     losses: list[float] = field(default_factory=list)
     samples: int = 0
+    bytes_sent: int = 0  # this round's traffic, all RPCs
+    bytes_received: int = 0
 
 
 class FederatedClient:
@@ -55,6 +57,7 @@ class FederatedClient:
         name: str,
         on_step: Callable[[int, int, float], None] | None = None,
         progress: bool = False,
+        on_round: Callable[[RoundResult], None] | None = None,
     ) -> None:
         if client.connection is None or client.trainer is None:
             raise ValueError("connect the SplitClient first")
@@ -63,6 +66,7 @@ class FederatedClient:
         self.batch_size = batch_size
         self.name = name
         self.on_step = on_step
+        self.on_round = on_round
         self.progress = progress
         self.info: pb.JoinResponse | None = None
         self.history: list[RoundResult] = []
@@ -138,6 +142,8 @@ class FederatedClient:
             if not message.selected:
                 self.history.append(RoundResult(message.round, False))
                 continue
+            meter = self.client.connection.meter if self.client.connection else None
+            before = (meter.bytes_sent, meter.bytes_received) if meter else (0, 0)
             self._start_round(message.round, state)
             result = RoundResult(message.round, True)
             bar = tqdm(
@@ -157,4 +163,9 @@ class FederatedClient:
             bar.close()
             mean = sum(result.losses) / len(result.losses)
             self._submit(message.round, result.samples, mean)
+            if meter is not None:
+                result.bytes_sent = meter.bytes_sent - before[0]
+                result.bytes_received = meter.bytes_received - before[1]
             self.history.append(result)
+            if self.on_round is not None:
+                self.on_round(result)

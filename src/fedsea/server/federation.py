@@ -38,6 +38,7 @@ from fedsea.server.trunk import Session, TrunkHost
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+GROUP_OWNER = "fedsea:client-batch"  # owner of the shared trunk sessions; no token can claim it
 
 
 def initial_global_state(host: TrunkHost, config: FedConfig) -> dict[str, torch.Tensor]:
@@ -101,6 +102,7 @@ class Coordinator:
         self.selected: list[str] = []
         self.submitted: dict[str, Update] = {}
         self._trunk_of: dict[str, dict[str, torch.Tensor]] = {}  # each submitter's trunk adapter
+        self.batchers: list[Any] = []  # client-batch mode: this round's groups
         self.finished = self.completed >= config.rounds
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -161,6 +163,34 @@ class Coordinator:
             self.submitted[client_id] = Update(client_id, float(num_samples), state, {"loss": loss})
             self._trunk_of[client_id] = trunk_state
             self._changed.notify_all()
+
+    def batcher_for(self, client_id: str, session_id: str) -> Any:
+        """The client-batch group this session trains in this round, if any."""
+        for batcher in self.batchers:
+            if batcher.has(client_id, session_id):
+                return batcher
+        return None
+
+    async def _open_groups(self, selected: list[str]) -> list[tuple[Any, list[str], str]]:
+        """Client-batch mode: one shared trunk adapter per trunk range among the selected."""
+        from fedsea.server.batching import GroupBatcher
+        from fedsea.server.trunk import SessionSpec
+
+        by_range: dict[tuple[int, int], list[str]] = {}
+        for client_id in selected:
+            session = self.host.get(client_id, self.members[client_id].session_id)
+            by_range.setdefault((session.trunk.start, session.trunk.end), []).append(client_id)
+        groups = []
+        for (start, end), clients in sorted(by_range.items()):
+            template = self.host.get(clients[0], self.members[clients[0]].session_id).spec
+            spec = SessionSpec(start, self.host.num_layers - end, template.lora, template.optim, template.wire_dtype)
+            group = await self._compute(self.host.open_session, GROUP_OWNER, self.host.fingerprint, spec)
+            await self._compute(self.host.put_adapter, GROUP_OWNER, group.id, self._trunk_keys(group))
+            members = [(c, self.members[c].session_id) for c in clients]
+            batcher = GroupBatcher(self.host, group, members, self._compute, self.config.round_timeout_s)
+            groups.append((batcher, clients, group.id))
+        self.batchers = [g[0] for g in groups]
+        return groups
 
     # -- rounds -------------------------------------------------------------------------------------
     def _client_keys(self, session: Session) -> list[str]:
@@ -240,6 +270,18 @@ class Coordinator:
             if done:
                 weight = float(sum(self.submitted[c].weight for c in done))
                 updates.append(Update("trunk:shared", weight, {k: shared[k] for k in trunk_keys}))
+        elif self.config.mode == "client-batch":
+            groups = await self._open_groups(selected)
+            await self._open(round_number, selected, set(selected))
+            await self._wait_submitted(set(selected), deadline)
+            for _, clients, group_id in groups:
+                done = [c for c in clients if c in self.submitted]
+                if done:
+                    state = await self._compute(self.host.get_adapter, GROUP_OWNER, group_id)
+                    weight = float(sum(self.submitted[c].weight for c in done))
+                    updates.append(Update(f"trunk:group-{group_id}", weight, state))
+                await self._compute(self.host.close_session, GROUP_OWNER, group_id)
+            self.batchers = []
         else:
             for client_id in selected:
                 await self._load_trunk(client_id, self.global_state)

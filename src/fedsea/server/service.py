@@ -19,6 +19,7 @@ import torch
 from fedsea import __version__
 from fedsea.config import LoraSpec, OptimConfig
 from fedsea.errors import FedseaError, IdleTimeoutError, InvalidInputError, ProtocolError, status_code_name
+from fedsea.model.masks import check_lengths
 from fedsea.server.generation import GenerationHost, GenStream
 from fedsea.server.trunk import SessionSpec, TrunkHost
 from fedsea.wire import fedsea_pb2 as pb
@@ -175,7 +176,19 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             client = self._client(context)
             first, hidden, dtype, received = await self._receive(client, request_iterator, "hidden")
             lengths = torch.tensor(list(first.lengths), dtype=torch.int64)
-            out, seconds = await self._compute(self.host.forward, client, first.session_id, first.step, hidden, lengths)
+            group = self.coordinator.batcher_for(client, first.session_id) if self.coordinator else None
+            if group is not None:
+                # Validate alone first: one client's bad tensor must not fail the whole group.
+                check_lengths(lengths, hidden.shape[0], hidden.shape[1])
+                if not bool(torch.isfinite(hidden).all()):
+                    raise InvalidInputError("hidden", "contains NaN or Inf")
+                start = time.perf_counter()
+                out = await group.forward(client, first.session_id, hidden.float(), lengths)
+                seconds = time.perf_counter() - start
+            else:
+                out, seconds = await self._compute(
+                    self.host.forward, client, first.session_id, first.step, hidden, lengths
+                )
             sent = 0
             for chunk in encode(out, dtype, self.chunk_bytes):
                 response = pb.ForwardResponse(step=first.step, hidden=chunk, compute_s=seconds)
@@ -189,9 +202,17 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         try:
             client = self._client(context)
             first, grad, dtype, received = await self._receive(client, request_iterator, "grad")
-            grad_in, seconds = await self._compute(
-                self.host.backward, client, first.session_id, first.step, grad, first.update
-            )
+            group = self.coordinator.batcher_for(client, first.session_id) if self.coordinator else None
+            if group is not None:
+                if not bool(torch.isfinite(grad).all()):
+                    raise InvalidInputError("grad", "contains NaN or Inf")
+                start = time.perf_counter()
+                grad_in = await group.backward(client, first.session_id, grad.float())
+                seconds = time.perf_counter() - start
+            else:
+                grad_in, seconds = await self._compute(
+                    self.host.backward, client, first.session_id, first.step, grad, first.update
+                )
             sent = 0
             for chunk in encode(grad_in, dtype, self.chunk_bytes):
                 response = pb.BackwardResponse(step=first.step, grad=chunk, compute_s=seconds)

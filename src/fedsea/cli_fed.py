@@ -1,0 +1,110 @@
+"""``fedsea join``, ``fedsea simulate`` and ``fedsea export``: federated runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fedsea.cli_generate import add_connection_args, client_tls
+
+
+def _cmd_join(args: argparse.Namespace) -> int:
+    from fedsea.client.split_client import SplitClient
+    from fedsea.federation.client import FederatedClient
+    from fedsea.federation.data import load_client_data
+    from fedsea.federation.simconfig import load_plan
+    from fedsea.model.load import load_model, load_tokenizer
+    from fedsea.model.split import split_model
+
+    plan = load_plan(args.run)
+    names = {c.name: c for c in plan.clients}
+    if args.client not in names:
+        raise ValueError(f"no client {args.client!r} in {args.run}; it has {', '.join(names)}")
+    me = names[args.client]
+    tokenizer = load_tokenizer(plan.model)
+    examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
+    split = split_model(load_model(plan.model), me.head_layers, me.tail_layers).add_lora(plan.lora)
+    log = Path(args.log) if args.log else None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_step(round_number: int, step: int, loss: float) -> None:
+        if log is not None:
+            with log.open("a") as f:
+                f.write(json.dumps({"client": me.name, "round": round_number, "step": step, "loss": loss}) + "\n")
+
+    client = SplitClient(
+        args.server, split, noise=plan.noise, optim=plan.optim, wire_dtype=plan.wire_dtype, tls=client_tls(args),
+        token=args.token or os.environ.get("FEDSEA_TOKEN"), seed=plan.fed.seed,
+    )  # fmt: skip
+    with client:
+
+        def on_round(result: Any) -> None:
+            if log is not None:
+                with log.open("a") as f:
+                    record = {"client": me.name, "round": result.round, "samples": result.samples}
+                    record.update(bytes_sent=result.bytes_sent, bytes_received=result.bytes_received)
+                    f.write(json.dumps(record) + "\n")
+
+        fed = FederatedClient(
+            client, examples, me.batch_size, me.name, on_step=on_step, progress=not args.quiet, on_round=on_round
+        )
+        history = fed.run()
+        stats = client.stats()
+    if log is not None:
+        with log.open("a") as f:
+            final = {"client": me.name, "final": True, "bytes_sent": stats["bytes_sent"]}
+            final.update(bytes_received=stats["bytes_received"], rpcs=stats["rpcs"])
+            f.write(json.dumps(final) + "\n")
+    trained = [h for h in history if h.selected]
+    steps = sum(len(h.losses) for h in trained)
+    mib_sent, mib_received = stats["bytes_sent"] / 2**20, stats["bytes_received"] / 2**20
+    print(f"{me.name}: {len(trained)} rounds, {steps} steps, sent {mib_sent:.1f} MiB, received {mib_received:.1f} MiB")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fedsea.federation.simulate import simulate
+
+    summary = simulate(args.config, args.set, run_dir=args.run_dir, centralized=args.centralized, resume=args.resume)
+    print(json.dumps(summary) if args.json else f"report: {summary['report']}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedsea.federation.simulate import export_run
+
+    out = export_run(args.run_dir, args.out)
+    print(f"wrote a merged Hugging Face model to {out}")
+    return 0
+
+
+def add_fed_commands(sub: Any) -> None:
+    join = sub.add_parser("join", help="take part in the server's federated run as one client")
+    add_connection_args(join)
+    join.add_argument("--run", required=True, help="the run file (TOML), the same as the server's")
+    join.add_argument("--client", required=True, help="this client's name in the run file (client-0, ...)")
+    join.add_argument("--shard", help="a task shard (JSON of example ids) written by fedsea simulate")
+    join.add_argument("--data", help='or a JSONL file of {"text"} or {"prompt", "completion"} rows')
+    join.add_argument("--log", help="append step losses and traffic (JSONL) here")
+    join.add_argument("--quiet", action="store_true")
+    join.set_defaults(func=_cmd_join)
+
+    sim = sub.add_parser("simulate", help="a server and N clients on this machine, over loopback gRPC with TLS")
+    sim.add_argument("config", nargs="?", help="run file (TOML); omit with --resume")
+    sim.add_argument("set", nargs="*", help="overrides: section.key=value")
+    sim.add_argument("--run-dir", help="run folder (default: runs/<task>-<mode>-<time>)")
+    sim.add_argument(
+        "--centralized", action="store_true", help="also train the unsplit model on the union, same budget"
+    )
+    sim.add_argument("--resume", help="continue the killed run in this folder")
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(func=_cmd_simulate)
+
+    export = sub.add_parser("export", help="merge a run's global adapters into a Hugging Face model")
+    export.add_argument("run_dir")
+    export.add_argument("out")
+    export.set_defaults(func=_cmd_export)

@@ -1,0 +1,165 @@
+"""A run's ``metrics.jsonl``, ``report.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedsea.federation.simconfig import RunPlan
+from fedsea.io import atomic_write_text
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _main_metric(record: dict[str, Any]) -> tuple[str, float]:
+    for key in ("accuracy", "f1", "rougeL", "rouge_l", "exact_match", "em"):
+        if key in record:
+            return key, float(record[key])
+    numeric = [(k, v) for k, v in record.items() if isinstance(v, float) and k not in ("round",)]
+    return numeric[0] if numeric else ("metric", float("nan"))
+
+
+def plot(
+    run_dir: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any]], traffic: list[dict[str, Any]]
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for client in sorted({s["client"] for s in steps}):
+        mine = [s for s in steps if s["client"] == client]
+        ax.plot(range(1, len(mine) + 1), [s["loss"] for s in mine], label=client, linewidth=1)
+    ax.set(xlabel="local step (all rounds)", ylabel="training loss", title="Loss per client per step")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(run_dir / "loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if evals:
+        name, _ = _main_metric(evals[0])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([e["round"] for e in evals], [_main_metric(e)[1] for e in evals], marker="o")
+        ax.set(xlabel="round (0 = before training)", ylabel=name, title=f"Eval {name} per round")
+        fig.tight_layout()
+        paths.append(run_dir / "eval.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    if traffic:
+        rounds = sorted({t["round"] for t in traffic})
+        sent = [sum(t["bytes_sent"] for t in traffic if t["round"] == r) / 2**20 for r in rounds]
+        received = [sum(t["bytes_received"] for t in traffic if t["round"] == r) / 2**20 for r in rounds]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar([r - 0.2 for r in rounds], sent, width=0.4, label="clients -> server")
+        ax.bar([r + 0.2 for r in rounds], received, width=0.4, label="server -> clients")
+        ax.set(xlabel="round", ylabel="MiB", title="Bytes moved per round (all clients)")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(run_dir / "bytes.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_report(
+    plan: RunPlan,
+    run_dir: Path,
+    evals: list[dict[str, Any]],
+    central: dict[str, Any] | None,
+    info: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """Merge the logs into ``metrics.jsonl``, draw the plots, write ``report.md``; return a summary."""
+    rounds = _read_jsonl(run_dir / "server_rounds.jsonl")
+    steps, traffic, finals = [], [], []
+    for client in plan.clients:
+        for record in _read_jsonl(run_dir / "clients" / client.name / "steps.jsonl"):
+            if record.get("final"):
+                finals.append(record)
+            elif "loss" in record:
+                steps.append(record)
+            elif "bytes_sent" in record:
+                traffic.append(record)
+    lines = [json.dumps({"type": "round", **r}) for r in rounds]
+    lines += [json.dumps({"type": "step", **s}) for s in steps]
+    lines += [json.dumps({"type": "traffic", **t}) for t in traffic]
+    lines += [json.dumps(e) for e in evals]
+    if central is not None:
+        lines.append(json.dumps({"type": "centralized", "steps": central["steps"], **central["metrics"]}))
+    atomic_write_text(run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
+    plots = plot(run_dir, steps, evals, traffic)
+
+    name, before = _main_metric(evals[0]) if evals else ("metric", float("nan"))
+    after = _main_metric(evals[-1])[1] if evals else float("nan")
+    moved = sum(f["bytes_sent"] + f["bytes_received"] for f in finals)
+    fed = plan.fed
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "report": str(run_dir / "report.md"),
+        "task": plan.tree["task"]["name"],
+        "mode": fed.mode,
+        "clients": len(plan.clients),
+        "rounds_completed": len(rounds),
+        "metric": name,
+        "before": before,
+        "after": after,
+        "centralized": _main_metric(central["metrics"])[1] if central else None,
+        "bytes_moved": moved,
+        "sigma": plan.noise.sigma,
+        "seconds": round(seconds, 1),
+    }
+    md = [
+        f"# fedsea run: {summary['task']}, {fed.mode}, {len(plan.clients)} clients",
+        "",
+        f"- model `{plan.model}`, LoRA r={plan.lora.r} alpha={plan.lora.alpha} on {', '.join(plan.lora.target_modules)}",
+        f"- {fed.rounds} rounds x {fed.local_steps} local steps, lr {plan.optim.lr}, strategy {fed.strategy}",
+        f"- noise sigma {plan.noise.sigma} (std of the Gaussian on h_p), clip norm {plan.noise.clip_norm}",
+        f"- wire {plan.wire_dtype}, TLS {'on' if plan.tls else 'off'}; took {summary['seconds']} s",
+        "",
+        "| client | head p | tail q | batch |",
+        "|---|---|---|---|",
+        *[f"| {c.name} | {c.head_layers} | {c.tail_layers} | {c.batch_size} |" for c in plan.clients],
+        "",
+        "## Data partition",
+        "",
+        "```",
+        str(info.get("partition", "")),
+        "```",
+        "",
+        f"## Evaluation ({name}, {plan.tree['task']['eval_limit']} rows)",
+        "",
+        "| round | " + name + " |",
+        "|---|---|",
+        *[f"| {e['round']} | {_main_metric(e)[1]:.4f} |" for e in evals],
+    ]
+    if central is not None:
+        md += [
+            "",
+            f"Centralized LoRA on the union of the clients' data, same budget ({central['steps']} steps): "
+            f"**{summary['centralized']:.4f}** ({name}); federated after the last round: **{after:.4f}**.",
+        ]
+    md += [
+        "",
+        "## Rounds",
+        "",
+        "| round | submitted | dropped | mean loss | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rounds:
+        losses = [v for v in r["losses"].values() if v is not None]
+        mean = sum(losses) / len(losses) if losses else float("nan")
+        md.append(
+            f"| {r['round']} | {len(r['submitted'])} | {', '.join(r['dropped']) or '-'} | {mean:.4f} | {r['seconds']:.1f} |"
+        )
+    md += ["", f"Bytes moved by all clients, both ways: {moved / 2**20:.1f} MiB.", ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    atomic_write_text(run_dir / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,222 @@
+"""The run file (TOML) shared by ``fedsea simulate``, ``fedsea serve --run`` and ``fedsea join``.
+
+::
+
+    [model]      source = "smollm2-135m"
+    [task]       name = "sst2", train_limit = 300, eval_limit = 100, partition = "iid", alpha = 0.5
+    [federation] clients = 3, rounds = 3, local_steps = 10, mode = "hierarchical", ...
+    [client]     head_layers = 2, tail_layers = 2, batch_size = 4, max_length = 128
+    [[clients]]  head_layers = 4      # optional, one table per client: overrides of [client]
+    [lora]       r = 8, alpha = 16, dropout = 0.0, target_modules = ["q_proj", ...]
+    [optim]      lr = 1e-3
+    [noise]      sigma = 0.0, clip_norm = 0 (0: no clipping)
+    [wire]       dtype = "fp32", tls = true
+    [run]        seed = 0
+
+Any key can be overridden on the command line as ``section.key=value`` (values parsed as TOML).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsea.config import LoraSpec, NoiseConfig, OptimConfig
+from fedsea.federation.config import FedConfig
+
+DEFAULTS: dict[str, Any] = {
+    "model": {"source": "smollm2-135m"},
+    "task": {
+        "name": "sst2",
+        "train_split": "train",
+        "train_limit": 300,
+        "eval_limit": 100,
+        "partition": "iid",
+        "alpha": 0.5,
+    },
+    "federation": {
+        "clients": 3,
+        "rounds": 3,
+        "local_steps": 10,
+        "mode": "hierarchical",
+        "strategy": "fedavg",
+        "fraction": 1.0,
+        "min_clients": 1,
+        "round_timeout_s": 600.0,
+        "join_timeout_s": 600.0,
+    },
+    "client": {"head_layers": 2, "tail_layers": 2, "batch_size": 4, "max_length": 128},
+    "clients": [],
+    "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "optim": {"lr": 1e-3, "weight_decay": 0.01, "max_grad_norm": 1.0},
+    "noise": {"sigma": 0.0, "clip_norm": 0.0},
+    "wire": {"dtype": "fp32", "tls": True},
+    "run": {"seed": 0},
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        path = f"{where}{key}"
+        if key not in base:
+            raise ValueError(f"unknown setting {path!r}; known: {', '.join(sorted(base))}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{path} must be a table")
+            out[key] = _merge(base[key], value, f"{path}.")
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """``section.key=value``: value parsed as TOML (``3``, ``0.5``, ``"text"``, ``true``, ``[1, 2]``)."""
+    if "=" not in assignment:
+        raise ValueError(f"an override is section.key=value, got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word: take it as a string
+    node = tree
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], dict):
+            raise ValueError(f"unknown setting {dotted!r}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ValueError(f"unknown setting {dotted!r}")
+    node[parts[-1]] = value
+
+
+def load_tree(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Defaults, updated by the file, updated by the overrides."""
+    tree = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"cannot read run file {file}: {exc}") from exc
+        tree = _merge(tree, data)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return tree
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_tree(tree: dict[str, Any]) -> str:
+    """The resolved run file as TOML (tables of scalars and lists, and [[clients]])."""
+    lines: list[str] = []
+    for section, body in tree.items():
+        if section == "clients":
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        lines.append("")
+    for client in tree.get("clients", []):
+        lines.append("[[clients]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in client.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    name: str
+    head_layers: int
+    tail_layers: int
+    batch_size: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The typed, validated view of a run file."""
+
+    tree: dict[str, Any]
+    fed: FedConfig
+    clients: tuple[ClientPlan, ...]
+    lora: LoraSpec
+    optim: OptimConfig
+    noise: NoiseConfig
+    model: str
+    wire_dtype: str
+    tls: bool
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> RunPlan:
+        f, lo, op, no = tree["federation"], tree["lora"], tree["optim"], tree["noise"]
+        lora = LoraSpec(int(lo["r"]), float(lo["alpha"]), float(lo["dropout"]), tuple(lo["target_modules"]))
+        count = int(f["clients"])
+        fed = FedConfig(
+            rounds=int(f["rounds"]),
+            local_steps=int(f["local_steps"]),
+            mode=str(f["mode"]),
+            strategy=str(f["strategy"]),
+            fraction=float(f["fraction"]),
+            min_clients=int(f["min_clients"]),
+            expected_clients=count,
+            round_timeout_s=float(f["round_timeout_s"]),
+            join_timeout_s=float(f["join_timeout_s"]),
+            seed=int(tree["run"]["seed"]),
+            lora=lora,
+        )
+        overrides = list(tree.get("clients", []))
+        if len(overrides) > count:
+            raise ValueError(f"{len(overrides)} [[clients]] tables for federation.clients = {count}")
+        plans = []
+        for i in range(count):
+            c = {**tree["client"], **(overrides[i] if i < len(overrides) else {})}
+            unknown = set(c) - set(DEFAULTS["client"])
+            if unknown:
+                raise ValueError(f"unknown client setting(s) {sorted(unknown)}")
+            plans.append(
+                ClientPlan(
+                    f"client-{i}",
+                    int(c["head_layers"]),
+                    int(c["tail_layers"]),
+                    int(c["batch_size"]),
+                    int(c["max_length"]),
+                )
+            )
+        optim = OptimConfig(
+            lr=float(op["lr"]), weight_decay=float(op["weight_decay"]), max_grad_norm=float(op["max_grad_norm"]) or None
+        )
+        noise = NoiseConfig(sigma=float(no["sigma"]), clip_norm=float(no["clip_norm"]) or None)
+        wire = tree["wire"]
+        if wire["dtype"] not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"wire.dtype must be fp32, bf16 or fp16, got {wire['dtype']!r}")
+        return cls(
+            tree,
+            fed,
+            tuple(plans),
+            lora,
+            optim,
+            noise,
+            str(tree["model"]["source"]),
+            str(wire["dtype"]),
+            bool(wire["tls"]),
+        )
+
+
+def load_plan(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunPlan:
+    return RunPlan.from_tree(load_tree(path, overrides))

@@ -1,0 +1,277 @@
+"""``fedsea simulate``: a trunk server and N clients as separate processes on this machine.
+
+Everything goes over real loopback gRPC with TLS and per-client tokens, exactly as across
+machines: the parent only prepares the run folder (resolved config, certificates, tokens,
+data shards), starts ``fedsea serve --run`` and N ``fedsea join`` processes, follows the
+rounds, and afterwards evaluates each round's global adapter and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fedsea.federation.checkpoint import latest_round, load_round
+from fedsea.federation.data import encode_task_examples, task_examples, write_shard
+from fedsea.federation.simconfig import RunPlan, dump_tree, load_plan, load_tree
+from fedsea.io import atomic_write_text
+
+FEDSEA = [sys.executable, "-m", "fedsea.cli"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
+    """Resolved config, certificates, tokens and one data shard per client."""
+    from fedsea import tasks
+    from fedsea.wire.auth import TokenStore
+    from fedsea.wire.certs import make_test_certs
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", dump_tree(plan.tree))
+    secrets = run_dir / "secrets"
+    if plan.tls:
+        make_test_certs(secrets)
+    store = TokenStore()
+    tokens = {c.name: store.add(c.name) for c in plan.clients}
+    store.save(secrets / "tokens.json")
+    atomic_write_text(secrets / "client_tokens.json", json.dumps(tokens))
+    (secrets / "client_tokens.json").chmod(0o600)
+    t = plan.tree["task"]
+    examples = task_examples(t["name"], t["train_split"], t["train_limit"])
+    labels = [e.label if e.label is not None else 0 for e in examples]
+    part = tasks.partition(
+        labels, num_clients=len(plan.clients), scheme=t["partition"], alpha=t["alpha"], seed=plan.fed.seed
+    )
+    for client, indices in zip(plan.clients, part.clients, strict=True):
+        write_shard(
+            run_dir / "clients" / client.name / "shard.json",
+            t["name"],
+            t["train_split"],
+            [examples[i].id for i in indices],
+            t["train_limit"],
+        )
+    choices = list(examples[0].choices) if examples and examples[0].choices else None
+    table = part.table(labels, choices) if choices else ""
+    return {"tokens": tokens, "partition": table, "sizes": part.sizes}
+
+
+def _tls_args(run_dir: Path, server: bool) -> list[str]:
+    s = run_dir / "secrets"
+    if not (s / "ca.pem").exists():
+        return []
+    if server:
+        return [
+            "--tls-cert",
+            str(s / "server.pem"),
+            "--tls-key",
+            str(s / "server.key"),
+            "--tls-client-ca",
+            str(s / "ca.pem"),
+        ]
+    return ["--tls-ca", str(s / "ca.pem"), "--tls-cert", str(s / "client.pem"), "--tls-key", str(s / "client.key")]
+
+
+def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = True) -> None:
+    """Start the server and the clients, follow the rounds, stop the server when the clients are done."""
+    port = _free_port()
+    tokens = json.loads((run_dir / "secrets" / "client_tokens.json").read_text())
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    server_cmd = [
+        *FEDSEA,
+        "serve",
+        "--model",
+        plan.model,
+        "--port",
+        str(port),
+        "--run",
+        str(run_dir / "config.toml"),
+        "--run-dir",
+        str(run_dir),
+        "--tokens",
+        str(run_dir / "secrets" / "tokens.json"),
+        *_tls_args(run_dir, True),
+        *(["--resume"] if resume else []),
+    ]
+    server_log = (logs / "server.log").open("a")
+    server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert server.stdout is not None
+    for line in server.stdout:
+        server_log.write(line)
+        if "listening on" in line:
+            break
+    else:
+        raise RuntimeError(f"the server did not start; see {logs / 'server.log'}")
+    clients = []
+    for c in plan.clients:
+        cmd = [
+            *FEDSEA,
+            "join",
+            "--server",
+            f"localhost:{port}",
+            "--model",
+            plan.model,
+            "--run",
+            str(run_dir / "config.toml"),
+            "--client",
+            c.name,
+            "--shard",
+            str(run_dir / "clients" / c.name / "shard.json"),
+            "--token",
+            tokens[c.name],
+            "--log",
+            str(run_dir / "clients" / c.name / "steps.jsonl"),
+            "--quiet",
+            *_tls_args(run_dir, False),
+        ]
+        clients.append(subprocess.Popen(cmd, stdout=(logs / f"{c.name}.log").open("a"), stderr=subprocess.STDOUT))
+    rounds_file = run_dir / "server_rounds.jsonl"
+    bar = tqdm(total=plan.fed.rounds, desc="rounds", unit="round", disable=not progress)
+    seen = 0
+    try:
+        while any(p.poll() is None for p in clients):
+            records = rounds_file.read_text().splitlines() if rounds_file.exists() else []
+            for line in records[seen:]:
+                r = json.loads(line)
+                losses = [v for v in r["losses"].values() if v is not None]
+                bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.4f}", clients=len(r["submitted"]))
+                bar.update(r["round"] - bar.n)
+            seen = len(records)
+            time.sleep(0.5)
+        failed = [c.name for c, p in zip(plan.clients, clients, strict=True) if p.returncode != 0]
+        if failed:
+            raise RuntimeError(f"client(s) {failed} failed; see {logs}")
+    finally:
+        bar.close()
+        for p in clients:
+            if p.poll() is None:
+                p.kill()
+        server.send_signal(signal.SIGTERM)
+        rest, _ = server.communicate(timeout=60)
+        server_log.write(rest or "")
+        server_log.close()
+
+
+def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None) -> Any:
+    """The base model with the run's LoRA everywhere, holding ``state`` (None: the base model)."""
+    from fedsea.model.adapters import load_adapter_state_dict
+    from fedsea.model.load import load_model
+    from fedsea.model.split import split_model
+
+    split = split_model(load_model(plan.model), 1, 1)
+    if state is None:
+        return split
+    split.add_lora(plan.lora)
+    for part in split.parts().values():
+        load_adapter_state_dict(part, state, strict=False)
+    return split
+
+
+def evaluate_state(plan: RunPlan, state: dict[str, torch.Tensor] | None, tokenizer: Any) -> dict[str, float]:
+    from fedsea import tasks
+
+    split = global_model(plan, state)
+    result = tasks.evaluate(
+        plan.tree["task"]["name"], split.model, tokenizer, limit=plan.tree["task"]["eval_limit"], progress=False
+    )
+    return dict(result.metrics)
+
+
+def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
+    """The unsplit model on the union of the clients' data, with the same budget (samples seen)."""
+    from fedsea.training.data import iterate_batches
+    from fedsea.training.step import CentralTrainer
+
+    t = plan.tree["task"]
+    split = global_model(plan, None).add_lora(plan.lora)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.fed.seed)
+    examples = encode_task_examples(
+        tokenizer, task_examples(t["name"], t["train_split"], t["train_limit"]), max(c.max_length for c in plan.clients)
+    )
+    batch = plan.clients[0].batch_size
+    steps = plan.fed.rounds * plan.fed.local_steps * len(plan.clients)
+    trainer = CentralTrainer(split, optim=plan.optim)
+    losses = []
+    epochs = steps * batch // max(1, len(examples)) + 1
+    for _, b in zip(
+        range(steps), iterate_batches(examples, batch, tokenizer.pad_token_id, epochs, plan.fed.seed), strict=False
+    ):
+        losses.append(trainer.train_step(b).loss)
+    from fedsea import tasks
+
+    result = tasks.evaluate(t["name"], split.model, tokenizer, limit=t["eval_limit"], progress=False)
+    return {"steps": steps, "losses": losses, "metrics": dict(result.metrics)}
+
+
+def simulate(
+    config: str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    run_dir: str | None = None,
+    centralized: bool = False,
+    resume: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a federated simulation end to end; returns a summary (also in ``run_dir/report.md``)."""
+    from fedsea.federation.report import write_report
+
+    from fedsea.model.load import load_tokenizer
+
+    started = time.time()
+    if resume:
+        folder = Path(resume)
+        plan = load_plan(folder / "config.toml", overrides)
+        info: dict[str, Any] = {"partition": "(resumed)"}
+    else:
+        if config is None:
+            raise ValueError("give a run file, or --resume RUN_DIR")
+        plan = load_plan(config, overrides)
+        t = plan.tree["task"]
+        folder = Path(run_dir or f"runs/{t['name']}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (folder / "checkpoints").exists():
+            raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
+        info = prepare_run(plan, folder)
+        if progress and info.get("partition"):
+            print(info["partition"])
+    run_processes(plan, folder, resume=bool(resume), progress=progress)
+    tokenizer = load_tokenizer(plan.model)
+    metrics: list[dict[str, Any]] = [{"type": "eval", "round": 0, **evaluate_state(plan, None, tokenizer)}]
+    for r in range(1, plan.fed.rounds + 1):
+        path = folder / "checkpoints" / f"round-{r:04d}"
+        if (path / "state.json").exists():
+            _, state, _, _ = load_round(path)
+            metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
+    central = centralized_baseline(plan, tokenizer) if centralized else None
+    summary = write_report(plan, folder, metrics, central, info, time.time() - started)
+    return summary
+
+
+def export_run(run_dir: str, out: str) -> Path:
+    """Merge a run's latest global adapter into a plain Hugging Face checkpoint."""
+    from fedsea.model.load import load_tokenizer
+
+    folder = Path(run_dir)
+    plan = load_plan(folder / "config.toml")
+    checkpoint = latest_round(folder)
+    if checkpoint is None:
+        raise ValueError(f"{folder} has no checkpoint yet")
+    _, state, _, _ = load_round(checkpoint)
+    return global_model(plan, state).export(out, load_tokenizer(plan.model))
+
+
+__all__ = ["export_run", "load_tree", "simulate"]
