@@ -13,9 +13,12 @@ from fedsea.errors import FedseaError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fedsea.demo import run_demo
+    from fedsea.demo import run_demo, run_split_demo
 
-    result = run_demo(args.model, args.head_layers, args.tail_layers, args.prompt, args.max_new_tokens)
+    if not args.split_only:
+        run_demo(tuple(args.set), args.run_dir)
+        return 0
+    result = run_split_demo(args.model, args.head_layers, args.tail_layers, args.prompt, args.max_new_tokens)
     return 0 if result.identical else 1
 
 
@@ -88,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="split the default model and answer a chat prompt through it")
+    demo = sub.add_parser(
+        "demo", help="the main job: 3 clients fine-tune the default model federated (or --split-only)"
+    )
+    demo.add_argument("--split-only", action="store_true", help="only split the model and answer a prompt through it")
+    demo.add_argument("--run-dir", help="run folder of the federated demo")
+    demo.add_argument("set", nargs="*", help="overrides of the demo's run file: section.key=value")
     demo.add_argument("--model", default=DEFAULT_MODEL, help="model source (default: %(default)s)")
     demo.add_argument("--head-layers", type=int, default=2, help="p, blocks on the client before the trunk")
     demo.add_argument("--tail-layers", type=int, default=2, help="q, blocks on the client after the trunk")

@@ -1,14 +1,17 @@
-"""``make demo``: the default model split at (2, 2) answers one chat prompt.
+"""``make demo``: the main job on the embedded default model.
 
-The same prompt is answered greedily through the three parts (each with its own KV cache)
-and through the unsplit Hugging Face model; the answers must be identical. The bytes that
-crossed each cut are printed. Later issues grow this into the federated demo.
+``run_demo`` (``fedsea demo``): three clients fine-tune SmolLM2-135M-Instruct on SST-2 through
+one trunk server (separate processes, TLS, noise on h_p, hierarchical mode), next to the
+centralized baseline; then one answer is generated through the split with the federated
+adapters. ``run_split_demo`` (``fedsea demo --split-only``): the default model split at (2, 2)
+answers a chat prompt through the three parts and through the unsplit model, identically.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,7 +43,7 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def run_demo(
+def run_split_demo(
     source: str = DEFAULT_MODEL,
     head_layers: int = 2,
     tail_layers: int = 2,
@@ -108,3 +111,51 @@ def run_demo(
     )
     say(f"total {time.perf_counter() - t0:.1f} s")
     return result
+
+
+DEMO_REVIEW = "A gorgeous, witty film with a big heart; I loved every minute of it."
+
+
+def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dict[str, object]:
+    """The federated demo; returns the run's summary."""
+    from importlib.resources import files
+
+    from fedsea.client.split_client import SplitClient
+    from fedsea.federation.checkpoint import latest_round, load_round
+    from fedsea.federation.simconfig import load_plan
+    from fedsea.federation.simulate import simulate
+    from fedsea.model.adapters import load_adapter_state_dict
+    from fedsea.server.app import ServerThread, TrunkServer
+    from fedsea.server.trunk import TrunkHost
+
+    config = str(files("fedsea.federation").joinpath("demo.toml"))
+    start = time.perf_counter()
+    print("fedsea demo: 3 clients fine-tune SmolLM2-135M-Instruct on SST-2 through one trunk server")
+    print("(separate processes over loopback gRPC with mutual TLS and tokens; Gaussian noise on h_p)\n")
+    summary = simulate(config, list(overrides), run_dir=run_dir, centralized=True)
+    plan = load_plan(Path(str(summary["run_dir"])) / "config.toml")
+    metric = summary["metric"]
+    print(f"\n{'':<34}{metric}")
+    print(f"{'before fine-tuning (zero-shot)':<34}{summary['before']:.3f}")
+    print(f"{'federated, after ' + str(summary['rounds_completed']) + ' rounds':<34}{summary['after']:.3f}")
+    print(f"{'centralized, same budget':<34}{summary['centralized']:.3f}")
+    print(f"bytes moved by the 3 clients: {summary['bytes_moved'] / 2**20:.1f} MiB; noise sigma {summary['sigma']}")
+
+    # One answer through the split, with the federated adapters and the run's noise.
+    _, state, _, _ = load_round(latest_round(summary["run_dir"]))
+    tokenizer = load_tokenizer(plan.model)
+    split = split_model(load_model(plan.model), 2, 2).add_lora(plan.lora)
+    for part in split.parts().values():
+        load_adapter_state_dict(part, state, strict=False)
+    from fedsea import tasks
+
+    example = tasks.get_task("sst2").to_example({"sentence": DEMO_REVIEW, "label": 1, "idx": 0})
+    with (
+        ServerThread(TrunkServer(TrunkHost(load_model(plan.model)))) as port,
+        SplitClient(f"127.0.0.1:{port}", split, noise=plan.noise, tokenizer=tokenizer) as client,
+    ):
+        answer = client.generate([example.prompt], max_new_tokens=8)[0]
+    print(f"\nsplit-generated answer with the federated adapters (noise on):\n  prompt: {example.prompt!r}")
+    print(f"  answer: {answer.strip()!r}")
+    print(f"\nreport: {summary['report']}   ({time.perf_counter() - start:.0f} s in all)")
+    return summary

@@ -18,7 +18,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -165,11 +165,14 @@ def generate_steps(
     lengths: torch.Tensor,
     config: GenerationConfig,
     decode: object | None = None,
+    privatize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[GenerationStep]:
     """Yield each step's new tokens. ``decode(ids) -> str`` is needed for stop strings.
 
     Args:
         input_ids: (B, n) left-padded prompts; lengths: (B,) real lengths.
+        privatize: clipping and noise applied to every hidden state before it goes to the
+            trunk, at inference as in training (the seed paper's code sent clean states here).
     """
     if config.stop and decode is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
@@ -191,10 +194,12 @@ def generate_steps(
     for step in range(config.max_new_tokens):
         if config.use_cache:
             h = head(feed, lens, cache=caches[0])  # (B, n|1, d)
+            h = privatize(h) if privatize is not None else h
             t = stepper.step(step, h, lens if step == 0 else None, keep)
             logits = tail(t, lens, cache=caches[1], logits_to_keep=1)[:, -1]  # (B, V)
         else:
             h = head(all_ids, lens)  # (B, T, d): everything, every time
+            h = privatize(h) if privatize is not None else h
             t = stepper.step(step, h, lens, keep)
             logits = tail(t, lens, logits_to_keep=1)[:, -1]
         scores = processors(all_ids, logits.float())
@@ -236,6 +241,7 @@ def generate(
     lengths: torch.Tensor,
     config: GenerationConfig,
     tokenizer: object | None = None,
+    privatize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GenerationOutput:
     """Run ``generate_steps`` to the end; decode texts if a tokenizer is given."""
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None  # type: ignore[attr-defined]
@@ -244,7 +250,7 @@ def generate(
     reasons = ["length"] * batch
     eos = set(config.eos_token_id or ())
     try:
-        for out in generate_steps(split, stepper, input_ids, lengths, config, decode):
+        for out in generate_steps(split, stepper, input_ids, lengths, config, decode, privatize):
             for row, token in out.tokens.items():
                 ids[row].append(token)
             for row in out.finished:
@@ -267,6 +273,7 @@ def stream_text(
     lengths: torch.Tensor,
     config: GenerationConfig,
     tokenizer: object,
+    privatize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[str]:
     """Text pieces of a single prompt as they are generated (stop strings never leak out)."""
     if input_ids.shape[0] != 1:
@@ -279,7 +286,7 @@ def stream_text(
     ids: list[int] = []
     shown = 0
     try:
-        for out in generate_steps(split, stepper, input_ids, lengths, config, decode):
+        for out in generate_steps(split, stepper, input_ids, lengths, config, decode, privatize):
             ids.extend(out.tokens.values())
             text = decode(ids)
             cut = _first_stop(text, config.stop) if config.stop else -1

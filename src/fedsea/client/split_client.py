@@ -28,6 +28,7 @@ from fedsea.io import atomic_directory
 from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
 from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.split import SplitModel
+from fedsea.privacy.noise import Privatizer
 from fedsea.training.batch import Batch
 from fedsea.training.step import SplitTrainer, StepResult
 from fedsea.wire import fedsea_pb2 as pb
@@ -129,6 +130,7 @@ class SplitClient:
         self.trunk_lora = trunk_lora or getattr(split.trunk, "lora_spec", None) or LoraSpec()
         self.seed = seed
         self.tokenizer = tokenizer
+        self._generations = 0
         self._chunk_bytes = DEFAULT_CHUNK_BYTES
         self.config = ConnectionConfig(
             server, tls=tls, token=token, timeout_s=timeout_s, retries=retries, shaper=shaper or NetShaper()
@@ -258,7 +260,7 @@ class SplitClient:
         """Generate from left-padded token ids (B, n) and their lengths (B,)."""
         config = self._config(config, kwargs)
         stepper = self.stepper(int(input_ids.shape[1]) + config.max_new_tokens, config.use_cache)
-        return generate(self.split, stepper, input_ids, lengths, config, self.tokenizer)
+        return generate(self.split, stepper, input_ids, lengths, config, self.tokenizer, self._inference_privatizer())
 
     def generate(
         self, prompts: str | list[str], config: GenerationConfig | None = None, chat: bool | None = None, **kwargs: Any
@@ -282,7 +284,17 @@ class SplitClient:
         input_ids, lengths = self._prompts(prompt, chat)
         config = self._config(config, kwargs)
         stepper = self.stepper(int(input_ids.shape[1]) + config.max_new_tokens, config.use_cache)
-        return stream_text(self.split, stepper, input_ids, lengths, config, self.tokenizer)
+        return stream_text(
+            self.split, stepper, input_ids, lengths, config, self.tokenizer, self._inference_privatizer()
+        )
+
+    def _inference_privatizer(self) -> Privatizer | None:
+        """The session's noise applies to inference too; fresh noise for every generation."""
+        if not self.noise.enabled:
+            return None
+        seed = None if self.noise.seed is None else self.noise.seed + 1_000_003 * (1 + self._generations)
+        self._generations += 1
+        return Privatizer(dataclasses.replace(self.noise, seed=seed), device=self.split.model.device)
 
     # -- adapters ------------------------------------------------------------------------------
     def put_trunk_adapter(self, state: dict[str, torch.Tensor]) -> int:

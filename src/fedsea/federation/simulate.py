@@ -9,6 +9,7 @@ rounds, and afterwards evaluates each round's global adapter and writes the repo
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -139,7 +140,10 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
             "--quiet",
             *_tls_args(run_dir, False),
         ]
-        clients.append(subprocess.Popen(cmd, stdout=(logs / f"{c.name}.log").open("a"), stderr=subprocess.STDOUT))
+        # Clients compute only their head and tail: one thread each leaves the cores to the trunk.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        log = (logs / f"{c.name}.log").open("a")
+        clients.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
     rounds_file = run_dir / "server_rounds.jsonl"
     bar = tqdm(total=plan.fed.rounds, desc="rounds", unit="round", disable=not progress)
     seen = 0
