@@ -233,7 +233,6 @@ def simulate(
 ) -> dict[str, Any]:
     """Run a federated simulation end to end; returns a summary (also in ``run_dir/report.md``)."""
     from fedsea.federation.report import write_report
-
     from fedsea.model.load import load_tokenizer
 
     started = time.time()

@@ -66,12 +66,16 @@ class Privatizer:
         If ``key`` is given, the detached payload is kept so that ``resend(key)`` returns the
         very same tensor.
         """
-        out = privatize(hidden, self.config, self.generator)
+        out = self._apply(hidden)
         if key is not None:
             self._sent[key] = out.detach()
             while len(self._sent) > self._keep:
                 self._sent.popitem(last=False)
         return out
+
+    def _apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Clip and noise ``hidden``; subclasses with other noise (``ShapedPrivatizer``) override this."""
+        return privatize(hidden, self.config, self.generator)
 
     def resend(self, key: Hashable) -> torch.Tensor:
         """The payload first sent under ``key``: identical bytes, no fresh noise."""
