@@ -68,6 +68,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers, args.tail_layers,
             args.naive_tokens, args.net_latency_ms or 25.0, args.wire_dtype,
         )  # fmt: skip
+    elif args.what == "federation":
+        from fedsea.bench_federation import bench_federation
+
+        result = bench_federation(tuple(args.parts), tuple(args.tasks), args.model)
     elif args.what == "train":
         result = bench.bench_train(
             args.model, args.batch, args.tokens, args.head_layers, args.tail_layers, args.steps, args.warmup,
@@ -129,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
     bench.add_argument(
         "what",
-        choices=["load", "train", "generate"],
+        choices=["load", "train", "generate", "federation"],
         help="load: cached load times; train: split step over gRPC vs centralized; generate: split generation",
     )
     bench.add_argument("--model", default=DEFAULT_MODEL)
@@ -147,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per prompt")
     bench.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="generate: batch sizes")
     bench.add_argument("--naive-tokens", type=int, default=8, help="generate: new tokens timed for the naive split")
+    bench.add_argument("--parts", nargs="+", default=["speed", "quality"], help="federation: speed and/or quality")
+    bench.add_argument("--tasks", nargs="+", default=["sst2", "boolq"], help="federation: quality tasks")
     bench.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
     bench.set_defaults(func=_cmd_bench)
 

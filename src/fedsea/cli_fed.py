@@ -18,6 +18,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
     from fedsea.federation.simconfig import load_plan
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
+    from fedsea.wire.shaper import NetShaper
 
     plan = load_plan(args.run)
     names = {c.name: c for c in plan.clients}
@@ -39,6 +40,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
     client = SplitClient(
         args.server, split, noise=plan.noise, optim=plan.optim, wire_dtype=plan.wire_dtype, tls=client_tls(args),
         token=args.token or os.environ.get("FEDSEA_TOKEN"), seed=plan.fed.seed,
+        shaper=NetShaper(args.net_latency_ms, args.net_mbps),
     )  # fmt: skip
     with client:
 

@@ -10,7 +10,7 @@
     [lora]       r = 8, alpha = 16, dropout = 0.0, target_modules = ["q_proj", ...]
     [optim]      lr = 1e-3
     [noise]      sigma = 0.0, clip_norm = 0 (0: no clipping)
-    [wire]       dtype = "fp32", tls = true
+    [wire]       dtype = "fp32", tls = true, latency_ms = 0, mbps = 0 (emulated WAN on each client)
     [run]        seed = 0
 
 Any key can be overridden on the command line as ``section.key=value`` (values parsed as TOML).
@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "optim": {"lr": 1e-3, "weight_decay": 0.01, "max_grad_norm": 1.0},
     "noise": {"sigma": 0.0, "clip_norm": 0.0},
-    "wire": {"dtype": "fp32", "tls": True},
+    "wire": {"dtype": "fp32", "tls": True, "latency_ms": 0.0, "mbps": 0.0},
     "run": {"seed": 0},
 }
 

@@ -138,6 +138,10 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
             "--log",
             str(run_dir / "clients" / c.name / "steps.jsonl"),
             "--quiet",
+            "--net-latency-ms",
+            str(plan.tree["wire"]["latency_ms"]),
+            "--net-mbps",
+            str(plan.tree["wire"]["mbps"]),
             *_tls_args(run_dir, False),
         ]
         # Clients compute only their head and tail: one thread each leaves the cores to the trunk.
