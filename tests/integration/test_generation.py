@@ -246,3 +246,17 @@ def test_bad_generation_requests_are_refused(server):
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Generate(unknown, timeout=30))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_noise_protects_inference_too(server, tiny_tokenizer):
+    split = _split()
+    enc, lengths = _encode(tiny_tokenizer, PROMPTS)
+    with fedsea.SplitClient(server, split, tokenizer=tiny_tokenizer) as clean:
+        plain = clean.generate_ids(enc["input_ids"], lengths, max_new_tokens=10, eos_token_id=()).token_ids
+    noise = fedsea.NoiseConfig(sigma=3.0, seed=5)
+    outs = []
+    for _ in range(2):
+        with fedsea.SplitClient(server, split, tokenizer=tiny_tokenizer, noise=noise) as noisy:
+            outs.append(noisy.generate_ids(enc["input_ids"], lengths, max_new_tokens=10, eos_token_id=()).token_ids)
+    assert outs[0] == outs[1]  # seeded
+    assert outs[0] != plain  # the trunk saw noised states, not the clean ones
