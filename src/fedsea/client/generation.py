@@ -182,9 +182,10 @@ def generate_steps(
     generator = torch.Generator(device=input_ids.device)
     if config.seed is not None:
         generator.manual_seed(config.seed)
-    eos = torch.tensor(config.eos_token_id or (), dtype=torch.int64)
+    device = input_ids.device
+    eos = torch.tensor(config.eos_token_id or (), dtype=torch.int64, device=device)
     pad = config.pad_token_id if config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
-    alive = torch.ones(input_ids.shape[0], dtype=torch.bool)
+    alive = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
     rows = list(range(input_ids.shape[0]))  # original index of each running row
     all_ids = input_ids  # (B_run, T): prompt + generated, for penalties and naive recompute
     lens = lengths.to(torch.int64)
@@ -224,7 +225,7 @@ def generate_steps(
         keep = None
         if config.drop_finished and not bool(alive.all()):
             keep = [i for i in range(len(rows)) if alive[i]]
-            index = torch.tensor(keep, dtype=torch.int64)
+            index = torch.tensor(keep, dtype=torch.int64, device=device)
             for cache in caches:
                 if cache is not None:
                     cache.batch_select_indices(index)

@@ -35,11 +35,13 @@ class RemoteStepper:
         max_length: int,
         model_dtype: torch.dtype,
         use_cache: bool = True,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.connection = connection
         self.dtype = wire_dtype
         self.chunk_bytes = chunk_bytes
         self.model_dtype = model_dtype
+        self.device = device
         self._requests: queue.Queue[Any] = queue.Queue()
         self._closed = False
         open_request = pb.GenerateRequest(
@@ -83,7 +85,7 @@ class RemoteStepper:
             raise ProtocolError("the server ended the inference stream") from None
         self.connection.config.shaper.wait(received)
         self.connection.meter.record("generate", sent=sent, received=received, network_s=time.perf_counter() - start)
-        return assembler.tensor().to(self.model_dtype)
+        return assembler.tensor().to(device=self.device, dtype=self.model_dtype)
 
     def close(self) -> None:
         """End the stream politely; the server frees the cache."""

@@ -46,12 +46,21 @@ FRAME_HEADROOM = 64 * 1024
 class RemoteTrunk:
     """A ``TrunkLink`` over gRPC: one Forward and one Backward call per training step."""
 
-    def __init__(self, connection: Connection, session_id: str, dtype: int, chunk_bytes: int, model_dtype: Any):
+    def __init__(
+        self,
+        connection: Connection,
+        session_id: str,
+        dtype: int,
+        chunk_bytes: int,
+        model_dtype: Any,
+        device: Any = "cpu",
+    ):
         self.connection = connection
         self.session_id = session_id
         self.dtype = dtype
         self.chunk_bytes = chunk_bytes
         self.model_dtype = model_dtype
+        self.device = device
         self.step = 0
         self._forward_shape: tuple[int, ...] | None = None
 
@@ -71,7 +80,7 @@ class RemoteTrunk:
         out = decode((r.hidden for r in responses), "hidden", 1 << 40)
         if tuple(out.shape) != tuple(hidden.shape):
             raise ProtocolError(f"server answered shape {tuple(out.shape)} for input {tuple(hidden.shape)}")
-        return out.to(self.model_dtype)
+        return out.to(device=self.device, dtype=self.model_dtype)
 
     def backward(self, grad: torch.Tensor, update: bool = True) -> torch.Tensor:
         step = self.step
@@ -85,7 +94,7 @@ class RemoteTrunk:
 
         responses = self.connection.stream("backward", self.connection.stub.Backward, requests)
         self.step += 1
-        return decode((r.grad for r in responses), "grad", 1 << 40).to(self.model_dtype)
+        return decode((r.grad for r in responses), "grad", 1 << 40).to(device=self.device, dtype=self.model_dtype)
 
 
 class SplitClient:
@@ -173,7 +182,9 @@ class SplitClient:
                 self.put_trunk_adapter(adapter_state_dict(self.split.trunk))
             chunk = max(1024, min(DEFAULT_CHUNK_BYTES, int(info.limits.max_message_bytes) - FRAME_HEADROOM))
             self._chunk_bytes = chunk
-            link = RemoteTrunk(self.connection, info.session_id, self._dtype, chunk, self.split.model.dtype)
+            link = RemoteTrunk(
+                self.connection, info.session_id, self._dtype, chunk, self.split.model.dtype, self.split.model.device
+            )
             self.trainer = SplitTrainer(self.split, trunk=link, noise=self.noise, optim=self.optim)
         except BaseException:
             self.close()
@@ -251,7 +262,14 @@ class SplitClient:
         """Open an inference stream on the server (the trunk's half of one generation)."""
         connection, session_id = self._require_connection()
         return RemoteStepper(
-            connection, session_id, self._dtype, self._chunk_bytes, max_length, self.split.model.dtype, use_cache
+            connection,
+            session_id,
+            self._dtype,
+            self._chunk_bytes,
+            max_length,
+            self.split.model.dtype,
+            use_cache,
+            self.split.model.device,
         )
 
     def generate_ids(

@@ -122,7 +122,9 @@ class GroupBatcher:
         rows, sizes = [], []
         for a in arrivals:
             pad = width - a.tensor.shape[1]
-            rows.append(torch.nn.functional.pad(a.tensor.to(host.model.dtype), (0, 0, pad, 0)))  # left-pad tokens
+            rows.append(
+                torch.nn.functional.pad(a.tensor.to(host.model.device, host.model.dtype), (0, 0, pad, 0))
+            )  # left-pad tokens
             sizes.append(a.tensor.shape[1])
         hidden = torch.cat(rows, dim=0)  # (sum B_i, N, d)
         lengths = torch.cat([a.lengths for a in arrivals if a.lengths is not None])  # (sum B_i,)
@@ -133,7 +135,7 @@ class GroupBatcher:
             out = group.trunk(inp, lengths)  # (sum B_i, N, d)
         counts = [a.tensor.shape[0] for a in arrivals]
         self._pending = (inp, out, counts, sizes)
-        pieces = torch.split(out.detach(), counts, dim=0)
+        pieces = torch.split(out.detach().cpu(), counts, dim=0)
         return [p[:, width - n :] for p, n in zip(pieces, sizes, strict=True)]
 
     async def _run_backward(self) -> None:
@@ -160,13 +162,13 @@ class GroupBatcher:
         parts = []
         for arrival, count, n in zip(arrivals, counts, sizes, strict=True):
             if arrival is None:  # a member that left after its forward: no gradient from it
-                parts.append(torch.zeros(count, width, out.shape[2], dtype=out.dtype))
+                parts.append(torch.zeros(count, width, out.shape[2], dtype=out.dtype, device=out.device))
             else:
                 if tuple(arrival.tensor.shape) != (count, n, out.shape[2]):
                     raise ProtocolError(
                         f"grad of shape {tuple(arrival.tensor.shape)} for a forward of ({count}, {n}, d)"
                     )
-                parts.append(torch.nn.functional.pad(arrival.tensor.to(out.dtype), (0, 0, width - n, 0)))
+                parts.append(torch.nn.functional.pad(arrival.tensor.to(out.device, out.dtype), (0, 0, width - n, 0)))
         host, group = self.host, self.group
         with host._compute_lock:
             host._activate(group)
@@ -174,5 +176,5 @@ class GroupBatcher:
             out.backward(torch.cat(parts, dim=0))
             group.optimizer.step()
         assert inp.grad is not None
-        pieces = torch.split(inp.grad.detach(), counts, dim=0)
+        pieces = torch.split(inp.grad.detach().cpu(), counts, dim=0)
         return [p[:, width - n :] for p, n in zip(pieces, sizes, strict=True)]

@@ -178,7 +178,7 @@ class GenerationHost:
             session = host.get(stream.owner, stream.session.id)  # NOT_FOUND if it was closed meanwhile
             host._activate(session)
             trunk = session.trunk.eval()
-            return trunk(hidden.to(host.model.dtype), lengths, cache=stream.cache)
+            return trunk(hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache).cpu()
 
     # -- metrics ---------------------------------------------------------------------------------
     def count(self, owner: str | None = None) -> int:

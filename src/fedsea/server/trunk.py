@@ -197,10 +197,10 @@ class TrunkHost:
                 raise ProtocolError(f"forward for step {step}, but the session expects step {session.next_step}")
             self._activate(session)
             session.trunk.train()
-            inp = hidden.to(self.model.dtype).requires_grad_(True)
+            inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
             out = session.trunk(inp, lengths)  # validates lengths, NaN/Inf
             session.pending = _Pending(step, inp, out)
-            return out.detach()
+            return out.detach().cpu()
 
     def backward(self, owner: str, session_id: str, step: int, grad: torch.Tensor, update: bool) -> torch.Tensor:
         """dL/dh_{L-q} -> dL/dh~_p; steps the session's trunk optimizer if ``update``."""
@@ -217,10 +217,10 @@ class TrunkHost:
                 raise InvalidInputError("grad", "contains NaN or Inf")
             self._activate(session)
             session.optimizer.zero_grad()
-            pending.out.backward(grad.to(pending.out.dtype))
+            pending.out.backward(grad.to(device=pending.out.device, dtype=pending.out.dtype))
             if pending.inp.grad is None:
                 raise ProtocolError("no gradient reached the trunk's input")
-            grad_in = pending.inp.grad.detach()
+            grad_in = pending.inp.grad.detach().cpu()
             if update:
                 session.optimizer.step()
             session.pending = None
