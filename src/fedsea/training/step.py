@@ -26,6 +26,7 @@ from fedsea.config import NoiseConfig, OptimConfig
 from fedsea.model.adapters import adapter_parameters
 from fedsea.model.split import SplitModel, central_forward
 from fedsea.privacy.noise import Privatizer
+from fedsea.privacy.regularizers import HeadRegularizer
 from fedsea.training.batch import Batch, lm_loss
 
 
@@ -139,6 +140,10 @@ class SplitTrainer(_Trainer):
         trunk: how to reach the trunk; defaults to ``LocalTrunk(split.trunk)``.
         noise: clipping and Gaussian noise on h_p before it leaves the client.
         optim: AdamW settings, one optimizer per part.
+        privatizer: a ready privatizer instead of ``Privatizer(noise)`` (e.g. shaped noise,
+            ``fedsea.privacy.shaped.ShapedPrivatizer``).
+        head_regularizer: an extra loss on the head's output that removes token identity
+            from h_p (``fedsea.privacy.regularizers``); weight 0 changes nothing.
     """
 
     def __init__(
@@ -147,17 +152,22 @@ class SplitTrainer(_Trainer):
         trunk: TrunkLink | None = None,
         noise: NoiseConfig | None = None,
         optim: OptimConfig | None = None,
+        privatizer: Privatizer | None = None,
+        head_regularizer: HeadRegularizer | None = None,
     ) -> None:
         optim = optim or OptimConfig()
         self.split = split
         self.trunk: TrunkLink = trunk if trunk is not None else LocalTrunk(split.trunk, optim)
-        self.privatizer = Privatizer(noise or NoiseConfig(), device=split.model.device)
+        self.privatizer = privatizer or Privatizer(noise or NoiseConfig(), device=split.model.device)
+        self.head_regularizer = head_regularizer
         self._optimizers = [PartOptimizer(split.head, optim), PartOptimizer(split.tail, optim)]
         self.steps = 0
 
     def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
         head, tail = self.split.head.train(), self.split.tail.train()
         h = head(batch.input_ids, batch.lengths)  # (B, n, d)
+        if self.head_regularizer is not None:  # same values; carries the extra loss into the backward
+            h = self.head_regularizer.attach(h, batch.input_ids, batch.lengths, head.embed_tokens)
         h_noised = self.privatizer(h, key=self.steps)  # the payload; a retry resends it
         trunk_out = self.trunk.forward(h_noised.detach(), batch.lengths)  # (B, n, d)
         received = trunk_out.detach().requires_grad_(True)
