@@ -1,0 +1,229 @@
+"""Choosing the noise: by sigma, by sigma relative to h_p's scale, or by a (epsilon, delta) target.
+
+An absolute sigma means very different things at different cut points (in SmolLM2 the
+per-coordinate RMS of h_p is ~2 at p = 1 and ~8 at p = 3), so fedsea offers three ways
+to set it, all ending in the same ``NoiseConfig``:
+
+- ``NoiseTarget(sigma=...)``: the standard deviation per coordinate, as given;
+- ``NoiseTarget(relative_sigma=r)``: ``sigma = r * rms``, where rms is the per-coordinate RMS
+  of h_p over real tokens (after clipping, when a clip norm is set), measured on given
+  hidden states;
+- ``NoiseTarget(epsilon=..., delta=..., clip_norm=..., releases=k)``: the smallest sigma whose
+  k-fold Gaussian composition is (epsilon, delta)-DP under ``fedsea.privacy.accountant``.
+
+Every calibration is reported (``Calibration.summary``) with its sigma, clip norm and, where
+clipping makes it meaningful, its epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedsea.config import NoiseConfig
+from fedsea.model.masks import padding_mask
+from fedsea.privacy import accountant
+from fedsea.privacy.noise import clip_per_token
+
+MODES: tuple[str, ...] = ("sigma", "relative", "dp")
+
+
+@dataclass(frozen=True)
+class NoiseTarget:
+    """What the user asks of the noise; exactly one of ``sigma``, ``relative_sigma``, ``epsilon``.
+
+    Args:
+        sigma (`float | None`): absolute standard deviation per coordinate.
+        relative_sigma (`float | None`): sigma as a multiple of h_p's per-coordinate RMS.
+        epsilon (`float | None`): target epsilon; needs ``clip_norm``.
+        delta (`float`, defaults to 1e-5): the delta epsilon is reported (or targeted) at.
+        clip_norm (`float | None`): per-token L2 clip norm C (bounds the sensitivity at 2C).
+        releases (`int`, defaults to 1): how many times each token's representation is sent
+            (epochs x passes); the accountant composes over them.
+        rows (`int`, defaults to 1): rows of h_p one protected unit can change: 1 protects one
+            position's vector; a sequence length n protects a whole sequence (and any single
+            input token, which causal attention spreads over later positions).
+        seed (`int | None`): seed of the noise generator.
+        conversion (`str`, defaults to "improved"): RDP to (epsilon, delta) conversion.
+    """
+
+    sigma: float | None = None
+    relative_sigma: float | None = None
+    epsilon: float | None = None
+    delta: float = 1e-5
+    clip_norm: float | None = None
+    releases: int = 1
+    rows: int = 1
+    seed: int | None = None
+    conversion: str = "improved"
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("sigma", "relative_sigma", "epsilon") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of sigma, relative_sigma, epsilon must be set, got {given or 'none'}")
+        if self.sigma is not None and not (math.isfinite(self.sigma) and self.sigma >= 0):
+            raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
+        if self.relative_sigma is not None and not (math.isfinite(self.relative_sigma) and self.relative_sigma >= 0):
+            raise ValueError(f"relative_sigma must be a finite number >= 0, got {self.relative_sigma!r}")
+        if self.epsilon is not None:
+            if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+                raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
+            if self.clip_norm is None:
+                raise ValueError("clip_norm must be set when epsilon is: without clipping the sensitivity is unbounded")
+        if not (0.0 < self.delta < 1.0):
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm must be a finite number > 0 or None, got {self.clip_norm!r}")
+        for name in ("releases", "rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.conversion not in accountant.CONVERSIONS:
+            raise ValueError(f"conversion must be one of {accountant.CONVERSIONS}, got {self.conversion!r}")
+
+    @property
+    def mode(self) -> str:
+        if self.sigma is not None:
+            return "sigma"
+        return "relative" if self.relative_sigma is not None else "dp"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The noise a target resolved to, and what it means.
+
+    Attributes:
+        noise: the ``NoiseConfig`` to hand to ``Privatizer``.
+        mode: ``"sigma"``, ``"relative"`` or ``"dp"``.
+        rms: per-coordinate RMS of the (clipped) h_p that was measured, if any.
+        epsilon: epsilon of ``releases`` releases at ``delta``; ``None`` without clipping
+            (unbounded sensitivity), ``inf`` with clipping but no noise.
+        delta: the delta epsilon refers to.
+        releases: releases composed.
+        rows: rows of h_p one protected unit can change.
+    """
+
+    noise: NoiseConfig
+    mode: str
+    rms: float | None
+    epsilon: float | None
+    delta: float
+    releases: int
+    rows: int
+
+    def summary(self) -> str:
+        clip = "none" if self.noise.clip_norm is None else f"{self.noise.clip_norm:g}"
+        parts = [f"sigma={self.noise.sigma:.4g}", f"clip_norm={clip}"]
+        if self.rms is not None:
+            parts.append(f"rms(h_p)={self.rms:.4g} (sigma/rms={self.noise.sigma / max(self.rms, 1e-30):.3g})")
+        if self.epsilon is None:
+            parts.append("epsilon=undefined (no clipping)")
+        else:
+            unit = "per token row" if self.rows == 1 else f"per {self.rows} rows"
+            parts.append(f"epsilon={self.epsilon:.4g} at delta={self.delta:g} over {self.releases} releases, {unit}")
+        return ", ".join(parts)
+
+
+def real_token_rows(hidden: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The real (non-padding) token vectors of a left-padded batch.
+
+    Args:
+        hidden: (B, n, d).
+        lengths: (B,) real tokens per sequence; ``None`` means no padding.
+
+    Returns:
+        (N, d) with N = sum(lengths).
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape (batch, tokens, d), got {tuple(hidden.shape)}")
+    if lengths is None:
+        return hidden.reshape(-1, hidden.shape[-1])
+    mask = padding_mask(lengths.to(hidden.device), hidden.shape[1]).bool()  # (B, n)
+    return hidden[mask]
+
+
+def hidden_rms(hidden: torch.Tensor, lengths: torch.Tensor | None = None, clip_norm: float | None = None) -> float:
+    """Per-coordinate RMS of h_p over real tokens, after per-token clipping if ``clip_norm`` is set.
+
+    Args:
+        hidden: (B, n, d) head outputs.
+        lengths: (B,) real tokens per sequence (left padding); ``None`` means no padding.
+        clip_norm: clip each token's vector to this L2 norm first.
+    """
+    rows = real_token_rows(hidden.detach().float(), lengths)  # (N, d)
+    if rows.shape[0] == 0:
+        raise ValueError("hidden has no real tokens to measure")
+    if clip_norm is not None:
+        rows = clip_per_token(rows, clip_norm)
+    return float(rows.pow(2).mean().sqrt())
+
+
+def token_norm_quantile(hidden: torch.Tensor, lengths: torch.Tensor | None = None, q: float = 0.5) -> float:
+    """The ``q``-quantile of the per-token L2 norms of h_p: a data-driven clip norm.
+
+    Clipping at the median leaves half the tokens untouched; measure it on public text, not
+    on the data to be protected (the clip norm must not depend on private data).
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
+    norms = real_token_rows(hidden.detach().float(), lengths).norm(dim=-1)  # (N,)
+    return float(torch.quantile(norms, q))
+
+
+def calibrate(
+    target: NoiseTarget, hidden: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+) -> Calibration:
+    """Resolve a ``NoiseTarget`` into a ``NoiseConfig`` and report what it means.
+
+    Args:
+        target: what is asked.
+        hidden: (B, n, d) head outputs on public text; needed for ``relative_sigma`` and
+            used to report the RMS otherwise.
+        lengths: (B,) real tokens per sequence of ``hidden`` (left padding).
+    """
+    rms = hidden_rms(hidden, lengths, target.clip_norm) if hidden is not None else None
+    if target.mode == "sigma":
+        sigma = float(target.sigma)  # type: ignore[arg-type]
+    elif target.mode == "relative":
+        if rms is None:
+            raise ValueError("relative_sigma needs hidden states to measure h_p's RMS on")
+        sigma = float(target.relative_sigma) * rms  # type: ignore[arg-type]
+    else:
+        sigma = accountant.sigma_for_epsilon(
+            float(target.epsilon),  # type: ignore[arg-type]
+            target.delta,
+            target.releases,
+            float(target.clip_norm),  # type: ignore[arg-type]
+            rows=target.rows,
+            conversion=target.conversion,
+        )
+    noise = NoiseConfig(sigma=sigma, clip_norm=target.clip_norm, seed=target.seed)
+    return describe(noise, releases=target.releases, delta=target.delta, rows=target.rows, rms=rms, mode=target.mode)
+
+
+def describe(
+    noise: NoiseConfig,
+    releases: int = 1,
+    delta: float = 1e-5,
+    rows: int = 1,
+    rms: float | None = None,
+    mode: str = "sigma",
+) -> Calibration:
+    """What a ``NoiseConfig`` means: the report every run should print.
+
+    Args:
+        noise: the noise in use.
+        releases: how many times each token's representation is sent.
+        delta: delta to report epsilon at.
+        rows: rows of h_p one protected unit can change.
+        rms: h_p's per-coordinate RMS, if measured.
+        mode: how the noise was chosen.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    epsilon: float | None = None
+    if noise.clip_norm is not None:
+        epsilon = accountant.epsilon_for_sigma(noise.sigma, noise.clip_norm, releases, delta, rows)
+    return Calibration(noise=noise, mode=mode, rms=rms, epsilon=epsilon, delta=delta, releases=releases, rows=rows)

@@ -1,0 +1,114 @@
+"""Tables and the privacy-utility picture of an attack grid.
+
+The picture puts, for each setting (defence, p, sigma), the *best* attack's token accuracy
+(the privacy an owner actually gets) against the setting's utility, one curve per defence
+and cut point, ordered by sigma.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedsea.privacy.grid import GridRow
+
+COLUMNS: tuple[str, ...] = (
+    "defence",
+    "head_layers",
+    "sigma",
+    "relative_sigma",
+    "clip_norm",
+    "epsilon",
+    "attack",
+    "token_accuracy",
+    "rouge_l",
+    "exact",
+    "utility",
+    "utility_name",
+    "seconds",
+)
+
+
+def best_attacks(rows: Sequence[GridRow]) -> list[GridRow]:
+    """For each (defence, p, sigma), the row of the attack with the highest token accuracy."""
+    best: dict[tuple[str, int, float], GridRow] = {}
+    for row in rows:
+        key = (row.defence, row.head_layers, row.sigma)
+        if key not in best or row.token_accuracy > best[key].token_accuracy:
+            best[key] = row
+    return list(best.values())
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[GridRow]) -> str:
+    """One line per (defence, p, sigma, attack)."""
+    head = ["defence", "p", "sigma", "sigma/rms", "epsilon", "attack", "token acc", "ROUGE-L", "exact", "utility"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.defence, r.head_layers, r.sigma, r.relative_sigma, r.epsilon, r.attack]
+        cells += [r.token_accuracy, r.rouge_l, r.exact, r.utility]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    if rows:
+        lines.append(f"\nutility: {rows[0].utility_name}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_privacy_utility(rows: Sequence[GridRow], path: Path) -> None:
+    """Best attack's token accuracy against utility, one curve per (defence, p)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[tuple[str, int], list[GridRow]] = defaultdict(list)
+    for row in best_attacks(rows):
+        curves[(row.defence, row.head_layers)].append(row)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for (defence, p), points in sorted(curves.items()):
+        points.sort(key=lambda r: r.sigma)
+        ax.plot([r.utility for r in points], [r.token_accuracy for r in points], marker="o", label=f"{defence}, p={p}")
+        for r in points:
+            ax.annotate(f"{r.sigma:.3g}", (r.utility, r.token_accuracy), fontsize=7, alpha=0.7)
+    name = rows[0].utility_name if rows else "utility"
+    if "perplexity" in name and rows and all(r.utility > 0 for r in rows):
+        ax.set_xscale("log")
+    ax.set_xlabel(name)
+    ax.set_ylabel("best attack's token accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("privacy vs utility (labels: sigma)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(rows: Sequence[GridRow], out_dir: Path) -> dict[str, Path]:
+    """Write ``attack_grid.csv``, ``attack_grid.md``, ``attack_grid.json`` and ``privacy_utility.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "csv": out_dir / "attack_grid.csv",
+        "md": out_dir / "attack_grid.md",
+        "json": out_dir / "attack_grid.json",
+        "png": out_dir / "privacy_utility.png",
+    }
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.to_dict())
+    paths["md"].write_text(markdown_table(rows))
+    paths["json"].write_text(json.dumps([r.to_dict() for r in rows], indent=1))
+    plot_privacy_utility(rows, paths["png"])
+    return paths

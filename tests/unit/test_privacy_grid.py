@@ -1,0 +1,118 @@
+"""The attack grid: rows for every (defence, p, sigma, attack), a table and a privacy-utility plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+import torch
+
+import fedsea
+from fedsea.privacy.attacks import TrainConfig
+from fedsea.privacy.grid import GridConfig, run_attack_grid
+from fedsea.privacy.report import best_attacks, markdown_table
+
+WORDS = [
+    "the",
+    "movie",
+    "was",
+    "a",
+    "delight",
+    "from",
+    "start",
+    "to",
+    "finish",
+    "plot",
+    "is",
+    "thin",
+    "and",
+    "jokes",
+    "fall",
+    "flat",
+    "bank",
+    "council",
+    "park",
+    "river",
+]
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(**overrides):
+    base = {
+        "sigmas": (0.0, 3.0),
+        "relative": True,
+        "head_layers": (1, 2),
+        "defences": ("none", "shaped"),
+        "attacks": ("probe",),
+        "clip_norm": 20.0,
+        "releases": 2,
+        "shaped_rank": 8,
+        "train": TrainConfig(epochs=2, width=64, batch_size=32),
+    }
+    return GridConfig(**{**base, **overrides})
+
+
+def test_grid_rows_table_and_plot(tmp_path, tiny_tokenizer):
+    model = fedsea.tiny_llama(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=512)
+    lines = []
+    rows = run_attack_grid(model, tiny_tokenizer, _texts(60, 0), _texts(6, 1), _config(), tmp_path, log=lines.append)
+    assert len(rows) == 2 * 2 * 2 * 1  # p x defences x sigmas x attacks
+    assert {(r.defence, r.head_layers) for r in rows} == {(d, p) for d in ("none", "shaped") for p in (1, 2)}
+    for r in rows:
+        assert 0 <= r.token_accuracy <= 1 and 0 <= r.rouge_l <= 1 and 0 <= r.exact <= 1
+        assert r.epsilon is not None and (r.epsilon == float("inf")) == (r.sigma == 0)
+        assert r.utility > 1 and "perplexity" in r.utility_name
+    # Shaped noise puts more power in some directions and less in others: its worst-case epsilon is larger.
+    eps = {(r.defence, r.head_layers): r.epsilon for r in rows if r.sigma > 0}
+    assert eps[("shaped", 1)] > eps[("none", 1)]
+    assert len(best_attacks(rows)) == 8 and "| defence |" in markdown_table(rows)
+    for name in ("attack_grid.csv", "attack_grid.md", "attack_grid.json", "privacy_utility.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with (tmp_path / "attack_grid.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert len(json.loads((tmp_path / "attack_grid.json").read_text())) == len(rows)
+    assert any("p=1" in line for line in lines)
+
+
+def test_grid_uses_the_callers_utility_and_victim_head(tiny_tokenizer):
+    model = fedsea.tiny_llama(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=512)
+    other = fedsea.tiny_llama(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=512, seed=1)
+    asked = []
+
+    def victim_head(defence, p):
+        asked.append((defence, p))
+        return fedsea.split_model(other, p, 1).head
+
+    # bisr without probe in the list: it fits its own probe first.
+    config = _config(head_layers=(1,), defences=("none", "nopeek"), sigmas=(0.0,), attacks=("bisr",))
+    rows = run_attack_grid(
+        model, tiny_tokenizer, _texts(40, 0), _texts(4, 1), config,
+        victim_head=victim_head, utility=lambda d, p, s: 0.5, utility_name="accuracy",
+    )  # fmt: skip
+    assert asked == [("nopeek", 1)]
+    assert all(r.utility == 0.5 and r.utility_name == "accuracy" and r.attack == "bisr" for r in rows)
+    with pytest.raises(ValueError, match="victim_head"):
+        run_attack_grid(model, tiny_tokenizer, _texts(4, 0), _texts(4, 1), config)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"defences": ("bogus",)}, "defences"), ({"attacks": ()}, "attacks"), ({"sigmas": (-1.0,)}, "sigmas")],
+)
+def test_grid_config_validation(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        _config(**overrides)
