@@ -260,3 +260,20 @@ def test_noise_protects_inference_too(server, tiny_tokenizer):
             outs.append(noisy.generate_ids(enc["input_ids"], lengths, max_new_tokens=10, eos_token_id=()).token_ids)
     assert outs[0] == outs[1]  # seeded
     assert outs[0] != plain  # the trunk saw noised states, not the clean ones
+
+
+def test_a_conversation_goes_through_the_chat_template(server, tiny_tokenizer):
+    split = _split()
+    conversation = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "The movie was"},
+    ]
+    text = tiny_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    enc = tiny_tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    with fedsea.SplitClient(server, split, tokenizer=tiny_tokenizer) as client:
+        streamed = "".join(client.stream(conversation, max_new_tokens=8, eos_token_id=()))
+        direct = client.generate_ids(enc["input_ids"], enc["attention_mask"].sum(1), max_new_tokens=8, eos_token_id=())
+        with pytest.raises(ValueError, match="chat template"):
+            client.generate(conversation, chat=False)
+    assert streamed == direct.texts[0] and streamed

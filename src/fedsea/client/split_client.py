@@ -234,20 +234,28 @@ class SplitClient:
         return result
 
     # -- generation ----------------------------------------------------------------------------
-    def _prompts(self, prompts: str | list[str], chat: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompts(
+        self, prompts: str | list[str] | list[dict[str, str]], chat: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize prompts, or one conversation (a list of {"role", "content"} messages)."""
         if self.tokenizer is None:
             raise ValueError("generate needs a tokenizer: SplitClient(..., tokenizer=fedsea.load_tokenizer(...))")
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not texts:
+        items = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not items:
             raise ValueError("no prompts")
         use_chat = getattr(self.tokenizer, "chat_template", None) is not None if chat is None else chat
+        if all(isinstance(m, dict) for m in items):
+            if not use_chat:
+                raise ValueError("a conversation needs a tokenizer with a chat template")
+            conversations: list[list[Any]] = [items]
+        else:
+            conversations = [[{"role": "user", "content": t}] for t in items]
         if use_chat:
             texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-                )
-                for t in texts
+                self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
             ]
+        else:
+            texts = [str(c[0]["content"]) for c in conversations]
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat)
         return enc["input_ids"], enc["attention_mask"].sum(dim=1)
