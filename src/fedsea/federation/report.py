@@ -118,7 +118,8 @@ def write_report(
     md = [
         f"# fedsea run: {summary['task']}, {fed.mode}, {len(plan.clients)} clients",
         "",
-        f"- model `{plan.model}`, LoRA r={plan.lora.r} alpha={plan.lora.alpha} on {', '.join(plan.lora.target_modules)}",
+        f"- model `{plan.model}`, LoRA r={plan.lora.r} alpha={plan.lora.alpha} "
+        f"on {', '.join(plan.lora.target_modules)}",
         f"- {fed.rounds} rounds x {fed.local_steps} local steps, lr {plan.optim.lr}, strategy {fed.strategy}",
         f"- noise sigma {plan.noise.sigma} (std of the Gaussian on h_p), clip norm {plan.noise.clip_norm}",
         f"- wire {plan.wire_dtype}, TLS {'on' if plan.tls else 'off'}; took {summary['seconds']} s",
@@ -155,9 +156,8 @@ def write_report(
     for r in rounds:
         losses = [v for v in r["losses"].values() if v is not None]
         mean = sum(losses) / len(losses) if losses else float("nan")
-        md.append(
-            f"| {r['round']} | {len(r['submitted'])} | {', '.join(r['dropped']) or '-'} | {mean:.4f} | {r['seconds']:.1f} |"
-        )
+        dropped = ", ".join(r["dropped"]) or "-"
+        md.append(f"| {r['round']} | {len(r['submitted'])} | {dropped} | {mean:.4f} | {r['seconds']:.1f} |")
     md += ["", f"Bytes moved by all clients, both ways: {moved / 2**20:.1f} MiB.", ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write_text(run_dir / "report.md", "\n".join(md) + "\n")
