@@ -14,11 +14,14 @@ from fedsea.errors import FedseaError
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedsea.demo import run_demo, run_split_demo
+    from fedsea.model.load import DEFAULT_MODEL
 
     if not args.split_only:
-        run_demo(tuple(args.set), args.run_dir)
+        overrides = (*args.set, *([f'model.source="{args.model}"'] if args.model else []))
+        run_demo(overrides, args.run_dir)
         return 0
-    result = run_split_demo(args.model, args.head_layers, args.tail_layers, args.prompt, args.max_new_tokens)
+    model = args.model or DEFAULT_MODEL
+    result = run_split_demo(model, args.head_layers, args.tail_layers, args.prompt, args.max_new_tokens)
     return 0 if result.identical else 1
 
 
@@ -101,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--split-only", action="store_true", help="only split the model and answer a prompt through it")
     demo.add_argument("--run-dir", help="run folder of the federated demo")
     demo.add_argument("set", nargs="*", help="overrides of the demo's run file: section.key=value")
-    demo.add_argument("--model", default=DEFAULT_MODEL, help="model source (default: %(default)s)")
+    demo.add_argument("--model", default=None, help=f"model source (default: {DEFAULT_MODEL})")
     demo.add_argument("--head-layers", type=int, default=2, help="p, blocks on the client before the trunk")
     demo.add_argument("--tail-layers", type=int, default=2, help="q, blocks on the client after the trunk")
     demo.add_argument("--prompt", default=None, help="the user message")

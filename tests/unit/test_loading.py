@@ -68,7 +68,20 @@ def test_cli_info_and_demo_on_the_tiny_model(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["num_layers"] == 4 and info["architecture"] == "LlamaForCausalLM"
     assert (
-        main(["demo", "--model", "tiny-llama", "--head-layers", "1", "--tail-layers", "1", "--max-new-tokens", "6"])
+        main(
+            [
+                "demo",
+                "--split-only",
+                "--model",
+                "tiny-llama",
+                "--head-layers",
+                "1",
+                "--tail-layers",
+                "1",
+                "--max-new-tokens",
+                "6",
+            ]
+        )
         == 0
     )
     out = capsys.readouterr().out
@@ -76,7 +89,7 @@ def test_cli_info_and_demo_on_the_tiny_model(capsys):
 
 
 def test_cli_errors_exit_2_with_a_message(capsys):
-    assert main(["demo", "--model", "tiny-llama", "--head-layers", "3", "--tail-layers", "1"]) == 2
+    assert main(["demo", "--split-only", "--model", "tiny-llama", "--head-layers", "3", "--tail-layers", "1"]) == 2
     assert "head_layers + tail_layers must be < the model's 4 blocks" in capsys.readouterr().err
     assert main(["info", "/no/such/model"]) == 2
     assert "no model at '/no/such/model'" in capsys.readouterr().err
