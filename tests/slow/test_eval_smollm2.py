@@ -52,10 +52,12 @@ def test_prompt_ids_match_the_models_chat_template(smollm2_tokenizer):
 
 
 def test_generation_gives_a_summary(smollm2, smollm2_tokenizer):
+    examples, _ = tasks.get_task("xsum").examples(limit=20)
+    shortest = sorted(examples, key=lambda e: len(e.prompt))[:2]  # keep the prefill small
     result = tasks.evaluate(
-        "xsum", smollm2, smollm2_tokenizer, limit=2, max_new_tokens=24, progress=False, keep_predictions=True
+        "xsum", smollm2, smollm2_tokenizer, examples=shortest, max_new_tokens=16, progress=False, keep_predictions=True
     )
     for p in result.predictions:
-        assert len(p["prediction"].split()) >= 5  # words, not an empty or special-token reply
+        assert len(p["prediction"].split()) >= 4  # words, not an empty or special-token reply
         assert "<|im_end|>" not in p["prediction"]
     assert result.metrics["rouge1"] > 0.0  # a summary of the article shares words with its reference
