@@ -8,6 +8,7 @@ import tempfile
 import time
 from typing import Any
 
+from fedsea.io import free_loopback_port
 from fedsea.model.load import DEFAULT_MODEL, load_model
 
 
@@ -41,14 +42,6 @@ def bench_load(source: str = DEFAULT_MODEL, repeats: int = 3) -> dict[str, Any]:
         "speedup": round(first / statistics.median(cached), 1),
         "target_cached_load_s": 2.0,
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server_process(model: str, port: int, extra: list[str] | None = None) -> Any:
@@ -99,7 +92,7 @@ def bench_train(
     lora = LoraSpec(dropout=0.0)
     optim = OptimConfig(lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    port = _free_port()
+    port = free_loopback_port()
     server = start_server_process(model, port)
     try:
         client_split = split_model(load_model(model), head_layers, tail_layers).add_lora(lora)

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from fedsea.bench import _free_port, start_server_process
+from fedsea.bench import start_server_process
+from fedsea.io import free_loopback_port
 from fedsea.model.load import DEFAULT_MODEL, load_model
 
 
@@ -36,7 +37,7 @@ def bench_generate(
     from fedsea.model.split import split_model
     from fedsea.wire.shaper import NetShaper
 
-    port = _free_port()
+    port = free_loopback_port()
     server = start_server_process(model, port)
     results: dict[str, Any] = {
         "bench": "generate",

@@ -23,17 +23,9 @@ from tqdm import tqdm
 from fedsea.federation.checkpoint import latest_round, load_round
 from fedsea.federation.data import encode_task_examples, task_examples, write_shard
 from fedsea.federation.simconfig import RunPlan, dump_tree, load_plan, load_tree
-from fedsea.io import atomic_write_text
+from fedsea.io import atomic_write_text, free_loopback_port
 
 FEDSEA = [sys.executable, "-m", "fedsea.cli"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
@@ -89,7 +81,7 @@ def _tls_args(run_dir: Path, server: bool) -> list[str]:
 
 def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = True) -> None:
     """Start the server and the clients, follow the rounds, stop the server when the clients are done."""
-    port = _free_port()
+    port = free_loopback_port()
     tokens = json.loads((run_dir / "secrets" / "client_tokens.json").read_text())
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
