@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Any
@@ -11,6 +12,22 @@ import torch
 from fedsea.bench import start_server_process
 from fedsea.io import free_loopback_port
 from fedsea.model.load import DEFAULT_MODEL, load_model
+
+
+def _hf_generate(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """Greedy Hugging Face ``generate`` of exactly ``new_tokens``; returns (sequences, seconds)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out, time.perf_counter() - t0
 
 
 def bench_generate(
@@ -27,6 +44,11 @@ def bench_generate(
     """Tokens per second of greedy generation: split over loopback gRPC (server in its own
     process), Hugging Face ``generate`` on the unsplit model, and the naive split without
     caches, all in one run; then the split again under an emulated one-way latency.
+
+    The centralized baseline (``central_tok_s``) is the unsplit model carrying the same
+    adapters as the split (a random non-trivial trunk adapter, set on the server and copied
+    into the local blocks), so that both sides run the same fine-tuned model; the plain base
+    model, without adapters, is reported too (``central_base_tok_s``).
 
     The naive split is timed over its first ``naive_tokens`` new tokens only (its cost per
     token grows with the sequence, so this overstates its speed, which is the conservative
@@ -46,6 +68,7 @@ def bench_generate(
         "new_tokens": new_tokens,
         "wire_dtype": wire_dtype,
         "net_latency_ms": latency_ms,
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "default"),
     }
     try:
         base = load_model(model)
@@ -54,12 +77,24 @@ def bench_generate(
         gen = torch.Generator().manual_seed(0)
         greedy = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=())
         naive = GenerationConfig(max_new_tokens=naive_tokens, eos_token_id=(), use_cache=False)
+        prompts = {b: torch.randint(3, base.config.vocab_size, (b, prompt_tokens), generator=gen) for b in batches}
+        # The plain base model first (before any adapter is injected into its blocks).
+        _hf_generate(base, prompts[batches[0]][:, :16], 2)  # warm up
+        base_s = {b: _hf_generate(base, prompts[b], new_tokens)[1] for b in batches}
         with SplitClient(f"127.0.0.1:{port}", split, wire_dtype=wire_dtype) as client:
             itemsize = int(client.stats()["wire_itemsize"])
+            # A non-trivial trunk adapter (peft starts lora_B at zero), copied into the local
+            # model's blocks: the centralized baseline is then the same fine-tuned model.
+            state = {
+                k: v + 0.02 * torch.randn(v.shape, generator=gen) if "lora_B" in k else v
+                for k, v in client.trunk_adapter().items()
+            }
+            client.put_trunk_adapter(state)
+            client.sync_trunk_adapter()
             warm = torch.randint(3, base.config.vocab_size, (1, 16), generator=gen)
             client.generate_ids(warm, torch.tensor([16]), greedy)  # warm up
             for batch in batches:
-                ids = torch.randint(3, base.config.vocab_size, (batch, prompt_tokens), generator=gen)
+                ids = prompts[batch]
                 lengths = torch.full((batch,), prompt_tokens)
                 assert client.connection is not None
                 before = client.connection.meter.rpc("generate")
@@ -72,28 +107,21 @@ def bench_generate(
                 prefill = 2 * batch * prompt_tokens * hidden * itemsize
                 moved = (after.bytes_sent + after.bytes_received) - (before.bytes_sent + before.bytes_received)
                 bytes_per_step = (moved - prefill) / decode_steps
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    ref = base.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens,
-                        do_sample=False,
-                        eos_token_id=None,
-                        pad_token_id=0,
-                    )
-                central_s = time.perf_counter() - t0
+                ref, central_s = _hf_generate(base, ids, new_tokens)
                 t0 = time.perf_counter()
                 client.generate_ids(ids, lengths, naive)
                 naive_s = time.perf_counter() - t0
                 same = [list(r) for r in ref[:, prompt_tokens:].tolist()] == out.token_ids
                 split_tok_s = batch * new_tokens / split_s
+                central_tok_s = batch * new_tokens / central_s
+                base_tok_s = batch * new_tokens / base_s[batch]
                 row = {
                     "split_tok_s": round(split_tok_s, 2),
-                    "central_tok_s": round(batch * new_tokens / central_s, 2),
+                    "central_tok_s": round(central_tok_s, 2),
+                    "central_base_tok_s": round(base_tok_s, 2),
                     "naive_tok_s": round(batch * naive_tokens / naive_s, 2),
-                    "split_vs_central": round(split_tok_s / (batch * new_tokens / central_s), 3),
+                    "split_vs_central": round(split_tok_s / central_tok_s, 3),
+                    "split_vs_central_base": round(split_tok_s / base_tok_s, 3),
                     "split_vs_naive": round(split_tok_s / (batch * naive_tokens / naive_s), 2),
                     "bytes_per_step": round(bytes_per_step, 1),
                     "theoretical_bytes_per_step": 2 * batch * hidden * itemsize,

@@ -16,7 +16,7 @@ from fedsea.errors import ProtocolError, RemoteError
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.auth import TokenStore
 from tests.conftest import randomize_lora
-from tests.integration.conftest import TINY
+from tests.integration.conftest import TINY, tiny_batch
 
 PROMPTS = ["The movie was a delight from start", "Hi", "Question: is the sky blue on a clear day?"]
 
@@ -55,6 +55,22 @@ def test_greedy_over_grpc_equals_hf_generate_with_the_same_adapters(server, tiny
     assert naive.token_ids == theirs
     # The adapters matter: the base model says something else.
     assert _hf(fedsea.tiny_llama(**TINY), enc, 16, tiny_tokenizer, eos_token_id=None) != theirs
+
+
+def test_generation_between_training_steps_uses_eval_mode(server, tiny_tokenizer):
+    """The server switches its shared blocks between training (dropout on) and inference
+    (dropout off) only when needed; with LoRA dropout 0.5 any slip shows up as other tokens."""
+    split = fedsea.split_model(fedsea.tiny_llama(**TINY), 2, 2).add_lora(fedsea.LoraSpec(r=4, dropout=0.5))
+    randomize_lora(split.model, seed=5, scale=0.2)
+    enc, lengths = _encode(tiny_tokenizer, PROMPTS)
+    with fedsea.SplitClient(server, split, tokenizer=tiny_tokenizer) as client:
+        for _ in range(2):
+            client.train_step(tiny_batch(tiny_tokenizer))
+            first = client.generate_ids(enc["input_ids"], lengths, max_new_tokens=12, eos_token_id=())
+            second = client.generate_ids(enc["input_ids"], lengths, max_new_tokens=12, eos_token_id=())
+            client.sync_trunk_adapter()  # the trained trunk adapter, into the local blocks
+            split.model.eval()
+            assert first.token_ids == second.token_ids == _hf(split.model, enc, 12, tiny_tokenizer, eos_token_id=None)
 
 
 def test_eos_ends_rows_early_and_matches_hf(server, tiny_tokenizer):

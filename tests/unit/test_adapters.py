@@ -36,6 +36,19 @@ def test_each_part_gets_its_own_lora_config():
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_adapter_added_to_an_eval_model_is_deterministic(tiny_batch):
+    """peft creates LoRA modules in training mode; a model in eval mode must not get dropout."""
+    model = _model().eval()
+    split = fedsea.split_model(model, 2, 1).add_lora(fedsea.LoraSpec(r=4, dropout=0.5))
+    randomize_lora(model, seed=3)
+    input_ids, lengths = tiny_batch
+    with torch.no_grad():
+        first, second = split(input_ids, lengths), split(input_ids, lengths)
+    assert torch.equal(first, second)
+    split.head.train()  # training turns the adapter's dropout on again
+    assert all(m.training for n, m in split.head.named_modules() if "lora_dropout" in n)
+
+
 def test_unknown_target_module_is_a_clear_error():
     split = fedsea.split_model(_model(), 1, 1)
     with pytest.raises(fedsea.AdapterError, match="head"):

@@ -68,6 +68,12 @@ def add_lora(part: SplitPart, spec: LoraSpec, adapter_name: str = ADAPTER_NAME) 
     tag = _tag(adapter_name)
     for name, param in part.named_parameters():
         param.requires_grad_("lora_" in name and tag in name)
+    # peft's new modules start in training mode (LoRA dropout on): give them their block's mode,
+    # so an adapter added to a model in eval mode (e.g. before ``generate``) keeps it exact.
+    for layer in part.layers.values():
+        for name, module in layer.named_modules():
+            if "lora_" in name:
+                module.train(layer.training)
     part.lora_spec = spec
     part.adapter_name = adapter_name
 

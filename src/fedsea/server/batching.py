@@ -129,8 +129,7 @@ class GroupBatcher:
         hidden = torch.cat(rows, dim=0)  # (sum B_i, N, d)
         lengths = torch.cat([a.lengths for a in arrivals if a.lengths is not None])  # (sum B_i,)
         with host._compute_lock:
-            host._activate(group)
-            group.trunk.train()
+            host._activate(group, training=True)
             inp = hidden.detach().requires_grad_(True)
             out = group.trunk(inp, lengths)  # (sum B_i, N, d)
         counts = [a.tensor.shape[0] for a in arrivals]

@@ -53,6 +53,7 @@ def initial_global_state(host: TrunkHost, config: FedConfig) -> dict[str, torch.
         for module in view.modules():
             if isinstance(module, BaseTunerLayer):
                 module.delete_adapter(name)
+        host.adapters_changed()
     return state
 
 

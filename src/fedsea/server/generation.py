@@ -176,9 +176,10 @@ class GenerationHost:
         host = self.host
         with host._compute_lock, torch.no_grad():
             session = host.get(stream.owner, stream.session.id)  # NOT_FOUND if it was closed meanwhile
-            host._activate(session)
-            trunk = session.trunk.eval()
-            return trunk(hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache).cpu()
+            host._activate(session, training=False)
+            return session.trunk(
+                hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache
+            ).cpu()
 
     # -- metrics ---------------------------------------------------------------------------------
     def count(self, owner: str | None = None) -> int:

@@ -100,6 +100,11 @@ class TrunkHost:
         # so the event loop can look sessions up while a step computes).
         self._compute_lock = threading.RLock()
         self._sessions_lock = threading.RLock()
+        # What the shared blocks are set to (under the compute lock): switching adapters and
+        # train/eval walks hundreds of modules, ~2.5 ms per call on SmolLM2, which a decode step
+        # (one token per row) would pay every time. None = unknown; adapter changes reset it.
+        self._active: str | None = None
+        self._training: bool | None = None
 
     # -- sessions ---------------------------------------------------------------------------
     def open_session(self, owner: str, fingerprint: str, spec: SessionSpec) -> Session:
@@ -123,6 +128,7 @@ class TrunkHost:
             # Seed the adapter's initialisation without touching the process's global RNG.
             with seeded(spec.seed):
                 add_lora(trunk, spec.lora, adapter_name=f"s_{session_id}")
+            self.adapters_changed()
             tuners = [m for m in trunk.modules() if isinstance(m, BaseTunerLayer)]
             session = Session(session_id, owner, spec, trunk, PartOptimizer(trunk, spec.optim), tuners)
             self._sessions[session_id] = session
@@ -148,6 +154,7 @@ class TrunkHost:
             warnings.simplefilter("ignore", UserWarning)
             for layer in session.tuner_layers:
                 layer.delete_adapter(session.adapter_name)
+        self.adapters_changed()
         with self._sessions_lock:
             self._sessions.pop(session.id, None)
 
@@ -164,9 +171,24 @@ class TrunkHost:
         with self._sessions_lock:
             return sum(1 for s in self._sessions.values() if owner is None or s.owner == owner)
 
-    def _activate(self, session: Session) -> None:
-        for layer in session.tuner_layers:
-            layer.set_adapter(session.adapter_name)
+    def _activate(self, session: Session, training: bool | None = None) -> None:
+        """Make ``session``'s adapter the active one (and set train/eval) unless it already is.
+
+        Call with the compute lock held.
+        """
+        if self._active != session.adapter_name:
+            for layer in session.tuner_layers:
+                layer.set_adapter(session.adapter_name)
+            self._active = session.adapter_name
+        if training is not None and training is not self._training:
+            self.model.model.layers.train(training)  # the shared blocks, every session's view
+            self._training = training
+
+    def adapters_changed(self) -> None:
+        """Forget the cached state after adapters were added to or deleted from the blocks (new
+        LoRA modules start in training mode, and peft may move the active adapter)."""
+        self._active = None
+        self._training = None
 
     # -- training ---------------------------------------------------------------------------
     def check_hidden_shape(self, shape: tuple[int, ...], field_name: str = "hidden") -> None:
@@ -195,8 +217,7 @@ class TrunkHost:
             retry = session.pending is not None and session.pending.step == step
             if step != session.next_step and not retry:
                 raise ProtocolError(f"forward for step {step}, but the session expects step {session.next_step}")
-            self._activate(session)
-            session.trunk.train()
+            self._activate(session, training=True)
             inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
             out = session.trunk(inp, lengths)  # validates lengths, NaN/Inf
             session.pending = _Pending(step, inp, out)

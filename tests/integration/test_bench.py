@@ -1,0 +1,31 @@
+"""``fedsea bench generate`` as a user runs it (tiny model, small sizes): one JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_bench_generate_prints_one_json_line_with_identical_tokens():
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [sys.executable, "-m", "fedsea.cli", "bench", "generate", "--model", "tiny-llama", "--prompt-tokens", "24"]
+    cmd += ["--head-layers", "1", "--tail-layers", "1"]
+    cmd += ["--new-tokens", "6", "--batches", "1", "3", "--naive-tokens", "3", "--net-latency-ms", "2", "--json"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stdout
+    result = json.loads(lines[0])
+    # The co-located benchmark restarted itself with a shorter OpenMP spin (see fedsea.cli).
+    assert result["gomp_spincount"] == "100000"
+    for batch in (1, 3):
+        row = result[f"batch{batch}"]
+        assert row["identical_to_central"] is True
+        assert row["theoretical_bytes_per_step"] == 2 * batch * 64 * 4
+        assert row["theoretical_bytes_per_step"] < row["bytes_per_step"] < 1.1 * row["theoretical_bytes_per_step"] + 200
+        assert row["split_tok_s"] > 0 and row["central_tok_s"] > 0 and row["naive_tok_s"] > 0
+    for key in ("split_tok_s", "central_tok_s", "naive_tok_s", "bytes_per_step", "theoretical_bytes_per_step"):
+        assert key in result
