@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsea.cli_fed import add_fed_commands
 
     add_fed_commands(sub)
+    from fedsea.cli_attack import add_attack_commands
+
+    add_attack_commands(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
     bench.add_argument(
