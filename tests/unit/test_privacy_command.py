@@ -110,13 +110,13 @@ def test_finetuned_victim_head_is_private_and_the_attacker_keeps_the_base_head(t
     with torch.no_grad():
         assert not torch.allclose(nopeek.eval()(ids, lengths), base_head(ids, lengths), atol=1e-5)
 
-    # Through the grid: the victim's head is asked for the head defence only; the public model stays bare.
+    # Through the grid: the victim's head is asked for every defence; the public model stays bare.
     asked = []
     rows = run_attack_grid(
         tiny_model, tiny_tokenizer, _texts(30, 0), _texts(4, 1), _grid(defences=("none", "nopeek")),
         victim_head=lambda d, p: asked.append((d, p)) or heads(d, p),
     )  # fmt: skip
-    assert asked == [("nopeek", 1)] and len(rows) == 2
+    assert asked == [("none", 1), ("nopeek", 1)] and len(rows) == 2
     assert _untouched(tiny_model, before) and not any("lora_" in n for n, _ in tiny_model.named_parameters())
 
 

@@ -103,7 +103,7 @@ def test_grid_uses_the_callers_utility_and_victim_head(tiny_tokenizer):
         model, tiny_tokenizer, _texts(40, 0), _texts(4, 1), config,
         victim_head=victim_head, utility=lambda d, p, s: 0.5, utility_name="accuracy",
     )  # fmt: skip
-    assert asked == [("nopeek", 1)]
+    assert asked == [("none", 1), ("nopeek", 1)]  # a given victim head serves every defence
     assert all(r.utility == 0.5 and r.utility_name == "accuracy" and r.attack == "bisr" for r in rows)
     with pytest.raises(ValueError, match="victim_head"):
         run_attack_grid(model, tiny_tokenizer, _texts(4, 0), _texts(4, 1), config)

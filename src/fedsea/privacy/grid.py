@@ -205,7 +205,8 @@ def run_attack_grid(
         victim_texts: the victim's text (another source).
         config: the grid.
         out_dir: where to write ``attack_grid.{csv,md,json}`` and ``privacy_utility.png``.
-        victim_head: the victim's head per (defence, p); required for ``nopeek`` and
+        victim_head: the victim's head per (defence, p), with its private adapter (used for
+            every defence when given; else the public base head); required for ``nopeek`` and
             ``adversarial``, whose heads are trained by the caller with the regularizer.
         utility: task quality per (defence, p, sigma); default: base-model perplexity under noise.
         utility_name: label of ``utility`` in the table and the plot.
@@ -227,7 +228,9 @@ def run_attack_grid(
         rms = hidden_rms(aux.hidden, aux.lengths, config.clip_norm)
         say(f"p={p}: {aux.num_tokens} attacker tokens, {len(victim_ids)} victim texts, rms(h_p)={rms:.3g}")
         for defence in config.defences:
-            head = victim_head(defence, p) if defence in HEAD_DEFENCES and victim_head else split.head
+            # A given victim head serves every defence: its private adapter is what it is, with
+            # or without a regularizer; the attacker always works with the public base head.
+            head = victim_head(defence, p) if victim_head is not None else split.head
             victim = head_states(head, victim_ids, pad)
             for s in config.sigmas:
                 sigma = s * rms if config.relative else s
