@@ -140,7 +140,8 @@ def add_attack_commands(sub: Any) -> None:
         "--victim-head",
         choices=["base", "finetuned"],
         default=None,
-        help="the victim's head for nopeek/adversarial (default: finetuned when they are asked for, else base)",
+        help="the victim's head, for every defence: the public base head, or one with a private adapter "
+        "fine-tuned on --task (default: finetuned when nopeek/adversarial are asked for, else base)",
     )
     add("--regularizer-weight", type=_non_negative, default=1.0, help="weight of nopeek/adversarial (default: 1)")
     add("--epochs", type=_positive_int, default=5, help="training epochs of the learned attacks (default: 5)")

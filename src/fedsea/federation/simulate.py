@@ -198,9 +198,13 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
     from fedsea.training.step import CentralTrainer
 
     t = plan.tree["task"]
-    split = global_model(plan, None).add_lora(plan.lora)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(plan.fed.seed)
+    from fedsea.model.seeding import seeded
+
+    # The same LoRA initialisation as the federated run's global adapter (peft draws it in
+    # block order under the run's seed, see fedsea.server.federation.initial_global_state).
+    with seeded(plan.fed.seed):
+        split = global_model(plan, None).add_lora(plan.lora)
+    torch.manual_seed(plan.fed.seed)  # LoRA dropout, if any
     examples = encode_task_examples(
         tokenizer, task_examples(t["name"], t["train_split"], t["train_limit"]), max(c.max_length for c in plan.clients)
     )
