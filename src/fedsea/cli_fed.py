@@ -38,7 +38,8 @@ def _cmd_join(args: argparse.Namespace) -> int:
                 f.write(json.dumps({"client": me.name, "round": round_number, "step": step, "loss": loss}) + "\n")
 
     client = SplitClient(
-        args.server, split, noise=plan.noise, optim=plan.optim, wire_dtype=plan.wire_dtype, tls=client_tls(args),
+        args.server, split, noise=plan.noise, grad_noise=plan.grad_noise,
+        optim=plan.optim, wire_dtype=plan.wire_dtype, tls=client_tls(args),
         token=args.token or os.environ.get("FEDSEA_TOKEN"), seed=plan.fed.seed,
         shaper=NetShaper(args.net_latency_ms, args.net_mbps),
     )  # fmt: skip

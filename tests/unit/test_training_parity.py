@@ -98,3 +98,43 @@ def test_make_batch_left_pads_and_masks_prompts():
     assert batch.num_targets == 2
     with pytest.raises(ValueError):
         make_batch([], pad_token_id=0)
+
+
+class _RecordingTrunk(fedsea.training.LocalTrunk):
+    """The real local trunk, keeping the gradient each backward received (the upward message)."""
+
+    def __init__(self, trunk):
+        super().__init__(trunk, fedsea.OptimConfig())
+        self.grads = []
+
+    def backward(self, grad, update=True):
+        self.grads.append(grad.detach().clone())
+        return super().backward(grad, update)
+
+
+def test_gradient_noise_on_the_upward_message(tiny_tokenizer):
+    batch = _batch(tiny_tokenizer)
+    runs = {}
+    for name, grad_noise in {
+        "clean": None,
+        "no-op": fedsea.NoiseConfig(sigma=0.0, clip_norm=1e9),
+        "noised": fedsea.NoiseConfig(sigma=1e-3, clip_norm=1e-3, seed=5),
+    }.items():
+        split, _ = _pair(2, 1, LORA)
+        link = _RecordingTrunk(split.trunk)
+        trainer = fedsea.SplitTrainer(split, trunk=link, grad_noise=grad_noise)
+        trainer.compute_gradients(batch)
+        runs[name] = (link.grads[0], trainer, split)
+    clean, _, clean_split = runs["clean"]
+    # A clip norm nobody reaches and no noise: the very same step.
+    assert torch.equal(runs["no-op"][0], clean)
+    # Otherwise the trunk receives clip(dL/dh) + N(0, sigma^2), drawn from the client's seeded generator.
+    sent, trainer, split = runs["noised"]
+    expected = fedsea.privacy.noise.clip_per_token(clean, 1e-3)
+    expected = expected + 1e-3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(sent, expected, atol=1e-9)
+    assert torch.equal(trainer.grad_privatizer.resend(0), sent)  # a retry resends this payload
+    assert float(clean.norm(dim=-1).max()) > 1e-3  # the clip did something
+    trunk_grads = [p.grad for n, p in split.trunk.named_parameters() if "lora_" in n]
+    clean_grads = [p.grad for n, p in clean_split.trunk.named_parameters() if "lora_" in n]
+    assert any(not torch.allclose(a, b) for a, b in zip(trunk_grads, clean_grads, strict=True))

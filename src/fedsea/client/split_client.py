@@ -105,6 +105,8 @@ class SplitClient:
         split: this client's ``SplitModel``; its parts must carry LoRA (``split.add_lora``).
             The trunk part's spec and initial weights configure the server's trunk adapter.
         noise: clipping and Gaussian noise on h_p before it leaves (sigma = 0: none).
+        grad_noise: clipping and noise on the gradient sent up to the trunk (default: none;
+            see ``SplitTrainer``).
         optim: AdamW for the head and tail here, and for the trunk adapter on the server.
         wire_dtype: ``fp32``, ``bf16`` or ``fp16`` for hidden states and gradients on the wire.
         tls: CA (and for mutual TLS the client certificate and key); ``None`` is plaintext.
@@ -120,6 +122,7 @@ class SplitClient:
         split: SplitModel,
         *,
         noise: NoiseConfig | None = None,
+        grad_noise: NoiseConfig | None = None,
         optim: OptimConfig | None = None,
         wire_dtype: str = "fp32",
         tls: ClientTls | None = None,
@@ -133,6 +136,7 @@ class SplitClient:
     ) -> None:
         self.split = split
         self.noise = noise or NoiseConfig()
+        self.grad_noise = grad_noise
         self.optim = optim or OptimConfig()
         self.wire_dtype = wire_dtype
         self._dtype = wire_dtype_enum(wire_dtype)
@@ -185,7 +189,9 @@ class SplitClient:
             link = RemoteTrunk(
                 self.connection, info.session_id, self._dtype, chunk, self.split.model.dtype, self.split.model.device
             )
-            self.trainer = SplitTrainer(self.split, trunk=link, noise=self.noise, optim=self.optim)
+            self.trainer = SplitTrainer(
+                self.split, trunk=link, noise=self.noise, optim=self.optim, grad_noise=self.grad_noise
+            )
         except BaseException:
             self.close()
             raise

@@ -128,6 +128,10 @@ class FederatedClient:
             type(self.client.noise)(self.client.noise.sigma, self.client.noise.clip_norm, noise_seed),
             device=split.model.device,
         )
+        if trainer.grad_privatizer is not None:
+            g = trainer.grad_privatizer.config
+            grad_seed = derived_seed(self.info.seed if self.info else 0, self.name, round_number, "grad-noise")
+            trainer.grad_privatizer = Privatizer(type(g)(g.sigma, g.clip_norm, grad_seed), device=split.model.device)
         torch.manual_seed(derived_seed(self.info.seed if self.info else 0, self.name, round_number, "torch"))
 
     def run(self) -> list[RoundResult]:

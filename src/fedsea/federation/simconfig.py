@@ -9,7 +9,8 @@
     [[clients]]  head_layers = 4      # optional, one table per client: overrides of [client]
     [lora]       r = 8, alpha = 16, dropout = 0.0, target_modules = ["q_proj", ...]
     [optim]      lr = 1e-3
-    [noise]      sigma = 0.0, clip_norm = 0 (0: no clipping)
+    [noise]      sigma = 0.0, clip_norm = 0 (0: no clipping), grad_sigma = 0.0, grad_clip_norm = 0
+                 (grad_*: the gradient sent up to the trunk)
     [wire]       dtype = "fp32", tls = true, latency_ms = 0, mbps = 0 (emulated WAN on each client)
     [run]        seed = 0
 
@@ -23,7 +24,7 @@ import json
 import os
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "clients": [],
     "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "optim": {"lr": 1e-3, "weight_decay": 0.01, "max_grad_norm": 1.0},
-    "noise": {"sigma": 0.0, "clip_norm": 0.0},
+    "noise": {"sigma": 0.0, "clip_norm": 0.0, "grad_sigma": 0.0, "grad_clip_norm": 0.0},
     "wire": {"dtype": "fp32", "tls": True, "latency_ms": 0.0, "mbps": 0.0},
     "run": {"seed": 0},
 }
@@ -161,6 +162,7 @@ class RunPlan:
     model: str
     wire_dtype: str
     tls: bool
+    grad_noise: NoiseConfig = field(default_factory=NoiseConfig)
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> RunPlan:
@@ -202,6 +204,7 @@ class RunPlan:
             lr=float(op["lr"]), weight_decay=float(op["weight_decay"]), max_grad_norm=float(op["max_grad_norm"]) or None
         )
         noise = NoiseConfig(sigma=float(no["sigma"]), clip_norm=float(no["clip_norm"]) or None)
+        grad_noise = NoiseConfig(sigma=float(no["grad_sigma"]), clip_norm=float(no["grad_clip_norm"]) or None)
         wire = tree["wire"]
         if wire["dtype"] not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"wire.dtype must be fp32, bf16 or fp16, got {wire['dtype']!r}")
@@ -215,6 +218,7 @@ class RunPlan:
             str(tree["model"]["source"]),
             str(wire["dtype"]),
             bool(wire["tls"]),
+            grad_noise,
         )
 
 

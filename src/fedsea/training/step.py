@@ -144,6 +144,11 @@ class SplitTrainer(_Trainer):
             ``fedsea.privacy.shaped.ShapedPrivatizer``).
         head_regularizer: an extra loss on the head's output that removes token identity
             from h_p (``fedsea.privacy.regularizers``); weight 0 changes nothing.
+        grad_noise: optional per-token clipping and Gaussian noise on the gradient the client
+            sends up, dL/dh_{L-q} (B, n, d), which depends on the labels and the tail. In
+            gradient units: the per-token norms of the mean loss's gradient are small (about
+            1e-4 to 1e-2), so set ``clip_norm`` and read sigma relative to it. Not covered by
+            the accountant's epsilon (see PRIVACY.md).
     """
 
     def __init__(
@@ -154,12 +159,15 @@ class SplitTrainer(_Trainer):
         optim: OptimConfig | None = None,
         privatizer: Privatizer | None = None,
         head_regularizer: HeadRegularizer | None = None,
+        grad_noise: NoiseConfig | None = None,
     ) -> None:
         optim = optim or OptimConfig()
         self.split = split
         self.trunk: TrunkLink = trunk if trunk is not None else LocalTrunk(split.trunk, optim)
         self.privatizer = privatizer or Privatizer(noise or NoiseConfig(), device=split.model.device)
         self.head_regularizer = head_regularizer
+        enabled = grad_noise is not None and (grad_noise.sigma > 0 or grad_noise.clip_norm is not None)
+        self.grad_privatizer = Privatizer(grad_noise, device=split.model.device) if enabled else None
         self._optimizers = [PartOptimizer(split.head, optim), PartOptimizer(split.tail, optim)]
         self.steps = 0
 
@@ -174,7 +182,10 @@ class SplitTrainer(_Trainer):
         loss = lm_loss(tail(received, batch.lengths), batch.labels)
         loss.backward()
         assert received.grad is not None
-        grad_in = self.trunk.backward(received.grad, update=update_remote)  # dL/dh~_p (B, n, d)
+        grad_out = received.grad  # dL/dh_{L-q} (B, n, d): what goes up to the trunk
+        if self.grad_privatizer is not None:
+            grad_out = self.grad_privatizer(grad_out, key=self.steps)  # a retry resends this payload
+        grad_in = self.trunk.backward(grad_out, update=update_remote)  # dL/dh~_p (B, n, d)
         h_noised.backward(grad_in)
         self.steps += 1
         return loss.detach()
