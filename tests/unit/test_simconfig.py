@@ -39,3 +39,19 @@ def test_defaults_send_the_gradient_in_clear():
 def test_bad_settings_are_clear_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_plan(None, overrides)
+
+
+def test_yaml_run_file_gives_the_same_plan_as_toml(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[task]\nname = "rte"\n[noise]\nsigma = 0.25\n[[clients]]\nhead_layers = 3\n')
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("task:\n  name: rte\nnoise:\n  sigma: 0.25\nclients:\n  - head_layers: 3\n")
+    assert load_plan(yaml) == load_plan(toml)
+    bad = tmp_path / "bad.yml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="top level must be a mapping"):
+        load_plan(bad)
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("task: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ValueError, match="cannot read run file"):
+        load_plan(unsafe)

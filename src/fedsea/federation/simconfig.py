@@ -1,4 +1,4 @@
-"""The run file (TOML) shared by ``fedsea simulate``, ``fedsea serve --run`` and ``fedsea join``.
+"""The run file (TOML, or YAML) shared by ``fedsea simulate``, ``fedsea serve --run`` and ``fedsea join``.
 
 ::
 
@@ -97,14 +97,31 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def _read_run_file(file: Path) -> dict[str, Any]:
+    text = file.read_text()
+    if file.suffix.lower() not in (".yaml", ".yml"):
+        return tomllib.loads(text)  # TOMLDecodeError is a ValueError
+    import yaml  # PyYAML: already required by transformers
+
+    try:
+        data = yaml.safe_load(text)  # safe_load: plain data only, never Python objects
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def load_tree(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Defaults, updated by the file, updated by the overrides."""
+    """Defaults, updated by the file (TOML, or YAML for ``.yaml``/``.yml``), updated by the overrides."""
     tree = copy.deepcopy(DEFAULTS)
     if path is not None:
         file = Path(path)
         try:
-            data = tomllib.loads(file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            data = _read_run_file(file)
+        except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read run file {file}: {exc}") from exc
         tree = _merge(tree, data)
     for assignment in overrides:
