@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="generate: batch sizes")
     bench.add_argument("--naive-tokens", type=int, default=8, help="generate: new tokens timed for the naive split")
     bench.add_argument("--parts", nargs="+", default=["speed", "quality"], help="federation: speed and/or quality")
-    bench.add_argument("--tasks", nargs="+", default=["sst2", "boolq"], help="federation: quality tasks")
+    bench.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="federation: quality tasks")
     bench.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
     bench.set_defaults(func=_cmd_bench)
 

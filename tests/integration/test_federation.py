@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -32,13 +34,23 @@ def _examples(tokenizer, i):
     return [encode_example(tokenizer, None, t, 64) for t in TEXTS[i]] * 3
 
 
-def run_federation(tmp: Path, config: FedConfig, partitions, tokenizer, resume=False, die: set[int] = frozenset()):
+def run_federation(
+    tmp: Path,
+    config: FedConfig,
+    partitions,
+    tokenizer,
+    resume=False,
+    die: set[int] = frozenset(),
+    stall=None,
+    gate=None,
+):
     """Clients with partition points ``partitions`` train through a federated server; returns histories."""
     store = TokenStore()
     tokens = [store.add(f"c{i}") for i in range(len(partitions))]
     splits = [fedsea.split_model(fedsea.tiny_llama(**TINY), p, q).add_lora(LORA) for p, q in partitions]
     histories: dict[int, list] = {}
     errors: list[BaseException] = []
+    refused = threading.Event()
     server = TrunkServer(
         TrunkHost(fedsea.tiny_llama(**TINY)), tokens=store, federation=config, run_dir=tmp, resume=resume
     )
@@ -48,10 +60,20 @@ def run_federation(tmp: Path, config: FedConfig, partitions, tokenizer, resume=F
             def on_step(round_number: int, step: int, loss: float) -> None:
                 if i in die and step == 1:
                     raise KeyboardInterrupt("killed mid-round")
+                if stall is not None and (i, round_number, step) == stall[:3]:
+                    time.sleep(stall[3])
+                if gate is not None and (i, round_number, step) == gate:
+                    assert refused.wait(timeout=60), "no client was refused"
+
+            def on_round(result) -> None:
+                if not result.submitted:
+                    refused.set()  # set after the late client has joined again
 
             try:
                 with fedsea.SplitClient(f"127.0.0.1:{port}", splits[i], token=tokens[i], optim=OPTIM) as client:
-                    fed = FederatedClient(client, _examples(tokenizer, i % 3), 2, f"c{i}", on_step=on_step)
+                    fed = FederatedClient(
+                        client, _examples(tokenizer, i % 3), 2, f"c{i}", on_step=on_step, on_round=on_round
+                    )
                     histories[i] = fed.run()
             except KeyboardInterrupt:
                 histories[i] = []
@@ -132,3 +154,15 @@ def test_a_client_killed_mid_round_does_not_stop_the_round(tmp_path, tiny_tokeni
     assert first["submitted"] == ["c0", "c1"] and first["dropped"] == ["c2"]
     _, state, _, _ = load_round(latest_round(tmp_path))
     assert all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
+def test_a_client_late_for_a_round_is_left_out_and_takes_part_in_the_next(tmp_path, tiny_tokenizer):
+    config = FedConfig(rounds=3, local_steps=2, mode="hierarchical", expected_clients=2, lora=LORA, round_timeout_s=3)
+    # c1 stalls past round 1's timeout; c0 holds round 2 open until c1 has been refused and joined again.
+    histories = run_federation(tmp_path, config, [(1, 1), (1, 1)], tiny_tokenizer, stall=(1, 1, 0, 5.0), gate=(0, 2, 0))
+    late = {r.round: r.submitted for r in histories[1] if r.selected}
+    # Refused once (the round had closed), then back in a later round without an error.
+    assert late[1] is False and late[max(late)] is True and max(late) > 1, late
+    rounds = [json.loads(x) for x in (tmp_path / "server_rounds.jsonl").read_text().splitlines()]
+    assert rounds[0]["submitted"] == ["c0"] and rounds[0]["dropped"] == ["c1"]
+    assert sorted(rounds[-1]["submitted"]) == ["c0", "c1"]

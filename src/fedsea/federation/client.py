@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from fedsea.client.split_client import SplitClient
+from fedsea.errors import RemoteError
 from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict
 from fedsea.privacy.noise import Privatizer
 from fedsea.training.batch import Batch
@@ -36,6 +37,7 @@ class RoundResult:
     samples: int = 0
     bytes_sent: int = 0  # this round's traffic, all RPCs
     bytes_received: int = 0
+    submitted: bool = True  # False: the round closed before this update arrived (left out of the average)
 
 
 class FederatedClient:
@@ -166,7 +168,17 @@ class FederatedClient:
                 bar.set_postfix(loss=f"{loss:.4f}")
             bar.close()
             mean = sum(result.losses) / len(result.losses)
-            self._submit(message.round, result.samples, mean)
+            try:
+                self._submit(message.round, result.samples, mean)
+            except RemoteError as err:
+                if err.code != "FAILED_PRECONDITION":
+                    raise
+                # Too late: the round closed without this update (round timeout) and the server
+                # left this client out of the pool. The run goes on; join again for later rounds.
+                logger.warning("%s: round %d update not taken (%s); rejoining for the next round", self.name,
+                               message.round, err.message)  # fmt: skip
+                result.submitted = False
+                self.join()
             if meter is not None:
                 result.bytes_sent = meter.bytes_sent - before[0]
                 result.bytes_received = meter.bytes_received - before[1]

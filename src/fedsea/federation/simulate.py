@@ -230,8 +230,12 @@ def simulate(
     centralized: bool = False,
     resume: str | None = None,
     progress: bool = True,
+    eval_every_round: bool = True,
 ) -> dict[str, Any]:
-    """Run a federated simulation end to end; returns a summary (also in ``run_dir/report.md``)."""
+    """Run a federated simulation end to end; returns a summary (also in ``run_dir/report.md``).
+
+    ``eval_every_round=False`` evaluates the base model and the last round only (benchmarks).
+    """
     from fedsea.federation.report import write_report
     from fedsea.model.load import load_tokenizer
 
@@ -256,6 +260,8 @@ def simulate(
     metrics: list[dict[str, Any]] = [{"type": "eval", "round": 0, **evaluate_state(plan, None, tokenizer)}]
     for r in range(1, plan.fed.rounds + 1):
         path = folder / "checkpoints" / f"round-{r:04d}"
+        if not eval_every_round and r != plan.fed.rounds:
+            continue
         if (path / "state.json").exists():
             _, state, _, _ = load_round(path)
             metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
