@@ -128,8 +128,7 @@ def run_attack(args: argparse.Namespace) -> int:
     utility = finetune_utility(model, tokenizer, grid, aux, config, say) if args.utility == "finetune" else None
     heads = finetuned_victim_head(model, tokenizer, grid, aux, config, say) if head_mode == "finetuned" else None
     grid_size = len(grid.defences) * len(grid.head_layers) * len(grid.sigmas)
-    used = f"{head_mode} (for {', '.join(HEAD_DEFENCES)} only)" if head_mode == "finetuned" else head_mode
-    say(f"grid: {grid_size} settings x {len(grid.attacks)} attacks; utility: {args.utility}; victim head: {used}")
+    say(f"grid: {grid_size} settings x {len(grid.attacks)} attacks; utility: {args.utility}; victim head: {head_mode}")
     rows = run_attack_grid(
         model,
         tokenizer,
