@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,10 @@ def bench_federation(
             speed_smollm2=smol,
         )
     if "quality" in parts:
-        rows = [quality(model, t) for t in quality_tasks]
+        rows = []
+        for task in quality_tasks:  # each row to stderr as it lands: a long run keeps what it measured
+            rows.append(quality(model, task))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         result["quality"] = rows
         result.update(central_acc=rows[0]["central_acc"], fed_acc=rows[0]["fed_acc"], gap_points=rows[0]["gap_points"])
     return result
