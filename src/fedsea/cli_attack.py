@@ -33,24 +33,23 @@ def _comma_list(item: Callable[[str], Any], what: str, choices: tuple[str, ...] 
     return parse
 
 
-def _non_negative(text: str) -> float:
+def _finite(text: str, strict: bool) -> float:
+    """A finite number >= 0 (``strict``: > 0), or an argparse error naming the bound."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number {'>' if strict else '>='} 0")
     return value
+
+
+def _non_negative(text: str) -> float:
+    return _finite(text, strict=False)
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
-    return value
+    return _finite(text, strict=True)
 
 
 def _probability(text: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -12,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from fedsea.client.split_client import SplitClient
+from fedsea.config import NoiseConfig
 from fedsea.errors import RemoteError
 from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict
 from fedsea.privacy.noise import Privatizer
@@ -125,16 +127,16 @@ class FederatedClient:
             PartOptimizer(split.head, self.client.optim),
             PartOptimizer(split.tail, self.client.optim),
         ]
-        noise_seed = derived_seed(self.info.seed if self.info else 0, self.name, round_number, "noise")
-        trainer.privatizer = Privatizer(
-            type(self.client.noise)(self.client.noise.sigma, self.client.noise.clip_norm, noise_seed),
-            device=split.model.device,
-        )
+        run_seed = self.info.seed if self.info else 0
+
+        def reseeded(config: NoiseConfig, what: str) -> Privatizer:
+            seed = derived_seed(run_seed, self.name, round_number, what)
+            return Privatizer(dataclasses.replace(config, seed=seed), device=split.model.device)
+
+        trainer.privatizer = reseeded(self.client.noise, "noise")
         if trainer.grad_privatizer is not None:
-            g = trainer.grad_privatizer.config
-            grad_seed = derived_seed(self.info.seed if self.info else 0, self.name, round_number, "grad-noise")
-            trainer.grad_privatizer = Privatizer(type(g)(g.sigma, g.clip_norm, grad_seed), device=split.model.device)
-        torch.manual_seed(derived_seed(self.info.seed if self.info else 0, self.name, round_number, "torch"))
+            trainer.grad_privatizer = reseeded(trainer.grad_privatizer.config, "grad-noise")
+        torch.manual_seed(derived_seed(run_seed, self.name, round_number, "torch"))
 
     def run(self) -> list[RoundResult]:
         """Join (if not yet) and take part in rounds until the run is over."""
