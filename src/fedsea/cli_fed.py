@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,11 +14,13 @@ from fedsea.cli_generate import add_connection_args, client_tls
 
 def _cmd_join(args: argparse.Namespace) -> int:
     from fedsea.client.split_client import SplitClient
-    from fedsea.federation.client import FederatedClient
+    from fedsea.federation.client import FederatedClient, load_noise_secret
     from fedsea.federation.data import load_client_data
-    from fedsea.federation.simconfig import load_plan
+    from fedsea.federation.report import noise_record
+    from fedsea.federation.simconfig import load_plan, releases_per_token
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
+    from fedsea.privacy.calibration import resolve_noise
     from fedsea.wire.shaper import NetShaper
 
     plan = load_plan(args.run)
@@ -31,6 +34,12 @@ def _cmd_join(args: argparse.Namespace) -> int:
     log = Path(args.log) if args.log else None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
+    releases = releases_per_token(plan.fed.rounds, plan.fed.local_steps, me.batch_size, len(examples))
+    noise = resolve_noise(dataclasses.replace(plan.noise, releases=releases), split.head, tokenizer)
+    print(f"{me.name}: noise on h_p (p={me.head_layers}): {noise.summary()}", flush=True)
+    if log is not None:
+        with log.open("a") as f:
+            f.write(json.dumps({"client": me.name, "noise": noise_record(noise, me.head_layers)}) + "\n")
 
     def on_step(round_number: int, step: int, loss: float) -> None:
         if log is not None:
@@ -38,7 +47,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
                 f.write(json.dumps({"client": me.name, "round": round_number, "step": step, "loss": loss}) + "\n")
 
     client = SplitClient(
-        args.server, split, noise=plan.noise, grad_noise=plan.grad_noise,
+        args.server, split, noise=noise.noise, grad_noise=plan.grad_noise,
         optim=plan.optim, wire_dtype=plan.wire_dtype, tls=client_tls(args),
         token=args.token or os.environ.get("FEDSEA_TOKEN"), seed=plan.fed.seed,
         shaper=NetShaper(args.net_latency_ms, args.net_mbps),
@@ -52,9 +61,11 @@ def _cmd_join(args: argparse.Namespace) -> int:
                     record.update(bytes_sent=result.bytes_sent, bytes_received=result.bytes_received)
                     f.write(json.dumps(record) + "\n")
 
+        secret = load_noise_secret(args.noise_secret_file) if args.noise_secret_file else None
         fed = FederatedClient(
-            client, examples, me.batch_size, me.name, on_step=on_step, progress=not args.quiet, on_round=on_round
-        )
+            client, examples, me.batch_size, me.name, on_step=on_step, progress=not args.quiet, on_round=on_round,
+            noise_secret=secret,
+        )  # fmt: skip
         history = fed.run()
         stats = client.stats()
     if log is not None:
@@ -93,6 +104,11 @@ def add_fed_commands(sub: Any) -> None:
     join.add_argument("--shard", help="a task shard (JSON of example ids) written by fedsea simulate")
     join.add_argument("--data", help='or a JSONL file of {"text"} or {"prompt", "completion"} rows')
     join.add_argument("--log", help="append step losses and traffic (JSONL) here")
+    join.add_argument(
+        "--noise-secret-file",
+        help="keep the secret the noise is seeded with here (made on first use; the same file again "
+        "gives a resumed run the same noise). Default: a fresh secret per process",
+    )
     join.add_argument("--quiet", action="store_true")
     join.set_defaults(func=_cmd_join)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsea.cli_generate import add_connection_args, client_tls
-from fedsea.config import LoraSpec, NoiseConfig, OptimConfig, ServerLimits
+from fedsea.config import RECOMMENDED_RELATIVE_SIGMA, LoraSpec, NoiseConfig, OptimConfig, ServerLimits
 from fedsea.model.load import DEFAULT_MODEL
 
 
@@ -58,12 +58,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_noise_target(args: argparse.Namespace, releases: int) -> Any:
+    """``fedsea train``'s noise flags as a target: one of --sigma, --relative-sigma, --epsilon,
+    else the recommended relative default. The noise seed is the OS's unless --noise-seed:
+    a server that knew it could subtract the noise."""
+    from fedsea.privacy.calibration import NoiseTarget
+
+    given = {"sigma": args.sigma, "relative_sigma": args.relative_sigma, "epsilon": args.epsilon}
+    level = {k: v for k, v in given.items() if v is not None} or {"relative_sigma": RECOMMENDED_RELATIVE_SIGMA}
+    return NoiseTarget(**level, delta=args.delta, clip_norm=args.clip_norm, releases=releases, seed=args.noise_seed)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from fedsea.client.split_client import SplitClient
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
+    from fedsea.privacy.calibration import resolve_noise
     from fedsea.training.data import iterate_batches, load_jsonl
     from fedsea.wire.shaper import NetShaper
 
@@ -75,11 +87,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     split = split_model(load_model(args.model), args.head_layers, args.tail_layers).add_lora(lora)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
+    # Each example's h_p is sent once per epoch begun (the accountant composes over these).
+    releases = math.ceil(total * args.batch_size / max(1, len(examples)))
+    noise = resolve_noise(train_noise_target(args, releases), split.head, tokenizer)
+    if not args.json:
+        print(f"noise on h_p (p={args.head_layers}): {noise.summary()}")
     tls = client_tls(args)
     client = SplitClient(
         args.server,
         split,
-        noise=NoiseConfig(sigma=args.sigma, clip_norm=args.clip_norm, seed=args.seed),
+        noise=noise.noise,
         optim=OptimConfig(lr=args.lr),
         wire_dtype=args.wire_dtype,
         tls=tls,
@@ -117,6 +134,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "client_compute_s": stats["local_compute_s"],
         "rpcs": stats["rpcs"],
         "adapters": args.save_adapters,
+        "noise": {
+            "mode": noise.mode,
+            "sigma": noise.noise.sigma,
+            "rms": noise.rms,
+            "clip_norm": noise.noise.clip_norm,
+            "epsilon": noise.epsilon,
+            "delta": noise.delta,
+            "releases": noise.releases,
+        },
     }
     if args.json:
         print(json.dumps(summary))
@@ -191,9 +217,19 @@ def add_wire_commands(sub: Any) -> None:
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     train.add_argument("--max-length", type=int, default=256, help="tokens per example, at most")
-    train.add_argument("--sigma", type=float, default=noise.sigma, help="std of the Gaussian noise on h_p")
+    level = train.add_mutually_exclusive_group()
+    level.add_argument("--sigma", type=float, default=None, help="std of the Gaussian noise on h_p (0: none)")
+    level.add_argument(
+        "--relative-sigma",
+        type=float,
+        default=None,
+        help=f"sigma as a multiple of h_p's RMS on public text (default: {RECOMMENDED_RELATIVE_SIGMA}, PRIVACY.md)",
+    )
+    level.add_argument("--epsilon", type=float, default=None, help="target epsilon over the run (needs --clip-norm)")
+    train.add_argument("--delta", type=float, default=1e-5, help="delta of epsilon (default: %(default)s)")
     train.add_argument("--clip-norm", type=float, default=noise.clip_norm, help="per-token L2 clip before the noise")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--noise-seed", type=int, default=None, help="noise seed (default: the OS's; keep it secret)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the data order and the LoRA init")
     train.add_argument("--save-adapters", help="write head/trunk/tail adapters here at the end")
     train.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     train.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -11,6 +11,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# The recommended default noise (PRIVACY.md, "Recommended default"): sigma as a multiple of
+# h_p's per-coordinate RMS on public calibration text (``fedsea.privacy.calibration``). Run
+# files and ``fedsea train`` use it unless told otherwise; the Python API's ``NoiseConfig()``
+# stays noise-free so that split == centralized holds by default.
+RECOMMENDED_RELATIVE_SIGMA = 0.14
+
 # The paper's LoRA targets (q, k, v, o projections of every attention block).
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 

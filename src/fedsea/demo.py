@@ -125,6 +125,7 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
     from fedsea.federation.simconfig import load_plan
     from fedsea.federation.simulate import simulate
     from fedsea.model.adapters import load_adapter_state_dict
+    from fedsea.privacy.calibration import resolve_noise
     from fedsea.server.app import ServerThread, TrunkServer
     from fedsea.server.trunk import TrunkHost
 
@@ -139,12 +140,15 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
     print(f"{'before fine-tuning (zero-shot)':<34}{summary['before']:.3f}")
     print(f"{'federated, after ' + str(summary['rounds_completed']) + ' rounds':<34}{summary['after']:.3f}")
     print(f"{'centralized, same budget':<34}{summary['centralized']:.3f}")
-    print(f"bytes moved by the 3 clients: {summary['bytes_moved'] / 2**20:.1f} MiB; noise sigma {summary['sigma']}")
+    print(f"bytes moved by the 3 clients: {summary['bytes_moved'] / 2**20:.1f} MiB")
+    for name, noise in dict(summary.get("noise") or {}).items():
+        print(f"noise of {name}: {noise['summary']}")
 
     # One answer through the split, with the federated adapters and the run's noise.
     _, state, _, _ = load_round(latest_round(summary["run_dir"]))
     tokenizer = load_tokenizer(plan.model)
     split = split_model(load_model(plan.model), 2, 2).add_lora(plan.lora)
+    noise = resolve_noise(plan.noise, split.head, tokenizer)  # measured before the adapters load
     for part in split.parts().values():
         load_adapter_state_dict(part, state, strict=False)
     from fedsea import tasks
@@ -152,7 +156,7 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
     example = tasks.get_task("sst2").to_example({"sentence": DEMO_REVIEW, "label": 1, "idx": 0})
     with (
         ServerThread(TrunkServer(TrunkHost(load_model(plan.model)))) as port,
-        SplitClient(f"127.0.0.1:{port}", split, noise=plan.noise, tokenizer=tokenizer) as client,
+        SplitClient(f"127.0.0.1:{port}", split, noise=noise.noise, tokenizer=tokenizer) as client,
     ):
         answer = client.generate([example.prompt], max_new_tokens=8)[0]
     print(f"\nsplit-generated answer with the federated adapters (noise on):\n  prompt: {example.prompt!r}")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fedsea.config import RECOMMENDED_RELATIVE_SIGMA
+
 FEDSEA = [sys.executable, "-m", "fedsea.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -82,6 +84,10 @@ def test_serve_train_and_graceful_shutdown(setup):
         assert summary["steps"] == 12 and summary["loss_last"] < summary["loss_first"]
         assert summary["rpcs"]["forward"]["calls"] == 12 and summary["bytes_sent"] > 0
         assert {p.name for p in (root / "adapters").iterdir()} == {"head", "trunk", "tail"}
+        # No noise flag: the recommended relative level, measured on public text, 4 releases (epochs).
+        noise = summary["noise"]
+        assert noise["mode"] == "relative" and noise["releases"] == 4 and noise["epsilon"] is None
+        assert noise["sigma"] == pytest.approx(RECOMMENDED_RELATIVE_SIGMA * noise["rms"]) and noise["sigma"] > 0
 
         bad = subprocess.run([*FEDSEA, "train", *common, "--token", "0" * 64], env=ENV, capture_output=True, text=True)
         assert bad.returncode == 2 and "UNAUTHENTICATED" in bad.stderr
@@ -96,6 +102,24 @@ def test_serve_refuses_plaintext_on_a_public_address():
     done = subprocess.run([*FEDSEA, "serve", "--model", "tiny-llama", "--host", "0.0.0.0"], env=ENV,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "refusing to serve plaintext" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sigma", "1", "--relative-sigma", "1"], "not allowed with argument"),
+        (["--epsilon", "8"], "clip_norm must be set"),
+        (["--relative-sigma", "-1"], "relative_sigma must be a finite number"),
+    ],
+)
+def test_train_noise_flags_are_checked(setup, flags, message):
+    root, _ = setup
+    done = subprocess.run(
+        [*FEDSEA, "train", "--server", "localhost:1", "--data", str(root / "data.jsonl"), "--model", "tiny-llama",
+         "--head-layers", "1", "--tail-layers", "1", *flags],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
 
 
 def test_train_reports_a_bad_data_file_by_line(setup, tmp_path):

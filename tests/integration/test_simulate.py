@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fedsea
+from fedsea.federation.simconfig import releases_per_token
 
 FEDSEA = [sys.executable, "-m", "fedsea.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -37,7 +39,7 @@ max_length = 96
 [[clients]]
 head_layers = 2
 [noise]
-sigma = 0.1
+relative_sigma = 0.1
 """
 
 
@@ -57,10 +59,24 @@ def test_simulate_writes_a_complete_run_folder_and_exports(tmp_path):
         assert (run_dir / name).is_file(), name
     assert "local_steps = 3" in (run_dir / "config.toml").read_text()  # the override is in the resolved config
     kinds = {json.loads(line)["type"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
-    assert kinds == {"round", "step", "traffic", "eval", "centralized"}
+    assert kinds == {"round", "step", "traffic", "eval", "centralized", "noise"}
     report = (run_dir / "report.md").read_text()
     assert "client-0 | 2 | 1" in report and "client-1 | 1 | 1" in report and "partition: dirichlet" in report
     assert (run_dir / "secrets" / "tokens.json").stat().st_mode & 0o077 == 0
+    # Each client resolved the relative level on its own head (p = 2 and p = 1) and reported it,
+    # with the releases of 2 rounds x 3 steps x 4 examples over its shard.
+    noise = summary["noise"]
+    assert sorted(noise) == ["client-0", "client-1"]
+    for name, p in (("client-0", 2), ("client-1", 1)):
+        n = noise[name]
+        assert n["mode"] == "relative" and n["head_layers"] == p and n["clip_norm"] is None
+        assert n["sigma"] == pytest.approx(0.1 * n["rms"]) and n["rms"] > 0 and n["epsilon"] is None
+        shard = json.loads((run_dir / "clients" / name / "shard.json").read_text())["ids"]
+        assert n["releases"] == releases_per_token(2, 3, 4, len(shard)) and n["summary"] in report
+        # The noise seed's secret stays in the client's folder, owner-only.
+        secret = run_dir / "clients" / name / "noise.secret"
+        assert secret.stat().st_mode & 0o077 == 0 and len(secret.read_text().strip()) == 64
+    assert noise["client-0"]["rms"] != noise["client-1"]["rms"]
 
     exported = subprocess.run([*FEDSEA, "export", str(run_dir), str(tmp_path / "merged")], env=ENV,
                               capture_output=True, text=True, timeout=300)  # fmt: skip

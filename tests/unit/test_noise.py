@@ -72,3 +72,17 @@ def test_retry_resends_the_exact_payload():
 def test_bad_noise_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         fedsea.NoiseConfig(**kwargs)
+
+
+def test_noise_secret_file_is_made_once_owner_only_and_read_back(tmp_path):
+    from fedsea.federation.client import load_noise_secret
+
+    path = tmp_path / "client" / "noise.secret"
+    secret = load_noise_secret(path)
+    assert len(secret) == 64 and int(secret, 16) >= 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_noise_secret(path) == secret  # a resumed client reads the same secret
+    assert load_noise_secret(tmp_path / "other.secret") != secret
+    path.write_text("short\n")
+    with pytest.raises(ValueError, match="holds no noise secret"):
+        load_noise_secret(path)

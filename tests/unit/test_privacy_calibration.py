@@ -9,7 +9,18 @@ import torch
 
 import fedsea
 from fedsea.privacy.accountant import epsilon_for_sigma
-from fedsea.privacy.calibration import NoiseTarget, calibrate, describe, hidden_rms, token_norm_quantile
+from fedsea.privacy.attacks import encode_texts, head_states
+from fedsea.privacy.calibration import (
+    CALIBRATION_TOKENS,
+    NoiseTarget,
+    calibrate,
+    describe,
+    hidden_rms,
+    public_rms,
+    resolve_noise,
+    token_norm_quantile,
+)
+from fedsea.privacy.public_text import PUBLIC_TEXT
 from fedsea.privacy.shaped import (
     NoiseShape,
     ShapedPrivatizer,
@@ -128,3 +139,33 @@ def test_bases_from_embeddings_hidden_states_and_token_means():
     assert shape.subspace_fraction == pytest.approx(0.7, rel=1e-5)
     with pytest.raises(ValueError, match="orthonormal"):
         NoiseShape(torch.ones(4, 2), torch.ones(2), 1.0)
+
+
+def test_public_rms_is_hidden_rms_of_the_head_on_the_public_text():
+    model = fedsea.tiny_llama(seed=0)
+    tokenizer = fedsea.load_tokenizer("tiny-llama")
+    head = fedsea.split_model(model, 2, 1).head
+    ids = encode_texts(tokenizer, PUBLIC_TEXT, CALIBRATION_TOKENS)
+    assert len(ids) == len(PUBLIC_TEXT) and all(len(s) == CALIBRATION_TOKENS for s in ids)
+    states = head_states(head, ids, tokenizer.pad_token_id)
+    assert public_rms(head, tokenizer) == pytest.approx(hidden_rms(states.hidden, states.lengths))
+    assert public_rms(head, tokenizer, clip_norm=0.5) == pytest.approx(0.5 / math.sqrt(64), rel=1e-4)
+    with pytest.raises(ValueError, match="no sequence"):
+        public_rms(head, tokenizer, texts=["a"])
+
+
+def test_resolve_noise_in_each_mode_reports_the_measured_rms():
+    model = fedsea.tiny_llama(seed=0)
+    tokenizer = fedsea.load_tokenizer("tiny-llama")
+    head = fedsea.split_model(model, 1, 1).head
+    rms = public_rms(head, tokenizer)
+    relative = resolve_noise(NoiseTarget(relative_sigma=2.0, seed=3), head, tokenizer)
+    assert relative.mode == "relative" and relative.rms == pytest.approx(rms)
+    assert relative.noise.sigma == pytest.approx(2.0 * rms) and relative.noise.seed == 3
+    assert relative.epsilon is None and "sigma/rms=2" in relative.summary()
+    absolute = resolve_noise(NoiseTarget(sigma=0.3), head, tokenizer)
+    assert absolute.noise.sigma == 0.3 and absolute.rms == pytest.approx(rms)
+    dp = resolve_noise(NoiseTarget(epsilon=8.0, clip_norm=1.0, releases=3), head, tokenizer)
+    assert dp.mode == "dp" and dp.epsilon == pytest.approx(8.0, rel=1e-3) and dp.releases == 3
+    assert dp.rms == pytest.approx(public_rms(head, tokenizer, clip_norm=1.0))
+    assert dp.noise.sigma == pytest.approx(calibrate(NoiseTarget(epsilon=8.0, clip_norm=1.0, releases=3)).noise.sigma)

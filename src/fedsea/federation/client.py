@@ -6,8 +6,11 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -31,6 +34,22 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
+def load_noise_secret(path: str | os.PathLike[str]) -> str:
+    """The client's noise secret kept in ``path``: read it, or make one (owner-only file) the first time."""
+    file = Path(path)
+    if file.exists():
+        secret = file.read_text().strip()
+        if len(secret) < 32:
+            raise ValueError(f"{file} holds no noise secret (expected at least 32 hex characters)")
+        return secret
+    file.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_hex(32)
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
 @dataclass
 class RoundResult:
     round: int
@@ -51,6 +70,11 @@ class FederatedClient:
         batch_size: examples per local step.
         name: used to derive this client's seeds (data order, noise) per round.
         on_step: called with (round, step, loss) after every local step.
+        noise_secret: mixed into the noise seeds and never sent. The run seed and the client's
+            name are known to the server, so noise seeded from them alone could be regenerated
+            and subtracted there. ``None`` draws a fresh secret (a resumed run then draws other
+            noise); pass the same secret again, e.g. from ``load_noise_secret``, for a
+            bit-identical resume.
     """
 
     def __init__(
@@ -62,6 +86,7 @@ class FederatedClient:
         on_step: Callable[[int, int, float], None] | None = None,
         progress: bool = False,
         on_round: Callable[[RoundResult], None] | None = None,
+        noise_secret: str | None = None,
     ) -> None:
         if client.connection is None or client.trainer is None:
             raise ValueError("connect the SplitClient first")
@@ -72,6 +97,7 @@ class FederatedClient:
         self.on_step = on_step
         self.on_round = on_round
         self.progress = progress
+        self.noise_secret = noise_secret if noise_secret is not None else secrets.token_hex(32)
         self.info: pb.JoinResponse | None = None
         self.history: list[RoundResult] = []
 
@@ -130,7 +156,7 @@ class FederatedClient:
         run_seed = self.info.seed if self.info else 0
 
         def reseeded(config: NoiseConfig, what: str) -> Privatizer:
-            seed = derived_seed(run_seed, self.name, round_number, what)
+            seed = derived_seed(self.noise_secret, run_seed, self.name, round_number, what)
             return Privatizer(dataclasses.replace(config, seed=seed), device=split.model.device)
 
         trainer.privatizer = reseeded(self.client.noise, "noise")

@@ -8,6 +8,32 @@ from typing import Any
 
 from fedsea.federation.simconfig import RunPlan
 from fedsea.io import atomic_write_text
+from fedsea.privacy.calibration import Calibration
+
+
+def noise_record(calibration: Calibration, head_layers: int) -> dict[str, Any]:
+    """What a client logs of its resolved noise (read back into the run's report)."""
+    return {
+        "head_layers": head_layers,
+        "mode": calibration.mode,
+        "sigma": calibration.noise.sigma,
+        "rms": calibration.rms,
+        "clip_norm": calibration.noise.clip_norm,
+        "epsilon": calibration.epsilon,
+        "delta": calibration.delta,
+        "releases": calibration.releases,
+        "summary": calibration.summary(),
+    }
+
+
+def _level(plan: RunPlan) -> str:
+    """The run file's noise level in words."""
+    target = plan.noise
+    if target.mode == "relative":
+        return f"relative_sigma {target.relative_sigma:g} (sigma = that x RMS of h_p on public text, per client)"
+    if target.mode == "dp":
+        return f"epsilon {target.epsilon:g} at delta {target.delta:g} (clip norm {target.clip_norm:g})"
+    return f"sigma {target.sigma:g} (std of the Gaussian on h_p)"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -79,9 +105,12 @@ def write_report(
     """Merge the logs into ``metrics.jsonl``, draw the plots, write ``report.md``; return a summary."""
     rounds = _read_jsonl(run_dir / "server_rounds.jsonl")
     steps, traffic, finals = [], [], []
+    noise: dict[str, dict[str, Any]] = {}
     for client in plan.clients:
         for record in _read_jsonl(run_dir / "clients" / client.name / "steps.jsonl"):
-            if record.get("final"):
+            if "noise" in record:
+                noise[client.name] = record["noise"]
+            elif record.get("final"):
                 finals.append(record)
             elif "loss" in record:
                 steps.append(record)
@@ -90,6 +119,7 @@ def write_report(
     lines = [json.dumps({"type": "round", **r}) for r in rounds]
     lines += [json.dumps({"type": "step", **s}) for s in steps]
     lines += [json.dumps({"type": "traffic", **t}) for t in traffic]
+    lines += [json.dumps({"type": "noise", "client": c, **n}) for c, n in noise.items()]
     lines += [json.dumps(e) for e in evals]
     if central is not None:
         lines.append(json.dumps({"type": "centralized", "steps": central["steps"], **central["metrics"]}))
@@ -112,7 +142,8 @@ def write_report(
         "after": after,
         "centralized": _main_metric(central["metrics"])[1] if central else None,
         "bytes_moved": moved,
-        "sigma": plan.noise.sigma,
+        "sigma": max((n["sigma"] for n in noise.values()), default=plan.noise.sigma or 0.0),
+        "noise": noise,
         "seconds": round(seconds, 1),
     }
     md = [
@@ -121,12 +152,16 @@ def write_report(
         f"- model `{plan.model}`, LoRA r={plan.lora.r} alpha={plan.lora.alpha} "
         f"on {', '.join(plan.lora.target_modules)}",
         f"- {fed.rounds} rounds x {fed.local_steps} local steps, lr {plan.optim.lr}, strategy {fed.strategy}",
-        f"- noise sigma {plan.noise.sigma} (std of the Gaussian on h_p), clip norm {plan.noise.clip_norm}",
+        f"- noise {_level(plan)}, clip norm {plan.noise.clip_norm or 'none'}",
         f"- wire {plan.wire_dtype}, TLS {'on' if plan.tls else 'off'}; took {summary['seconds']} s",
         "",
-        "| client | head p | tail q | batch |",
-        "|---|---|---|---|",
-        *[f"| {c.name} | {c.head_layers} | {c.tail_layers} | {c.batch_size} |" for c in plan.clients],
+        "| client | head p | tail q | batch | noise on h_p |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {c.name} | {c.head_layers} | {c.tail_layers} | {c.batch_size} | "
+            f"{noise[c.name]['summary'] if c.name in noise else '-'} |"
+            for c in plan.clients
+        ],
         "",
         "## Data partition",
         "",

@@ -9,7 +9,11 @@
     [[clients]]  head_layers = 4      # optional, one table per client: overrides of [client]
     [lora]       r = 8, alpha = 16, dropout = 0.0, target_modules = ["q_proj", ...]
     [optim]      lr = 1e-3
-    [noise]      sigma = 0.0, clip_norm = 0 (0: no clipping), grad_sigma = 0.0, grad_clip_norm = 0
+    [noise]      relative_sigma = 0.14 (the recommended default: sigma = 0.14 x RMS of h_p, measured
+                 by each client on public text at start-up), or sigma = 0.5 (absolute std), or
+                 epsilon = 8 with delta = 1e-5 and clip_norm (a DP target over the run's releases);
+                 one of the three (setting sigma or epsilon drops the relative default; sigma = 0
+                 is no noise); clip_norm = 0 (0: no clipping), grad_sigma = 0.0, grad_clip_norm = 0
                  (grad_*: the gradient sent up to the trunk)
     [wire]       dtype = "fp32", tls = true, latency_ms = 0, mbps = 0 (emulated WAN on each client)
     [run]        seed = 0
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tomllib
 from collections.abc import Sequence
@@ -28,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsea.config import LoraSpec, NoiseConfig, OptimConfig
+from fedsea.config import RECOMMENDED_RELATIVE_SIGMA, LoraSpec, NoiseConfig, OptimConfig
 from fedsea.federation.config import FedConfig
+from fedsea.privacy.calibration import NoiseTarget
 
 DEFAULTS: dict[str, Any] = {
     "model": {"source": "smollm2-135m"},
@@ -56,7 +62,15 @@ DEFAULTS: dict[str, Any] = {
     "clients": [],
     "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "optim": {"lr": 1e-3, "weight_decay": 0.01, "max_grad_norm": 1.0},
-    "noise": {"sigma": 0.0, "clip_norm": 0.0, "grad_sigma": 0.0, "grad_clip_norm": 0.0},
+    "noise": {
+        "sigma": 0.0,
+        "relative_sigma": RECOMMENDED_RELATIVE_SIGMA,
+        "epsilon": 0.0,
+        "delta": 1e-5,
+        "clip_norm": 0.0,
+        "grad_sigma": 0.0,
+        "grad_clip_norm": 0.0,
+    },
     "wire": {"dtype": "fp32", "tls": True, "latency_ms": 0.0, "mbps": 0.0},
     "run": {"seed": 0},
 }
@@ -114,9 +128,18 @@ def _read_run_file(file: Path) -> dict[str, Any]:
     return data
 
 
+# The noise levels of which a run file sets one; the first is the default's.
+NOISE_LEVELS: tuple[str, ...] = ("relative_sigma", "sigma", "epsilon")
+
+
 def load_tree(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Defaults, updated by the file (TOML, or YAML for ``.yaml``/``.yml``), updated by the overrides."""
+    """Defaults, updated by the file (TOML, or YAML for ``.yaml``/``.yml``), updated by the overrides.
+
+    A file or override that sets ``noise.sigma`` or ``noise.epsilon`` but not
+    ``noise.relative_sigma`` replaces the default noise level (``sigma = 0`` is no noise).
+    """
     tree = copy.deepcopy(DEFAULTS)
+    given: set[str] = set()
     if path is not None:
         file = Path(path)
         try:
@@ -124,8 +147,15 @@ def load_tree(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read run file {file}: {exc}") from exc
         tree = _merge(tree, data)
+        if isinstance(data.get("noise"), dict):
+            given |= set(data["noise"])
     for assignment in overrides:
         apply_override(tree, assignment)
+        section, _, key = assignment.split("=", 1)[0].strip().partition(".")
+        if section == "noise":
+            given.add(key)
+    if "relative_sigma" not in given and given & {"sigma", "epsilon"}:
+        tree["noise"]["relative_sigma"] = 0.0
     return tree
 
 
@@ -175,7 +205,7 @@ class RunPlan:
     clients: tuple[ClientPlan, ...]
     lora: LoraSpec
     optim: OptimConfig
-    noise: NoiseConfig
+    noise: NoiseTarget
     model: str
     wire_dtype: str
     tls: bool
@@ -220,7 +250,7 @@ class RunPlan:
         optim = OptimConfig(
             lr=float(op["lr"]), weight_decay=float(op["weight_decay"]), max_grad_norm=float(op["max_grad_norm"]) or None
         )
-        noise = NoiseConfig(sigma=float(no["sigma"]), clip_norm=float(no["clip_norm"]) or None)
+        noise = noise_target(no)
         grad_noise = NoiseConfig(sigma=float(no["grad_sigma"]), clip_norm=float(no["grad_clip_norm"]) or None)
         wire = tree["wire"]
         if wire["dtype"] not in ("fp32", "bf16", "fp16"):
@@ -237,6 +267,30 @@ class RunPlan:
             bool(wire["tls"]),
             grad_noise,
         )
+
+
+def noise_target(section: dict[str, Any]) -> NoiseTarget:
+    """The ``[noise]`` table's level as a ``NoiseTarget`` (``ValueError`` when more than one is set)."""
+    levels = {}
+    for name in NOISE_LEVELS:
+        try:
+            levels[name] = float(section[name])
+        except (TypeError, ValueError):
+            raise ValueError(f"noise.{name} must be a number, got {section[name]!r}") from None
+    chosen = [name for name in NOISE_LEVELS if levels[name] != 0]
+    if len(chosen) > 1:
+        given = " and ".join(f"noise.{n} = {levels[n]:g}" for n in chosen)
+        raise ValueError(f"set one noise level of {', '.join(NOISE_LEVELS)}, got {given}")
+    level = chosen[0] if chosen else "sigma"
+    clip = float(section["clip_norm"]) or None
+    return NoiseTarget(**{level: levels[level]}, delta=float(section["delta"]), clip_norm=clip)
+
+
+def releases_per_token(rounds: int, local_steps: int, batch_size: int, num_examples: int) -> int:
+    """The most times one example's h_p is sent in a run: each round draws ``local_steps`` batches
+    from fresh shuffled epochs, so an example is sent at most ceil(steps x batch / examples) times
+    a round (the accountant composes over these releases)."""
+    return rounds * max(1, math.ceil(local_steps * batch_size / max(1, num_examples)))
 
 
 def load_plan(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunPlan:

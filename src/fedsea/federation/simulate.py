@@ -129,6 +129,8 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
             tokens[c.name],
             "--log",
             str(run_dir / "clients" / c.name / "steps.jsonl"),
+            "--noise-secret-file",
+            str(run_dir / "clients" / c.name / "noise.secret"),
             "--quiet",
             "--net-latency-ms",
             str(plan.tree["wire"]["latency_ms"]),

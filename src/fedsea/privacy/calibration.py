@@ -17,17 +17,42 @@ clipping makes it meaningful, its epsilon.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from fedsea.config import NoiseConfig
+from fedsea.config import RECOMMENDED_RELATIVE_SIGMA, NoiseConfig
 from fedsea.model.masks import padding_mask
 from fedsea.privacy import accountant
 from fedsea.privacy.noise import clip_per_token
 
+if TYPE_CHECKING:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    from fedsea.model.split import Head
+
 MODES: tuple[str, ...] = ("sigma", "relative", "dp")
+__all__ = [
+    "CALIBRATION_TOKENS",
+    "MODES",
+    "RECOMMENDED_RELATIVE_SIGMA",
+    "Calibration",
+    "NoiseTarget",
+    "calibrate",
+    "describe",
+    "hidden_rms",
+    "public_rms",
+    "real_token_rows",
+    "resolve_noise",
+    "token_norm_quantile",
+]
+
+# Tokens kept per calibration text: the attack grid's length, so relative levels agree.
+CALIBRATION_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -227,3 +252,52 @@ def describe(
     if noise.clip_norm is not None:
         epsilon = accountant.epsilon_for_sigma(noise.sigma, noise.clip_norm, releases, delta, rows)
     return Calibration(noise=noise, mode=mode, rms=rms, epsilon=epsilon, delta=delta, releases=releases, rows=rows)
+
+
+def public_rms(
+    head: Head,
+    tokenizer: PreTrainedTokenizerBase,
+    clip_norm: float | None = None,
+    texts: Sequence[str] | None = None,
+    max_tokens: int = CALIBRATION_TOKENS,
+) -> float:
+    """Per-coordinate RMS of ``head``'s output on public text (after clipping, if set).
+
+    Args:
+        head: the client's head, before any private training (its fresh LoRA adds nothing).
+        tokenizer: the model's tokenizer.
+        clip_norm: clip each token's vector to this L2 norm first, as the mechanism does.
+        texts: public text; default ``fedsea.privacy.public_text.PUBLIC_TEXT``.
+        max_tokens: tokens kept per text.
+    """
+    from fedsea.privacy.attacks.data import encode_texts, head_states
+    from fedsea.privacy.public_text import PUBLIC_TEXT
+
+    ids = encode_texts(tokenizer, PUBLIC_TEXT if texts is None else texts, max_tokens)
+    if not ids:
+        raise ValueError("the calibration texts give no sequence of >= 2 tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    states = head_states(head, ids, int(pad))
+    return hidden_rms(states.hidden, states.lengths, clip_norm)
+
+
+def resolve_noise(
+    target: NoiseTarget,
+    head: Head,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str] | None = None,
+) -> Calibration:
+    """A client's noise from what was asked: measure h_p's RMS on public text, then calibrate.
+
+    The RMS is measured in every mode (cheap: a couple of dozen short sequences through the
+    head's p blocks), so that every run can report sigma relative to h_p's scale.
+    """
+    rms = public_rms(head, tokenizer, target.clip_norm, texts)
+    if target.mode == "sigma":
+        sigma = float(target.sigma)  # type: ignore[arg-type]
+    elif target.mode == "relative":
+        sigma = float(target.relative_sigma) * rms  # type: ignore[arg-type]
+    else:
+        return dataclasses.replace(calibrate(target), rms=rms)
+    noise = NoiseConfig(sigma=sigma, clip_norm=target.clip_norm, seed=target.seed)
+    return describe(noise, releases=target.releases, delta=target.delta, rows=target.rows, rms=rms, mode=target.mode)
