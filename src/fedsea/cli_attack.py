@@ -78,7 +78,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 def add_attack_commands(sub: Any) -> None:
     """Register ``fedsea attack``."""
     from fedsea.model.load import DEFAULT_MODEL
-    from fedsea.privacy.grid import ATTACKS, DEFENCES
+    from fedsea.privacy.grid import ATTACKER_HEADS, ATTACKS, DEFENCES
 
     attack = sub.add_parser(
         "attack",
@@ -141,6 +141,14 @@ def add_attack_commands(sub: Any) -> None:
         default=None,
         help="the victim's head, for every defence: the public base head, or one with a private adapter "
         "fine-tuned on --task (default: finetuned when nopeek/adversarial are asked for, else base)",
+    )
+    add(
+        "--attacker-head",
+        type=_comma_list(str, "an attacker head", ATTACKER_HEADS),
+        default=["base"],
+        help="the head the attacker trains and optimises with, comma-separated: base (the public head) and/or "
+        "victim (it knows the victim's head adapter, as a FedAvg server does; needs --victim-head finetuned) "
+        "(default: base)",
     )
     add("--regularizer-weight", type=_non_negative, default=1.0, help="weight of nopeek/adversarial (default: 1)")
     add("--epochs", type=_positive_int, default=5, help="training epochs of the learned attacks (default: 5)")

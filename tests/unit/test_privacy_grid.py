@@ -116,3 +116,32 @@ def test_grid_uses_the_callers_utility_and_victim_head(tiny_tokenizer):
 def test_grid_config_validation(overrides, field):
     with pytest.raises(ValueError, match=field):
         _config(**overrides)
+
+
+def test_an_attacker_who_knows_the_victims_head_trains_on_it(tiny_tokenizer):
+    """A FedAvg server receives head adapters: attacked with the victim's own head, a private
+    head stops protecting; attacked with the public head, it looks safer than it is."""
+    model, victim_model = fedsea.tiny_llama(num_layers=4, seed=0), fedsea.tiny_llama(num_layers=4, seed=0)
+    # The victim's "private" first block: other weights, same public embedding.
+    victim_model.model.layers[0].load_state_dict(fedsea.tiny_llama(num_layers=4, seed=7).model.layers[0].state_dict())
+    with torch.no_grad():  # a token-dominated h_1 (see PRIVACY.md on the tiny model): probes can peak
+        for m in (model, victim_model):
+            m.model.embed_tokens.weight.mul_(3.0)
+    victim_head = fedsea.split_model(victim_model, 1, 1).head
+    grid = GridConfig(
+        sigmas=(0.0,), head_layers=(1,), attacks=("probe",), attacker_heads=("base", "victim"),
+        train=TrainConfig(epochs=8, width=256, batch_size=64),
+    )  # fmt: skip
+    rows = run_attack_grid(
+        model, tiny_tokenizer, _texts(400, 0), _texts(8, 1), grid, victim_head=lambda d, p: victim_head
+    )
+    by_head = {r.attacker_head: r for r in rows}
+    assert sorted(by_head) == ["base", "victim"] and len(rows) == 2
+    assert by_head["victim"].token_accuracy > 0.9
+    assert by_head["victim"].token_accuracy > by_head["base"].token_accuracy + 0.2
+    assert best_attacks(rows) == [by_head["victim"]]  # the owner's privacy is the worst case
+    assert "| victim |" in markdown_table(rows)
+    with pytest.raises(ValueError, match="attacker_heads 'victim' needs victim_head"):
+        run_attack_grid(model, tiny_tokenizer, _texts(10, 0), _texts(2, 1), grid)
+    with pytest.raises(ValueError, match="attacker_heads"):
+        GridConfig(attacker_heads=("server",))

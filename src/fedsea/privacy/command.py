@@ -52,6 +52,7 @@ def grid_config(args: argparse.Namespace) -> GridConfig:
         max_tokens=args.max_tokens,
         train=TrainConfig(epochs=args.epochs, width=args.probe_width, batch_size=32, seed=args.seed),
         seed=args.seed,
+        attacker_heads=tuple(args.attacker_head),
     )
 
 
@@ -69,15 +70,16 @@ def utility_config(args: argparse.Namespace) -> UtilityConfig:
     )
 
 
-def victim_head_mode(args: argparse.Namespace, defences: Sequence[str]) -> str:
-    """``base`` or ``finetuned``: the flag, or by default ``finetuned`` exactly when a head defence asks for it."""
-    wanted = [d for d in defences if d in HEAD_DEFENCES]
+def victim_head_mode(args: argparse.Namespace, defences: Sequence[str], knows: bool = False) -> str:
+    """``base`` or ``finetuned``: the flag, or by default ``finetuned`` exactly when a head defence
+    (or an attacker who knows the victim's head) asks for it."""
+    wanted = [f"--defence {d}" for d in defences if d in HEAD_DEFENCES] + (["--attacker-head victim"] if knows else [])
     if args.victim_head is None:
         return "finetuned" if wanted else "base"
     if args.victim_head == "base" and wanted:
         raise ValueError(
-            f"--defence {','.join(wanted)} trains the victim's head with a regularizer: it needs "
-            "--victim-head finetuned (the default for these defences)"
+            f"{', '.join(wanted)} needs a victim head with a private adapter: "
+            "--victim-head finetuned (the default then)"
         )
     return str(args.victim_head)
 
@@ -114,7 +116,7 @@ def run_attack(args: argparse.Namespace) -> int:
 
     grid = grid_config(args)  # every flag is checked before anything is loaded
     config = utility_config(args)
-    head_mode = victim_head_mode(args, grid.defences)
+    head_mode = victim_head_mode(args, grid.defences, "victim" in grid.attacker_heads)
     out = Path(args.out or f"runs/attack-{time.strftime('%Y%m%d-%H%M%S')}")
     start = time.monotonic()
     say(f"loading {args.model}")

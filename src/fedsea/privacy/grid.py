@@ -47,6 +47,11 @@ DEFENCES: tuple[str, ...] = ("none", "shaped", "nopeek", "adversarial")
 ATTACKS: tuple[str, ...] = ("probe", "decoder", "optimization", "bisr")
 # Defences that change the victim's head: the caller trains it (``victim_head``).
 HEAD_DEFENCES: tuple[str, ...] = ("nopeek", "adversarial")
+# The head the attacker makes its training pairs with (and optimises through): the public base
+# head, or the victim's own head with its adapter. A FedAvg server receives every client's head
+# adapter, so in a federated run "victim" is the realistic attacker; in split-only training,
+# where the head adapter never leaves the client, "base" is.
+ATTACKER_HEADS: tuple[str, ...] = ("base", "victim")
 
 # (defence, p) -> the victim's head with its private adapter trained under that defence.
 VictimHeadFn = Callable[[str, int], Head]
@@ -78,6 +83,8 @@ class GridConfig:
         bisr (`OptimizationConfig`): the optimization attack started from the probe (no
             curriculum, top-64 tokens per slot by default: affordable with a 49k vocabulary).
         seed (`int`, defaults to 0): seeds of attackers (seed) and victims (seed + 1).
+        attacker_heads (`tuple[str, ...]`, defaults to ("base",)): subset of ``ATTACKER_HEADS``;
+            every attack runs once per attacker head (``"victim"`` needs ``victim_head``).
     """
 
     sigmas: tuple[float, ...] = (0.0, 1.0, 4.0, 16.0)
@@ -98,9 +105,10 @@ class GridConfig:
         default_factory=lambda: OptimizationConfig(steps_per_token=0, final_steps=100, candidates=64)
     )
     seed: int = 0
+    attacker_heads: tuple[str, ...] = ("base",)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("defences", DEFENCES), ("attacks", ATTACKS)):
+        for name, allowed in (("defences", DEFENCES), ("attacks", ATTACKS), ("attacker_heads", ATTACKER_HEADS)):
             values = tuple(getattr(self, name))
             object.__setattr__(self, name, values)
             bad = [v for v in values if v not in allowed]
@@ -139,6 +147,7 @@ class GridRow:
     utility: float
     utility_name: str
     seconds: float
+    attacker_head: str = "base"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -169,18 +178,21 @@ def noisy_perplexity(split: SplitModel, observed: torch.Tensor, victim: HiddenSe
     return math.exp(total / max(count, 1))
 
 
-def _attacks(names: Sequence[str], split: SplitModel, config: GridConfig) -> list:
-    """The attacks in ``names`` order, except that ``probe`` runs first: ``bisr`` starts from it."""
-    embedding = split.head.embed_tokens.weight.detach()
+def _attacks(names: Sequence[str], head: Head, config: GridConfig) -> list:
+    """The attacks in ``names`` order, except that ``probe`` runs first: ``bisr`` starts from it.
+
+    ``head`` is the attacker's model of the victim's head (the optimization attacks run through it).
+    """
+    embedding = head.embed_tokens.weight.detach()
     probe = ProbeAttack(embedding, config.train)
     out: list = [probe] if "probe" in names else []
     for name in names:
         if name == "decoder":
             out.append(DecoderAttack(embedding, config.train, max_len=max(config.max_tokens, 8)))
         elif name == "optimization":
-            out.append(OptimizationAttack(split.head, config.optimization))
+            out.append(OptimizationAttack(head, config.optimization))
         elif name == "bisr":
-            out.append(OptimizationAttack(split.head, config.bisr, prior=probe, fit_prior="probe" not in names))
+            out.append(OptimizationAttack(head, config.bisr, prior=probe, fit_prior="probe" not in names))
     return out
 
 
@@ -214,6 +226,8 @@ def run_attack_grid(
     """
     if victim_head is None and any(d in HEAD_DEFENCES for d in config.defences):
         raise ValueError(f"defences {HEAD_DEFENCES} need victim_head: a head trained with that regularizer")
+    if victim_head is None and "victim" in config.attacker_heads:
+        raise ValueError("attacker_heads 'victim' needs victim_head: the head whose adapter the attacker knows")
     say = log or (lambda _msg: None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     aux_ids = encode_texts(tokenizer, aux_texts, config.max_tokens)
@@ -242,30 +256,37 @@ def run_attack_grid(
                 if config.clip_norm is not None:
                     worst = victim_mech.min_std if isinstance(victim_mech, ShapedPrivatizer) else sigma
                     epsilon = epsilon_for_sigma(worst, config.clip_norm, config.releases, config.delta)
-                for attack in _attacks(config.attacks, split, config):
-                    start = time.monotonic()
-                    attack.fit(aux, attacker_mech)
-                    scores = score(attack.predict(observed, victim.lengths), victim, tokenizer)
-                    row = GridRow(
-                        defence=defence,
-                        head_layers=p,
-                        sigma=sigma,
-                        relative_sigma=sigma / max(rms, 1e-30),
-                        clip_norm=config.clip_norm,
-                        epsilon=epsilon,
-                        attack=attack.name,
-                        token_accuracy=scores.token_accuracy,
-                        rouge_l=scores.rouge_l,
-                        exact=scores.exact,
-                        utility=quality,
-                        utility_name=name,
-                        seconds=time.monotonic() - start,
-                    )
-                    rows.append(row)
-                    say(
-                        f"  {defence} p={p} sigma={sigma:.3g} {attack.name}: acc={row.token_accuracy:.3f} "
-                        f"rougeL={row.rouge_l:.3f} exact={row.exact:.2f} {name}={quality:.4g} ({row.seconds:.0f}s)"
-                    )
+                for attacker_head in config.attacker_heads:
+                    # "victim": the attacker knows the victim's head adapter (as a FedAvg server
+                    # does) and makes its training pairs on public text with that very head.
+                    known = head if attacker_head == "victim" else split.head
+                    pairs = head_states(known, aux_ids, pad) if attacker_head == "victim" else aux
+                    for attack in _attacks(config.attacks, known, config):
+                        start = time.monotonic()
+                        attack.fit(pairs, attacker_mech)
+                        scores = score(attack.predict(observed, victim.lengths), victim, tokenizer)
+                        row = GridRow(
+                            defence=defence,
+                            head_layers=p,
+                            sigma=sigma,
+                            relative_sigma=sigma / max(rms, 1e-30),
+                            clip_norm=config.clip_norm,
+                            epsilon=epsilon,
+                            attack=attack.name,
+                            token_accuracy=scores.token_accuracy,
+                            rouge_l=scores.rouge_l,
+                            exact=scores.exact,
+                            utility=quality,
+                            utility_name=name,
+                            seconds=time.monotonic() - start,
+                            attacker_head=attacker_head,
+                        )
+                        rows.append(row)
+                        say(
+                            f"  {defence} p={p} sigma={sigma:.3g} {attack.name} ({attacker_head} head): "
+                            f"acc={row.token_accuracy:.3f} rougeL={row.rouge_l:.3f} exact={row.exact:.2f} "
+                            f"{name}={quality:.4g} ({row.seconds:.0f}s)"
+                        )
     if out_dir is not None:
         from fedsea.privacy.report import write_report
 

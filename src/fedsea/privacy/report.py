@@ -24,6 +24,7 @@ COLUMNS: tuple[str, ...] = (
     "clip_norm",
     "epsilon",
     "attack",
+    "attacker_head",
     "token_accuracy",
     "rouge_l",
     "exact",
@@ -34,7 +35,7 @@ COLUMNS: tuple[str, ...] = (
 
 
 def best_attacks(rows: Sequence[GridRow]) -> list[GridRow]:
-    """For each (defence, p, sigma), the row of the attack with the highest token accuracy."""
+    """For each (defence, p, sigma), the row of the attack (and attacker head) with the highest token accuracy."""
     best: dict[tuple[str, int, float], GridRow] = {}
     for row in rows:
         key = (row.defence, row.head_layers, row.sigma)
@@ -53,10 +54,11 @@ def _fmt(value: object) -> str:
 
 def markdown_table(rows: Sequence[GridRow]) -> str:
     """One line per (defence, p, sigma, attack)."""
-    head = ["defence", "p", "sigma", "sigma/rms", "epsilon", "attack", "token acc", "ROUGE-L", "exact", "utility"]
+    head = ["defence", "p", "sigma", "sigma/rms", "epsilon", "attack", "attacker's head"]
+    head += ["token acc", "ROUGE-L", "exact", "utility"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.defence, r.head_layers, r.sigma, r.relative_sigma, r.epsilon, r.attack]
+        cells = [r.defence, r.head_layers, r.sigma, r.relative_sigma, r.epsilon, r.attack, r.attacker_head]
         cells += [r.token_accuracy, r.rouge_l, r.exact, r.utility]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     if rows:
