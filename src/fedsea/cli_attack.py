@@ -137,10 +137,12 @@ def add_attack_commands(sub: Any) -> None:
     add("--eval-limit", type=_positive_int, default=200, help="task rows evaluated per setting (default: 200)")
     add(
         "--victim-head",
-        choices=["base", "finetuned"],
+        choices=["base", "finetuned", "utility"],
         default=None,
-        help="the victim's head, for every defence: the public base head, or one with a private adapter "
-        "fine-tuned on --task (default: finetuned when nopeek/adversarial are asked for, else base)",
+        help="the victim's head: the public base head; one with a private adapter fine-tuned on --task "
+        "without noise (one per defence and p); or utility: the head each setting's utility fine-tuning "
+        "trained under its noise, i.e. the deployed one (default: finetuned when nopeek/adversarial or "
+        "--attacker-head victim are asked for, else base)",
     )
     add(
         "--attacker-head",

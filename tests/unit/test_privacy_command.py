@@ -11,6 +11,7 @@ import torch
 
 import fedsea
 from fedsea.cli import main
+from fedsea.model.adapters import adapter_state_dict
 from fedsea.privacy.attacks import TrainConfig, encode_texts, head_states
 from fedsea.privacy.grid import GridConfig, _mechanism, run_attack_grid
 from fedsea.privacy.shaped import ShapedPrivatizer
@@ -114,10 +115,22 @@ def test_finetuned_victim_head_is_private_and_the_attacker_keeps_the_base_head(t
     asked = []
     rows = run_attack_grid(
         tiny_model, tiny_tokenizer, _texts(30, 0), _texts(4, 1), _grid(defences=("none", "nopeek")),
-        victim_head=lambda d, p: asked.append((d, p)) or heads(d, p),
+        victim_head=lambda d, p, s: asked.append((d, p)) or heads(d, p, s),
     )  # fmt: skip
     assert asked == [("none", 1), ("nopeek", 1)] and len(rows) == 2
     assert _untouched(tiny_model, before) and not any("lora_" in n for n, _ in tiny_model.named_parameters())
+
+
+def test_utility_victim_head_is_the_head_that_setting_trained(tiny_model, tiny_tokenizer):
+    utility = finetune_utility(tiny_model, tiny_tokenizer, _grid(), _texts(30, 0), CONFIG)
+    head = utility.victim_head("none", 1, 0.5)
+    assert utility.trainings == 1 and ("none", 1, 0.5) in utility.results  # trained (and scored) once
+    trained, got = utility.runs[("none", 1, 0.5)].adapters["head"], adapter_state_dict(head)
+    assert got.keys() == trained.keys() and all(torch.equal(got[k], trained[k]) for k in got)
+    assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k)  # not the public head
+    assert head.embed_tokens is not fedsea.split_model(tiny_model, 1, 1).head.embed_tokens  # a fresh copy
+    utility.victim_head("none", 1, 0.5)
+    assert utility.trainings == 1
 
 
 def test_attack_command_end_to_end(tmp_path, capsys):
@@ -174,6 +187,8 @@ def test_bad_flags_are_argparse_errors(flags, message, capsys):
     ("flags", "message"),
     [
         (["--defence", "nopeek", "--victim-head", "base"], "--victim-head finetuned"),
+        (["--attacker-head", "victim", "--victim-head", "base"], "--attacker-head victim needs"),
+        (["--victim-head", "utility", "--utility", "perplexity"], "--victim-head utility is the head"),
         (["--task", "bogus"], "unknown task 'bogus'"),
         (["--head-layers", "1,3"], "head_layers + tail_layers"),  # tiny-llama has 4 blocks
     ],

@@ -93,8 +93,8 @@ def test_grid_uses_the_callers_utility_and_victim_head(tiny_tokenizer):
     other = fedsea.tiny_llama(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=512, seed=1)
     asked = []
 
-    def victim_head(defence, p):
-        asked.append((defence, p))
+    def victim_head(defence, p, sigma):
+        asked.append((defence, p, sigma))
         return fedsea.split_model(other, p, 1).head
 
     # bisr without probe in the list: it fits its own probe first.
@@ -103,7 +103,7 @@ def test_grid_uses_the_callers_utility_and_victim_head(tiny_tokenizer):
         model, tiny_tokenizer, _texts(40, 0), _texts(4, 1), config,
         victim_head=victim_head, utility=lambda d, p, s: 0.5, utility_name="accuracy",
     )  # fmt: skip
-    assert asked == [("none", 1), ("nopeek", 1)]  # a given victim head serves every defence
+    assert asked == [("none", 1, 0.0), ("nopeek", 1, 0.0)]  # asked per setting
     assert all(r.utility == 0.5 and r.utility_name == "accuracy" and r.attack == "bisr" for r in rows)
     with pytest.raises(ValueError, match="victim_head"):
         run_attack_grid(model, tiny_tokenizer, _texts(4, 0), _texts(4, 1), config)
@@ -133,7 +133,7 @@ def test_an_attacker_who_knows_the_victims_head_trains_on_it(tiny_tokenizer):
         train=TrainConfig(epochs=8, width=256, batch_size=64),
     )  # fmt: skip
     rows = run_attack_grid(
-        model, tiny_tokenizer, _texts(400, 0), _texts(8, 1), grid, victim_head=lambda d, p: victim_head
+        model, tiny_tokenizer, _texts(400, 0), _texts(8, 1), grid, victim_head=lambda d, p, s: victim_head
     )
     by_head = {r.attacker_head: r for r in rows}
     assert sorted(by_head) == ["base", "victim"] and len(rows) == 2

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedsea.privacy.attacks import TrainConfig
-from fedsea.privacy.grid import HEAD_DEFENCES, GridConfig, run_attack_grid
+from fedsea.privacy.grid import HEAD_DEFENCES, GridConfig, VictimHeadFn, run_attack_grid
 from fedsea.privacy.utility import UtilityConfig, finetune_utility, finetuned_victim_head
 from fedsea.tasks.finetune import FinetuneConfig
 from fedsea.tasks.registry import get_task
@@ -71,15 +71,17 @@ def utility_config(args: argparse.Namespace) -> UtilityConfig:
 
 
 def victim_head_mode(args: argparse.Namespace, defences: Sequence[str], knows: bool = False) -> str:
-    """``base`` or ``finetuned``: the flag, or by default ``finetuned`` exactly when a head defence
-    (or an attacker who knows the victim's head) asks for it."""
+    """``base``, ``finetuned`` or ``utility``: the flag, or by default ``finetuned`` exactly when a
+    head defence (or an attacker who knows the victim's head) asks for one."""
     wanted = [f"--defence {d}" for d in defences if d in HEAD_DEFENCES] + (["--attacker-head victim"] if knows else [])
+    if args.victim_head == "utility" and args.utility != "finetune":
+        raise ValueError("--victim-head utility is the head trained for --utility finetune, which is off")
     if args.victim_head is None:
         return "finetuned" if wanted else "base"
     if args.victim_head == "base" and wanted:
         raise ValueError(
             f"{', '.join(wanted)} needs a victim head with a private adapter: "
-            "--victim-head finetuned (the default then)"
+            "--victim-head finetuned (the default then) or utility"
         )
     return str(args.victim_head)
 
@@ -128,7 +130,11 @@ def run_attack(args: argparse.Namespace) -> int:
     victim = victim_texts(args.victim, args.victim_texts, args.task, args.data_dir)
     say(f"attacker: {len(aux)} {AUX_TASK} {AUX_SPLIT} documents; victim: {len(victim)} texts ({args.victim})")
     utility = finetune_utility(model, tokenizer, grid, aux, config, say) if args.utility == "finetune" else None
-    heads = finetuned_victim_head(model, tokenizer, grid, aux, config, say) if head_mode == "finetuned" else None
+    heads: VictimHeadFn | None = None
+    if head_mode == "finetuned":
+        heads = finetuned_victim_head(model, tokenizer, grid, aux, config, say)
+    elif head_mode == "utility" and utility is not None:
+        heads = utility.victim_head
     grid_size = len(grid.defences) * len(grid.head_layers) * len(grid.sigmas)
     say(f"grid: {grid_size} settings x {len(grid.attacks)} attacks; utility: {args.utility}; victim head: {head_mode}")
     rows = run_attack_grid(

@@ -53,8 +53,9 @@ HEAD_DEFENCES: tuple[str, ...] = ("nopeek", "adversarial")
 # where the head adapter never leaves the client, "base" is.
 ATTACKER_HEADS: tuple[str, ...] = ("base", "victim")
 
-# (defence, p) -> the victim's head with its private adapter trained under that defence.
-VictimHeadFn = Callable[[str, int], Head]
+# (defence, p, sigma) -> the victim's head with its private adapter trained under that defence
+# (at that noise level, or the same head for every sigma).
+VictimHeadFn = Callable[[str, int, float], Head]
 # (defence, p, sigma) -> task quality after fine-tuning with that setting.
 UtilityFn = Callable[[str, int, float], float]
 
@@ -217,7 +218,7 @@ def run_attack_grid(
         victim_texts: the victim's text (another source).
         config: the grid.
         out_dir: where to write ``attack_grid.{csv,md,json}`` and ``privacy_utility.png``.
-        victim_head: the victim's head per (defence, p), with its private adapter (used for
+        victim_head: the victim's head per (defence, p, sigma), with its private adapter (used for
             every defence when given; else the public base head); required for ``nopeek`` and
             ``adversarial``, whose heads are trained by the caller with the regularizer.
         utility: task quality per (defence, p, sigma); default: base-model perplexity under noise.
@@ -242,12 +243,12 @@ def run_attack_grid(
         rms = hidden_rms(aux.hidden, aux.lengths, config.clip_norm)
         say(f"p={p}: {aux.num_tokens} attacker tokens, {len(victim_ids)} victim texts, rms(h_p)={rms:.3g}")
         for defence in config.defences:
-            # A given victim head serves every defence: its private adapter is what it is, with
-            # or without a regularizer; the attacker always works with the public base head.
-            head = victim_head(defence, p) if victim_head is not None else split.head
-            victim = head_states(head, victim_ids, pad)
             for s in config.sigmas:
                 sigma = s * rms if config.relative else s
+                # A given victim head serves every defence: its private adapter is what it is,
+                # with or without a regularizer (and trained at this sigma, or at none).
+                head = victim_head(defence, p, sigma) if victim_head is not None else split.head
+                victim = head_states(head, victim_ids, pad)
                 attacker_mech = _mechanism(defence, sigma, config, config.seed, aux)
                 victim_mech = _mechanism(defence, sigma, config, config.seed + 1, aux)
                 observed = release(victim, victim_mech)

@@ -278,6 +278,12 @@ class FinetuneUtility:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.tuner.tokenizer
 
+    def victim_head(self, defence: str, p: int, sigma: float) -> Head:
+        """``VictimHeadFn``: the head this setting's fine-tuning trained (under its noise), on a fresh
+        model copy: the head that is deployed, and so the one whose releases an attacker sees."""
+        self(defence, p, sigma)
+        return self.tuner.restore(p, self.runs[(defence, int(p), float(sigma))]).head
+
 
 def finetune_utility(
     model: PreTrainedModel,
@@ -310,18 +316,23 @@ def finetuned_victim_head(
 ) -> VictimHeadFn:
     """A ``VictimHeadFn``: (defence, p) -> the victim's head, its private adapter fine-tuned on the task.
 
-    Each call trains on a fresh copy of ``model`` (without noise at the cut; the defence's
-    regularizer for ``nopeek`` / ``adversarial``). The attacker keeps the public base head.
+    Each (defence, p) trains once, on a fresh copy of ``model`` (without noise at the cut; the
+    defence's regularizer for ``nopeek`` / ``adversarial``), and serves every sigma. The attacker
+    keeps the public base head unless the grid says it knows this one.
     """
     tuner = SplitFinetuner(model, tokenizer, grid, aux_texts, config, log)
+    heads: dict[tuple[str, int], Head] = {}
 
-    def victim_head(defence: str, p: int) -> Head:
+    def victim_head(defence: str, p: int, sigma: float = 0.0) -> Head:
+        if (defence, p) in heads:
+            return heads[(defence, p)]
         split, run = tuner.train(defence, p, 0.0)
         regularized = "with" if defence in HEAD_DEFENCES else "without"
         tuner.say(
             f"  victim head ({defence}, p={p}): {tuner.config.task} adapter {regularized} regularizer, "
             f"loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f} ({run.seconds:.0f}s)"
         )
+        heads[(defence, p)] = split.head
         return split.head
 
     return victim_head
