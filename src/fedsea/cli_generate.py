@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,37 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="bearer token (default: $FEDSEA_TOKEN)")
     parser.add_argument("--net-latency-ms", type=float, default=0.0, help="emulated one-way latency")
     parser.add_argument("--net-mbps", type=float, default=0.0, help="emulated bandwidth (0: unlimited)")
+
+
+def add_noise_args(parser: argparse.ArgumentParser) -> None:
+    """The noise on h_p: one of --sigma, --relative-sigma (the default level), --epsilon."""
+    from fedsea.config import RECOMMENDED_RELATIVE_SIGMA
+
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("--sigma", type=float, default=None, help="std of the Gaussian noise on h_p (0: none)")
+    level.add_argument(
+        "--relative-sigma",
+        type=float,
+        default=None,
+        help=f"sigma as a multiple of h_p's RMS on public text (default: {RECOMMENDED_RELATIVE_SIGMA}, PRIVACY.md)",
+    )
+    level.add_argument("--epsilon", type=float, default=None, help="target epsilon (needs --clip-norm)")
+    parser.add_argument("--delta", type=float, default=1e-5, help="delta of epsilon (default: %(default)s)")
+    parser.add_argument("--clip-norm", type=float, default=None, help="per-token L2 clip before the noise")
+    parser.add_argument("--noise-seed", type=int, default=None, help="noise seed (default: the OS's; keep it secret)")
+
+
+def noise_target(args: argparse.Namespace, releases: int) -> Any:
+    """The noise flags as a ``NoiseTarget``: the level given, else the recommended relative one.
+
+    The noise seed is the OS's unless --noise-seed: a server that knew it could subtract the noise.
+    """
+    from fedsea.config import RECOMMENDED_RELATIVE_SIGMA
+    from fedsea.privacy.calibration import NoiseTarget
+
+    given = {"sigma": args.sigma, "relative_sigma": args.relative_sigma, "epsilon": args.epsilon}
+    level = {k: v for k, v in given.items() if v is not None} or {"relative_sigma": RECOMMENDED_RELATIVE_SIGMA}
+    return NoiseTarget(**level, delta=args.delta, clip_norm=args.clip_norm, releases=releases, seed=args.noise_seed)
 
 
 def client_tls(args: argparse.Namespace) -> Any:
@@ -60,19 +92,27 @@ def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from fedsea.client.split_client import SplitClient
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
+    from fedsea.privacy.calibration import resolve_noise
     from fedsea.wire.shaper import NetShaper
 
     split = split_model(load_model(args.model), args.head_layers, args.tail_layers)
+    tokenizer = load_tokenizer(args.model)
+    # Measured before the adapters load: the level is relative to the public head's scale.
+    # Each prompt token and each new token is sent once per generation (one release); a chat
+    # sends the whole conversation again every turn, so its releases grow with the turns.
+    noise = resolve_noise(noise_target(args, 1), split.head, tokenizer)
+    print(f"noise on h_p (p={args.head_layers}): {noise.summary()}", file=sys.stderr)
     if args.adapters:
         split.load_adapters(args.adapters)  # the trunk adapter goes to the server on connect
     client = SplitClient(
         args.server,
         split,
+        noise=noise.noise,
         wire_dtype=args.wire_dtype,
         tls=client_tls(args),
         token=args.token or os.environ.get("FEDSEA_TOKEN"),
         shaper=NetShaper(args.net_latency_ms, args.net_mbps),
-        tokenizer=load_tokenizer(args.model),
+        tokenizer=tokenizer,
     )
     options = {
         "max_new_tokens": args.max_new_tokens,
@@ -109,7 +149,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     client, options = _client(args)
     history: list[dict[str, str]] = []
-    print("fedsea chat: your text stays on this machine; the server sees only noised hidden states.")
+    print("fedsea chat: your text stays on this machine; the server sees only hidden states, noised as above.")
     print("/reset forgets the conversation, /quit (or Ctrl-D) ends it.")
     with client:
         while True:
@@ -142,12 +182,14 @@ def add_generate_commands(sub: Any) -> None:
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
     generate.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     _generation_args(generate)
+    add_noise_args(generate)
     generate.set_defaults(func=_cmd_generate)
 
     chat = sub.add_parser("chat", help="an interactive chat through the split, streaming the answers")
     add_connection_args(chat)
     _generation_args(chat)
+    add_noise_args(chat)
     chat.set_defaults(func=_cmd_chat)
 
 
-__all__ = ["add_connection_args", "add_generate_commands", "client_tls"]
+__all__ = ["add_connection_args", "add_generate_commands", "add_noise_args", "client_tls", "noise_target"]

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedsea.cli_generate import add_connection_args, client_tls
-from fedsea.config import RECOMMENDED_RELATIVE_SIGMA, LoraSpec, NoiseConfig, OptimConfig, ServerLimits
+from fedsea.cli_generate import add_connection_args, add_noise_args, client_tls, noise_target
+from fedsea.config import LoraSpec, OptimConfig, ServerLimits
 from fedsea.model.load import DEFAULT_MODEL
 
 
@@ -58,17 +58,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_noise_target(args: argparse.Namespace, releases: int) -> Any:
-    """``fedsea train``'s noise flags as a target: one of --sigma, --relative-sigma, --epsilon,
-    else the recommended relative default. The noise seed is the OS's unless --noise-seed:
-    a server that knew it could subtract the noise."""
-    from fedsea.privacy.calibration import NoiseTarget
-
-    given = {"sigma": args.sigma, "relative_sigma": args.relative_sigma, "epsilon": args.epsilon}
-    level = {k: v for k, v in given.items() if v is not None} or {"relative_sigma": RECOMMENDED_RELATIVE_SIGMA}
-    return NoiseTarget(**level, delta=args.delta, clip_norm=args.clip_norm, releases=releases, seed=args.noise_seed)
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -89,7 +78,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
     # Each example's h_p is sent once per epoch begun (the accountant composes over these).
     releases = math.ceil(total * args.batch_size / max(1, len(examples)))
-    noise = resolve_noise(train_noise_target(args, releases), split.head, tokenizer)
+    noise = resolve_noise(noise_target(args, releases), split.head, tokenizer)
     if not args.json:
         print(f"noise on h_p (p={args.head_layers}): {noise.summary()}")
     tls = client_tls(args)
@@ -207,7 +196,7 @@ def add_wire_commands(sub: Any) -> None:
     train = sub.add_parser("train", help="fine-tune one client through a trunk server on a JSONL file")
     add_connection_args(train)
     train.add_argument("--data", required=True, help='JSONL of {"text": ...} or {"prompt": ..., "completion": ...}')
-    lora, optim, noise = LoraSpec(), OptimConfig(), NoiseConfig()
+    lora, optim = LoraSpec(), OptimConfig()
     train.add_argument("--lora-r", type=int, default=lora.r)
     train.add_argument("--lora-alpha", type=float, default=lora.alpha)
     train.add_argument("--lora-dropout", type=float, default=lora.dropout)
@@ -217,18 +206,7 @@ def add_wire_commands(sub: Any) -> None:
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     train.add_argument("--max-length", type=int, default=256, help="tokens per example, at most")
-    level = train.add_mutually_exclusive_group()
-    level.add_argument("--sigma", type=float, default=None, help="std of the Gaussian noise on h_p (0: none)")
-    level.add_argument(
-        "--relative-sigma",
-        type=float,
-        default=None,
-        help=f"sigma as a multiple of h_p's RMS on public text (default: {RECOMMENDED_RELATIVE_SIGMA}, PRIVACY.md)",
-    )
-    level.add_argument("--epsilon", type=float, default=None, help="target epsilon over the run (needs --clip-norm)")
-    train.add_argument("--delta", type=float, default=1e-5, help="delta of epsilon (default: %(default)s)")
-    train.add_argument("--clip-norm", type=float, default=noise.clip_norm, help="per-token L2 clip before the noise")
-    train.add_argument("--noise-seed", type=int, default=None, help="noise seed (default: the OS's; keep it secret)")
+    add_noise_args(train)
     train.add_argument("--seed", type=int, default=0, help="seed of the data order and the LoRA init")
     train.add_argument("--save-adapters", help="write head/trunk/tail adapters here at the end")
     train.add_argument("--json", action="store_true", help="print the summary as one JSON line")

@@ -89,6 +89,22 @@ def test_serve_train_and_graceful_shutdown(setup):
         assert noise["mode"] == "relative" and noise["releases"] == 4 and noise["epsilon"] is None
         assert noise["sigma"] == pytest.approx(RECOMMENDED_RELATIVE_SIGMA * noise["rms"]) and noise["sigma"] > 0
 
+        # Generation and chat through the split, with the trained adapters: noise off and reported.
+        conn = [a for a in common if a not in ("--data", str(root / "data.jsonl"))] + ["--token", token]
+        said = subprocess.run(
+            [*FEDSEA, "generate", *conn, "--adapters", str(root / "adapters"), "--prompt", "The movie was",
+             "--max-new-tokens", "4", "--no-chat-template", "--sigma", "0"],
+            env=ENV, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert said.returncode == 0, said.stderr[-2000:]
+        assert "noise on h_p (p=1): sigma=0," in said.stderr and said.stdout.strip()
+        chat = subprocess.run(
+            [*FEDSEA, "chat", *conn, "--max-new-tokens", "3", "--relative-sigma", "0.5"],
+            input="hello there\n/quit\n", env=ENV, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert chat.returncode == 0, chat.stderr[-2000:]
+        assert "(sigma/rms=0.5)" in chat.stderr and "model> " in chat.stdout
+
         bad = subprocess.run([*FEDSEA, "train", *common, "--token", "0" * 64], env=ENV, capture_output=True, text=True)
         assert bad.returncode == 2 and "UNAUTHENTICATED" in bad.stderr
     finally:
