@@ -145,3 +145,22 @@ def test_an_attacker_who_knows_the_victims_head_trains_on_it(tiny_tokenizer):
         run_attack_grid(model, tiny_tokenizer, _texts(10, 0), _texts(2, 1), grid)
     with pytest.raises(ValueError, match="attacker_heads"):
         GridConfig(attacker_heads=("server",))
+
+
+def test_grids_of_several_runs_merge_into_one_table_and_picture(tmp_path, capsys):
+    from fedsea.privacy.grid import GridRow
+    from fedsea.privacy.report import main, write_report
+
+    def row(sigma, acc, utility):
+        return GridRow(
+            "none", 2, sigma, sigma / 3.65, None, None, "probe", acc, acc, 0.0, utility, "sst2 accuracy", 1.0
+        )
+
+    write_report([row(0.0, 0.95, 0.85), row(4.0, 0.6, 0.56)], tmp_path / "a")
+    write_report([row(4.0, 0.55, 0.8)], tmp_path / "b")
+    grid_a, grid_b = tmp_path / "a" / "attack_grid.json", tmp_path / "b" / "attack_grid.json"
+    assert main([str(grid_a), f"{grid_b}=200 steps", "--out", str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "attack_grid.json").read_text())
+    assert [(r["defence"], r["sigma"]) for r in merged] == [("none", 0.0), ("none", 4.0), ("none (200 steps)", 4.0)]
+    assert (tmp_path / "all" / "privacy_utility.png").stat().st_size > 0
+    assert "3 rows" in capsys.readouterr().out

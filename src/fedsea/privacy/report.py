@@ -8,6 +8,7 @@ and cut point, ordered by sigma.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections import defaultdict
@@ -114,3 +115,34 @@ def write_report(rows: Sequence[GridRow], out_dir: Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps([r.to_dict() for r in rows], indent=1))
     plot_privacy_utility(rows, paths["png"])
     return paths
+
+
+def load_rows(path: Path, label: str | None = None) -> list[GridRow]:
+    """The rows of an ``attack_grid.json``; with ``label``, each defence is renamed ``"<defence> (<label>)"``
+    so that grids run with other budgets or victim heads draw as curves of their own."""
+    rows = [GridRow(**record) for record in json.loads(Path(path).read_text())]
+    if label:
+        rows = [dataclasses.replace(r, defence=f"{r.defence} ({label})") for r in rows]
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedsea.privacy.report GRID.json[=LABEL] ... --out DIR``: one table and one picture
+    from several ``fedsea attack`` runs (e.g. the runs of PRIVACY.md's grid)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fedsea.privacy.report", description=main.__doc__)
+    parser.add_argument("grids", nargs="+", help="attack_grid.json files, each optionally =LABEL")
+    parser.add_argument("--out", required=True, help="folder for the merged attack_grid.{csv,md,json} and plot")
+    args = parser.parse_args(argv)
+    rows: list[GridRow] = []
+    for spec in args.grids:
+        path, _, label = spec.partition("=")
+        rows += load_rows(Path(path), label or None)
+    paths = write_report(rows, Path(args.out))
+    print(f"{len(rows)} rows -> {paths['md']}, {paths['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
