@@ -21,6 +21,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
     from fedsea.privacy.calibration import resolve_noise
+    from fedsea.privacy.regularizers import make_head_regularizer
     from fedsea.wire.shaper import NetShaper
 
     plan = load_plan(args.run)
@@ -37,6 +38,8 @@ def _cmd_join(args: argparse.Namespace) -> int:
     releases = releases_per_token(plan.fed.rounds, plan.fed.local_steps, me.batch_size, len(examples))
     noise = resolve_noise(dataclasses.replace(plan.noise, releases=releases), split.head, tokenizer)
     print(f"{me.name}: noise on h_p (p={me.head_layers}): {noise.summary()}", flush=True)
+    embedding = split.head.embed_tokens.weight.detach()  # (V, d) the public embedding
+    regularizer = make_head_regularizer(plan.head_regularizer, plan.regularizer_weight, embedding, noise.noise)
     if log is not None:
         with log.open("a") as f:
             f.write(json.dumps({"client": me.name, "noise": noise_record(noise, me.head_layers)}) + "\n")
@@ -48,7 +51,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
     client = SplitClient(
         args.server, split, noise=noise.noise, grad_noise=plan.grad_noise,
-        optim=plan.optim, wire_dtype=plan.wire_dtype, tls=client_tls(args),
+        optim=plan.optim, wire_dtype=plan.wire_dtype, tls=client_tls(args), head_regularizer=regularizer,
         token=args.token or os.environ.get("FEDSEA_TOKEN"), seed=plan.fed.seed,
         shaper=NetShaper(args.net_latency_ms, args.net_mbps),
     )  # fmt: skip

@@ -65,6 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
     from fedsea.privacy.calibration import resolve_noise
+    from fedsea.privacy.regularizers import make_head_regularizer
     from fedsea.training.data import iterate_batches, load_jsonl
     from fedsea.wire.shaper import NetShaper
 
@@ -86,6 +87,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.server,
         split,
         noise=noise.noise,
+        head_regularizer=make_head_regularizer(
+            args.head_regularizer, args.regularizer_weight, split.head.embed_tokens.weight.detach(), noise.noise
+        ),
         optim=OptimConfig(lr=args.lr),
         wire_dtype=args.wire_dtype,
         tls=tls,
@@ -207,6 +211,13 @@ def add_wire_commands(sub: Any) -> None:
     train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     train.add_argument("--max-length", type=int, default=256, help="tokens per example, at most")
     add_noise_args(train)
+    train.add_argument(
+        "--head-regularizer",
+        choices=["none", "nopeek", "adversarial"],
+        default="none",
+        help="a privacy loss the head trains with (PRIVACY.md; default: none)",
+    )
+    train.add_argument("--regularizer-weight", type=float, default=1.0, help="its weight (default: 1)")
     train.add_argument("--seed", type=int, default=0, help="seed of the data order and the LoRA init")
     train.add_argument("--save-adapters", help="write head/trunk/tail adapters here at the end")
     train.add_argument("--json", action="store_true", help="print the summary as one JSON line")

@@ -40,6 +40,8 @@ max_length = 96
 head_layers = 2
 [noise]
 relative_sigma = 0.1
+[privacy]
+head_regularizer = "nopeek"
 """
 
 
@@ -77,6 +79,7 @@ def test_simulate_writes_a_complete_run_folder_and_exports(tmp_path):
         secret = run_dir / "clients" / name / "noise.secret"
         assert secret.stat().st_mode & 0o077 == 0 and len(secret.read_text().strip()) == 64
     assert noise["client-0"]["rms"] != noise["client-1"]["rms"]
+    assert "head regularizer nopeek (weight 1)" in report
 
     exported = subprocess.run([*FEDSEA, "export", str(run_dir), str(tmp_path / "merged")], env=ENV,
                               capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -70,6 +70,33 @@ def test_noise_is_applied_before_the_wire_and_resends_reuse_it(server, tiny_toke
     assert float((payload - clean).std()) == pytest.approx(0.5, rel=0.1)
 
 
+def test_a_head_regularizer_over_the_wire_acts_on_the_head_only(server, tiny_tokenizer):
+    """NoPeek through SplitClient equals NoPeek in process; it moves the head and nothing else."""
+    from fedsea.privacy.regularizers import make_head_regularizer
+
+    batch = tiny_batch(tiny_tokenizer)
+    plain, local, remote = tiny_split(), tiny_split(), tiny_split()
+
+    def nopeek(split):
+        return make_head_regularizer("nopeek", 1.0, split.head.embed_tokens.weight.detach(), seed=3)
+
+    fedsea.SplitTrainer(plain, optim=OPTIM).train_step(batch)
+    fedsea.SplitTrainer(local, optim=OPTIM, head_regularizer=nopeek(local)).train_step(batch)
+    with SplitClient(server, remote, optim=OPTIM, head_regularizer=nopeek(remote)) as client:
+        client.train_step(batch)
+        assert client.trainer is not None and client.trainer.head_regularizer.last_loss > 0
+        served = client.trunk_adapter()
+    for part in ("head", "tail"):
+        a, b = adapter_state_dict(getattr(local, part)), adapter_state_dict(getattr(remote, part))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    head_plain, head_reg = adapter_state_dict(plain.head), adapter_state_dict(local.head)
+    assert any(not torch.equal(head_plain[k], head_reg[k]) for k in head_plain)  # the head learnt privacy
+    tail_plain, tail_reg = adapter_state_dict(plain.tail), adapter_state_dict(local.tail)
+    assert all(torch.equal(tail_plain[k], tail_reg[k]) for k in tail_plain)  # the task gradient is untouched
+    trunk_plain = adapter_state_dict(plain.trunk)
+    assert all(torch.equal(trunk_plain[k], served[k]) for k in trunk_plain)
+
+
 def test_bytes_per_step_match_the_theory(server, tiny_tokenizer):
     batch = tiny_batch(tiny_tokenizer)
     with SplitClient(server, tiny_split(), optim=OPTIM) as client:

@@ -55,6 +55,15 @@ def test_noise_level_by_sigma_relative_or_epsilon(tmp_path, file, overrides, exp
     assert load_plan(again).noise == expected
 
 
+def test_head_regularizer_from_the_run_file(tmp_path):
+    assert load_plan(None).head_regularizer == "none"
+    plan = load_plan(None, ['privacy.head_regularizer="nopeek"', "privacy.regularizer_weight=0.5"])
+    assert (plan.head_regularizer, plan.regularizer_weight) == ("nopeek", 0.5)
+    again = tmp_path / "config.toml"
+    again.write_text(dump_tree(plan.tree))
+    assert load_plan(again) == plan
+
+
 def test_releases_per_token_bound_each_examples_sends():
     assert releases_per_token(rounds=3, local_steps=10, batch_size=4, num_examples=100) == 3
     assert releases_per_token(rounds=3, local_steps=10, batch_size=4, num_examples=30) == 6  # 40 draws of 30
@@ -72,6 +81,8 @@ def test_releases_per_token_bound_each_examples_sends():
         (["noise.epsilon=8"], "clip_norm must be set"),
         (["noise.relative_sigma=-1"], "relative_sigma must be"),
         (['noise.sigma="loud"'], "noise.sigma must be a number"),
+        (['privacy.head_regularizer="dropout"'], "privacy.head_regularizer must be one of none, nopeek"),
+        (["privacy.regularizer_weight=-1"], "privacy.regularizer_weight must be"),
         (["noise.bogus=1"], "unknown setting 'noise.bogus'"),
         (["federation"], "section.key=value"),
         (["wire.dtype=int8"], "wire.dtype"),

@@ -29,6 +29,7 @@ from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict, s
 from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.split import SplitModel
 from fedsea.privacy.noise import Privatizer
+from fedsea.privacy.regularizers import HeadRegularizer
 from fedsea.training.batch import Batch
 from fedsea.training.step import SplitTrainer, StepResult
 from fedsea.wire import fedsea_pb2 as pb
@@ -114,6 +115,8 @@ class SplitClient:
         shaper: emulated network (benchmarks); see ``fedsea.wire.shaper.NetShaper``.
         seed: seeds the server's trunk adapter if the client's trunk has no LoRA.
         tokenizer: needed to ``generate`` from text (chat template, stop strings, decoding).
+        head_regularizer: a privacy loss on the head's output (``fedsea.privacy.regularizers``,
+            e.g. ``NoPeekRegularizer``), trained here alongside the task; nothing of it is sent.
     """
 
     def __init__(
@@ -133,8 +136,10 @@ class SplitClient:
         trunk_lora: LoraSpec | None = None,
         seed: int = 0,
         tokenizer: Any = None,
+        head_regularizer: HeadRegularizer | None = None,
     ) -> None:
         self.split = split
+        self.head_regularizer = head_regularizer
         self.noise = noise or NoiseConfig()
         self.grad_noise = grad_noise
         self.optim = optim or OptimConfig()
@@ -190,7 +195,12 @@ class SplitClient:
                 self.connection, info.session_id, self._dtype, chunk, self.split.model.dtype, self.split.model.device
             )
             self.trainer = SplitTrainer(
-                self.split, trunk=link, noise=self.noise, optim=self.optim, grad_noise=self.grad_noise
+                self.split,
+                trunk=link,
+                noise=self.noise,
+                optim=self.optim,
+                grad_noise=self.grad_noise,
+                head_regularizer=self.head_regularizer,
             )
         except BaseException:
             self.close()

@@ -160,6 +160,9 @@ class FederatedClient:
             return Privatizer(dataclasses.replace(config, seed=seed), device=split.model.device)
 
         trainer.privatizer = reseeded(self.client.noise, "noise")
+        regularizer = trainer.head_regularizer
+        if isinstance(getattr(regularizer, "generator", None), torch.Generator):  # NoPeek's subsampling
+            regularizer.generator.manual_seed(derived_seed(run_seed, self.name, round_number, "regularizer"))
         if trainer.grad_privatizer is not None:
             trainer.grad_privatizer = reseeded(trainer.grad_privatizer.config, "grad-noise")
         torch.manual_seed(derived_seed(run_seed, self.name, round_number, "torch"))

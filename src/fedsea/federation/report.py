@@ -26,6 +26,12 @@ def noise_record(calibration: Calibration, head_layers: int) -> dict[str, Any]:
     }
 
 
+def _regularizer(plan: RunPlan) -> str:
+    if plan.head_regularizer == "none":
+        return "none"
+    return f"{plan.head_regularizer} (weight {plan.regularizer_weight:g})"
+
+
 def _level(plan: RunPlan) -> str:
     """The run file's noise level in words."""
     target = plan.noise
@@ -152,7 +158,9 @@ def write_report(
         f"- model `{plan.model}`, LoRA r={plan.lora.r} alpha={plan.lora.alpha} "
         f"on {', '.join(plan.lora.target_modules)}",
         f"- {fed.rounds} rounds x {fed.local_steps} local steps, lr {plan.optim.lr}, strategy {fed.strategy}",
-        f"- noise {_level(plan)}, clip norm {plan.noise.clip_norm or 'none'}",
+        f"- noise {_level(plan)}, clip norm {plan.noise.clip_norm or 'none'}; head regularizer "
+        f"{plan.head_regularizer}"
+        + (f" (weight {plan.regularizer_weight:g})" if plan.head_regularizer != "none" else ""),
         f"- wire {plan.wire_dtype}, TLS {'on' if plan.tls else 'off'}; took {summary['seconds']} s",
         "",
         "| client | head p | tail q | batch | noise on h_p |",

@@ -15,6 +15,8 @@
                  one of the three (setting sigma or epsilon drops the relative default; sigma = 0
                  is no noise); clip_norm = 0 (0: no clipping), grad_sigma = 0.0, grad_clip_norm = 0
                  (grad_*: the gradient sent up to the trunk)
+    [privacy]    head_regularizer = "none" ("nopeek" or "adversarial": a privacy loss each client's
+                 head trains with, PRIVACY.md), regularizer_weight = 1.0
     [wire]       dtype = "fp32", tls = true, latency_ms = 0, mbps = 0 (emulated WAN on each client)
     [run]        seed = 0
 
@@ -36,6 +38,7 @@ from typing import Any
 from fedsea.config import RECOMMENDED_RELATIVE_SIGMA, LoraSpec, NoiseConfig, OptimConfig
 from fedsea.federation.config import FedConfig
 from fedsea.privacy.calibration import NoiseTarget
+from fedsea.privacy.regularizers import HEAD_REGULARIZERS
 
 DEFAULTS: dict[str, Any] = {
     "model": {"source": "smollm2-135m"},
@@ -71,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "grad_sigma": 0.0,
         "grad_clip_norm": 0.0,
     },
+    "privacy": {"head_regularizer": "none", "regularizer_weight": 1.0},
     "wire": {"dtype": "fp32", "tls": True, "latency_ms": 0.0, "mbps": 0.0},
     "run": {"seed": 0},
 }
@@ -210,6 +214,8 @@ class RunPlan:
     wire_dtype: str
     tls: bool
     grad_noise: NoiseConfig = field(default_factory=NoiseConfig)
+    head_regularizer: str = "none"
+    regularizer_weight: float = 1.0
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> RunPlan:
@@ -252,6 +258,14 @@ class RunPlan:
         )
         noise = noise_target(no)
         grad_noise = NoiseConfig(sigma=float(no["grad_sigma"]), clip_norm=float(no["grad_clip_norm"]) or None)
+        privacy = tree["privacy"]
+        regularizer, weight = str(privacy["head_regularizer"]), privacy["regularizer_weight"]
+        if regularizer not in HEAD_REGULARIZERS:
+            raise ValueError(
+                f"privacy.head_regularizer must be one of {', '.join(HEAD_REGULARIZERS)}, got {regularizer!r}"
+            )
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"privacy.regularizer_weight must be a finite number >= 0, got {weight!r}")
         wire = tree["wire"]
         if wire["dtype"] not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"wire.dtype must be fp32, bf16 or fp16, got {wire['dtype']!r}")
@@ -266,6 +280,8 @@ class RunPlan:
             str(wire["dtype"]),
             bool(wire["tls"]),
             grad_noise,
+            regularizer,
+            float(weight),
         )
 
 

@@ -227,3 +227,27 @@ class AdversarialProbeRegularizer:
         loss = F.relu(self.chance - ce)
         self.last_loss = float(loss.detach())
         return inject_loss(hidden, self.weight * loss)
+
+
+HEAD_REGULARIZERS: tuple[str, ...] = ("none", "nopeek", "adversarial")
+
+
+def make_head_regularizer(
+    name: str, weight: float, embedding: torch.Tensor, noise: NoiseConfig | None = None, seed: int = 0
+) -> HeadRegularizer | None:
+    """The head regularizer called ``name`` (``None`` for ``"none"``), as run files and flags name them.
+
+    Args:
+        name: one of ``HEAD_REGULARIZERS``.
+        weight: its weight (0: no effect at all).
+        embedding: (V, d) the public token embedding (the adversarial probe's tied output).
+        noise: the release noise the adversarial probe sees (sigma, clip).
+        seed: seed of the subsampling (and of the adversarial probe and its noise draws).
+    """
+    if name == "none":
+        return None
+    if name == "nopeek":
+        return NoPeekRegularizer(weight, seed=seed)
+    if name == "adversarial":
+        return AdversarialProbeRegularizer(weight, embedding, noise, seed=seed)
+    raise ValueError(f"head regularizer must be one of {', '.join(HEAD_REGULARIZERS)}, got {name!r}")

@@ -41,7 +41,7 @@ from fedsea.model.split import Head, SplitModel, split_model
 from fedsea.privacy.attacks import HiddenSet, encode_texts, head_states
 from fedsea.privacy.grid import HEAD_DEFENCES, GridConfig, VictimHeadFn, _mechanism
 from fedsea.privacy.noise import Privatizer
-from fedsea.privacy.regularizers import AdversarialProbeRegularizer, HeadRegularizer, NoPeekRegularizer
+from fedsea.privacy.regularizers import HeadRegularizer, make_head_regularizer
 from fedsea.privacy.shaped import ShapedPrivatizer
 from fedsea.tasks.evaluate import evaluate
 from fedsea.tasks.finetune import FinetuneConfig, training_batches
@@ -179,14 +179,11 @@ class SplitFinetuner:
 
     def regularizer(self, defence: str, split: SplitModel, sigma: float) -> HeadRegularizer | None:
         """The head regularizer of a head defence (``None`` for the others)."""
-        weight, seed = self.config.regularizer_weight, self.grid.seed + 3
-        if defence == "nopeek":
-            return NoPeekRegularizer(weight, seed=seed)
-        if defence == "adversarial":
-            embedding = split.head.embed_tokens.weight.detach()  # (V, d) the public embedding
-            noise = NoiseConfig(sigma=sigma, clip_norm=self.grid.clip_norm, seed=seed)
-            return AdversarialProbeRegularizer(weight, embedding, noise, seed=seed)
-        return None
+        if defence not in HEAD_DEFENCES:
+            return None
+        embedding = split.head.embed_tokens.weight.detach()  # (V, d) the public embedding
+        noise = NoiseConfig(sigma=sigma, clip_norm=self.grid.clip_norm, seed=self.grid.seed + 3)
+        return make_head_regularizer(defence, self.config.regularizer_weight, embedding, noise, self.grid.seed + 3)
 
     def fresh_split(self, p: int) -> SplitModel:
         """A deep copy of the public model, split at (p, q), with new (seeded) adapters."""
