@@ -83,6 +83,7 @@ def plot_privacy_utility(rows: Sequence[GridRow], path: Path) -> None:
         ax.plot([r.utility for r in points], [r.token_accuracy for r in points], marker="o", label=f"{defence}, p={p}")
         for r in points:
             ax.annotate(f"{r.sigma:.3g}", (r.utility, r.token_accuracy), fontsize=7, alpha=0.7)
+    ax.axhline(0.1, linestyle="--", color="gray", linewidth=0.8, label="target: best attack <= 10% of tokens")
     name = rows[0].utility_name if rows else "utility"
     if "perplexity" in name and rows and all(r.utility > 0 for r in rows):
         ax.set_xscale("log")
