@@ -77,10 +77,12 @@ def plot_privacy_utility(rows: Sequence[GridRow], path: Path) -> None:
     curves: dict[tuple[str, int], list[GridRow]] = defaultdict(list)
     for row in best_attacks(rows):
         curves[(row.defence, row.head_layers)].append(row)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for (defence, p), points in sorted(curves.items()):
+    fig, ax = plt.subplots(figsize=(6.4 if len(curves) <= 6 else 9.6, 4.8))
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: merged grids have many curves
+    for i, ((defence, p), points) in enumerate(sorted(curves.items())):
         points.sort(key=lambda r: r.sigma)
-        ax.plot([r.utility for r in points], [r.token_accuracy for r in points], marker="o", label=f"{defence}, p={p}")
+        xs, ys = [r.utility for r in points], [r.token_accuracy for r in points]
+        ax.plot(xs, ys, marker="o", color=colors[i % len(colors)], label=f"{defence}, p={p}")
         for r in points:
             ax.annotate(f"{r.sigma:.3g}", (r.utility, r.token_accuracy), fontsize=7, alpha=0.7)
     ax.axhline(0.1, linestyle="--", color="gray", linewidth=0.8, label="target: best attack <= 10% of tokens")
@@ -92,7 +94,10 @@ def plot_privacy_utility(rows: Sequence[GridRow], path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("privacy vs utility (labels: sigma)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(curves) <= 6:
+        ax.legend(fontsize=8)
+    else:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
