@@ -43,6 +43,9 @@ def test_defaults_send_the_gradient_in_clear_and_noise_h_p_at_the_recommended_le
             NoiseTarget(epsilon=4.0, delta=1e-6, clip_norm=10.0),
         ),
         ("[noise]\nclip_norm = 20\n", [], NoiseTarget(relative_sigma=RECOMMENDED_RELATIVE_SIGMA, clip_norm=20.0)),
+        # The command line's level wins over the file's: sigma = 0 there turns the noise off.
+        ("[noise]\nrelative_sigma = 0.3\n", ["noise.sigma=0"], NoiseTarget(sigma=0.0)),
+        ("[noise]\nsigma = 0.5\n", ["noise.relative_sigma=0.2"], NoiseTarget(relative_sigma=0.2)),
     ],
 )
 def test_noise_level_by_sigma_relative_or_epsilon(tmp_path, file, overrides, expected):

@@ -139,11 +139,14 @@ NOISE_LEVELS: tuple[str, ...] = ("relative_sigma", "sigma", "epsilon")
 def load_tree(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Defaults, updated by the file (TOML, or YAML for ``.yaml``/``.yml``), updated by the overrides.
 
-    A file or override that sets ``noise.sigma`` or ``noise.epsilon`` but not
-    ``noise.relative_sigma`` replaces the default noise level (``sigma = 0`` is no noise).
+    The last source that names a noise level (``noise.sigma``, ``noise.relative_sigma``,
+    ``noise.epsilon``) decides it: the levels it does not name are reset to 0, so that
+    ``noise.sigma=0`` on the command line turns off a file's ``relative_sigma`` (and a file's
+    ``sigma`` replaces the default ``relative_sigma``).
     """
     tree = copy.deepcopy(DEFAULTS)
-    given: set[str] = set()
+    from_file: set[str] = set()
+    from_overrides: set[str] = set()
     if path is not None:
         file = Path(path)
         try:
@@ -152,14 +155,18 @@ def load_tree(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()
             raise ValueError(f"cannot read run file {file}: {exc}") from exc
         tree = _merge(tree, data)
         if isinstance(data.get("noise"), dict):
-            given |= set(data["noise"])
+            from_file |= set(data["noise"])
     for assignment in overrides:
         apply_override(tree, assignment)
         section, _, key = assignment.split("=", 1)[0].strip().partition(".")
         if section == "noise":
-            given.add(key)
-    if "relative_sigma" not in given and given & {"sigma", "epsilon"}:
-        tree["noise"]["relative_sigma"] = 0.0
+            from_overrides.add(key)
+    for given in (from_overrides, from_file):
+        named = given & set(NOISE_LEVELS)
+        if named:
+            for level in set(NOISE_LEVELS) - named:
+                tree["noise"][level] = 0.0
+            break
     return tree
 
 
