@@ -127,15 +127,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "client_compute_s": stats["local_compute_s"],
         "rpcs": stats["rpcs"],
         "adapters": args.save_adapters,
-        "noise": {
-            "mode": noise.mode,
-            "sigma": noise.noise.sigma,
-            "rms": noise.rms,
-            "clip_norm": noise.noise.clip_norm,
-            "epsilon": noise.epsilon,
-            "delta": noise.delta,
-            "releases": noise.releases,
-        },
+        "noise": noise.to_dict(),
     }
     if args.json:
         print(json.dumps(summary))

@@ -13,17 +13,7 @@ from fedsea.privacy.calibration import Calibration
 
 def noise_record(calibration: Calibration, head_layers: int) -> dict[str, Any]:
     """What a client logs of its resolved noise (read back into the run's report)."""
-    return {
-        "head_layers": head_layers,
-        "mode": calibration.mode,
-        "sigma": calibration.noise.sigma,
-        "rms": calibration.rms,
-        "clip_norm": calibration.noise.clip_norm,
-        "epsilon": calibration.epsilon,
-        "delta": calibration.delta,
-        "releases": calibration.releases,
-        "summary": calibration.summary(),
-    }
+    return {"head_layers": head_layers, **calibration.to_dict()}
 
 
 def _regularizer(plan: RunPlan) -> str:

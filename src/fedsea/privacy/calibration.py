@@ -17,7 +17,6 @@ clipping makes it meaningful, its epsilon.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,6 +137,19 @@ class Calibration:
     releases: int
     rows: int
 
+    def to_dict(self) -> dict[str, object]:
+        """What a run logs of its noise (the client's log, the run's metrics, ``fedsea train --json``)."""
+        return {
+            "mode": self.mode,
+            "sigma": self.noise.sigma,
+            "rms": self.rms,
+            "clip_norm": self.noise.clip_norm,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "releases": self.releases,
+            "summary": self.summary(),
+        }
+
     def summary(self) -> str:
         clip = "none" if self.noise.clip_norm is None else f"{self.noise.clip_norm:g}"
         parts = [f"sigma={self.noise.sigma:.4g}", f"clip_norm={clip}"]
@@ -254,6 +266,21 @@ def describe(
     return Calibration(noise=noise, mode=mode, rms=rms, epsilon=epsilon, delta=delta, releases=releases, rows=rows)
 
 
+def _public_states(
+    head: Head, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str] | None, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (B, n, d), lengths (B,)) of ``head`` on the public calibration text (or ``texts``)."""
+    from fedsea.privacy.attacks.data import encode_texts, head_states
+    from fedsea.privacy.public_text import PUBLIC_TEXT
+
+    ids = encode_texts(tokenizer, PUBLIC_TEXT if texts is None else texts, max_tokens)
+    if not ids:
+        raise ValueError("the calibration texts give no sequence of >= 2 tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    states = head_states(head, ids, int(pad))
+    return states.hidden, states.lengths
+
+
 def public_rms(
     head: Head,
     tokenizer: PreTrainedTokenizerBase,
@@ -270,15 +297,7 @@ def public_rms(
         texts: public text; default ``fedsea.privacy.public_text.PUBLIC_TEXT``.
         max_tokens: tokens kept per text.
     """
-    from fedsea.privacy.attacks.data import encode_texts, head_states
-    from fedsea.privacy.public_text import PUBLIC_TEXT
-
-    ids = encode_texts(tokenizer, PUBLIC_TEXT if texts is None else texts, max_tokens)
-    if not ids:
-        raise ValueError("the calibration texts give no sequence of >= 2 tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    states = head_states(head, ids, int(pad))
-    return hidden_rms(states.hidden, states.lengths, clip_norm)
+    return hidden_rms(*_public_states(head, tokenizer, texts, max_tokens), clip_norm)
 
 
 def resolve_noise(
@@ -287,17 +306,9 @@ def resolve_noise(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str] | None = None,
 ) -> Calibration:
-    """A client's noise from what was asked: measure h_p's RMS on public text, then calibrate.
+    """A client's noise from what was asked: ``calibrate`` on the head's output on public text.
 
     The RMS is measured in every mode (cheap: a couple of dozen short sequences through the
     head's p blocks), so that every run can report sigma relative to h_p's scale.
     """
-    rms = public_rms(head, tokenizer, target.clip_norm, texts)
-    if target.mode == "sigma":
-        sigma = float(target.sigma)  # type: ignore[arg-type]
-    elif target.mode == "relative":
-        sigma = float(target.relative_sigma) * rms  # type: ignore[arg-type]
-    else:
-        return dataclasses.replace(calibrate(target), rms=rms)
-    noise = NoiseConfig(sigma=sigma, clip_norm=target.clip_norm, seed=target.seed)
-    return describe(noise, releases=target.releases, delta=target.delta, rows=target.rows, rms=rms, mode=target.mode)
+    return calibrate(target, *_public_states(head, tokenizer, texts, CALIBRATION_TOKENS))
