@@ -31,8 +31,7 @@ from fedsea.model.split import Head, SplitModel, Tail, Trunk, central_forward, s
 from fedsea.model.tiny import tiny_llama, tiny_tokenizer
 from fedsea.privacy.noise import Privatizer, privatize
 from fedsea.training import Batch, CentralTrainer, LocalTrunk, SplitTrainer, make_batch
-
-__version__ = "0.1.0"
+from fedsea.version import __version__
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -61,12 +61,3 @@ def atomic_directory(path: str | os.PathLike[str], *, replace: bool = True) -> I
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for a server started next)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

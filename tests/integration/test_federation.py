@@ -14,8 +14,8 @@ import fedsea
 from fedsea.federation.checkpoint import latest_round, load_round
 from fedsea.federation.client import FederatedClient
 from fedsea.federation.config import FedConfig
+from fedsea.federation.coordinator import coordinator_factory, initial_global_state
 from fedsea.server.app import ServerThread, TrunkServer
-from fedsea.server.federation import initial_global_state
 from fedsea.server.trunk import TrunkHost
 from fedsea.training.data import encode_example
 from fedsea.wire.auth import TokenStore
@@ -52,7 +52,7 @@ def run_federation(
     errors: list[BaseException] = []
     refused = threading.Event()
     server = TrunkServer(
-        TrunkHost(fedsea.tiny_llama(**TINY)), tokens=store, federation=config, run_dir=tmp, resume=resume
+        TrunkHost(fedsea.tiny_llama(**TINY)), tokens=store, rounds=coordinator_factory(config, tmp, resume)
     )
     with ServerThread(server) as port:
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedsea.experiments.attack_grid import GridConfig, run_attack_grid
 from fedsea.privacy.attacks import TrainConfig
-from fedsea.privacy.grid import GridConfig, run_attack_grid
 
 pytestmark = pytest.mark.slow
 

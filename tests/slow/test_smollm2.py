@@ -125,7 +125,7 @@ def test_split_greedy_batch_of_mixed_lengths_equals_hf_generate(smollm2, smollm2
 
 
 def test_demo_answers_identically(capsys):
-    from fedsea.demo import run_split_demo as run_demo
+    from fedsea.experiments.demo import run_split_demo as run_demo
 
     result = run_demo(max_new_tokens=24, echo=False)
     assert result.identical and len(result.split_answer) > 0

@@ -11,11 +11,11 @@ import torch
 
 import fedsea
 from fedsea.cli import main
+from fedsea.experiments.attack_grid import GridConfig, _mechanism, run_attack_grid
+from fedsea.experiments.privacy_utility import UtilityConfig, finetune_utility, finetuned_victim_head, noised_split
 from fedsea.model.adapters import adapter_state_dict
 from fedsea.privacy.attacks import TrainConfig, encode_texts, head_states
-from fedsea.privacy.grid import GridConfig, _mechanism, run_attack_grid
 from fedsea.privacy.shaped import ShapedPrivatizer
-from fedsea.privacy.utility import UtilityConfig, finetune_utility, finetuned_victim_head, noised_split
 from fedsea.tasks import evaluate, get_task, score_choices
 from fedsea.tasks.finetune import FinetuneConfig
 from fedsea.tasks.runners import ModelRunner, SplitRunner

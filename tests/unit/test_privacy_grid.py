@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import fedsea
+from fedsea.experiments.attack_grid import GridConfig, run_attack_grid
+from fedsea.experiments.privacy_report import best_attacks, markdown_table
 from fedsea.privacy.attacks import TrainConfig
-from fedsea.privacy.grid import GridConfig, run_attack_grid
-from fedsea.privacy.report import best_attacks, markdown_table
 
 WORDS = [
     "the",
@@ -148,8 +148,9 @@ def test_an_attacker_who_knows_the_victims_head_trains_on_it(tiny_tokenizer):
 
 
 def test_grids_of_several_runs_merge_into_one_table_and_picture(tmp_path, capsys):
-    from fedsea.privacy.grid import GridRow
-    from fedsea.privacy.report import main, write_report
+    from fedsea.cli import main
+    from fedsea.experiments.attack_grid import GridRow
+    from fedsea.experiments.privacy_report import write_report
 
     def row(sigma, acc, utility):
         return GridRow(
@@ -159,7 +160,7 @@ def test_grids_of_several_runs_merge_into_one_table_and_picture(tmp_path, capsys
     write_report([row(0.0, 0.95, 0.85), row(4.0, 0.6, 0.56)], tmp_path / "a")
     write_report([row(4.0, 0.55, 0.8)], tmp_path / "b")
     grid_a, grid_b = tmp_path / "a" / "attack_grid.json", tmp_path / "b" / "attack_grid.json"
-    assert main([str(grid_a), f"{grid_b}=200 steps", "--out", str(tmp_path / "all")]) == 0
+    assert main(["attack-report", str(grid_a), f"{grid_b}=200 steps", "--out", str(tmp_path / "all")]) == 0
     merged = json.loads((tmp_path / "all" / "attack_grid.json").read_text())
     assert [(r["defence"], r["sigma"]) for r in merged] == [("none", 0.0), ("none", 4.0), ("none (200 steps)", 4.0)]
     assert (tmp_path / "all" / "privacy_utility.png").stat().st_size > 0

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from fedsea.federation.checkpoint import latest_round, load_round
 from fedsea.federation.data import encode_task_examples, task_examples, write_shard
 from fedsea.federation.simconfig import RunPlan, dump_tree, load_plan, load_tree
-from fedsea.io import atomic_write_text, free_loopback_port
+from fedsea.io import atomic_write_text
+from fedsea.wire.ports import free_loopback_port
 
 FEDSEA = [sys.executable, "-m", "fedsea.cli"]
 
@@ -203,7 +204,7 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
     from fedsea.model.seeding import seeded
 
     # The same LoRA initialisation as the federated run's global adapter (peft draws it in
-    # block order under the run's seed, see fedsea.server.federation.initial_global_state).
+    # block order under the run's seed, see fedsea.federation.coordinator.initial_global_state).
     with seeded(plan.fed.seed):
         split = global_model(plan, None).add_lora(plan.lora)
     torch.manual_seed(plan.fed.seed)  # LoRA dropout, if any

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from fedsea.federation.config import FedConfig
+from fedsea.server.rounds import RoundServiceFactory
 from fedsea.server.service import TrunkServicer
 from fedsea.server.trunk import TrunkHost
 from fedsea.wire import fedsea_pb2_grpc as pb_grpc
@@ -67,16 +67,14 @@ class TrunkServer:
         tls: ServerTls | None = None,
         tokens: TokenStore | None = None,
         insecure: bool = False,
-        federation: FedConfig | None = None,
-        run_dir: Path | None = None,
-        resume: bool = False,
+        rounds: RoundServiceFactory | None = None,
     ) -> None:
         self.check_bind(host, tls, insecure)
         self.trunk_host = trunk_host
         self.host, self.port = host, port
         self.tls, self.tokens = tls, tokens
         self.servicer = TrunkServicer(trunk_host, tokens)
-        self.federation, self.run_dir, self.resume = federation, run_dir, resume
+        self.rounds = rounds
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
 
@@ -95,12 +93,8 @@ class TrunkServer:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
         pb_grpc.add_TrunkServicer_to_server(self.servicer, self._server)
-        if self.federation is not None:
-            from fedsea.server.federation import Coordinator
-
-            self.servicer.coordinator = Coordinator(
-                self.trunk_host, self.federation, self.run_dir, self.servicer.run_blocking, self.resume
-            )
+        if self.rounds is not None:
+            self.servicer.coordinator = self.rounds(self.trunk_host, self.servicer.run_blocking)
         address = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
         if self.tls is not None:
             self.port = self._server.add_secure_port(address, self.tls.credentials())

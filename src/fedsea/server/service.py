@@ -16,12 +16,13 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from fedsea import __version__
 from fedsea.config import LoraSpec, OptimConfig
 from fedsea.errors import FedseaError, IdleTimeoutError, InvalidInputError, ProtocolError, status_code_name
 from fedsea.model.masks import check_lengths
 from fedsea.server.generation import GenerationHost, GenStream
+from fedsea.server.rounds import RoundService
 from fedsea.server.trunk import SessionSpec, TrunkHost
+from fedsea.version import __version__
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire import fedsea_pb2_grpc as pb_grpc
 from fedsea.wire.accounting import TrafficMeter
@@ -68,7 +69,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     def __init__(self, host: TrunkHost, tokens: TokenStore | None = None) -> None:
         self.host = host
-        self.coordinator: Any = None  # a fedsea.server.federation.Coordinator when a run is configured
+        self.coordinator: RoundService | None = None  # set when the server runs a federated run
         self.generation = GenerationHost(host)
         self.tokens = tokens
         self.meters: dict[str, TrafficMeter] = {}
@@ -332,7 +333,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 self.generation.close(stream)
 
     # -- federation ----------------------------------------------------------------------------
-    def _coordinator(self) -> Any:
+    def _coordinator(self) -> RoundService:
         if self.coordinator is None:
             raise ProtocolError("this server runs no federated run (start it with fedsea serve --run CONFIG)")
         return self.coordinator
@@ -342,15 +343,15 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             client = self._client(context)
             coordinator = self._coordinator()
             await coordinator.join(client, request.session_id, int(request.num_samples))
-            cfg = coordinator.config
+            info = coordinator.run_info()
             self._meter(client).record("join", received=request.ByteSize())
             return pb.JoinResponse(
                 client_id=client,
-                rounds=cfg.rounds,
-                local_steps=cfg.local_steps,
-                mode=cfg.mode,
-                next_round=coordinator.completed + 1,
-                seed=cfg.seed,
+                rounds=info.rounds,
+                local_steps=info.local_steps,
+                mode=info.mode,
+                next_round=info.next_round,
+                seed=info.seed,
             )
         except Exception as exc:
             await self._fail(context, exc)
@@ -360,7 +361,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             client = self._client(context)
             coordinator = self._coordinator()
             number, selected, finished, state = await coordinator.await_round(client, int(request.after_round))
-            steps = coordinator.config.local_steps
+            steps = coordinator.run_info().local_steps
             yield pb.RoundMessage(round=number, selected=selected, finished=finished, local_steps=steps)
             sent = 0
             for name in sorted(state):

@@ -35,11 +35,11 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedsea.config import LoraSpec, NoiseConfig, OptimConfig
+from fedsea.experiments.attack_grid import HEAD_DEFENCES, GridConfig, VictimHeadFn, _mechanism
 from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict
 from fedsea.model.seeding import seeded
 from fedsea.model.split import Head, SplitModel, split_model
 from fedsea.privacy.attacks import HiddenSet, encode_texts, head_states
-from fedsea.privacy.grid import HEAD_DEFENCES, GridConfig, VictimHeadFn, _mechanism
 from fedsea.privacy.noise import Privatizer
 from fedsea.privacy.regularizers import HeadRegularizer, make_head_regularizer
 from fedsea.privacy.shaped import ShapedPrivatizer

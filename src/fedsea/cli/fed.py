@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedsea.cli_generate import add_connection_args, client_tls
+from fedsea.cli.generate import add_connection_args, client_tls
 
 
 def _cmd_join(args: argparse.Namespace) -> int:

@@ -13,9 +13,32 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedsea.privacy.grid import GridRow
+
+@dataclass(frozen=True)
+class GridRow:
+    """One attack against one setting."""
+
+    defence: str
+    head_layers: int
+    sigma: float
+    relative_sigma: float
+    clip_norm: float | None
+    epsilon: float | None
+    attack: str
+    token_accuracy: float
+    rouge_l: float
+    exact: float
+    utility: float
+    utility_name: str
+    seconds: float
+    attacker_head: str = "base"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
 
 COLUMNS: tuple[str, ...] = (
     "defence",
@@ -130,25 +153,3 @@ def load_rows(path: Path, label: str | None = None) -> list[GridRow]:
     if label:
         rows = [dataclasses.replace(r, defence=f"{r.defence} ({label})") for r in rows]
     return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedsea.privacy.report GRID.json[=LABEL] ... --out DIR``: one table and one picture
-    from several ``fedsea attack`` runs (e.g. the runs of PRIVACY.md's grid)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m fedsea.privacy.report", description=main.__doc__)
-    parser.add_argument("grids", nargs="+", help="attack_grid.json files, each optionally =LABEL")
-    parser.add_argument("--out", required=True, help="folder for the merged attack_grid.{csv,md,json} and plot")
-    args = parser.parse_args(argv)
-    rows: list[GridRow] = []
-    for spec in args.grids:
-        path, _, label = spec.partition("=")
-        rows += load_rows(Path(path), label or None)
-    paths = write_report(rows, Path(args.out))
-    print(f"{len(rows)} rows -> {paths['md']}, {paths['png']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from fedsea.bench import start_server_process
-from fedsea.io import free_loopback_port
+from fedsea.experiments.bench_train import start_server_process
 from fedsea.model.load import DEFAULT_MODEL, load_model
+from fedsea.wire.ports import free_loopback_port
 
 
 def _hf_generate(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:

@@ -1,6 +1,6 @@
 """The centralized baseline table: zero-shot, then after centralized LoRA fine-tuning.
 
-``python -m fedsea.tasks.baseline --json`` evaluates the default model zero-shot on each
+``fedsea baseline --json`` evaluates the default model zero-shot on each
 task, fine-tunes fresh LoRA adapters on the task's train split for a fixed small budget
 (``CLASSIFY_BUDGET`` / ``GENERATE_BUDGET``) through ``fedsea.CentralTrainer``, and evaluates
 again. One JSON line per task goes to stdout, and a Markdown table at the end (the one in
@@ -9,9 +9,6 @@ BENCHMARKS.md). These are the references that federated runs are compared to.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,32 +88,3 @@ def markdown_table(rows: Sequence[BaselineRow]) -> str:
                 f"{budget if n == r.primary_metric else ''} |"
             )
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedsea.tasks.baseline", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--tasks", default=",".join(BASELINE_ROWS), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--rows", type=int, default=None, help="rows per task (default: the table's)")
-    parser.add_argument("--json", action="store_true", help="one JSON line per task on stdout")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    results = []
-    t0 = time.perf_counter()
-    for name in args.tasks.split(","):
-        rows = args.rows or BASELINE_ROWS.get(name, 100)
-        row = run_task(name, rows, args.model, progress=not args.no_progress)
-        results.append(row)
-        if args.json:
-            print(json.dumps({"bench": "baseline", "model": args.model, **row.__dict__}), flush=True)
-        else:
-            metric = row.primary_metric
-            change = f"{row.zero_shot[metric]:.3f} -> {row.finetuned[metric]:.3f}"
-            print(f"{row.task}: {metric} {change} ({row.seconds:.0f} s)", flush=True)
-    print(markdown_table(results))
-    print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

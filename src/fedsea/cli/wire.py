@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedsea.cli_generate import add_connection_args, add_noise_args, client_tls, noise_target
+from fedsea.cli.generate import add_connection_args, add_noise_args, client_tls, noise_target
 from fedsea.config import LoraSpec, OptimConfig, ServerLimits
 from fedsea.model.load import DEFAULT_MODEL
 
@@ -45,15 +45,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ...", flush=True)
     host = TrunkHost(load_model(args.model), limits)
     print(f"base model fingerprint {host.fingerprint}", flush=True)
-    federation, run_dir = None, None
+    rounds = None
     if args.run:
+        from fedsea.federation.coordinator import coordinator_factory
         from fedsea.federation.simconfig import load_plan
 
         federation = load_plan(args.run).fed
         run_dir = Path(args.run_dir or Path(args.run).parent)
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"federated run: {federation.rounds} rounds, {federation.mode}, checkpoints in {run_dir}", flush=True)
-    server = TrunkServer(host, tokens=tokens, federation=federation, run_dir=run_dir, resume=args.resume, **server_args)
+        rounds = coordinator_factory(federation, run_dir, args.resume)
+    server = TrunkServer(host, tokens=tokens, rounds=rounds, **server_args)
     asyncio.run(serve_until_signalled(server))
     return 0
 

@@ -8,8 +8,8 @@ import tempfile
 import time
 from typing import Any
 
-from fedsea.io import free_loopback_port
 from fedsea.model.load import DEFAULT_MODEL, load_model
+from fedsea.wire.ports import free_loopback_port
 
 
 def bench_load(source: str = DEFAULT_MODEL, repeats: int = 3) -> dict[str, Any]:

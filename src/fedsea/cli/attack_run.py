@@ -1,4 +1,4 @@
-"""``fedsea attack``: what the command does (its arguments are declared in ``fedsea.cli_attack``).
+"""``fedsea attack``: what the command does (its arguments are declared in ``fedsea.cli.attack``).
 
 It loads the model, the attacker's public auxiliary text and the victim's text, builds a
 ``GridConfig`` from the flags, and runs ``run_attack_grid`` with real training callbacks:
@@ -20,9 +20,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedsea.experiments.attack_grid import HEAD_DEFENCES, GridConfig, VictimHeadFn, run_attack_grid
+from fedsea.experiments.privacy_utility import UtilityConfig, finetune_utility, finetuned_victim_head
 from fedsea.privacy.attacks import TrainConfig
-from fedsea.privacy.grid import HEAD_DEFENCES, GridConfig, VictimHeadFn, run_attack_grid
-from fedsea.privacy.utility import UtilityConfig, finetune_utility, finetuned_victim_head
 from fedsea.tasks.finetune import FinetuneConfig
 from fedsea.tasks.registry import get_task
 
@@ -112,9 +112,9 @@ def victim_texts(source: str, count: int, task: str, data_dir: str | None = None
 
 def run_attack(args: argparse.Namespace) -> int:
     """Run the grid the flags describe; print progress, the table and plot paths, and the best attacks."""
+    from fedsea.experiments.privacy_report import best_attacks, markdown_table, write_report
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import check_partition
-    from fedsea.privacy.report import best_attacks, markdown_table, write_report
 
     grid = grid_config(args)  # every flag is checked before anything is loaded
     config = utility_config(args)

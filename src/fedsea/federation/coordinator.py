@@ -1,4 +1,7 @@
-"""The server's federated-run coordinator: joins, rounds, modes, aggregation, checkpoints.
+"""The federated-run coordinator: joins, rounds, modes, aggregation, checkpoints.
+
+Network-free: it implements the server's ``fedsea.server.rounds.RoundService`` over a
+``TrunkHost``; the servicer turns RPCs into calls on it (``coordinator_factory`` builds it).
 
 Design decisions:
 - One global adapter keyed by global layer number covers the whole model. A selected
@@ -34,7 +37,9 @@ from fedsea.federation.strategy import Update, make_strategy
 from fedsea.model.adapters import adapter_state_dict, add_lora
 from fedsea.model.seeding import seeded
 from fedsea.model.split import SplitPart
-from fedsea.server.trunk import Session, TrunkHost
+from fedsea.server.batching import GroupBatcher
+from fedsea.server.rounds import RoundServiceFactory, RunInfo
+from fedsea.server.trunk import Session, SessionSpec, TrunkHost
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,12 +108,17 @@ class Coordinator:
         self.selected: list[str] = []
         self.submitted: dict[str, Update] = {}
         self._trunk_of: dict[str, dict[str, torch.Tensor]] = {}  # each submitter's trunk adapter
-        self.batchers: list[Any] = []  # client-batch mode: this round's groups
+        self.batchers: list[GroupBatcher] = []  # client-batch mode: this round's groups
         self.finished = self.completed >= config.rounds
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
 
     # -- client-facing ------------------------------------------------------------------------
+    def run_info(self) -> RunInfo:
+        """The run's shape and the next round to be played."""
+        cfg = self.config
+        return RunInfo(cfg.rounds, cfg.local_steps, cfg.mode, cfg.seed, self.completed + 1)
+
     async def join(self, client_id: str, session_id: str, num_samples: int) -> Member:
         session = self.host.get(client_id, session_id)
         if session.spec.lora != self.config.lora:
@@ -165,18 +175,15 @@ class Coordinator:
             self._trunk_of[client_id] = trunk_state
             self._changed.notify_all()
 
-    def batcher_for(self, client_id: str, session_id: str) -> Any:
+    def batcher_for(self, client_id: str, session_id: str) -> GroupBatcher | None:
         """The client-batch group this session trains in this round, if any."""
         for batcher in self.batchers:
             if batcher.has(client_id, session_id):
                 return batcher
         return None
 
-    async def _open_groups(self, selected: list[str]) -> list[tuple[Any, list[str], str]]:
+    async def _open_groups(self, selected: list[str]) -> list[tuple[GroupBatcher, list[str], str]]:
         """Client-batch mode: one shared trunk adapter per trunk range among the selected."""
-        from fedsea.server.batching import GroupBatcher
-        from fedsea.server.trunk import SessionSpec
-
         by_range: dict[tuple[int, int], list[str]] = {}
         for client_id in selected:
             session = self.host.get(client_id, self.members[client_id].session_id)
@@ -321,3 +328,12 @@ class Coordinator:
             self.current = None
             self._changed.notify_all()
         logger.info("round %d closed: %d/%d clients", round_number, len(done), len(selected))
+
+
+def coordinator_factory(config: FedConfig, run_dir: Path | None, resume: bool = False) -> RoundServiceFactory:
+    """What ``TrunkServer(rounds=...)`` takes to run ``config``'s rounds on its trunk host."""
+
+    def build(host: TrunkHost, compute: Callable[..., Any]) -> Coordinator:
+        return Coordinator(host, config, run_dir, compute, resume)
+
+    return build

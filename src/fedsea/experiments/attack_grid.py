@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedsea.config import NoiseConfig
+from fedsea.experiments.privacy_report import GridRow, write_report
 from fedsea.model.split import Head, SplitModel, split_model
 from fedsea.privacy.accountant import epsilon_for_sigma
 from fedsea.privacy.attacks import (
@@ -129,29 +130,6 @@ class GridConfig:
             raise ValueError(
                 f"bisr.relax must be 'softmax' (it starts from the probe's logits), got {self.bisr.relax!r}"
             )
-
-
-@dataclass(frozen=True)
-class GridRow:
-    """One attack against one setting."""
-
-    defence: str
-    head_layers: int
-    sigma: float
-    relative_sigma: float
-    clip_norm: float | None
-    epsilon: float | None
-    attack: str
-    token_accuracy: float
-    rouge_l: float
-    exact: float
-    utility: float
-    utility_name: str
-    seconds: float
-    attacker_head: str = "base"
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def _mechanism(defence: str, sigma: float, config: GridConfig, seed: int, aux: HiddenSet) -> Privatizer:
@@ -289,7 +267,5 @@ def run_attack_grid(
                             f"{name}={quality:.4g} ({row.seconds:.0f}s)"
                         )
     if out_dir is not None:
-        from fedsea.privacy.report import write_report
-
         write_report(rows, Path(out_dir))
     return rows

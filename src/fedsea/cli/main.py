@@ -9,12 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fedsea import __version__
 from fedsea.errors import FedseaError
+from fedsea.version import __version__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fedsea.demo import run_demo, run_split_demo
+    from fedsea.experiments.demo import run_demo, run_split_demo
     from fedsea.model.load import DEFAULT_MODEL
 
     if not args.split_only:
@@ -82,21 +82,21 @@ def _reexec_for_colocation(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from fedsea import bench
+    from fedsea.experiments import bench_train as bench
 
     if args.what == "generate":
         _reexec_for_colocation(args)
     if args.what == "load":
         result = bench.bench_load(args.model, repeats=args.repeats)
     elif args.what == "generate":
-        from fedsea.bench_generate import bench_generate
+        from fedsea.experiments.bench_generate import bench_generate
 
         result = bench_generate(
             args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers, args.tail_layers,
             args.naive_tokens, args.net_latency_ms or 25.0, args.wire_dtype,
         )  # fmt: skip
     elif args.what == "federation":
-        from fedsea.bench_federation import bench_federation
+        from fedsea.experiments.bench_federation import bench_federation
 
         result = bench_federation(tuple(args.parts), tuple(args.tasks), args.model)
     elif args.what == "train":
@@ -109,7 +109,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fedsea.tasks.command import run_eval
+    from fedsea.cli.eval import run_eval
 
     return run_eval(args)
 
@@ -147,18 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--tail-layers", type=int, required=True)
     merge.set_defaults(func=_cmd_merge)
 
-    from fedsea.cli_wire import add_wire_commands
+    from fedsea.cli.wire import add_wire_commands
 
     add_wire_commands(sub)
-    from fedsea.cli_generate import add_generate_commands
+    from fedsea.cli.generate import add_generate_commands
 
     add_generate_commands(sub)
-    from fedsea.cli_fed import add_fed_commands
+    from fedsea.cli.fed import add_fed_commands
 
     add_fed_commands(sub)
-    from fedsea.cli_attack import add_attack_commands
+    from fedsea.cli.attack import add_attack_commands
 
     add_attack_commands(sub)
+    from fedsea.cli.reports import add_report_commands
+
+    add_report_commands(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
     bench.add_argument(
@@ -210,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if getattr(args, "prompt", "") is None:
-        from fedsea.demo import DEFAULT_PROMPT
+        from fedsea.experiments.demo import DEFAULT_PROMPT
 
         args.prompt = DEFAULT_PROMPT
     try:
@@ -218,7 +221,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FedseaError, ValueError, FileNotFoundError) as exc:
         print(f"fedsea: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

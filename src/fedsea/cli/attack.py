@@ -70,15 +70,15 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
-    from fedsea.privacy.command import run_attack
+    from fedsea.cli.attack_run import run_attack
 
     return run_attack(args)
 
 
 def add_attack_commands(sub: Any) -> None:
     """Register ``fedsea attack``."""
+    from fedsea.experiments.attack_grid import ATTACKER_HEADS, ATTACKS, DEFENCES
     from fedsea.model.load import DEFAULT_MODEL
-    from fedsea.privacy.grid import ATTACKER_HEADS, ATTACKS, DEFENCES
 
     attack = sub.add_parser(
         "attack",
