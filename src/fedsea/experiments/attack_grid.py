@@ -29,6 +29,7 @@ from fedsea.experiments.privacy_report import GridRow, write_report
 from fedsea.model.split import Head, SplitModel, split_model
 from fedsea.privacy.accountant import epsilon_for_sigma
 from fedsea.privacy.attacks import (
+    Attack,
     DecoderAttack,
     HiddenSet,
     OptimizationAttack,
@@ -157,14 +158,14 @@ def noisy_perplexity(split: SplitModel, observed: torch.Tensor, victim: HiddenSe
     return math.exp(total / max(count, 1))
 
 
-def _attacks(names: Sequence[str], head: Head, config: GridConfig) -> list:
+def _attacks(names: Sequence[str], head: Head, config: GridConfig) -> list[Attack]:
     """The attacks in ``names`` order, except that ``probe`` runs first: ``bisr`` starts from it.
 
     ``head`` is the attacker's model of the victim's head (the optimization attacks run through it).
     """
     embedding = head.embed_tokens.weight.detach()
     probe = ProbeAttack(embedding, config.train)
-    out: list = [probe] if "probe" in names else []
+    out: list[Attack] = [probe] if "probe" in names else []
     for name in names:
         if name == "decoder":
             out.append(DecoderAttack(embedding, config.train, max_len=max(config.max_tokens, 8)))

@@ -14,7 +14,8 @@ from fedsea.federation.simulate import simulate
 
 def _rounds_seconds(run_dir: str) -> float:
     records = [json.loads(x) for x in (Path(run_dir) / "server_rounds.jsonl").read_text().splitlines() if x.strip()]
-    return sum(r["seconds"] for r in records)
+    seconds: float = sum(r["seconds"] for r in records)
+    return seconds
 
 
 def speed(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -85,7 +86,8 @@ def run_split_demo(
     t_split = time.perf_counter() - t1
     t2 = time.perf_counter()
     with torch.no_grad():
-        central_ids = model.generate(
+        # load_model is typed PreTrainedModel; generate comes from GenerationMixin on the concrete class.
+        central_ids = model.generate(  # type: ignore[operator]
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -93,8 +95,9 @@ def run_split_demo(
             pad_token_id=tokenizer.pad_token_id,
         )[:, enc["input_ids"].shape[1] :]
     t_central = time.perf_counter() - t2
-    split_answer = tokenizer.decode(split_ids[0], skip_special_tokens=True).strip()
-    central_answer = tokenizer.decode(central_ids[0], skip_special_tokens=True).strip()
+    # One sequence decodes to one str (the stub's list[str] is for a batch).
+    split_answer = cast(str, tokenizer.decode(split_ids[0], skip_special_tokens=True)).strip()
+    central_answer = cast(str, tokenizer.decode(central_ids[0], skip_special_tokens=True)).strip()
     result = DemoResult(split_answer, central_answer, traffic, int(lengths[0]), int(split_ids.shape[1]))
 
     say(f"\nsplit      ({t_split:.2f} s): {split_answer}")
@@ -145,7 +148,9 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
         print(f"noise of {name}: {noise['summary']}")
 
     # One answer through the split, with the federated adapters and the run's noise.
-    _, state, _, _ = load_round(latest_round(summary["run_dir"]))
+    checkpoint = latest_round(summary["run_dir"])
+    assert checkpoint is not None, "the demo run wrote no checkpoint"
+    _, state, _, _ = load_round(checkpoint)
     tokenizer = load_tokenizer(plan.model)
     split = split_model(load_model(plan.model), 2, 2).add_lora(plan.lora)
     noise = resolve_noise(plan.noise, split.head, tokenizer)  # measured before the adapters load

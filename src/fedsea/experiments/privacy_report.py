@@ -101,7 +101,8 @@ def plot_privacy_utility(rows: Sequence[GridRow], path: Path) -> None:
     for row in best_attacks(rows):
         curves[(row.defence, row.head_layers)].append(row)
     fig, ax = plt.subplots(figsize=(6.4 if len(curves) <= 6 else 9.6, 4.8))
-    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: merged grids have many curves
+    # 20 distinct colours: merged grids have many curves. tab20 is a ListedColormap; the stub returns the base class.
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
     for i, ((defence, p), points) in enumerate(sorted(curves.items())):
         points.sort(key=lambda r: r.sigma)
         xs, ys = [r.utility for r in points], [r.token_accuracy for r in points]

@@ -283,7 +283,8 @@ def export_run(run_dir: str, out: str) -> Path:
     if checkpoint is None:
         raise ValueError(f"{folder} has no checkpoint yet")
     _, state, _, _ = load_round(checkpoint)
-    return global_model(plan, state).export(out, load_tokenizer(plan.model))
+    exported: Path = global_model(plan, state).export(out, load_tokenizer(plan.model))
+    return exported
 
 
 __all__ = ["export_run", "load_tree", "simulate"]

@@ -16,7 +16,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -56,7 +56,7 @@ def add_lora(part: SplitPart, spec: LoraSpec, adapter_name: str = ADAPTER_NAME) 
         raise AdapterError(f"the {part.part_name} already has a LoRA adapter")
     config = LoraConfig(
         r=spec.r,
-        lora_alpha=spec.alpha,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides by r
         lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules),
         bias="none",
@@ -74,8 +74,8 @@ def add_lora(part: SplitPart, spec: LoraSpec, adapter_name: str = ADAPTER_NAME) 
         for name, module in layer.named_modules():
             if "lora_" in name:
                 module.train(layer.training)
-    part.lora_spec = spec
-    part.adapter_name = adapter_name
+    part.lora_spec = spec  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors and modules; this is a plain attribute
+    part.adapter_name = adapter_name  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors and modules; this is a plain attribute
 
 
 def add_split_lora(split: SplitModel, lora: SplitLora | LoraSpec) -> None:
@@ -93,7 +93,7 @@ def add_split_lora(split: SplitModel, lora: SplitLora | LoraSpec) -> None:
 
 def adapter_parameters(part: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
     """The part's LoRA parameters of one adapter, keyed without the adapter name."""
-    tag = _tag(adapter_name or getattr(part, "adapter_name", ADAPTER_NAME))
+    tag = _tag(adapter_name or cast(str, getattr(part, "adapter_name", ADAPTER_NAME)))
     return {name.replace(tag, "."): p for name, p in part.named_parameters() if "lora_" in name and tag in name}
 
 

@@ -51,5 +51,5 @@ def model_fingerprint(model: PreTrainedModel) -> str:
             digest.update(param.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     fingerprint = f"sha256:{digest.hexdigest()}"
     # Base weights are frozen: the fingerprint of a loaded model never changes.
-    model._fedsea_fingerprint = fingerprint
+    model._fedsea_fingerprint = fingerprint  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors and modules; this is a plain attribute
     return fingerprint

@@ -188,7 +188,8 @@ def load_model(
         dtype = getattr(torch, dtype)
     resolved = resolve_source(source)
     if resolved.kind == "tiny":
-        model = tiny_llama().to(dtype=dtype)
+        # transformers wraps ``to`` with functools.wraps; the stub then sees an unbound _Wrapped.
+        model = tiny_llama().to(dtype=dtype)  # type: ignore[call-arg]
     else:
         location = _local_folder(resolved)
         _check_config_supported(location)
@@ -204,7 +205,8 @@ def load_model(
                 hf_logging.enable_progress_bar()
     check_supported(model)
     model.requires_grad_(False)
-    return model.to(device).eval()
+    loaded: PreTrainedModel = model.to(device).eval()
+    return loaded
 
 
 def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

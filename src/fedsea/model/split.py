@@ -192,7 +192,8 @@ class Tail(SplitPart):
         hidden = self._run_blocks(hidden, lengths, cache)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(self.norm(hidden))
+        logits: torch.Tensor = self.lm_head(self.norm(hidden))
+        return logits
 
 
 class SplitModel:
@@ -216,7 +217,8 @@ class SplitModel:
 
     def __call__(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Head, trunk and tail in turn on a left-padded batch; returns logits (B, n, V)."""
-        return self.tail(self.trunk(self.head(input_ids, lengths), lengths), lengths)
+        logits: torch.Tensor = self.tail(self.trunk(self.head(input_ids, lengths), lengths), lengths)
+        return logits
 
     def add_lora(self, lora: SplitLora | LoraSpec | None = None) -> SplitModel:
         """Add LoRA adapters (peft) to the parts; one ``LoraSpec`` for all, or a ``SplitLora``."""
@@ -283,4 +285,5 @@ def central_forward(model: PreTrainedModel, input_ids: torch.Tensor, lengths: to
         position_ids=position_ids(lengths, total, total),
         use_cache=False,
     )
-    return out.logits
+    logits: torch.Tensor = out.logits
+    return logits

@@ -9,6 +9,7 @@ text round-trips through it. Nothing is downloaded.
 from __future__ import annotations
 
 import functools
+from typing import TypedDict, Unpack
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -120,6 +121,14 @@ def tiny_llama_config(
     )
 
 
+class _ConfigKwargs(TypedDict, total=False):
+    """The optional ``tiny_llama_config`` arguments ``tiny_llama`` passes through."""
+
+    intermediate_size: int | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+
 def tiny_llama(
     num_layers: int = 4,
     hidden_size: int = 64,
@@ -127,7 +136,7 @@ def tiny_llama(
     num_kv_heads: int | None = None,
     vocab_size: int = 512,
     seed: int = 0,
-    **config_kwargs: int | bool,
+    **config_kwargs: Unpack[_ConfigKwargs],
 ) -> LlamaForCausalLM:
     """A seeded random ``LlamaForCausalLM``; the same arguments give the same weights.
 
@@ -141,4 +150,5 @@ def tiny_llama(
     config = tiny_llama_config(num_layers, hidden_size, num_heads, num_kv_heads, vocab_size, **config_kwargs)
     with seeded(seed):
         model = LlamaForCausalLM(config)
-    return model.eval()
+    model.eval()
+    return model

@@ -85,7 +85,7 @@ def gaussian_rdp(noise_multiplier: float, orders: Sequence[float] = FINE_ORDERS)
 
 
 def rdp_to_dp(
-    orders: Sequence[float], rdp: Sequence[float], delta: float, conversion: str = "improved"
+    orders: Sequence[float], rdp: Sequence[float] | np.ndarray, delta: float, conversion: str = "improved"
 ) -> tuple[float, float]:
     """Smallest epsilon over the orders such that the mechanism is (epsilon, delta)-DP.
 

@@ -20,7 +20,7 @@ and does nothing else: exactly no change.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,19 +35,20 @@ class _InjectLoss(torch.autograd.Function):
     """Identity on ``hidden`` whose backward also sends gradient 1 into ``loss``."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, hidden: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         ctx.loss_meta = (loss.dtype, loss.device)
         return hidden.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype, device = ctx.loss_meta
         return grad, torch.ones((), dtype=dtype, device=device)
 
 
 def inject_loss(hidden: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     """``hidden`` unchanged in value; backpropagating through it also backpropagates ``loss``."""
-    return _InjectLoss.apply(hidden, loss)
+    out: torch.Tensor = _InjectLoss.apply(hidden, loss)  # type: ignore[no-untyped-call]  # torch leaves apply unannotated
+    return out
 
 
 class HeadRegularizer(Protocol):
@@ -118,7 +119,7 @@ class NoPeekRegularizer:
         self.generator = torch.Generator().manual_seed(seed)
         self.last_loss: float | None = None
 
-    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor, embed: nn.Embedding):
+    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor, embed: nn.Embedding) -> torch.Tensor:
         """The unweighted dCor^2 between the real tokens' input embeddings and their h_p."""
         h = real_token_rows(hidden, lengths)  # (N, d)
         with torch.no_grad():
@@ -139,6 +140,8 @@ class NoPeekRegularizer:
 
 
 class _Probe(nn.Module):
+    embedding: torch.Tensor  # (V, d), a registered buffer
+
     def __init__(self, embedding: torch.Tensor, width: int) -> None:
         super().__init__()
         d = embedding.shape[1]
@@ -147,7 +150,8 @@ class _Probe(nn.Module):
         self.bias = nn.Parameter(torch.zeros(embedding.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) @ self.embedding.T + self.bias  # (N, V)
+        logits: torch.Tensor = self.net(x) @ self.embedding.T + self.bias  # (N, V)
+        return logits
 
 
 class AdversarialProbeRegularizer:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -78,7 +78,7 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "seq") -> tqdm:
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "seq") -> tqdm[Any]:
     """A tqdm bar on stderr; off when ``enabled`` is False or ``$FEDSEA_NO_PROGRESS`` is 1."""
     disable = not enabled or os.environ.get("FEDSEA_NO_PROGRESS") == "1"
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=disable, dynamic_ncols=True)
@@ -173,7 +173,7 @@ def generate_answers(
                 ids = new[row].tolist()
                 if stop is not None and stop in ids:
                     ids = ids[: ids.index(stop)]
-                answers[k] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                answers[k] = cast(str, tokenizer.decode(ids, skip_special_tokens=True)).strip()  # one sequence: a str
             bar.update(len(batch))
     return answers
 

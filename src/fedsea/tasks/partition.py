@@ -89,7 +89,7 @@ def _check_alpha(alpha: float) -> None:
         raise InvalidInputError("alpha", f"must be a finite number > 0, got {alpha!r}")
 
 
-def _freeze(parts: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+def _freeze(parts: Sequence[Sequence[int] | np.ndarray]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(sorted(int(i) for i in p)) for p in parts)
 
 

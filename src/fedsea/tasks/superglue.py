@@ -10,6 +10,7 @@ the same rows. Each row becomes one ``Example`` whose choices are verbalized lab
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import SupportsInt, cast
 
 from fedsea.tasks.base import Example, HubSource, Scorer, Task
 from fedsea.tasks.data import Holdout, Row, file_loader, local_loader
@@ -29,7 +30,7 @@ def _int_label(value: object, names: Sequence[str] = ()) -> int:
         return int(value)
     if isinstance(value, str):
         return names.index(value)
-    return int(value)  # type: ignore[call-overload]
+    return int(cast("SupportsInt", value))  # a number (int or float) from the data
 
 
 def _gold(row: Row) -> int | None:
@@ -282,7 +283,7 @@ def _record(row: Row) -> Example:
 
 
 def _record_scorer(examples: Sequence[Example], predictions: Sequence[int] | Sequence[str]) -> dict[str, float]:
-    texts = [e.choices[int(p)] for e, p in zip(examples, predictions, strict=True)]
+    texts = [e.choices[int(cast("int | str", p))] for e, p in zip(examples, predictions, strict=True)]
     return qa_scores(texts, [e.references for e in examples])
 
 

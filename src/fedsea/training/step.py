@@ -82,7 +82,7 @@ class LocalTrunk:
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         self.trunk.train()
         inp = hidden.detach().requires_grad_(True)  # (B, n, d)
-        out = self.trunk(inp, lengths)  # (B, n, d)
+        out: torch.Tensor = self.trunk(inp, lengths)  # (B, n, d)
         self._saved = (inp, out)
         return out.detach()
 
@@ -167,7 +167,9 @@ class SplitTrainer(_Trainer):
         self.privatizer = privatizer or Privatizer(noise or NoiseConfig(), device=split.model.device)
         self.head_regularizer = head_regularizer
         enabled = grad_noise is not None and (grad_noise.sigma > 0 or grad_noise.clip_norm is not None)
-        self.grad_privatizer = Privatizer(grad_noise, device=split.model.device) if enabled else None
+        self.grad_privatizer = (
+            Privatizer(grad_noise, device=split.model.device) if enabled and grad_noise is not None else None
+        )
         self._optimizers = [PartOptimizer(split.head, optim), PartOptimizer(split.tail, optim)]
         self.steps = 0
 

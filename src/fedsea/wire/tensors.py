@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from fedsea.errors import InvalidInputError, LimitExceededError
 from fedsea.wire import fedsea_pb2 as pb
 
-WIRE_DTYPES: dict[str, int] = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16, "fp16": pb.FLOAT16}
+WIRE_DTYPES: dict[str, pb.DType] = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16, "fp16": pb.FLOAT16}
 _TORCH: dict[int, torch.dtype] = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 ITEMSIZE: dict[int, int] = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
@@ -24,7 +25,7 @@ ITEMSIZE: dict[int, int] = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
 DEFAULT_CHUNK_BYTES = 3 * 1024 * 1024
 
 
-def wire_dtype(name: str) -> int:
+def wire_dtype(name: str) -> pb.DType:
     """The proto enum of a wire dtype name (fp32, bf16, fp16)."""
     try:
         return WIRE_DTYPES[name]
@@ -55,7 +56,8 @@ def encode(tensor: torch.Tensor, dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BY
     offset = 0
     while True:
         piece = data[offset : offset + chunk_bytes]
-        yield pb.TensorChunk(dtype=dtype, shape=shape, offset=offset, data=piece, total_bytes=total)
+        # The enum is an int at run time; the stub types the field as pb.DType.
+        yield pb.TensorChunk(dtype=cast("pb.DType", dtype), shape=shape, offset=offset, data=piece, total_bytes=total)
         offset += len(piece)
         if offset >= total:
             return

@@ -50,7 +50,8 @@ class _DecoderNet(TokenClassifier):
         u = self.standardize(x)  # (B, n, d)
         z = self.inp(u) + self.pos(pos)  # (B, n, w)
         z = self.blocks(z, src_key_padding_mask=~real)  # (B, n, w)
-        return self.vocab(self.out(self.norm(z)) + self.skip(u))  # (B, n, V)
+        logits: torch.Tensor = self.vocab(self.out(self.norm(z)) + self.skip(u))  # (B, n, V)
+        return logits
 
 
 class DecoderAttack:

@@ -89,6 +89,7 @@ class TiedVocab(nn.Module):
     def __init__(self, embedding: torch.Tensor) -> None:
         super().__init__()
         # The attack runs on the CPU, with the released states (a no-op for a CPU fp32 model).
+        self.embedding: torch.Tensor  # (V, d), a registered buffer
         self.register_buffer("embedding", embedding.detach().to("cpu", torch.float32), persistent=False)
         self.bias = nn.Parameter(torch.zeros(embedding.shape[0]))
 
@@ -102,6 +103,8 @@ class Standardize(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
+        self.mean: torch.Tensor  # (d,), a registered buffer
+        self.std: torch.Tensor  # (d,), a registered buffer
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 

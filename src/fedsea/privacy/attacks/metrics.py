@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -77,8 +78,9 @@ def score(predicted: torch.Tensor, victim: HiddenSet, tokenizer: PreTrainedToken
     preds, refs = [], []
     for b in range(len(victim)):
         length = int(victim.lengths[b])
-        preds.append(tokenizer.decode(_real(predicted[b].cpu(), length)))
-        refs.append(tokenizer.decode(_real(victim.input_ids[b], length)))
+        # One sequence decodes to one str (the stub's list[str] is for a batch).
+        preds.append(cast(str, tokenizer.decode(_real(predicted[b].cpu(), length))))
+        refs.append(cast(str, tokenizer.decode(_real(victim.input_ids[b], length))))
     return AttackScores(
         token_accuracy=float(hits.sum()) / max(victim.num_tokens, 1),
         rouge_l=rouge_l(preds, refs),

@@ -38,7 +38,8 @@ class _ProbeNet(TokenClassifier):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         u = self.standardize(x)  # (B, n, d)
-        return self.vocab(self.mlp(u) + self.skip(u))  # (B, n, V)
+        logits: torch.Tensor = self.vocab(self.mlp(u) + self.skip(u))  # (B, n, V)
+        return logits
 
 
 class ProbeAttack:
