@@ -85,6 +85,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], str], ...] = (
 
 
 def status_code_name(exc: BaseException) -> str:
+    """The gRPC status code name (e.g. ``INVALID_ARGUMENT``) for ``exc``; ``INTERNAL`` if unmapped."""
     for cls, name in STATUS_CODES:
         if isinstance(exc, cls):
             return name

@@ -25,6 +25,8 @@ DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 @dataclass(frozen=True)
 class DemoResult:
+    """What the split demo produced: both answers, the cut traffic and the token counts."""
+
     split_answer: str
     central_answer: str
     traffic: CutTraffic
@@ -33,14 +35,15 @@ class DemoResult:
 
     @property
     def identical(self) -> bool:
+        """True when the split and the unsplit model answered with the same text."""
         return self.split_answer == self.central_answer
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     return str(n)
 
 
@@ -52,6 +55,7 @@ def run_split_demo(
     max_new_tokens: int = 48,
     echo: bool = True,
 ) -> DemoResult:
+    """Answer ``prompt`` greedily through the split model and through the unsplit one; compare."""
     say = print if echo else (lambda *a, **k: None)
     t0 = time.perf_counter()
     model = load_model(source)

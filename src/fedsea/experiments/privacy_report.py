@@ -37,6 +37,7 @@ class GridRow:
     attacker_head: str = "base"
 
     def to_dict(self) -> dict[str, object]:
+        """The row as a plain dict, one key per field (a JSON/CSV record)."""
         return asdict(self)
 
 

@@ -35,6 +35,8 @@ BASELINE_SPLIT = (2, 2)
 
 @dataclass(frozen=True)
 class BaselineRow:
+    """One task's centralized LoRA baseline: zero-shot and fine-tuned metrics, budget and notes."""
+
     task: str
     rows: int
     primary_metric: str

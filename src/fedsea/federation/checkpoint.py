@@ -78,6 +78,7 @@ def save_round(
 
 
 def latest_round(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The folder of the newest complete round checkpoint under ``run_dir``; ``None`` if there is none."""
     pointer = Path(run_dir) / "checkpoints" / "LATEST"
     if not pointer.is_file():
         return None

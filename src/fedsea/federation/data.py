@@ -20,6 +20,7 @@ def write_shard(path: str | os.PathLike[str], task: str, split: str, ids: Sequen
 
 
 def task_examples(task: str, split: str, limit: int | None) -> list[Any]:
+    """Up to ``limit`` examples of a task split, keeping only those with choices or references."""
     from fedsea import tasks
 
     examples, _ = tasks.get_task(task).examples(split, limit=limit)
@@ -43,6 +44,7 @@ def encode_task_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[
 def load_client_data(
     tokenizer: PreTrainedTokenizerBase, shard: str | None, data: str | None, max_length: int
 ) -> list[Example]:
+    """A client's training examples, from exactly one of a task shard or a JSONL file."""
     if (shard is None) == (data is None):
         raise ValueError("give exactly one of --shard (a task shard) or --data (a JSONL file)")
     if data is not None:

@@ -47,6 +47,7 @@ def _main_metric(record: dict[str, Any]) -> tuple[str, float]:
 def plot(
     run_dir: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any]], traffic: list[dict[str, Any]]
 ) -> list[Path]:
+    """Draw loss per step, eval metric and bytes per round into PNGs in ``run_dir``; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")

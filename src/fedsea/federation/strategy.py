@@ -87,6 +87,7 @@ class FedAvg(Strategy):
     """Federated averaging (McMahan et al. 2017): the sample-weighted mean of the updates."""
 
     def aggregate(self, updates: Sequence[Update], current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The sample-weighted mean of ``updates``; ``current`` unchanged when there are none."""
         if not updates:
             return dict(current)
         return weighted_mean(updates, current)
@@ -96,6 +97,7 @@ STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
 
 
 def make_strategy(name: str, fraction: float = 1.0, min_clients: int = 1) -> Strategy:
+    """The aggregation strategy registered as ``name`` (case-insensitive); ``ValueError`` if unknown."""
     try:
         cls = STRATEGIES[name.lower()]
     except KeyError:

@@ -85,6 +85,7 @@ class SplitPart(nn.Module):
 
     @property
     def hidden_size(self) -> int:
+        """d, the model's hidden width (the last dimension of the states this part takes)."""
         return int(self.config.hidden_size)
 
     def new_cache(self) -> DynamicCache:
@@ -165,6 +166,7 @@ class Trunk(SplitPart):
     part_name = "trunk"
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        """hidden: (B, n, d) h_p, lengths: (B,) real tokens; returns h_{L-q} (B, n, d)."""
         self._check_hidden(hidden)
         return self._run_blocks(hidden, lengths, cache)
 
@@ -210,9 +212,11 @@ class SplitModel:
 
     @property
     def num_layers(self) -> int:
+        """L, the number of decoder blocks of the whole model."""
         return int(self.model.config.num_hidden_layers)
 
     def parts(self) -> dict[str, SplitPart]:
+        """The three parts by name: ``head``, ``trunk``, ``tail``."""
         return {"head": self.head, "trunk": self.trunk, "tail": self.tail}
 
     def __call__(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

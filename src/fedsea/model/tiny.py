@@ -98,6 +98,7 @@ def tiny_llama_config(
     max_position_embeddings: int = 2048,
     tie_word_embeddings: bool = True,
 ) -> LlamaConfig:
+    """A small ``LlamaConfig`` (SmolLM2-like token ids) with a checked head layout; kv heads default to half."""
     if hidden_size % num_heads != 0:
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     kv = num_kv_heads if num_kv_heads is not None else max(1, num_heads // 2)

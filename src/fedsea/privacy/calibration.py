@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -109,6 +109,7 @@ class NoiseTarget:
 
     @property
     def mode(self) -> str:
+        """Which field sets the noise: ``"sigma"``, ``"relative"`` or ``"dp"`` (epsilon)."""
         if self.sigma is not None:
             return "sigma"
         return "relative" if self.relative_sigma is not None else "dp"
@@ -151,6 +152,7 @@ class Calibration:
         }
 
     def summary(self) -> str:
+        """One human-readable line: sigma, clip norm, measured RMS and epsilon at delta."""
         clip = "none" if self.noise.clip_norm is None else f"{self.noise.clip_norm:g}"
         parts = [f"sigma={self.noise.sigma:.4g}", f"clip_norm={clip}"]
         if self.rms is not None:
@@ -222,17 +224,17 @@ def calibrate(
     """
     rms = hidden_rms(hidden, lengths, target.clip_norm) if hidden is not None else None
     if target.mode == "sigma":
-        sigma = float(target.sigma)  # type: ignore[arg-type]
+        sigma = float(cast(float, target.sigma))  # mode "sigma": set
     elif target.mode == "relative":
         if rms is None:
             raise ValueError("relative_sigma needs hidden states to measure h_p's RMS on")
-        sigma = float(target.relative_sigma) * rms  # type: ignore[arg-type]
+        sigma = float(cast(float, target.relative_sigma)) * rms  # mode "relative": set
     else:
         sigma = accountant.sigma_for_epsilon(
-            float(target.epsilon),  # type: ignore[arg-type]
+            float(cast(float, target.epsilon)),  # mode "dp": set
             target.delta,
             target.releases,
-            float(target.clip_norm),  # type: ignore[arg-type]
+            float(cast(float, target.clip_norm)),  # required with epsilon (checked in __post_init__)
             rows=target.rows,
             conversion=target.conversion,
         )

@@ -119,7 +119,9 @@ class NoPeekRegularizer:
         self.generator = torch.Generator().manual_seed(seed)
         self.last_loss: float | None = None
 
-    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor, embed: nn.Embedding) -> torch.Tensor:
+    def loss(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor, embed: nn.Embedding
+    ) -> torch.Tensor:
         """The unweighted dCor^2 between the real tokens' input embeddings and their h_p."""
         h = real_token_rows(hidden, lengths)  # (N, d)
         with torch.no_grad():
@@ -132,6 +134,7 @@ class NoPeekRegularizer:
     def attach(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor, embed: nn.Embedding
     ) -> torch.Tensor:
+        """hidden: (B, n, d) h_p, input_ids: (B, n), lengths: (B,); returns ``hidden`` carrying the dCor loss."""
         if self.weight == 0:
             return hidden
         loss = self.loss(hidden, input_ids, lengths, embed)
@@ -203,6 +206,7 @@ class AdversarialProbeRegularizer:
     def attach(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor, embed: nn.Embedding
     ) -> torch.Tensor:
+        """hidden: (B, n, d) h_p, input_ids: (B, n), lengths: (B,); train the probe, return ``hidden`` with its loss."""
         if self.weight == 0:
             return hidden
         h = real_token_rows(hidden, lengths)  # (N, d)

@@ -68,10 +68,12 @@ class NoiseShape:
 
     @property
     def dim(self) -> int:
+        """d, the dimension of the states the noise is added to."""
         return int(self.basis.shape[0])
 
     @property
     def rank(self) -> int:
+        """k, the number of basis directions with their own scale."""
         return int(self.basis.shape[1])
 
     @property

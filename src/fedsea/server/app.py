@@ -35,6 +35,7 @@ class ServerTls:
     client_ca: Path | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
+        """gRPC server credentials from the PEM files; client certificates required when ``client_ca`` is set."""
         ca = self.client_ca.read_bytes() if self.client_ca else None
         return grpc.ssl_server_credentials(
             [(self.key.read_bytes(), self.cert.read_bytes())],
@@ -44,6 +45,7 @@ class ServerTls:
 
 
 def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (IPv6 may be in brackets)."""
     if host == "localhost":
         return True
     try:
@@ -88,6 +90,7 @@ class TrunkServer:
             )
 
     async def start(self) -> int:
+        """Bind, register the servicer (and round coordinator), start serving and reaping; return the port."""
         limit = self.trunk_host.limits.max_message_bytes
         self._server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -116,6 +119,7 @@ class TrunkServer:
                 logger.info("closed idle session %s", session_id)
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Stop reaping, stop the server with ``grace`` seconds for in-flight RPCs, shut the servicer down."""
         if self._reaper is not None:
             self._reaper.cancel()
         if self._server is not None:
@@ -123,6 +127,7 @@ class TrunkServer:
         self.servicer.shutdown()
 
     async def wait(self) -> None:
+        """Block until the server terminates (returns at once if it was never started)."""
         if self._server is not None:
             await self._server.wait_for_termination()
 
@@ -149,10 +154,12 @@ class ServerThread:
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedsea-server", daemon=True)
 
     def start(self) -> int:
+        """Start the event loop thread and the server on it; return the bound port."""
         self._thread.start()
         return asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
 
     def stop(self, grace: float = 1.0) -> None:
+        """Stop the server, then its event loop, and join the thread."""
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

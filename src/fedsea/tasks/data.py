@@ -189,6 +189,7 @@ def holdout_split(rows: list[Row], split: str, fraction: float, seed: int) -> li
 
 
 def holdout_note(name: str, what: str, total: int, fraction: float, seed: int) -> str:
+    """The note that records a train/validation split made here by a seeded permutation."""
     n_val = round(total * fraction)
     return (
         f"{name}: the local data has no train/validation split; {what} ({total:,} rows) was split here by a "

@@ -60,6 +60,7 @@ class EvalResult:
     predictions: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-able dict, metrics and seconds rounded."""
         d = asdict(self)
         d["notes"] = list(self.notes)
         d["metrics"] = {k: round(v, 6) for k, v in self.metrics.items()}

@@ -85,6 +85,7 @@ class FinetuneResult:
     seconds: float
 
     def to_dict(self) -> dict[str, object]:
+        """The report as JSON-able dict, losses and seconds rounded."""
         d = asdict(self)
         d["losses"] = [round(x, 4) for x in self.losses]
         d["seconds"] = round(self.seconds, 2)

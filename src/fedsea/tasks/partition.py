@@ -42,6 +42,7 @@ class Partition:
 
     @property
     def sizes(self) -> list[int]:
+        """Number of examples per client."""
         return [len(c) for c in self.clients]
 
     def label_counts(self, labels: Sequence[int], num_labels: int | None = None) -> np.ndarray:

@@ -124,9 +124,9 @@ def _wsc(row: Row) -> Example:
 
 
 def _cb_scorer(examples: Sequence[Example], predictions: Sequence[int] | Sequence[str]) -> dict[str, float]:
-    labels = [e.label for e in examples]
+    labels = [cast(int, e.label) for e in examples]  # scored examples have their gold label
     preds = [int(p) for p in predictions]
-    return {"accuracy": accuracy(preds, labels), "macro_f1": macro_f1(preds, labels, 3)}  # type: ignore[arg-type]
+    return {"accuracy": accuracy(preds, labels), "macro_f1": macro_f1(preds, labels, 3)}
 
 
 BOOLQ = _simple_task(
@@ -230,7 +230,7 @@ def _multirc(row: Row) -> Example:
 
 def _multirc_scorer(examples: Sequence[Example], predictions: Sequence[int] | Sequence[str]) -> dict[str, float]:
     preds = [int(p) for p in predictions]
-    labels = [int(e.label) for e in examples]  # type: ignore[arg-type]
+    labels = [int(cast(int, e.label)) for e in examples]  # scored examples have their gold label
     scores = multirc_scores(preds, labels, [str(e.group) for e in examples])
     return {**scores, "accuracy": accuracy(preds, labels)}
 

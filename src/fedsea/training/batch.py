@@ -36,6 +36,7 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     def to(self, device: str | torch.device) -> Batch:
+        """The same batch with its three (B, n)/(B,) tensors moved to ``device``."""
         return Batch(self.input_ids.to(device), self.lengths.to(device), self.labels.to(device))
 
 

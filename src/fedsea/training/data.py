@@ -20,6 +20,8 @@ from fedsea.training.batch import Batch, make_batch
 
 @dataclass(frozen=True)
 class Example:
+    """One tokenized training sequence; the loss is taken on ``ids[loss_from:]``."""
+
     ids: tuple[int, ...]
     loss_from: int  # index of the first target token
 

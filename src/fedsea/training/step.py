@@ -43,6 +43,7 @@ class TrunkLink(Protocol):
 
 
 def make_optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over ``params`` with the learning rate, betas, eps and weight decay of ``optim``."""
     return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
 
 
@@ -67,6 +68,7 @@ class PartOptimizer:
         return norm
 
     def zero_grad(self) -> None:
+        """Drop the gradients of the part's LoRA tensors without stepping."""
         for p in self.params:
             p.grad = None
 
@@ -80,6 +82,7 @@ class LocalTrunk:
         self._saved: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """hidden: (B, n, d) h~_p, lengths: (B,); run the trunk in train mode, return h_{L-q} (B, n, d) detached."""
         self.trunk.train()
         inp = hidden.detach().requires_grad_(True)  # (B, n, d)
         out: torch.Tensor = self.trunk(inp, lengths)  # (B, n, d)
@@ -87,6 +90,7 @@ class LocalTrunk:
         return out.detach()
 
     def backward(self, grad: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """grad: (B, n, d) dL/dh_{L-q}; backpropagate through the saved forward, return dL/dh~_p (B, n, d)."""
         if self._saved is None:
             raise RuntimeError("trunk.backward called without a pending forward")
         inp, out = self._saved

@@ -23,6 +23,7 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 
 def hash_token(token: str) -> str:
+    """``sha256:<hex>`` digest of a token, as the tokens file stores it."""
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
@@ -34,6 +35,7 @@ class TokenStore:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TokenStore:
+        """Read a tokens file (``{"clients": {id: "sha256:<hex>"}}``); ``ValueError`` if malformed."""
         try:
             data = json.loads(Path(path).read_text())
             clients = data["clients"]
@@ -46,6 +48,7 @@ class TokenStore:
         return cls(clients)
 
     def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the token hashes atomically to ``path``, readable by the owner only."""
         atomic_write_text(path, json.dumps({"clients": self._hashes}, indent=2, sort_keys=True) + "\n")
         os.chmod(path, 0o600)
 
@@ -58,6 +61,7 @@ class TokenStore:
         return token
 
     def authenticate(self, token: str | None) -> str:
+        """The client id whose token this is; ``AuthenticationError`` if missing or unknown."""
         if not token:
             raise AuthenticationError("missing token: send 'authorization: Bearer <token>'")
         digest = hash_token(token)

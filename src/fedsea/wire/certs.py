@@ -25,6 +25,8 @@ from fedsea.io import atomic_write_bytes
 
 @dataclass(frozen=True)
 class CertPaths:
+    """Where ``make_test_certs`` wrote the CA, server and client certificates and keys."""
+
     ca_cert: Path
     ca_key: Path
     server_cert: Path

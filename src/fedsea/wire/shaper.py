@@ -25,6 +25,7 @@ class NetShaper:
 
     @property
     def active(self) -> bool:
+        """True when the shaper adds any latency or bandwidth limit."""
         return self.latency_ms > 0 or self.mbps > 0
 
     def delay_s(self, nbytes: int) -> float:
@@ -33,6 +34,7 @@ class NetShaper:
         return self.latency_ms / 1000 + transfer
 
     def wait(self, nbytes: int) -> float:
+        """Sleep for the one-way delay of ``nbytes``; return the seconds slept."""
         seconds = self.delay_s(nbytes)
         if seconds > 0:
             time.sleep(seconds)

@@ -34,6 +34,7 @@ def wire_dtype(name: str) -> pb.DType:
 
 
 def dtype_name(value: int) -> str:
+    """The wire dtype name (fp32, bf16, fp16) of a proto enum value; ``unknown(<n>)`` otherwise."""
     for name, enum in WIRE_DTYPES.items():
         if enum == value:
             return name
@@ -83,6 +84,7 @@ class TensorAssembler:
     _received: int = 0
 
     def add(self, chunk: pb.TensorChunk) -> None:
+        """Check one chunk against the first and copy its bytes in at its offset."""
         if self._buffer is None:
             self._start(chunk)
         elif chunk.dtype != self._dtype or tuple(chunk.shape) != self._shape or chunk.total_bytes != self._total:
@@ -121,6 +123,7 @@ class TensorAssembler:
 
     @property
     def started(self) -> bool:
+        """True once the first chunk has arrived."""
         return self._buffer is not None
 
     @property
@@ -151,8 +154,10 @@ def decode(
 
 
 def torch_dtype(dtype: int) -> torch.dtype:
+    """The torch dtype of a wire dtype enum value."""
     return _TORCH[dtype]
 
 
 def wire_enum(dtype: torch.dtype) -> int:
+    """The wire dtype enum value of a torch dtype (float32, bfloat16, float16)."""
     return _FROM_TORCH[dtype]

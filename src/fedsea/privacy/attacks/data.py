@@ -51,6 +51,7 @@ class HiddenSet:
 
     @property
     def num_tokens(self) -> int:
+        """Number of real (non-padding) tokens in the set."""
         return int(self.lengths.sum())
 
     def __len__(self) -> int:

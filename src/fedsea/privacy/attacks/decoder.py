@@ -75,9 +75,11 @@ class DecoderAttack:
         self.losses: list[float] = []
 
     def fit(self, aux: HiddenSet, mechanism: Mechanism) -> None:
+        """Train the decoder on states the mechanism releases from the auxiliary set; keep the epoch losses."""
         self.losses = fit_classifier(self.net, self.net.standardize, aux, mechanism, self.config)
 
     def predict(self, observed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """observed: (B, n, d) released states, lengths: (B,); returns the recovered token ids (B, n)."""
         return predict_classifier(self.net, observed, lengths)
 
     def logits(self, observed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,7 @@ class Standardize(nn.Module):
         self.std.copy_(rows.std(dim=0).clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d) -> (x - mean) / std, same shape."""
         return (x - self.mean) / self.std
 
 
@@ -122,6 +123,7 @@ class TokenClassifier(nn.Module):
     """Base of the learned attacks: released states (B, n, d) and lengths -> logits (B, n, V)."""
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x: (B, n, d) released states, lengths: (B,) -> logits (B, n, V); subclasses implement it."""
         raise NotImplementedError
 
 

@@ -37,6 +37,7 @@ class AttackScores:
     sequences: int
 
     def to_dict(self) -> dict[str, float | int]:
+        """The scores as a plain dict (JSON-able)."""
         return asdict(self)
 
 

@@ -43,7 +43,9 @@ RELAXATIONS: tuple[str, ...] = ("softmax", "embedding")
 class LogitPrior(Protocol):
     """A learned attack that scores every token at every slot (``ProbeAttack``, ``DecoderAttack``)."""
 
-    def fit(self, aux: HiddenSet, mechanism: Mechanism) -> None: ...
+    def fit(self, aux: HiddenSet, mechanism: Mechanism) -> None:
+        """Learn from the attacker's own (token ids, clean h_p) pairs and its copy of the mechanism."""
+        ...
 
     def logits(self, observed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, n, d) released states, (B,) lengths -> (B, n, V) logits."""
@@ -141,6 +143,7 @@ class OptimizationAttack:
             self.shape = getattr(mechanism, "shape", None) if mechanism.config.sigma > 0 else None
 
     def predict(self, observed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """observed: (B, n, d) released states, lengths: (B,); returns token ids (B, n) by inverting the head."""
         was_training = self.head.training
         self.head.eval()
         try:
