@@ -186,6 +186,7 @@ def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None) -> Any:
 
 
 def evaluate_state(plan: RunPlan, state: dict[str, torch.Tensor] | None, tokenizer: Any) -> dict[str, float]:
+    """The run's task metrics of the global model holding ``state`` (None: the base model)."""
     from fedsea import tasks
 
     split = global_model(plan, state)

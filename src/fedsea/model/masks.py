@@ -21,7 +21,7 @@ from fedsea.errors import InvalidInputError
 
 
 def check_lengths(lengths: torch.Tensor, batch: int, total_len: int, *, min_len: int = 1) -> None:
-    """Validate a lengths vector for a batch of ``batch`` sequences padded to ``total_len``.
+    """Validate a lengths vector (batch,) for ``batch`` sequences padded to ``total_len``.
 
     Raises:
         InvalidInputError: naming ``lengths`` when its shape, dtype or values are wrong.

@@ -204,6 +204,7 @@ def token_norm_quantile(hidden: torch.Tensor, lengths: torch.Tensor | None = Non
 
     Clipping at the median leaves half the tokens untouched; measure it on public text, not
     on the data to be protected (the clip norm must not depend on private data).
+    ``hidden``: (B, n, d) left-padded states; ``lengths``: (B,) real tokens (None: no padding).
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"q must be in [0, 1], got {q!r}")

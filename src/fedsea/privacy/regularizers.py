@@ -46,7 +46,10 @@ class _InjectLoss(torch.autograd.Function):
 
 
 def inject_loss(hidden: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """``hidden`` unchanged in value; backpropagating through it also backpropagates ``loss``."""
+    """``hidden`` unchanged in value; backpropagating through it also backpropagates ``loss``.
+
+    hidden: any shape (here (B, n, d) h_p); loss: a scalar ().
+    """
     out: torch.Tensor = _InjectLoss.apply(hidden, loss)  # type: ignore[no-untyped-call]  # torch leaves apply unannotated
     return out
 
@@ -59,7 +62,10 @@ class HeadRegularizer(Protocol):
     def attach(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor, embed: nn.Embedding
     ) -> torch.Tensor:
-        """Return ``hidden`` (same values) carrying ``weight * loss`` into the backward pass."""
+        """Return ``hidden`` (same values) carrying ``weight * loss`` into the backward pass.
+
+        hidden: (B, n, d) h_p; input_ids: (B, n); lengths: (B,) real tokens (left padding).
+        """
         ...
 
 
@@ -122,7 +128,10 @@ class NoPeekRegularizer:
     def loss(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor, embed: nn.Embedding
     ) -> torch.Tensor:
-        """The unweighted dCor^2 between the real tokens' input embeddings and their h_p."""
+        """The unweighted dCor^2 () between the real tokens' input embeddings and their h_p.
+
+        hidden: (B, n, d) h_p; input_ids: (B, n); lengths: (B,) real tokens (left padding).
+        """
         h = real_token_rows(hidden, lengths)  # (N, d)
         with torch.no_grad():
             x = real_token_rows(embed(input_ids), lengths)  # (N, d)

@@ -42,13 +42,13 @@ def dtype_name(value: int) -> str:
 
 
 def tensor_bytes(tensor: torch.Tensor, dtype: int) -> bytes:
-    """The tensor's elements in ``dtype``, row-major, little-endian."""
+    """The elements of ``tensor`` (any shape) in ``dtype``, row-major, little-endian."""
     t = tensor.detach().to(device="cpu", dtype=_TORCH[dtype]).contiguous()
     return t.view(torch.uint8).numpy().tobytes()  # (numel * itemsize,)
 
 
 def encode(tensor: torch.Tensor, dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Split ``tensor`` into chunks of at most ``chunk_bytes`` bytes (at least one chunk)."""
+    """Split ``tensor`` (any shape; the shape travels in each chunk) into chunks of at most ``chunk_bytes`` bytes (at least one chunk)."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     data = tensor_bytes(tensor, dtype)
@@ -132,7 +132,7 @@ class TensorAssembler:
         return self._buffer is not None and self._received == self._total
 
     def tensor(self) -> torch.Tensor:
-        """The assembled tensor (in its wire dtype); raises if chunks are missing."""
+        """The assembled tensor, of the declared shape and wire dtype; raises if chunks are missing."""
         if self._buffer is None or self._shape is None or self._dtype is None:
             raise InvalidInputError(self.field, "missing")
         if self._received != self._total:
@@ -146,7 +146,7 @@ class TensorAssembler:
 def decode(
     chunks: Iterable[pb.TensorChunk], field: str, max_bytes: int, expect_dtype: int | None = None
 ) -> torch.Tensor:
-    """Assemble a tensor from an iterable of chunks."""
+    """Assemble a tensor (of the shape the chunks declare) from an iterable of chunks."""
     assembler = TensorAssembler(field, max_bytes, expect_dtype)
     for chunk in chunks:
         assembler.add(chunk)

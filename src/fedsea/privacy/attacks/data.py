@@ -58,7 +58,7 @@ class HiddenSet:
         return int(self.input_ids.shape[0])
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Indices of sequences, ``batch_size`` at a time (shuffled if a generator is given)."""
+        """Index tensors (<= batch_size,) of sequences, in order or shuffled if a generator is given."""
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
         yield from order.split(batch_size)
 
