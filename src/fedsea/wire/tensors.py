@@ -48,7 +48,10 @@ def tensor_bytes(tensor: torch.Tensor, dtype: int) -> bytes:
 
 
 def encode(tensor: torch.Tensor, dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Split ``tensor`` (any shape; the shape travels in each chunk) into chunks of at most ``chunk_bytes`` bytes (at least one chunk)."""
+    """Split ``tensor`` into chunks of at most ``chunk_bytes`` bytes (at least one chunk).
+
+    Any shape: each chunk carries the shape and dtype, so the receiver can check and rebuild it.
+    """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     data = tensor_bytes(tensor, dtype)
