@@ -25,12 +25,13 @@ from fedsea.errors import (
     UnsupportedModelError,
 )
 from fedsea.model.adapters import merged_model
-from fedsea.model.generate import CutTraffic, split_greedy_generate
 from fedsea.model.load import DEFAULT_MODEL, cache_dir, load_model, load_tokenizer
 from fedsea.model.split import Head, SplitModel, Tail, Trunk, central_forward, split_model
 from fedsea.model.tiny import tiny_llama, tiny_tokenizer
 from fedsea.privacy.noise import Privatizer, privatize
 from fedsea.training import Batch, CentralTrainer, LocalTrunk, SplitTrainer, make_batch
+from fedsea.training.generation import split_greedy_generate
+from fedsea.training.stepper import CutTraffic
 from fedsea.version import __version__
 
 __all__ = [

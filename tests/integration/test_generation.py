@@ -293,3 +293,42 @@ def test_a_conversation_goes_through_the_chat_template(server, tiny_tokenizer):
         with pytest.raises(ValueError, match="chat template"):
             client.generate(conversation, chat=False)
     assert streamed == direct.texts[0] and streamed
+
+
+def test_rewind_over_grpc_then_generate_equals_an_uninterrupted_run(server, tiny_tokenizer):
+    from tests.unit.test_generation_loop import check_rewind
+
+    split = _split()
+    enc, lengths = _encode(tiny_tokenizer, PROMPTS)
+    with fedsea.SplitClient(server, split, tokenizer=tiny_tokenizer) as client:
+        check_rewind(split, lambda: client.stepper(max_length=64), enc["input_ids"], lengths)
+        assert _server_stats(client).generation_sessions == 0  # every stream closed, its cache freed
+
+
+def test_bad_rewinds_are_refused_naming_the_field(server, tiny_tokenizer):
+    from fedsea.training import SplitDecoder
+
+    split = _split()
+    enc, lengths = _encode(tiny_tokenizer, PROMPTS)
+    with fedsea.SplitClient(server, split, tokenizer=tiny_tokenizer) as client:
+        slots = enc["input_ids"].shape[1]
+        for bad in (0, slots + 1, slots - int(lengths.min())):  # empty, beyond the cache, a whole prompt cut
+            stepper = client.stepper(max_length=64)
+            decoder = SplitDecoder(split, stepper, enc["input_ids"], lengths)
+            decoder.logits()  # the prefill: the server caches `slots` slots
+            stepper.rewind(bad)  # no round trip: the refusal comes back with the next step
+            decoder.feed(torch.zeros(len(PROMPTS), 1, dtype=torch.int64))
+            with pytest.raises(RemoteError) as info:
+                decoder.logits()
+            assert info.value.code == "INVALID_ARGUMENT" and "rewind.length" in str(info.value), bad
+            stepper.close()
+        assert client.connection is not None and client.session_id is not None
+        rewind_first = iter(
+            [
+                pb.GenerateRequest(open=pb.GenerateOpen(session_id=client.session_id, max_length=8)),
+                pb.GenerateRequest(rewind=pb.GenerateRewind(length=1)),
+            ]
+        )
+        with pytest.raises(grpc.RpcError) as raw:  # nothing cached before the prefill
+            list(client.connection.stub.Generate(rewind_first, metadata=client.connection.metadata, timeout=30))
+        assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rewind.length" in raw.value.details()

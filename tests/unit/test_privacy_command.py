@@ -12,7 +12,7 @@ import torch
 import fedsea
 from fedsea.cli import main
 from fedsea.experiments.attack_grid import GridConfig, _mechanism, run_attack_grid
-from fedsea.experiments.privacy_utility import UtilityConfig, finetune_utility, finetuned_victim_head, noised_split
+from fedsea.experiments.privacy_utility import UtilityConfig, finetune_utility, finetuned_victim_head
 from fedsea.model.adapters import adapter_state_dict
 from fedsea.privacy.attacks import TrainConfig, encode_texts, head_states
 from fedsea.privacy.shaped import ShapedPrivatizer
@@ -72,10 +72,10 @@ def test_finetune_utility_is_cached_and_equals_the_unsplit_evaluation(tiny_model
     split.model.eval()
     clean = score_choices(ModelRunner(split.model), tiny_tokenizer, examples, progress=False)
     zero = score_choices(
-        SplitRunner(noised_split(split, utility.tuner.mechanism("none", 1, 0.0))), tiny_tokenizer, examples
+        SplitRunner(split, privatize=utility.tuner.mechanism("none", 1, 0.0)), tiny_tokenizer, examples
     )
     noisy = score_choices(
-        SplitRunner(noised_split(split, utility.tuner.mechanism("none", 1, 5.0))), tiny_tokenizer, examples
+        SplitRunner(split, privatize=utility.tuner.mechanism("none", 1, 5.0)), tiny_tokenizer, examples
     )
     assert torch.allclose(torch.tensor(zero), torch.tensor(clean), atol=1e-4)
     assert not torch.allclose(torch.tensor(noisy), torch.tensor(clean), atol=1e-2)

@@ -70,7 +70,7 @@ def client_tls(args: argparse.Namespace) -> Any:
 
 
 def _generation_args(parser: argparse.ArgumentParser) -> None:
-    from fedsea.client.generation import GenerationConfig
+    from fedsea.training.generation import GenerationConfig
 
     g = GenerationConfig()
     parser.add_argument(

@@ -1,7 +1,8 @@
 """The split client: training steps and generation through a remote trunk."""
 
 from fedsea.client.connection import ClientTls
-from fedsea.client.generation import GenerationConfig, GenerationOutput, LocalStepper, generate
 from fedsea.client.split_client import SplitClient
+from fedsea.training.generation import GenerationConfig, GenerationOutput, generate
+from fedsea.training.stepper import LocalStepper
 
 __all__ = ["ClientTls", "GenerationConfig", "GenerationOutput", "LocalStepper", "SplitClient", "generate"]

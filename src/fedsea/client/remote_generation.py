@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 import torch
 
-from fedsea.errors import ProtocolError, RemoteError
+from fedsea.errors import InvalidInputError, ProtocolError, RemoteError
+from fedsea.training.stepper import REWIND_FIELD
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.tensors import TensorAssembler, encode
 
@@ -23,7 +24,9 @@ class RemoteStepper:
     """Open an inference stream on the server for one of this client's training sessions.
 
     Every ``step`` sends the hidden states (chunked if large) and waits for the trunk's answer;
-    ``close`` ends the stream, which frees the server's cache (so does dropping it).
+    ``rewind`` sends one small message and waits for nothing (the server applies it before the
+    next step; a refused length comes back as that step's ``RemoteError``); ``close`` ends the
+    stream, which frees the server's cache (so does dropping it).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class RemoteStepper:
         self.device = device
         self._requests: queue.Queue[Any] = queue.Queue()
         self._closed = False
+        self._unmetered = 0  # bytes sent since the last step (rewinds), metered with the next one
         open_request = pb.GenerateRequest(
             open=pb.GenerateOpen(session_id=session_id, max_length=max_length, naive=not use_cache)
         )
@@ -55,10 +59,11 @@ class RemoteStepper:
     def step(
         self, step: int, hidden: torch.Tensor, lengths: torch.Tensor | None, keep_rows: list[int] | None
     ) -> torch.Tensor:
+        """Send ``hidden`` (B, n, d) for step ``step``; the trunk's output (B, n, d) comes back."""
         if self._closed:
             raise ProtocolError("the inference stream is closed")
         start = time.perf_counter()
-        sent = 0
+        sent, self._unmetered = self._unmetered, 0
         lens = [int(x) for x in lengths.tolist()] if lengths is not None else []
         for i, chunk in enumerate(encode(hidden, self.dtype, self.chunk_bytes)):
             if i == 0:
@@ -86,6 +91,16 @@ class RemoteStepper:
         self.connection.config.shaper.wait(received)
         self.connection.meter.record("generate", sent=sent, received=received, network_s=time.perf_counter() - start)
         return assembler.tensor().to(device=self.device, dtype=self.model_dtype)
+
+    def rewind(self, length: int) -> None:
+        """Ask the server to truncate the trunk's cache to ``length`` slots (no round trip)."""
+        if self._closed:
+            raise ProtocolError("the inference stream is closed")
+        if length < 0:  # a uint32 on the wire; the server checks the rest
+            raise InvalidInputError(REWIND_FIELD, f"must be >= 1, got {length}")
+        message = pb.GenerateRequest(rewind=pb.GenerateRewind(length=length))
+        self._unmetered += message.ByteSize()
+        self._requests.put(message)
 
     def close(self) -> None:
         """End the stream politely; the server frees the cache."""

@@ -54,9 +54,9 @@ def bench_generate(
     token grows with the sequence, so this overstates its speed, which is the conservative
     direction for the split-vs-naive ratio).
     """
-    from fedsea.client.generation import GenerationConfig
     from fedsea.client.split_client import SplitClient
     from fedsea.model.split import split_model
+    from fedsea.training.generation import GenerationConfig
     from fedsea.wire.shaper import NetShaper
 
     port = free_loopback_port()

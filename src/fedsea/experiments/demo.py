@@ -16,9 +16,10 @@ from typing import cast
 
 import torch
 
-from fedsea.model.generate import CutTraffic, split_greedy_generate
 from fedsea.model.load import DEFAULT_MODEL, load_model, load_tokenizer
 from fedsea.model.split import split_model
+from fedsea.training.generation import split_greedy_generate
+from fedsea.training.stepper import CutTraffic
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 

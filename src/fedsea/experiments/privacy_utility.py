@@ -15,9 +15,9 @@ public head:
   it is trained without noise at the cut (clipping, if set, applies).
 
 Evaluation reuses ``fedsea.tasks.evaluate`` unchanged: it takes any ``Runner``, and a
-``SplitRunner`` over a split whose head releases through a ``Privatizer`` (``NoisedHead``)
-scores classification and generation alike (generation noises the prompt once and each new
-token once, as a deployed client does).
+``SplitRunner`` whose cut releases through the setting's ``Privatizer`` scores classification
+and generation alike (the generation loop noises the prompt once and each new token once, as a
+deployed client does).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedsea.config import LoraSpec, NoiseConfig, OptimConfig
@@ -82,29 +82,6 @@ class UtilityConfig:
             raise ValueError(f"eval_limit must be an integer >= 1, got {self.eval_limit!r}")
         if not (math.isfinite(self.regularizer_weight) and self.regularizer_weight >= 0):
             raise ValueError(f"regularizer_weight must be a finite number >= 0, got {self.regularizer_weight!r}")
-
-
-class NoisedHead(Head):
-    """The client's head followed by the release mechanism: what the trunk receives when deployed.
-
-    A view over the same model as the split's own head (same modules, same adapters).
-    """
-
-    def __init__(self, model: PreTrainedModel, head_layers: int, privatizer: Privatizer) -> None:
-        super().__init__(model, head_layers)
-        self.privatizer = privatizer
-
-    def forward(
-        self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None = None
-    ) -> torch.Tensor:
-        return self.privatizer(super().forward(input_ids, lengths, cache))  # (B, n, d) released h~_p
-
-
-def noised_split(split: SplitModel, privatizer: Privatizer) -> SplitModel:
-    """A split over the same model whose head output passes through ``privatizer`` (for ``SplitRunner``)."""
-    out = SplitModel(split.model, split.head_layers, split.tail_layers)
-    out.head = NoisedHead(split.model, split.head_layers, privatizer)
-    return out
 
 
 @dataclass
@@ -252,7 +229,7 @@ class FinetuneUtility:
         split, run = self.tuner.train(defence, p, sigma)
         self.trainings += 1
         cfg = self.tuner.config
-        runner = SplitRunner(noised_split(split, self.tuner.mechanism(defence, p, sigma)))
+        runner = SplitRunner(split, privatize=self.tuner.mechanism(defence, p, sigma))
         result = evaluate(
             cfg.task,
             runner,
@@ -338,10 +315,8 @@ def finetuned_victim_head(
 __all__ = [
     "FinetuneUtility",
     "Finetuned",
-    "NoisedHead",
     "SplitFinetuner",
     "UtilityConfig",
     "finetune_utility",
     "finetuned_victim_head",
-    "noised_split",
 ]

@@ -5,7 +5,8 @@ partition points. At the prefill the server admits the stream against the cache 
 reserving its worst case (rows x max_length x bytes per token); a request that would exceed
 the budget is refused with RESOURCE_EXHAUSTED instead of risking an out-of-memory crash.
 Each decode step then runs the trunk on one hidden vector per row against the cached keys
-and values. Finished rows can be dropped (``keep_rows``) so they stop costing work.
+and values. Finished rows can be dropped (``keep_rows``) so they stop costing work, and the
+cache can be rewound to a shorter length (``rewind``, by the same rule as the client's caches).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import DynamicCache
 
 from fedsea.errors import InvalidInputError, LimitExceededError, ProtocolError
 from fedsea.server.trunk import Session, TrunkHost
+from fedsea.training.stepper import rewind_cache
 
 
 @dataclass
@@ -171,6 +173,17 @@ class GenerationHost:
             stream.batch = len(rows)
         with self._lock:
             stream.reserved = len(rows) * stream.max_length * self.bytes_per_row_token(stream)
+
+    def rewind(self, stream: GenStream, length: int) -> None:
+        """Truncate the stream's trunk cache to ``length`` slots; the rows' lengths follow.
+
+        The reservation stays: it is the worst case of ``max_length``, which a rewind does not change.
+        """
+        if stream.closed:
+            raise ProtocolError("the inference stream is closed")
+        with self.host._compute_lock:  # the cache may be in use by a batched step
+            # No cache (before the prefill, or a naive stream) is refused like a bad length.
+            stream.lengths = rewind_cache(stream.cache, stream.session.trunk.start, stream.lengths, length)
 
     def _compute(self, stream: GenStream, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         host = self.host

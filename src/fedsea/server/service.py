@@ -268,7 +268,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     # -- generation --------------------------------------------------------------------------
     async def Generate(self, request_iterator: AsyncIterator[pb.GenerateRequest], context: Any) -> Any:
-        """One inference stream: open, prefill, decode steps, close. The cache is freed on every exit."""
+        """One inference stream: open, prefill, decode steps (and rewinds), close. The cache is freed on every exit."""
         stream: GenStream | None = None
         try:
             client = self._client(context)
@@ -300,8 +300,14 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 kind = request.WhichOneof("kind")
                 if kind == "close":
                     break
+                if kind == "rewind":
+                    if assembler is not None:
+                        raise InvalidInputError("rewind", "a rewind cannot come between the chunks of a step")
+                    received += request.ByteSize()  # counted with the next step
+                    await self._compute(self.generation.rewind, stream, request.rewind.length)
+                    continue
                 if kind != "step":
-                    raise InvalidInputError("request", f"expected a step or close, got {kind}")
+                    raise InvalidInputError("request", f"expected a step, rewind or close, got {kind}")
                 received += request.ByteSize()
                 if assembler is None:
                     head = request.step

@@ -4,20 +4,24 @@
 the last ``keep`` slots of a left-padded batch, ``generate(...)`` greedy continuations. Keeping
 only the last slots matters: with SmolLM2's 49k-token vocabulary, full logits of a 4k-token
 batch would take 800 MB. ``ModelRunner`` wraps an unsplit Hugging Face model (with the same
-masks and positions as the split), ``SplitRunner`` a ``SplitModel`` (head, trunk, tail in
-turn, generation with a KV cache in each part). A networked client can provide its own.
+masks and positions as the split; generation is Hugging Face ``generate``, the reference),
+``SplitRunner`` a ``SplitModel`` (head, trunk, tail in turn; generation is the generation loop
+with the trunk in process, a KV cache in each part; optionally the release mechanism at the
+cut). A networked client can provide its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from fedsea.model.generate import split_greedy_generate
 from fedsea.model.masks import check_lengths, padding_mask, position_ids
 from fedsea.model.split import SplitModel
+from fedsea.training.generation import greedy_generate
+from fedsea.training.stepper import LocalStepper
 
 
 @runtime_checkable
@@ -72,34 +76,21 @@ class ModelRunner:
         eos_token_id: int | None,
         pad_token_id: int,
     ) -> torch.Tensor:
-        """Greedy decoding with one KV cache (the conventions of ``split_greedy_generate``)."""
+        """Greedy decoding by Hugging Face ``generate`` (finished rows padded, stops when all are)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_lengths(lengths, input_ids.shape[0], input_ids.shape[1])
-        cache = DynamicCache(config=self.model.config)
-        lengths = lengths.clone().to(torch.int64)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        total, step_ids = input_ids.shape[1], input_ids  # (B, n) at the prefill, then (B, 1)
-        new_tokens: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            out = self.model(
-                input_ids=step_ids,
-                attention_mask=padding_mask(lengths, total),
-                position_ids=position_ids(lengths, total, step_ids.shape[1]),
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            token = out.logits[:, -1].argmax(dim=-1)  # (B,)
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            new_tokens.append(token)
-            if eos_token_id is not None:
-                finished |= token == eos_token_id
-            if bool(finished.all()):
-                break
-            step_ids = token.unsqueeze(1)  # (B, 1)
-            lengths, total = lengths + 1, total + 1
-        return torch.stack(new_tokens, dim=1)
+        total = input_ids.shape[1]
+        check_lengths(lengths, input_ids.shape[0], total)
+        out = self.model.generate(  # type: ignore[operator]
+            input_ids=input_ids,
+            attention_mask=padding_mask(lengths, total),  # (B, n): positions follow from it, as ours do
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos_token_id,  # None: no end token (not the model's default)
+            pad_token_id=pad_token_id,
+        )
+        return out[:, total:]  # (B, k) the new tokens
 
     def set_eval(self, on: bool) -> bool:
         was_eval = not self.model.training
@@ -108,15 +99,25 @@ class ModelRunner:
 
 
 class SplitRunner:
-    """A ``SplitModel``: head, trunk and tail in turn (in process, without noise)."""
+    """A ``SplitModel``: head, trunk and tail in turn, in process.
 
-    def __init__(self, split: SplitModel) -> None:
+    Args:
+        split: the three parts.
+        privatize: the release mechanism at the cut (e.g. a ``Privatizer``), applied to every
+            head output before the trunk sees it, when scoring and at every generation step, as
+            a deployed client does; ``None``: no noise.
+    """
+
+    def __init__(self, split: SplitModel, privatize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.split = split
+        self.privatize = privatize
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, keep: int) -> torch.Tensor:
         split = self.split
-        hidden = split.trunk(split.head(input_ids, lengths), lengths)  # (B, n, d)
+        hidden = split.head(input_ids, lengths)  # (B, n, d) h_p
+        hidden = self.privatize(hidden) if self.privatize is not None else hidden
+        hidden = split.trunk(hidden, lengths)  # (B, n, d)
         return split.tail(hidden, lengths, logits_to_keep=keep)  # (B, keep, V)
 
     def generate(
@@ -127,8 +128,9 @@ class SplitRunner:
         eos_token_id: int | None,
         pad_token_id: int,
     ) -> torch.Tensor:
-        return split_greedy_generate(
-            self.split, input_ids, lengths, max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+        stepper = LocalStepper(self.split.trunk)
+        return greedy_generate(
+            self.split, stepper, input_ids, lengths, max_new_tokens, eos_token_id, pad_token_id, self.privatize
         )
 
     def set_eval(self, on: bool) -> bool:

@@ -212,15 +212,23 @@ class GenerateClose(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class GenerateRewind(_message.Message):
+    __slots__ = ("length",)
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    length: int
+    def __init__(self, length: _Optional[int] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("open", "step", "close")
+    __slots__ = ("open", "step", "close", "rewind")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    REWIND_FIELD_NUMBER: _ClassVar[int]
     open: GenerateOpen
     step: GenerateStep
     close: GenerateClose
-    def __init__(self, open: _Optional[_Union[GenerateOpen, _Mapping]] = ..., step: _Optional[_Union[GenerateStep, _Mapping]] = ..., close: _Optional[_Union[GenerateClose, _Mapping]] = ...) -> None: ...
+    rewind: GenerateRewind
+    def __init__(self, open: _Optional[_Union[GenerateOpen, _Mapping]] = ..., step: _Optional[_Union[GenerateStep, _Mapping]] = ..., close: _Optional[_Union[GenerateClose, _Mapping]] = ..., rewind: _Optional[_Union[GenerateRewind, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("step", "hidden")
