@@ -65,7 +65,8 @@ class ModelRunner:
             use_cache=False,
             logits_to_keep=keep,
         )
-        return out.logits  # (B, keep, V)
+        logits: torch.Tensor = out.logits  # (B, keep, V)
+        return logits
 
     @torch.no_grad()
     def generate(
@@ -90,7 +91,8 @@ class ModelRunner:
             eos_token_id=eos_token_id,  # None: no end token (not the model's default)
             pad_token_id=pad_token_id,
         )
-        return out[:, total:]  # (B, k) the new tokens
+        new: torch.Tensor = out[:, total:]  # (B, k) the new tokens
+        return new
 
     def set_eval(self, on: bool) -> bool:
         was_eval = not self.model.training
@@ -118,7 +120,8 @@ class SplitRunner:
         hidden = split.head(input_ids, lengths)  # (B, n, d) h_p
         hidden = self.privatize(hidden) if self.privatize is not None else hidden
         hidden = split.trunk(hidden, lengths)  # (B, n, d)
-        return split.tail(hidden, lengths, logits_to_keep=keep)  # (B, keep, V)
+        logits: torch.Tensor = split.tail(hidden, lengths, logits_to_keep=keep)  # (B, keep, V)
+        return logits
 
     def generate(
         self,

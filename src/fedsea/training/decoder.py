@@ -71,6 +71,7 @@ class SplitDecoder:
         if self._pending is None:
             raise RuntimeError("logits: nothing fed since the last call")
         prefill = self.steps == 0
+        logits: torch.Tensor  # (B, keep, V)
         if self.caches is not None:
             h = self.head(self._pending, self.lengths, cache=self.caches[0])  # (B, k|n, d)
             h = self.privatize(h) if self.privatize is not None else h

@@ -82,8 +82,8 @@ class GenerationConfig:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         object.__setattr__(self, "stop", tuple(self.stop))
-        if isinstance(self.eos_token_id, int):
-            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        if isinstance(self.eos_token_id, int):  # callers pass a bare id too, whatever the annotation says
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))  # type: ignore[unreachable]
 
     def processors(self) -> LogitsProcessorList:
         """Transformers' logits processors for these settings (none for plain greedy decoding)."""

@@ -121,7 +121,7 @@ class LocalStepper:
         else:
             assert self.lengths is not None
             self.lengths = self.lengths + hidden.shape[1]  # n new slots per row
-        out = self.trunk(hidden, self.lengths, cache=self.cache)
+        out: torch.Tensor = self.trunk(hidden, self.lengths, cache=self.cache)  # (B, n, d)
         if self.traffic is not None:
             self.traffic.record(hidden, out, self.lengths)
         return out
