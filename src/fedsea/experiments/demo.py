@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fedsea.config import SplitConfig
 from fedsea.model.generate import CutTraffic, split_greedy_generate
 from fedsea.model.load import DEFAULT_MODEL, load_model, load_tokenizer
 from fedsea.model.split import split_model
@@ -43,12 +44,16 @@ def _human(n: int) -> str:
     return str(n)
 
 
+# New tokens ``fedsea demo --split-only`` generates.
+SPLIT_DEMO_NEW_TOKENS = 48
+
+
 def run_split_demo(
     source: str = DEFAULT_MODEL,
-    head_layers: int = 2,
-    tail_layers: int = 2,
+    head_layers: int = SplitConfig.head_layers,
+    tail_layers: int = SplitConfig.tail_layers,
     prompt: str = DEFAULT_PROMPT,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = SPLIT_DEMO_NEW_TOKENS,
     echo: bool = True,
 ) -> DemoResult:
     say = print if echo else (lambda *a, **k: None)
@@ -147,7 +152,8 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
     # One answer through the split, with the federated adapters and the run's noise.
     _, state, _, _ = load_round(latest_round(summary["run_dir"]))
     tokenizer = load_tokenizer(plan.model)
-    split = split_model(load_model(plan.model), 2, 2).add_lora(plan.lora)
+    first = plan.clients[0]  # the demo's clients share one split (fedsea demo --head-layers/--tail-layers)
+    split = split_model(load_model(plan.model), first.head_layers, first.tail_layers).add_lora(plan.lora)
     noise = resolve_noise(plan.noise, split.head, tokenizer)  # measured before the adapters load
     for part in split.parts().values():
         load_adapter_state_dict(part, state, strict=False)
