@@ -14,7 +14,7 @@ Quick tour::
 """
 
 from fedsea.client import ClientTls, GenerationConfig, GenerationOutput, SplitClient
-from fedsea.config import LoraSpec, NoiseConfig, OptimConfig, ServerLimits, SplitLora
+from fedsea.config import LoraSpec, NoiseConfig, OptimConfig, ServerLimits, SplitConfig, SplitLora, WireConfig
 from fedsea.errors import (
     AdapterError,
     FedseaError,
@@ -56,12 +56,14 @@ __all__ = [
     "Privatizer",
     "ServerLimits",
     "SplitClient",
+    "SplitConfig",
     "SplitLora",
     "SplitModel",
     "SplitTrainer",
     "Tail",
     "Trunk",
     "UnsupportedModelError",
+    "WireConfig",
     "__version__",
     "cache_dir",
     "central_forward",

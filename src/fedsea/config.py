@@ -11,11 +11,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedsea.settings import ZERO_IS_NONE
+
 # The recommended default noise (PRIVACY.md, "Recommended default"): sigma as a multiple of
 # h_p's per-coordinate RMS on public calibration text (``fedsea.privacy.calibration``). Run
 # files and ``fedsea train`` use it unless told otherwise; the Python API's ``NoiseConfig()``
 # stays noise-free so that split == centralized holds by default.
 RECOMMENDED_RELATIVE_SIGMA = 0.14
+
+# The dtypes hidden states and gradients may cross the wire in.
+WIRE_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 # The paper's LoRA targets (q, k, v, o projections of every attention block).
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -57,12 +62,14 @@ class LoraSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (target modules as a list), for JSON next to saved adapters."""
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraSpec:
+        """The spec saved by ``to_dict`` (adapter folders, checkpoints)."""
         return cls(
             r=int(d["r"]),
             alpha=float(d["alpha"]),
@@ -81,7 +88,49 @@ class SplitLora:
 
     @classmethod
     def uniform(cls, spec: LoraSpec) -> SplitLora:
+        """The same spec on the head, the trunk and the tail."""
         return cls(head=spec, trunk=spec, tail=spec)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Where a client cuts the model: the head holds blocks [0, p), the tail the last q.
+
+    Args:
+        head_layers (`int`, defaults to 2): p, the blocks on the client before the trunk (>= 1).
+        tail_layers (`int`, defaults to 2): q, the blocks on the client after the trunk (>= 1).
+    """
+
+    head_layers: int = 2
+    tail_layers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("head_layers", "tail_layers"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value, "an integer >= 1"
+            )
+
+
+@dataclass(frozen=True)
+class WireConfig:
+    """How a client's hidden states travel to the trunk server.
+
+    Args:
+        dtype (`str`, defaults to "fp32"): the dtype of the tensors on the wire: fp32, bf16 or fp16.
+        latency_ms (`float`, defaults to 0): emulated one-way latency added to each message, in ms.
+        mbps (`float | None`): emulated bandwidth in megabits per second; unset: unlimited.
+    """
+
+    dtype: str = "fp32"
+    latency_ms: float = 0.0
+    mbps: float | None = field(default=None, metadata={ZERO_IS_NONE: True})
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in WIRE_DTYPES, "dtype", self.dtype, "one of " + ", ".join(WIRE_DTYPES))
+        _check(math.isfinite(self.latency_ms) and self.latency_ms >= 0, "latency_ms", self.latency_ms, ">= 0")
+        if self.mbps is not None:
+            _check(math.isfinite(self.mbps) and self.mbps > 0, "mbps", self.mbps, "> 0 or unset (unlimited)")
 
 
 @dataclass(frozen=True)
@@ -113,6 +162,7 @@ class NoiseConfig:
 
     @property
     def enabled(self) -> bool:
+        """True when the mechanism changes h_p at all (noise or clipping)."""
         return self.sigma > 0 or self.clip_norm is not None
 
 
@@ -126,14 +176,14 @@ class OptimConfig:
         betas (`tuple[float, float]`): Adam moments' decay rates.
         eps (`float`): Adam's epsilon.
         max_grad_norm (`float | None`): clip each part's gradient to this L2 norm (per part, so
-            that a split step and a centralized step clip identically); ``None`` disables.
+            that a split step and a centralized step clip identically); ``None`` (0 in a run file) disables.
     """
 
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-5
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = field(default=1.0, metadata={ZERO_IS_NONE: True})
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")

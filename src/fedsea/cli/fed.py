@@ -7,9 +7,28 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedsea.cli.generate import add_connection_args, client_tls
+from fedsea.cli.flags import settings_from_flags
+from fedsea.cli.generate import MODEL_FLAGS, WIRE_FLAGS, add_connection_args, client_tls
+
+if TYPE_CHECKING:
+    from fedsea.federation.simconfig import ClientPlan, RunPlan, RunWire
+
+
+def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, str, RunWire]:
+    """The run, this client's settings, its model and its wire: the run file's, and the flags
+    given (``--model``, ``--head-layers``, ``--tail-layers``, ``--wire-dtype``, ``--net-*``) over them."""
+    from fedsea.federation.simconfig import load_plan
+
+    plan = load_plan(args.run)
+    names = {c.name: c for c in plan.clients}
+    if args.client not in names:
+        raise ValueError(f"no client {args.client!r} in {args.run}; it has {', '.join(names)}")
+    me = settings_from_flags(args, names[args.client], ["head_layers", "tail_layers"])
+    model = settings_from_flags(args, plan.config.model, flags=MODEL_FLAGS).source
+    wire = settings_from_flags(args, plan.config.wire, list(WIRE_FLAGS), flags=WIRE_FLAGS)
+    return plan, me, model, wire
 
 
 def _cmd_join(args: argparse.Namespace) -> int:
@@ -17,21 +36,17 @@ def _cmd_join(args: argparse.Namespace) -> int:
     from fedsea.federation.client import FederatedClient, load_noise_secret
     from fedsea.federation.data import load_client_data
     from fedsea.federation.report import noise_record
-    from fedsea.federation.simconfig import load_plan, releases_per_token
+    from fedsea.federation.simconfig import releases_per_token
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
     from fedsea.privacy.calibration import resolve_noise
     from fedsea.privacy.regularizers import make_head_regularizer
     from fedsea.wire.shaper import NetShaper
 
-    plan = load_plan(args.run)
-    names = {c.name: c for c in plan.clients}
-    if args.client not in names:
-        raise ValueError(f"no client {args.client!r} in {args.run}; it has {', '.join(names)}")
-    me = names[args.client]
-    tokenizer = load_tokenizer(plan.model)
+    plan, me, model, wire = join_settings(args)
+    tokenizer = load_tokenizer(model)
     examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
-    split = split_model(load_model(plan.model), me.head_layers, me.tail_layers).add_lora(plan.lora)
+    split = split_model(load_model(model), me.head_layers, me.tail_layers).add_lora(plan.lora)
     log = Path(args.log) if args.log else None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -51,9 +66,9 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
     client = SplitClient(
         args.server, split, noise=noise.noise, grad_noise=plan.grad_noise,
-        optim=plan.optim, wire_dtype=plan.wire_dtype, tls=client_tls(args), head_regularizer=regularizer,
+        optim=plan.optim, wire_dtype=wire.dtype, tls=client_tls(args), head_regularizer=regularizer,
         token=args.token or os.environ.get("FEDSEA_TOKEN"), seed=plan.fed.seed,
-        shaper=NetShaper(args.net_latency_ms, args.net_mbps),
+        shaper=NetShaper(wire.latency_ms, wire.mbps or 0.0),
     )  # fmt: skip
     with client:
 
@@ -86,7 +101,15 @@ def _cmd_join(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedsea.federation.simulate import simulate
 
-    summary = simulate(args.config, args.set, run_dir=args.run_dir, centralized=args.centralized, resume=args.resume)
+    config, overrides = args.config, list(args.set)
+    if args.resume and config is not None:
+        # With --resume the run file is the run folder's: a first positional is an override.
+        if "=" not in config:
+            raise ValueError(f"--resume continues {args.resume} with its own run file: drop {config!r}")
+        config, overrides = None, [config, *overrides]
+    if args.resume and args.run_dir:
+        raise ValueError("--resume RUN_DIR names the run folder: drop --run-dir")
+    summary = simulate(config, overrides, run_dir=args.run_dir, centralized=args.centralized, resume=args.resume)
     print(json.dumps(summary) if args.json else f"report: {summary['report']}")
     return 0
 
@@ -100,8 +123,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_fed_commands(sub: Any) -> None:
+    """Register ``join``, ``simulate`` and ``export`` on the ``fedsea`` subparsers."""
     join = sub.add_parser("join", help="take part in the server's federated run as one client")
-    add_connection_args(join)
+    add_connection_args(join, keep="the run file's")
     join.add_argument("--run", required=True, help="the run file (TOML), the same as the server's")
     join.add_argument("--client", required=True, help="this client's name in the run file (client-0, ...)")
     join.add_argument("--shard", help="a task shard (JSON of example ids) written by fedsea simulate")

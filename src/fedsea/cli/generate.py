@@ -8,27 +8,39 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedsea.model.load import DEFAULT_MODEL
+# The wire's settings (``fedsea.config.WireConfig``) as the client commands' flags.
+WIRE_FLAGS: dict[str, str] = {"dtype": "--wire-dtype", "latency_ms": "--net-latency-ms", "mbps": "--net-mbps"}
+MODEL_FLAGS: dict[str, str] = {"source": "--model"}
 
 
-def add_connection_args(parser: argparse.ArgumentParser) -> None:
-    """Server address, model, partition points, TLS and token: shared by the client commands."""
+def add_model_split_wire_args(parser: argparse.ArgumentParser, keep: str | None = None) -> None:
+    """--model, --head-layers, --tail-layers and the wire's flags, from their settings classes.
+
+    ``keep``: where the values come from when a flag is not given (``fedsea join``: the run file).
+    """
+    from fedsea.cli.flags import add_settings_flags
+    from fedsea.config import WIRE_DTYPES, SplitConfig, WireConfig
+    from fedsea.federation.simconfig import ModelSettings
+
+    add_settings_flags(parser, ModelSettings(), flags=MODEL_FLAGS, keep=keep)
+    add_settings_flags(parser, SplitConfig(), keep=keep)
+    add_settings_flags(parser, WireConfig(), flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPES}, keep=keep)
+
+
+def add_connection_args(parser: argparse.ArgumentParser, keep: str | None = None) -> None:
+    """Server address, model, partition points, wire, TLS and token: shared by the client commands."""
     parser.add_argument("--server", required=True, help="host:port of fedsea serve")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--head-layers", type=int, default=2)
-    parser.add_argument("--tail-layers", type=int, default=2)
-    parser.add_argument("--wire-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    add_model_split_wire_args(parser, keep)
     parser.add_argument("--tls-ca", help="CA that signed the server's certificate")
     parser.add_argument("--tls-cert", help="client certificate, for mutual TLS")
     parser.add_argument("--tls-key", help="client key, for mutual TLS")
     parser.add_argument("--token", help="bearer token (default: $FEDSEA_TOKEN)")
-    parser.add_argument("--net-latency-ms", type=float, default=0.0, help="emulated one-way latency")
-    parser.add_argument("--net-mbps", type=float, default=0.0, help="emulated bandwidth (0: unlimited)")
 
 
 def add_noise_args(parser: argparse.ArgumentParser) -> None:
     """The noise on h_p: one of --sigma, --relative-sigma (the default level), --epsilon."""
     from fedsea.config import RECOMMENDED_RELATIVE_SIGMA
+    from fedsea.privacy.calibration import NoiseTarget
 
     level = parser.add_mutually_exclusive_group()
     level.add_argument("--sigma", type=float, default=None, help="std of the Gaussian noise on h_p (0: none)")
@@ -39,7 +51,9 @@ def add_noise_args(parser: argparse.ArgumentParser) -> None:
         help=f"sigma as a multiple of h_p's RMS on public text (default: {RECOMMENDED_RELATIVE_SIGMA}, PRIVACY.md)",
     )
     level.add_argument("--epsilon", type=float, default=None, help="target epsilon (needs --clip-norm)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta of epsilon (default: %(default)s)")
+    parser.add_argument(
+        "--delta", type=float, default=NoiseTarget.delta, help="delta of epsilon (default: %(default)s)"
+    )
     parser.add_argument("--clip-norm", type=float, default=None, help="per-token L2 clip before the noise")
     parser.add_argument("--noise-seed", type=int, default=None, help="noise seed (default: the OS's; keep it secret)")
 
@@ -58,6 +72,7 @@ def noise_target(args: argparse.Namespace, releases: int) -> Any:
 
 
 def client_tls(args: argparse.Namespace) -> Any:
+    """The client's TLS settings from ``--tls-ca/--tls-cert/--tls-key`` (None: plaintext)."""
     from fedsea.client.connection import ClientTls
 
     if not (args.tls_ca or args.tls_cert):
@@ -111,7 +126,7 @@ def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         wire_dtype=args.wire_dtype,
         tls=client_tls(args),
         token=args.token or os.environ.get("FEDSEA_TOKEN"),
-        shaper=NetShaper(args.net_latency_ms, args.net_mbps),
+        shaper=NetShaper(args.net_latency_ms, args.net_mbps or 0.0),  # unset mbps: unlimited (0)
         tokenizer=tokenizer,
     )
     options = {
@@ -177,6 +192,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def add_generate_commands(sub: Any) -> None:
+    """Register ``generate`` and ``chat`` on the ``fedsea`` subparsers."""
     generate = sub.add_parser("generate", help="generate text through the split (prompts never leave this machine)")
     add_connection_args(generate)
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
@@ -192,4 +208,13 @@ def add_generate_commands(sub: Any) -> None:
     chat.set_defaults(func=_cmd_chat)
 
 
-__all__ = ["add_connection_args", "add_generate_commands", "add_noise_args", "client_tls", "noise_target"]
+__all__ = [
+    "MODEL_FLAGS",
+    "WIRE_FLAGS",
+    "add_connection_args",
+    "add_generate_commands",
+    "add_model_split_wire_args",
+    "add_noise_args",
+    "client_tls",
+    "noise_target",
+]

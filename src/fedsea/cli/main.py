@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -18,11 +17,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fedsea.model.load import DEFAULT_MODEL
 
     if not args.split_only:
-        overrides = (*args.set, *([f'model.source="{args.model}"'] if args.model else []))
+        if args.prompt is not None or args.max_new_tokens is not None:
+            raise ValueError("--prompt and --max-new-tokens answer a prompt: give them with --split-only")
+        # The flags given become overrides of the demo's run file (every client's split).
+        given = {"model.source": args.model, "client.head_layers": args.head_layers}
+        given["client.tail_layers"] = args.tail_layers
+        overrides = (*args.set, *(f"{key}={json.dumps(v)}" for key, v in given.items() if v is not None))
         run_demo(overrides, args.run_dir)
         return 0
+    if args.set or args.run_dir:
+        raise ValueError("run-file overrides and --run-dir are for the federated demo, not --split-only")
+    from fedsea.cli.flags import settings_from_flags
+    from fedsea.config import SplitConfig
+    from fedsea.experiments.demo import DEFAULT_PROMPT, SPLIT_DEMO_NEW_TOKENS
+
+    split = settings_from_flags(args, SplitConfig())
     model = args.model or DEFAULT_MODEL
-    result = run_split_demo(model, args.head_layers, args.tail_layers, args.prompt, args.max_new_tokens)
+    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    tokens = args.max_new_tokens if args.max_new_tokens is not None else SPLIT_DEMO_NEW_TOKENS
+    result = run_split_demo(model, split.head_layers, split.tail_layers, prompt, tokens)
     return 0 if result.identical else 1
 
 
@@ -60,54 +73,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-# Idle OpenMP threads spin this many iterations before sleeping (libgomp's default is 300,000,
-# ~10 ms). The co-located benchmarks run client and server as two processes on the same cores:
-# with the default, each side's idle threads steal the core the other side is computing on.
-# 100,000 keeps the spin between one op and the next (HF generate alone is as fast) and ends
-# it before the other process starts its half of a decode step.
-_COLOCATED_SPINCOUNT = "100000"
-
-
-def _reexec_for_colocation(args: argparse.Namespace) -> None:
-    """Restart the command with GOMP_SPINCOUNT set (libgomp reads it once, when torch loads).
-
-    Only for a real command line (``args.argv is None``) and when the user has not set the
-    spin policy; the server process inherits the environment.
-    """
-    if args.argv is not None or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
-        return
-    env = dict(os.environ, GOMP_SPINCOUNT=_COLOCATED_SPINCOUNT)
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "fedsea.cli", *sys.argv[1:]], env)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from fedsea.experiments import bench_train as bench
-
-    if args.what == "generate":
-        _reexec_for_colocation(args)
-    if args.what == "load":
-        result = bench.bench_load(args.model, repeats=args.repeats)
-    elif args.what == "generate":
-        from fedsea.experiments.bench_generate import bench_generate
-
-        result = bench_generate(
-            args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers, args.tail_layers,
-            args.naive_tokens, args.net_latency_ms or 25.0, args.wire_dtype,
-        )  # fmt: skip
-    elif args.what == "federation":
-        from fedsea.experiments.bench_federation import bench_federation
-
-        result = bench_federation(tuple(args.parts), tuple(args.tasks), args.model)
-    elif args.what == "train":
-        result = bench.bench_train(
-            args.model, args.batch, args.tokens, args.head_layers, args.tail_layers, args.steps, args.warmup,
-            args.wire_dtype, args.net_latency_ms, args.net_mbps,
-        )  # fmt: skip
-    print(json.dumps(result))
-    return 0
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fedsea.cli.eval import run_eval
 
@@ -115,6 +80,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fedsea`` parser with every subcommand."""
+    from fedsea.cli.flags import add_settings_flags
+    from fedsea.config import SplitConfig
+    from fedsea.experiments.demo import SPLIT_DEMO_NEW_TOKENS
     from fedsea.model.load import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="fedsea", description="Federated split fine-tuning of LLaMA-family models.")
@@ -128,11 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--split-only", action="store_true", help="only split the model and answer a prompt through it")
     demo.add_argument("--run-dir", help="run folder of the federated demo")
     demo.add_argument("set", nargs="*", help="overrides of the demo's run file: section.key=value")
-    demo.add_argument("--model", default=None, help=f"model source (default: {DEFAULT_MODEL})")
-    demo.add_argument("--head-layers", type=int, default=2, help="p, blocks on the client before the trunk")
-    demo.add_argument("--tail-layers", type=int, default=2, help="q, blocks on the client after the trunk")
-    demo.add_argument("--prompt", default=None, help="the user message")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--model", default=None, help=f"model source (default: the run file's; {DEFAULT_MODEL})")
+    add_settings_flags(demo, SplitConfig(), keep="the demo run file's; with --split-only, {default}")
+    demo.add_argument("--prompt", default=None, help="with --split-only: the user message")
+    demo.add_argument(
+        "--max-new-tokens", type=int, default=None, help=f"with --split-only (default: {SPLIT_DEMO_NEW_TOKENS})"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     info = sub.add_parser("info", help="load a model and print what fedsea sees")
@@ -162,32 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsea.cli.reports import add_report_commands
 
     add_report_commands(sub)
+    from fedsea.cli.config import add_config_commands
 
-    bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
-    bench.add_argument(
-        "what",
-        choices=["load", "train", "generate", "federation"],
-        help="load: cached load times; train: split step over gRPC vs centralized; generate: split generation",
-    )
-    bench.add_argument("--model", default=DEFAULT_MODEL)
-    bench.add_argument("--repeats", type=int, default=3, help="load: cached loads to time")
-    bench.add_argument("--batch", type=int, default=4, help="train: sequences per step")
-    bench.add_argument("--tokens", type=int, default=128, help="train: tokens per sequence")
-    bench.add_argument("--head-layers", type=int, default=2)
-    bench.add_argument("--tail-layers", type=int, default=2)
-    bench.add_argument("--steps", type=int, default=8, help="train: timed steps (after --warmup)")
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--wire-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    bench.add_argument("--net-latency-ms", type=float, default=0.0)
-    bench.add_argument("--net-mbps", type=float, default=0.0)
-    bench.add_argument("--prompt-tokens", type=int, default=512, help="generate: prompt length")
-    bench.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per prompt")
-    bench.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="generate: batch sizes")
-    bench.add_argument("--naive-tokens", type=int, default=8, help="generate: new tokens timed for the naive split")
-    bench.add_argument("--parts", nargs="+", default=["speed", "quality"], help="federation: speed and/or quality")
-    bench.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="federation: quality tasks")
-    bench.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
-    bench.set_defaults(func=_cmd_bench)
+    add_config_commands(sub)
+
+    from fedsea.cli.bench import add_bench_commands
+
+    add_bench_commands(sub)
 
     ev = sub.add_parser("eval", help="evaluate a model, or a split with adapters, on a task; prints a table and JSON")
     ev.add_argument("--task", required=True, help="sst2, boolq, cb, copa, rte, wic, wsc, multirc, record, xsum, ...")
@@ -209,13 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedsea`` command; returns its exit status (2 with a one-line error for bad input)."""
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if getattr(args, "prompt", "") is None:
-        from fedsea.experiments.demo import DEFAULT_PROMPT
-
-        args.prompt = DEFAULT_PROMPT
     try:
         return int(args.func(args))
     except (FedseaError, ValueError, FileNotFoundError) as exc:

@@ -13,9 +13,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedsea.cli.generate import add_connection_args, add_noise_args, client_tls, noise_target
+from fedsea.cli.flags import add_settings_flags, settings_from_flags
+from fedsea.cli.generate import MODEL_FLAGS, add_connection_args, add_noise_args, client_tls, noise_target
 from fedsea.config import LoraSpec, OptimConfig, ServerLimits
-from fedsea.model.load import DEFAULT_MODEL
+from fedsea.federation.simconfig import ModelSettings, PrivacySettings, RunConfig
+from fedsea.privacy.regularizers import HEAD_REGULARIZERS
+
+# LoraSpec's fields as fedsea train's flags.
+LORA_FLAGS: dict[str, str] = {
+    "r": "--lora-r",
+    "alpha": "--lora-alpha",
+    "dropout": "--lora-dropout",
+    "target_modules": "--targets",
+}
+
+
+def serve_settings(args: argparse.Namespace) -> tuple[RunConfig, ServerLimits, str]:
+    """The run (``--run``, else the defaults), the limits and the model of ``fedsea serve``: a run
+    file's ``[limits]`` and ``[model]`` are the defaults, and the flags given win over them."""
+    from fedsea.federation.simconfig import load_config
+
+    run = load_config(args.run) if args.run else RunConfig()
+    limits = settings_from_flags(args, run.limits)
+    return run, limits, settings_from_flags(args, run.model, flags=MODEL_FLAGS).source
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -28,7 +48,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("fedsea serve: give both --tls-cert and --tls-key")
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("fedsea serve: --tls-client-ca needs --tls-cert and --tls-key")
-    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+    run, limits, model = serve_settings(args)
     tls = None
     if args.tls_cert:
         client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
@@ -42,15 +62,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "insecure": args.insecure,
     }
     TrunkServer.check_bind(**{k: server_args[k] for k in ("host", "tls", "insecure")})
-    print(f"loading {args.model} ...", flush=True)
-    host = TrunkHost(load_model(args.model), limits)
+    print(f"loading {model} ...", flush=True)
+    host = TrunkHost(load_model(model), limits)
     print(f"base model fingerprint {host.fingerprint}", flush=True)
     rounds = None
     if args.run:
         from fedsea.federation.coordinator import coordinator_factory
-        from fedsea.federation.simconfig import load_plan
+        from fedsea.federation.simconfig import RunPlan
 
-        federation = load_plan(args.run).fed
+        federation = RunPlan(run).fed
         run_dir = Path(args.run_dir or Path(args.run).parent)
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"federated run: {federation.rounds} rounds, {federation.mode}, checkpoints in {run_dir}", flush=True)
@@ -73,9 +93,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.model)
     examples = load_jsonl(args.data, tokenizer, args.max_length)
-    lora = LoraSpec(
-        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=tuple(args.targets.split(","))
-    )
+    # fedsea train starts from the library's LoraSpec and OptimConfig (not a run file's defaults).
+    lora = settings_from_flags(args, LoraSpec(), flags=LORA_FLAGS)
     split = split_model(load_model(args.model), args.head_layers, args.tail_layers).add_lora(lora)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
@@ -92,11 +111,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         head_regularizer=make_head_regularizer(
             args.head_regularizer, args.regularizer_weight, split.head.embed_tokens.weight.detach(), noise.noise
         ),
-        optim=OptimConfig(lr=args.lr),
+        optim=settings_from_flags(args, OptimConfig(), ["lr"]),
         wire_dtype=args.wire_dtype,
         tls=tls,
         token=args.token or os.environ.get("FEDSEA_TOKEN"),
-        shaper=NetShaper(args.net_latency_ms, args.net_mbps),
+        shaper=NetShaper(args.net_latency_ms, args.net_mbps or 0.0),  # unset mbps: unlimited (0)
         seed=args.seed,
     )
     losses: list[float] = []
@@ -174,7 +193,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 def add_wire_commands(sub: Any) -> None:
     """Register the networked subcommands on the ``fedsea`` parser."""
     serve = sub.add_parser("serve", help="run the trunk server")
-    serve.add_argument("--model", default=DEFAULT_MODEL)
+    add_settings_flags(serve, ModelSettings(), flags=MODEL_FLAGS, keep="the run file's with --run, else {default}")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--tls-cert", help="server certificate (PEM)")
@@ -185,33 +204,20 @@ def add_wire_commands(sub: Any) -> None:
     serve.add_argument("--run", help="run file (TOML): coordinate a federated run (fedsea join)")
     serve.add_argument("--run-dir", help="where the run's checkpoints and metrics go")
     serve.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    for field in dataclasses.fields(ServerLimits):
-        flag = "--" + field.name.replace("_", "-")
-        kind = float if field.type in ("float", float) else int
-        serve.add_argument(flag, dest=field.name, type=kind, default=field.default, help=f"(default: {field.default})")
+    add_settings_flags(serve, ServerLimits(), keep="the run file's [limits] with --run, else {default}")
     serve.set_defaults(func=_cmd_serve)
 
     train = sub.add_parser("train", help="fine-tune one client through a trunk server on a JSONL file")
     add_connection_args(train)
     train.add_argument("--data", required=True, help='JSONL of {"text": ...} or {"prompt": ..., "completion": ...}')
-    lora, optim = LoraSpec(), OptimConfig()
-    train.add_argument("--lora-r", type=int, default=lora.r)
-    train.add_argument("--lora-alpha", type=float, default=lora.alpha)
-    train.add_argument("--lora-dropout", type=float, default=lora.dropout)
-    train.add_argument("--targets", default=",".join(lora.target_modules), help="comma-separated module names")
-    train.add_argument("--lr", type=float, default=optim.lr)
+    add_settings_flags(train, LoraSpec(), flags=LORA_FLAGS)
+    add_settings_flags(train, OptimConfig(), ["lr"])
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     train.add_argument("--max-length", type=int, default=256, help="tokens per example, at most")
     add_noise_args(train)
-    train.add_argument(
-        "--head-regularizer",
-        choices=["none", "nopeek", "adversarial"],
-        default="none",
-        help="a privacy loss the head trains with (PRIVACY.md; default: none)",
-    )
-    train.add_argument("--regularizer-weight", type=float, default=1.0, help="its weight (default: 1)")
+    add_settings_flags(train, PrivacySettings(), choices={"head_regularizer": HEAD_REGULARIZERS})
     train.add_argument("--seed", type=int, default=0, help="seed of the data order and the LoRA init")
     train.add_argument("--save-adapters", help="write head/trunk/tail adapters here at the end")
     train.add_argument("--json", action="store_true", help="print the summary as one JSON line")

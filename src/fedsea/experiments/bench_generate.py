@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from fedsea.config import SplitConfig, WireConfig
 from fedsea.experiments.bench_train import start_server_process
 from fedsea.model.load import DEFAULT_MODEL, load_model
 from fedsea.wire.ports import free_loopback_port
@@ -30,16 +31,20 @@ def _hf_generate(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[torch.
     return out, time.perf_counter() - t0
 
 
+# The one-way latency the generation benchmark emulates by default (a WAN round trip of 50 ms).
+GENERATE_LATENCY_MS = 25.0
+
+
 def bench_generate(
     model: str = DEFAULT_MODEL,
     prompt_tokens: int = 512,
     new_tokens: int = 64,
     batches: tuple[int, ...] = (1, 8),
-    head_layers: int = 2,
-    tail_layers: int = 2,
+    head_layers: int = SplitConfig.head_layers,
+    tail_layers: int = SplitConfig.tail_layers,
     naive_tokens: int = 8,
-    latency_ms: float = 25.0,
-    wire_dtype: str = "fp32",
+    latency_ms: float = GENERATE_LATENCY_MS,
+    wire_dtype: str = WireConfig.dtype,
 ) -> dict[str, Any]:
     """Tokens per second of greedy generation: split over loopback gRPC (server in its own
     process), Hugging Face ``generate`` on the unsplit model, and the naive split without

@@ -8,6 +8,7 @@ import tempfile
 import time
 from typing import Any
 
+from fedsea.config import SplitConfig, WireConfig
 from fedsea.model.load import DEFAULT_MODEL, load_model
 from fedsea.wire.ports import free_loopback_port
 
@@ -64,11 +65,11 @@ def bench_train(
     model: str = DEFAULT_MODEL,
     batch: int = 4,
     tokens: int = 128,
-    head_layers: int = 2,
-    tail_layers: int = 2,
+    head_layers: int = SplitConfig.head_layers,
+    tail_layers: int = SplitConfig.tail_layers,
     steps: int = 8,
     warmup: int = 2,
-    wire_dtype: str = "fp32",
+    wire_dtype: str = WireConfig.dtype,
     latency_ms: float = 0.0,
     mbps: float = 0.0,
 ) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import cast
 
 import torch
 
+from fedsea.config import SplitConfig
 from fedsea.model.load import DEFAULT_MODEL, load_model, load_tokenizer
 from fedsea.model.split import split_model
 from fedsea.training.generation import split_greedy_generate
@@ -48,12 +49,16 @@ def _human(n: float) -> str:
     return str(n)
 
 
+# New tokens ``fedsea demo --split-only`` generates.
+SPLIT_DEMO_NEW_TOKENS = 48
+
+
 def run_split_demo(
     source: str = DEFAULT_MODEL,
-    head_layers: int = 2,
-    tail_layers: int = 2,
+    head_layers: int = SplitConfig.head_layers,
+    tail_layers: int = SplitConfig.tail_layers,
     prompt: str = DEFAULT_PROMPT,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = SPLIT_DEMO_NEW_TOKENS,
     echo: bool = True,
 ) -> DemoResult:
     """Answer ``prompt`` greedily through the split model and through the unsplit one; compare."""
@@ -157,7 +162,8 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
     assert checkpoint is not None, "the demo run wrote no checkpoint"
     _, state, _, _ = load_round(checkpoint)
     tokenizer = load_tokenizer(plan.model)
-    split = split_model(load_model(plan.model), 2, 2).add_lora(plan.lora)
+    first = plan.clients[0]  # the demo's clients share one split (fedsea demo --head-layers/--tail-layers)
+    split = split_model(load_model(plan.model), first.head_layers, first.tail_layers).add_lora(plan.lora)
     noise = resolve_noise(plan.noise, split.head, tokenizer)  # measured before the adapters load
     for part in split.parts().values():
         load_adapter_state_dict(part, state, strict=False)

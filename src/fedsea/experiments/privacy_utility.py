@@ -223,6 +223,7 @@ class FinetuneUtility:
         return f"{task.name} {task.primary_metric} (fine-tuned {steps} steps, noised cut)"
 
     def __call__(self, defence: str, p: int, sigma: float) -> float:
+        """Task quality after noise-aware fine-tuning with this (defence, p, sigma); cached per setting."""
         key = (defence, int(p), float(sigma))
         if key in self.results:
             return self.results[key]
@@ -250,6 +251,7 @@ class FinetuneUtility:
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer the fine-tuning and the evaluation use."""
         return self.tuner.tokenizer
 
     def victim_head(self, defence: str, p: int, sigma: float) -> Head:

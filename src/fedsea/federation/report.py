@@ -130,7 +130,7 @@ def write_report(
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "report": str(run_dir / "report.md"),
-        "task": plan.tree["task"]["name"],
+        "task": plan.config.task.name,
         "mode": fed.mode,
         "clients": len(plan.clients),
         "rounds_completed": len(rounds),
@@ -168,7 +168,7 @@ def write_report(
         str(info.get("partition", "")),
         "```",
         "",
-        f"## Evaluation ({name}, {plan.tree['task']['eval_limit']} rows)",
+        f"## Evaluation ({name}, {plan.config.task.eval_limit or 'all'} rows)",
         "",
         "| round | " + name + " |",
         "|---|---|",

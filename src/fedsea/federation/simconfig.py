@@ -1,312 +1,190 @@
 """The run file (TOML, or YAML) shared by ``fedsea simulate``, ``fedsea serve --run`` and ``fedsea join``.
 
-::
-
-    [model]      source = "smollm2-135m"
-    [task]       name = "sst2", train_limit = 300, eval_limit = 100, partition = "iid", alpha = 0.5
-    [federation] clients = 3, rounds = 3, local_steps = 10, mode = "hierarchical", ...
-    [client]     head_layers = 2, tail_layers = 2, batch_size = 4, max_length = 128
-    [[clients]]  head_layers = 4      # optional, one table per client: overrides of [client]
-    [lora]       r = 8, alpha = 16, dropout = 0.0, target_modules = ["q_proj", ...]
-    [optim]      lr = 1e-3
-    [noise]      relative_sigma = 0.14 (the recommended default: sigma = 0.14 x RMS of h_p, measured
-                 by each client on public text at start-up), or sigma = 0.5 (absolute std), or
-                 epsilon = 8 with delta = 1e-5 and clip_norm (a DP target over the run's releases);
-                 one of the three (setting sigma or epsilon drops the relative default; sigma = 0
-                 is no noise); clip_norm = 0 (0: no clipping), grad_sigma = 0.0, grad_clip_norm = 0
-                 (grad_*: the gradient sent up to the trunk)
-    [privacy]    head_regularizer = "none" ("nopeek" or "adversarial": a privacy loss each client's
-                 head trains with, PRIVACY.md), regularizer_weight = 1.0
-    [wire]       dtype = "fp32", tls = true, latency_ms = 0, mbps = 0 (emulated WAN on each client)
-    [run]        seed = 0
-
-Any key can be overridden on the command line as ``section.key=value`` (values parsed as TOML).
+Its schema is ``RunConfig`` (``fedsea.federation.runconfig``); ``fedsea config example`` prints
+it as a complete, commented file. A run file is read by the generic loader (``fedsea.settings``):
+the defaults, updated by the file, updated by ``section.key=value`` overrides (values parsed as
+TOML). ``RunPlan`` hands the rest of fedsea the objects it takes, made from the ``RunConfig``.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
-import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from fedsea.config import RECOMMENDED_RELATIVE_SIGMA, LoraSpec, NoiseConfig, OptimConfig
-from fedsea.federation.config import FedConfig
+from fedsea.config import LoraSpec, NoiseConfig, OptimConfig
+from fedsea.federation.config import MODES, FedConfig
+from fedsea.federation.runconfig import (
+    NOISE_LEVELS,
+    ClientConfig,
+    ClientOverrides,
+    ClientPlan,
+    FederationSettings,
+    ModelSettings,
+    NoiseSettings,
+    PrivacySettings,
+    RunConfig,
+    RunSettings,
+    RunWire,
+    TaskSettings,
+)
 from fedsea.privacy.calibration import NoiseTarget
-from fedsea.privacy.regularizers import HEAD_REGULARIZERS
+from fedsea.settings import apply_override, build, dump_toml, read_settings_file, to_tree
 
-DEFAULTS: dict[str, Any] = {
-    "model": {"source": "smollm2-135m"},
-    "task": {
-        "name": "sst2",
-        "train_split": "train",
-        "train_limit": 300,
-        "eval_limit": 100,
-        "partition": "iid",
-        "alpha": 0.5,
-    },
-    "federation": {
-        "clients": 3,
-        "rounds": 3,
-        "local_steps": 10,
-        "mode": "hierarchical",
-        "strategy": "fedavg",
-        "fraction": 1.0,
-        "min_clients": 1,
-        "round_timeout_s": 600.0,
-        "join_timeout_s": 600.0,
-    },
-    "client": {"head_layers": 2, "tail_layers": 2, "batch_size": 4, "max_length": 128},
-    "clients": [],
-    "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    "optim": {"lr": 1e-3, "weight_decay": 0.01, "max_grad_norm": 1.0},
-    "noise": {
-        "sigma": 0.0,
-        "relative_sigma": RECOMMENDED_RELATIVE_SIGMA,
-        "epsilon": 0.0,
-        "delta": 1e-5,
-        "clip_norm": 0.0,
-        "grad_sigma": 0.0,
-        "grad_clip_norm": 0.0,
-    },
-    "privacy": {"head_regularizer": "none", "regularizer_weight": 1.0},
-    "wire": {"dtype": "fp32", "tls": True, "latency_ms": 0.0, "mbps": 0.0},
-    "run": {"seed": 0},
-}
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        path = f"{where}{key}"
-        if key not in base:
-            raise ValueError(f"unknown setting {path!r}; known: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise ValueError(f"{path} must be a table")
-            out[key] = _merge(base[key], value, f"{path}.")
-        else:
-            out[key] = value
-    return out
-
-
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """``section.key=value``: value parsed as TOML (``3``, ``0.5``, ``"text"``, ``true``, ``[1, 2]``)."""
-    if "=" not in assignment:
-        raise ValueError(f"an override is section.key=value, got {assignment!r}")
-    dotted, raw = assignment.split("=", 1)
-    parts = dotted.strip().split(".")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare word: take it as a string
-    node = tree
-    for part in parts[:-1]:
-        if part not in node or not isinstance(node[part], dict):
-            raise ValueError(f"unknown setting {dotted!r}")
-        node = node[part]
-    if parts[-1] not in node:
-        raise ValueError(f"unknown setting {dotted!r}")
-    node[parts[-1]] = value
-
-
-def _read_run_file(file: Path) -> dict[str, Any]:
-    text = file.read_text()
-    if file.suffix.lower() not in (".yaml", ".yml"):
-        return tomllib.loads(text)  # TOMLDecodeError is a ValueError
-    import yaml  # PyYAML: already required by transformers
-
-    try:
-        data = yaml.safe_load(text)  # safe_load: plain data only, never Python objects
-    except yaml.YAMLError as exc:
-        raise ValueError(str(exc)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-# The noise levels of which a run file sets one; the first is the default's.
-NOISE_LEVELS: tuple[str, ...] = ("relative_sigma", "sigma", "epsilon")
-
-
-def load_tree(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Defaults, updated by the file (TOML, or YAML for ``.yaml``/``.yml``), updated by the overrides.
-
-    The last source that names a noise level (``noise.sigma``, ``noise.relative_sigma``,
-    ``noise.epsilon``) decides it: the levels it does not name are reset to 0, so that
-    ``noise.sigma=0`` on the command line turns off a file's ``relative_sigma`` (and a file's
-    ``sigma`` replaces the default ``relative_sigma``).
-    """
-    tree = copy.deepcopy(DEFAULTS)
-    from_file: set[str] = set()
-    from_overrides: set[str] = set()
-    if path is not None:
-        file = Path(path)
-        try:
-            data = _read_run_file(file)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read run file {file}: {exc}") from exc
-        tree = _merge(tree, data)
-        if isinstance(data.get("noise"), dict):
-            from_file |= set(data["noise"])
-    for assignment in overrides:
-        apply_override(tree, assignment)
-        section, _, key = assignment.split("=", 1)[0].strip().partition(".")
-        if section == "noise":
-            from_overrides.add(key)
-    for given in (from_overrides, from_file):
-        named = given & set(NOISE_LEVELS)
-        if named:
-            for level in set(NOISE_LEVELS) - named:
-                tree["noise"][level] = 0.0
-            break
-    return tree
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def dump_tree(tree: dict[str, Any]) -> str:
-    """The resolved run file as TOML (tables of scalars and lists, and [[clients]])."""
-    lines: list[str] = []
-    for section, body in tree.items():
-        if section == "clients":
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
-        lines.append("")
-    for client in tree.get("clients", []):
-        lines.append("[[clients]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in client.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class ClientPlan:
-    name: str
-    head_layers: int
-    tail_layers: int
-    batch_size: int
-    max_length: int
+__all__ = [
+    "NOISE_LEVELS",
+    "ClientConfig",
+    "ClientOverrides",
+    "ClientPlan",
+    "FederationSettings",
+    "ModelSettings",
+    "NoiseSettings",
+    "PrivacySettings",
+    "RunConfig",
+    "RunPlan",
+    "RunSettings",
+    "RunWire",
+    "TaskSettings",
+    "dump_tree",
+    "example_run_file",
+    "load_config",
+    "load_plan",
+    "releases_per_token",
+]
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """The typed, validated view of a run file."""
+    """A loaded run: the ``RunConfig`` and the objects the rest of fedsea takes, made from it."""
 
-    tree: dict[str, Any]
-    fed: FedConfig
-    clients: tuple[ClientPlan, ...]
-    lora: LoraSpec
-    optim: OptimConfig
-    noise: NoiseTarget
-    model: str
-    wire_dtype: str
-    tls: bool
-    grad_noise: NoiseConfig = field(default_factory=NoiseConfig)
-    head_regularizer: str = "none"
-    regularizer_weight: float = 1.0
+    config: RunConfig
 
-    @classmethod
-    def from_tree(cls, tree: dict[str, Any]) -> RunPlan:
-        f, lo, op, no = tree["federation"], tree["lora"], tree["optim"], tree["noise"]
-        lora = LoraSpec(int(lo["r"]), float(lo["alpha"]), float(lo["dropout"]), tuple(lo["target_modules"]))
-        count = int(f["clients"])
-        fed = FedConfig(
-            rounds=int(f["rounds"]),
-            local_steps=int(f["local_steps"]),
-            mode=str(f["mode"]),
-            strategy=str(f["strategy"]),
-            fraction=float(f["fraction"]),
-            min_clients=int(f["min_clients"]),
-            expected_clients=count,
-            round_timeout_s=float(f["round_timeout_s"]),
-            join_timeout_s=float(f["join_timeout_s"]),
-            seed=int(tree["run"]["seed"]),
-            lora=lora,
-        )
-        overrides = list(tree.get("clients", []))
-        if len(overrides) > count:
-            raise ValueError(f"{len(overrides)} [[clients]] tables for federation.clients = {count}")
-        plans = []
-        for i in range(count):
-            c = {**tree["client"], **(overrides[i] if i < len(overrides) else {})}
-            unknown = set(c) - set(DEFAULTS["client"])
-            if unknown:
-                raise ValueError(f"unknown client setting(s) {sorted(unknown)}")
-            plans.append(
-                ClientPlan(
-                    f"client-{i}",
-                    int(c["head_layers"]),
-                    int(c["tail_layers"]),
-                    int(c["batch_size"]),
-                    int(c["max_length"]),
-                )
-            )
-        optim = OptimConfig(
-            lr=float(op["lr"]), weight_decay=float(op["weight_decay"]), max_grad_norm=float(op["max_grad_norm"]) or None
-        )
-        noise = noise_target(no)
-        grad_noise = NoiseConfig(sigma=float(no["grad_sigma"]), clip_norm=float(no["grad_clip_norm"]) or None)
-        privacy = tree["privacy"]
-        regularizer, weight = str(privacy["head_regularizer"]), privacy["regularizer_weight"]
-        if regularizer not in HEAD_REGULARIZERS:
-            raise ValueError(
-                f"privacy.head_regularizer must be one of {', '.join(HEAD_REGULARIZERS)}, got {regularizer!r}"
-            )
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"privacy.regularizer_weight must be a finite number >= 0, got {weight!r}")
-        wire = tree["wire"]
-        if wire["dtype"] not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"wire.dtype must be fp32, bf16 or fp16, got {wire['dtype']!r}")
-        return cls(
-            tree,
-            fed,
-            tuple(plans),
-            lora,
-            optim,
-            noise,
-            str(tree["model"]["source"]),
-            str(wire["dtype"]),
-            bool(wire["tls"]),
-            grad_noise,
-            regularizer,
-            float(weight),
-        )
+    @property
+    def tree(self) -> dict[str, Any]:
+        """The resolved settings as plain data (unset values left out)."""
+        return to_tree(self.config)
+
+    @property
+    def fed(self) -> FedConfig:
+        """The server's round settings (FedConfig) with the run's seed and LoRA."""
+        return self.config.federation.fed_config(self.config.run.seed, self.config.lora)
+
+    @property
+    def clients(self) -> tuple[ClientPlan, ...]:
+        """Each client's resolved settings, overrides applied."""
+        return self.config.client_plans()
+
+    @property
+    def lora(self) -> LoraSpec:
+        """The LoRA spec of every part (one, so adapters can be averaged)."""
+        return self.config.lora
+
+    @property
+    def optim(self) -> OptimConfig:
+        """The clients' local optimizer."""
+        return self.config.optim
+
+    @property
+    def noise(self) -> NoiseTarget:
+        """The noise level each client resolves on its own head."""
+        return self.config.noise.target()
+
+    @property
+    def grad_noise(self) -> NoiseConfig:
+        """Noise on the gradient sent up to the trunk."""
+        return self.config.noise.grad_noise()
+
+    @property
+    def model(self) -> str:
+        """The model source every party loads."""
+        return self.config.model.source
+
+    @property
+    def wire_dtype(self) -> str:
+        """The dtype of hidden states on the wire."""
+        return self.config.wire.dtype
+
+    @property
+    def tls(self) -> bool:
+        """Whether simulate runs the wire over mutual TLS."""
+        return self.config.wire.tls
+
+    @property
+    def head_regularizer(self) -> str:
+        """The privacy regularizer on each client's head (``none``, ``nopeek``, ``adversarial``)."""
+        return self.config.privacy.head_regularizer
+
+    @property
+    def regularizer_weight(self) -> float:
+        """The weight of that regularizer in the loss."""
+        return self.config.privacy.regularizer_weight
 
 
-def noise_target(section: dict[str, Any]) -> NoiseTarget:
-    """The ``[noise]`` table's level as a ``NoiseTarget`` (``ValueError`` when more than one is set)."""
-    levels = {}
-    for name in NOISE_LEVELS:
+def _noise_levels(noise: dict[str, Any], from_overrides: set[str], from_file: set[str]) -> None:
+    """Resolve the noise levels in the merged ``[noise]`` table, in place.
+
+    The last source that names a level (``noise.sigma``, ``noise.relative_sigma``,
+    ``noise.epsilon``) decides it: the levels it does not name are unset, so that ``noise.sigma=0``
+    on the command line turns off a file's ``relative_sigma`` (and a file's ``sigma`` replaces the
+    default ``relative_sigma``). A level given as 0 is unset too (older files wrote 0 for every
+    level they did not use); when that leaves none, the noise is off (``sigma = 0``).
+    """
+    for given in (from_overrides, from_file):
+        named = given & set(NOISE_LEVELS)
+        if named:
+            for level in set(NOISE_LEVELS) - named:
+                noise[level] = None
+            break
+    zeros = [n for n in NOISE_LEVELS if isinstance(noise.get(n), (int, float)) and noise.get(n) == 0]
+    for level in zeros:
+        noise[level] = None
+    default = NoiseSettings()
+    if zeros and all(noise.get(n, getattr(default, n)) is None for n in NOISE_LEVELS):
+        noise["sigma"] = 0.0
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults, updated by the file (TOML, or YAML for ``.yaml``/``.yml``), updated by the overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
         try:
-            levels[name] = float(section[name])
-        except (TypeError, ValueError):
-            raise ValueError(f"noise.{name} must be a number, got {section[name]!r}") from None
-    chosen = [name for name in NOISE_LEVELS if levels[name] != 0]
-    if len(chosen) > 1:
-        given = " and ".join(f"noise.{n} = {levels[n]:g}" for n in chosen)
-        raise ValueError(f"set one noise level of {', '.join(NOISE_LEVELS)}, got {given}")
-    level = chosen[0] if chosen else "sigma"
-    clip = float(section["clip_norm"]) or None
-    return NoiseTarget(**{level: levels[level]}, delta=float(section["delta"]), clip_norm=clip)
+            data = read_settings_file(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read run file {path}: {exc}") from exc
+    from_file = set(data["noise"]) if isinstance(data.get("noise"), dict) else set()
+    from_overrides: set[str] = set()
+    for assignment in overrides:
+        keys = apply_override(data, assignment)
+        if keys[0] == "noise" and len(keys) == 2:
+            from_overrides.add(keys[1])
+    if isinstance(data.get("noise"), dict):
+        _noise_levels(data["noise"], from_overrides, from_file)
+    return build(RunConfig, data)
+
+
+def load_plan(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunPlan:
+    """The run file at ``path`` (or the defaults) with the overrides, as a ``RunPlan``."""
+    return RunPlan(load_config(path, overrides))
+
+
+def dump_tree(tree: dict[str, Any] | RunConfig) -> str:
+    """The resolved run file as TOML (the ``RunConfig``, or its ``to_tree`` data)."""
+    return dump_toml(tree)
+
+
+def example_run_file(mode: str = FedConfig.mode) -> str:
+    """A complete, commented run file of the defaults for ``mode``: the run file's schema."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    config = RunConfig(federation=FederationSettings(mode=mode))
+    header = [
+        f"# A fedsea run file ({mode} mode): every setting, at its default. Load it with",
+        "# `fedsea simulate run.toml [section.key=value ...]`, `fedsea serve --run` or `fedsea join --run`.",
+        "# Unset settings are commented out; a table may be left out or given in part.",
+    ]
+    return "\n".join(header) + "\n\n" + dump_toml(config, comments=True)
 
 
 def releases_per_token(rounds: int, local_steps: int, batch_size: int, num_examples: int) -> int:
@@ -314,7 +192,3 @@ def releases_per_token(rounds: int, local_steps: int, batch_size: int, num_examp
     from fresh shuffled epochs, so an example is sent at most ceil(steps x batch / examples) times
     a round (the accountant composes over these releases)."""
     return rounds * max(1, math.ceil(local_steps * batch_size / max(1, num_examples)))
-
-
-def load_plan(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunPlan:
-    return RunPlan.from_tree(load_tree(path, overrides))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from fedsea.federation.checkpoint import latest_round, load_round
 from fedsea.federation.data import encode_task_examples, task_examples, write_shard
-from fedsea.federation.simconfig import RunPlan, dump_tree, load_plan, load_tree
+from fedsea.federation.simconfig import RunPlan, dump_tree, load_config, load_plan
 from fedsea.io import atomic_write_text
 from fedsea.wire.ports import free_loopback_port
 
@@ -45,19 +45,17 @@ def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
     store.save(secrets / "tokens.json")
     atomic_write_text(secrets / "client_tokens.json", json.dumps(tokens))
     (secrets / "client_tokens.json").chmod(0o600)
-    t = plan.tree["task"]
-    examples = task_examples(t["name"], t["train_split"], t["train_limit"])
+    t = plan.config.task
+    examples = task_examples(t.name, t.train_split, t.train_limit)
     labels = [e.label if e.label is not None else 0 for e in examples]
-    part = tasks.partition(
-        labels, num_clients=len(plan.clients), scheme=t["partition"], alpha=t["alpha"], seed=plan.fed.seed
-    )
+    part = tasks.partition(labels, num_clients=len(plan.clients), scheme=t.partition, alpha=t.alpha, seed=plan.fed.seed)
     for client, indices in zip(plan.clients, part.clients, strict=True):
         write_shard(
             run_dir / "clients" / client.name / "shard.json",
-            t["name"],
-            t["train_split"],
+            t.name,
+            t.train_split,
             [examples[i].id for i in indices],
-            t["train_limit"],
+            t.train_limit,
         )
     choices = list(examples[0].choices) if examples and examples[0].choices else None
     table = part.table(labels, choices) if choices else ""
@@ -132,11 +130,7 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
             str(run_dir / "clients" / c.name / "steps.jsonl"),
             "--noise-secret-file",
             str(run_dir / "clients" / c.name / "noise.secret"),
-            "--quiet",
-            "--net-latency-ms",
-            str(plan.tree["wire"]["latency_ms"]),
-            "--net-mbps",
-            str(plan.tree["wire"]["mbps"]),
+            "--quiet",  # the wire's latency and bandwidth: the run file's [wire], which join reads
             *_tls_args(run_dir, False),
         ]
         # Clients compute only their head and tail: one thread each leaves the cores to the trunk.
@@ -191,7 +185,7 @@ def evaluate_state(plan: RunPlan, state: dict[str, torch.Tensor] | None, tokeniz
 
     split = global_model(plan, state)
     result = tasks.evaluate(
-        plan.tree["task"]["name"], split.model, tokenizer, limit=plan.tree["task"]["eval_limit"], progress=False
+        plan.config.task.name, split.model, tokenizer, limit=plan.config.task.eval_limit, progress=False
     )
     return dict(result.metrics)
 
@@ -201,7 +195,7 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
     from fedsea.training.data import iterate_batches
     from fedsea.training.step import CentralTrainer
 
-    t = plan.tree["task"]
+    t = plan.config.task
     from fedsea.model.seeding import seeded
 
     # The same LoRA initialisation as the federated run's global adapter (peft draws it in
@@ -210,7 +204,7 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
         split = global_model(plan, None).add_lora(plan.lora)
     torch.manual_seed(plan.fed.seed)  # LoRA dropout, if any
     examples = encode_task_examples(
-        tokenizer, task_examples(t["name"], t["train_split"], t["train_limit"]), max(c.max_length for c in plan.clients)
+        tokenizer, task_examples(t.name, t.train_split, t.train_limit), max(c.max_length for c in plan.clients)
     )
     batch = plan.clients[0].batch_size
     steps = plan.fed.rounds * plan.fed.local_steps * len(plan.clients)
@@ -223,7 +217,7 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
         losses.append(trainer.train_step(b).loss)
     from fedsea import tasks
 
-    result = tasks.evaluate(t["name"], split.model, tokenizer, limit=t["eval_limit"], progress=False)
+    result = tasks.evaluate(t.name, split.model, tokenizer, limit=t.eval_limit, progress=False)
     return {"steps": steps, "losses": losses, "metrics": dict(result.metrics)}
 
 
@@ -252,8 +246,7 @@ def simulate(
         if config is None:
             raise ValueError("give a run file, or --resume RUN_DIR")
         plan = load_plan(config, overrides)
-        t = plan.tree["task"]
-        folder = Path(run_dir or f"runs/{t['name']}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder = Path(run_dir or f"runs/{plan.config.task.name}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (folder / "checkpoints").exists():
             raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
         info = prepare_run(plan, folder)
@@ -288,4 +281,4 @@ def export_run(run_dir: str, out: str) -> Path:
     return exported
 
 
-__all__ = ["export_run", "load_tree", "simulate"]
+__all__ = ["export_run", "load_config", "simulate"]

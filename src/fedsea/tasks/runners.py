@@ -56,6 +56,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, keep: int) -> torch.Tensor:
+        """Logits (B, keep, V) of the last ``keep`` positions of left-padded ``input_ids`` (B, n)."""
         total = input_ids.shape[1]
         check_lengths(lengths, input_ids.shape[0], total)
         out = self.model(
@@ -95,6 +96,7 @@ class ModelRunner:
         return new
 
     def set_eval(self, on: bool) -> bool:
+        """Switch eval mode on or off; returns whether it was on (to restore it)."""
         was_eval = not self.model.training
         self.model.train(not on)
         return was_eval
@@ -116,6 +118,7 @@ class SplitRunner:
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, keep: int) -> torch.Tensor:
+        """Logits (B, keep, V) through head, (noise,) trunk and tail for ``input_ids`` (B, n)."""
         split = self.split
         hidden = split.head(input_ids, lengths)  # (B, n, d) h_p
         hidden = self.privatize(hidden) if self.privatize is not None else hidden
@@ -131,12 +134,14 @@ class SplitRunner:
         eos_token_id: int | None,
         pad_token_id: int,
     ) -> torch.Tensor:
+        """Greedy new tokens (B, k) for left-padded ``input_ids`` (B, n), through the one split loop."""
         stepper = LocalStepper(self.split.trunk)
         return greedy_generate(
             self.split, stepper, input_ids, lengths, max_new_tokens, eos_token_id, pad_token_id, self.privatize
         )
 
     def set_eval(self, on: bool) -> bool:
+        """Switch eval mode on or off on every part; returns whether it was on."""
         was_eval = not self.split.model.training
         self.split.model.train(not on)  # the parts are views of this model's modules
         return was_eval

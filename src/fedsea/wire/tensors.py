@@ -14,10 +14,12 @@ from typing import cast
 
 import torch
 
+from fedsea.config import WIRE_DTYPES as WIRE_DTYPE_NAMES
 from fedsea.errors import InvalidInputError, LimitExceededError
 from fedsea.wire import fedsea_pb2 as pb
 
-WIRE_DTYPES: dict[str, pb.DType] = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16, "fp16": pb.FLOAT16}
+# The names are fedsea.config's (what a setting may say), in the same order as the enums.
+WIRE_DTYPES: dict[str, pb.DType] = dict(zip(WIRE_DTYPE_NAMES, (pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16), strict=True))
 _TORCH: dict[int, torch.dtype] = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 ITEMSIZE: dict[int, int] = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}

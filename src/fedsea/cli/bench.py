@@ -1,0 +1,104 @@
+"""``fedsea bench load | train | generate | federation``: one JSON line each (BENCHMARKS.md).
+
+One subcommand per benchmark, so that each takes only the flags it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+# Idle OpenMP threads spin this many iterations before sleeping (libgomp's default is 300,000,
+# ~10 ms). The co-located benchmarks run client and server as two processes on the same cores:
+# with the default, each side's idle threads steal the core the other side is computing on.
+# 100,000 keeps the spin between one op and the next (HF generate alone is as fast) and ends
+# it before the other process starts its half of a decode step.
+_COLOCATED_SPINCOUNT = "100000"
+
+
+def _reexec_for_colocation(args: argparse.Namespace) -> None:
+    """Restart the command with GOMP_SPINCOUNT set (libgomp reads it once, when torch loads).
+
+    Only for a real command line (``args.argv is None``) and when the user has not set the
+    spin policy; the server process inherits the environment.
+    """
+    if args.argv is not None or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return
+    env = dict(os.environ, GOMP_SPINCOUNT=_COLOCATED_SPINCOUNT)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fedsea.cli", *sys.argv[1:]], env)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedsea.experiments import bench_train as bench
+
+    if args.what == "load":
+        result = bench.bench_load(args.model, repeats=args.repeats)
+    elif args.what == "generate":
+        from fedsea.experiments.bench_generate import bench_generate
+
+        if args.net_latency_ms <= 0:
+            raise ValueError("bench generate needs --net-latency-ms > 0: its round-trip limit is computed from it")
+        _reexec_for_colocation(args)
+        result = bench_generate(
+            args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers, args.tail_layers,
+            args.naive_tokens, args.net_latency_ms, args.wire_dtype,
+        )  # fmt: skip
+    elif args.what == "federation":
+        from fedsea.experiments.bench_federation import bench_federation
+
+        result = bench_federation(tuple(args.parts), tuple(args.tasks), args.model)
+    else:
+        result = bench.bench_train(
+            args.model, args.batch, args.tokens, args.head_layers, args.tail_layers, args.steps, args.warmup,
+            args.wire_dtype, args.net_latency_ms, args.net_mbps or 0.0,
+        )  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
+def add_bench_commands(sub: Any) -> None:
+    """Register ``fedsea bench`` and its benchmarks on the ``fedsea`` parser."""
+    from fedsea.cli.flags import add_settings_flags
+    from fedsea.cli.generate import WIRE_FLAGS
+    from fedsea.config import WIRE_DTYPES, SplitConfig, WireConfig
+    from fedsea.experiments.bench_generate import GENERATE_LATENCY_MS
+    from fedsea.model.load import DEFAULT_MODEL
+
+    bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
+    kinds = bench.add_subparsers(dest="what", required=True)
+    helps = {
+        "load": "cached load times",
+        "train": "a split training step over gRPC against a centralized one",
+        "generate": "split generation over gRPC against Hugging Face generate",
+        "federation": "the federation modes' speed and quality",
+    }
+    parsers = {}
+    for what, text in helps.items():
+        p = kinds.add_parser(what, help=text)
+        p.add_argument("--model", default=DEFAULT_MODEL, help="model source (default: %(default)s)")
+        p.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
+        p.set_defaults(func=_cmd_bench)
+        parsers[what] = p
+    parsers["load"].add_argument("--repeats", type=int, default=3, help="cached loads to time")
+    train = parsers["train"]
+    train.add_argument("--batch", type=int, default=4, help="sequences per step")
+    train.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
+    add_settings_flags(train, SplitConfig())
+    train.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup)")
+    train.add_argument("--warmup", type=int, default=2)
+    add_settings_flags(train, WireConfig(), flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPES})
+    generate = parsers["generate"]
+    generate.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")
+    generate.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
+    generate.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    generate.add_argument("--naive-tokens", type=int, default=8, help="new tokens timed for the naive split")
+    add_settings_flags(generate, SplitConfig())
+    wire = WireConfig(latency_ms=GENERATE_LATENCY_MS)  # the round trip the generation figures assume
+    add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPES})
+    federation = parsers["federation"]
+    federation.add_argument("--parts", nargs="+", default=["speed", "quality"], help="speed and/or quality")
+    federation.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="quality tasks")

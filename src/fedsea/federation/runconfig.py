@@ -1,0 +1,301 @@
+"""The config tree of a federated run: one frozen dataclass per run-file section.
+
+``RunConfig`` is the run file's schema (``fedsea config example`` prints it, documented); each
+section validates itself at construction, and ``fedsea.settings`` loads it from TOML, YAML and
+``section.key=value`` overrides (``fedsea.federation.simconfig``). Where a section is a library
+config (``LoraSpec``, ``OptimConfig``, ``ServerLimits``, ``SplitConfig``, ``WireConfig``), the run
+file's defaults are stated once here, in ``RunConfig``'s field defaults. They differ from the
+library's on purpose where a run should start from a useful setting and the Python API from the
+neutral one:
+
+- ``[lora] dropout = 0.0`` (``LoraSpec``: 0.05): federated rounds are short, and dropout noise
+  on top of the noise on h_p slowed the demo's convergence;
+- ``[optim] lr = 1e-3`` (``OptimConfig``: 1e-4): a few rounds of few local steps need the larger
+  step;
+- ``[noise] relative_sigma = 0.14`` (``NoiseConfig()``: no noise, so that split == centralized by
+  default in Python): the recommended default level of PRIVACY.md.
+
+"None" is ``None`` (left out of a file); a 0 that older files wrote for it still reads as None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from fedsea.config import (
+    RECOMMENDED_RELATIVE_SIGMA,
+    LoraSpec,
+    NoiseConfig,
+    OptimConfig,
+    ServerLimits,
+    SplitConfig,
+    WireConfig,
+)
+from fedsea.federation.config import FedConfig
+from fedsea.model.load import DEFAULT_MODEL
+from fedsea.privacy.calibration import NoiseTarget
+from fedsea.privacy.regularizers import HEAD_REGULARIZERS
+from fedsea.settings import ZERO_IS_NONE, to_tree
+
+# The noise levels of which a run file sets one; the first is the default's.
+NOISE_LEVELS: tuple[str, ...] = ("relative_sigma", "sigma", "epsilon")
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "size")
+_FED = FedConfig()  # the round policy's defaults are FedConfig's: read, not repeated
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The base model.
+
+    Args:
+        source: a model source: a Hugging Face folder or name, a GGUF file, ``smollm2-135m`` (the
+            packaged default) or ``random:<shape>`` (seeded random weights of a known shape).
+    """
+
+    source: str = DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """The task the clients fine-tune on, and how its training rows are split between them.
+
+    Args:
+        name: the task (sst2, boolq, rte, ...; README "Tasks and evaluation").
+        train_split: the data split the clients train on.
+        train_limit: the first this many training rows are partitioned; unset: all.
+        eval_limit: the first this many evaluation rows are scored each round; unset: all.
+        partition: ``iid``, ``dirichlet`` (label skew) or ``size`` (quantity skew).
+        alpha: the Dirichlet concentration of a skewed partition (smaller: more skewed).
+    """
+
+    name: str = "sst2"
+    train_split: str = "train"
+    train_limit: int | None = field(default=300, metadata={ZERO_IS_NONE: True})
+    eval_limit: int | None = field(default=100, metadata={ZERO_IS_NONE: True})
+    partition: str = "iid"
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("train_limit", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or unset (all rows), got {value!r}")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """The rounds (the server's ``FedConfig``, with the run's client count).
+
+    Args:
+        clients: how many clients take part (``client-0`` ... ``client-{N-1}``); the first round
+            waits for all of them (or for ``join_timeout_s``).
+    """
+
+    __doc_sources__ = (FedConfig,)
+
+    clients: int = 3
+    rounds: int = _FED.rounds
+    local_steps: int = _FED.local_steps
+    mode: str = _FED.mode
+    strategy: str = _FED.strategy
+    fraction: float = _FED.fraction
+    min_clients: int = _FED.min_clients
+    round_timeout_s: float = _FED.round_timeout_s
+    join_timeout_s: float = _FED.join_timeout_s
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise ValueError(f"clients must be >= 1, got {self.clients}")
+        if not 1 <= self.min_clients <= self.clients:
+            raise ValueError(f"min_clients must be in [1, clients = {self.clients}], got {self.min_clients}")
+        self.fed_config(0, LoraSpec())  # FedConfig validates the rest
+
+    def fed_config(self, seed: int, lora: LoraSpec) -> FedConfig:
+        """The server's ``FedConfig`` of these settings."""
+        policy = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "clients"}
+        return FedConfig(**policy, expected_clients=self.clients, seed=seed, lora=lora)
+
+
+@dataclass(frozen=True)
+class ClientConfig(SplitConfig):
+    """What every client uses unless its ``[[clients]]`` table says otherwise.
+
+    Args:
+        batch_size: sequences per local step.
+        max_length: tokens per example, at most (longer ones are cut).
+    """
+
+    batch_size: int = 4
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("batch_size", "max_length"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ClientOverrides:
+    """One client's differences from ``[client]`` (unset: the ``[client]`` value)."""
+
+    head_layers: int | None = None
+    tail_layers: int | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+
+
+# Each override names a ``ClientConfig`` field: a field added there must be added here.
+assert [f.name for f in dataclasses.fields(ClientOverrides)] == [f.name for f in dataclasses.fields(ClientConfig)]
+
+
+@dataclass(frozen=True)
+class ClientPlan(ClientConfig):
+    """One client's resolved settings and its name in the run."""
+
+    name: str = "client-0"
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """The noise on h_p (set one of ``relative_sigma``, ``sigma``, ``epsilon``) and on the gradient sent up.
+
+    Args:
+        relative_sigma: sigma as a multiple of the RMS of h_p on public text, measured by each client
+            at start-up (the recommended default, PRIVACY.md).
+        sigma: the absolute standard deviation per coordinate; 0 is no noise.
+        epsilon: a differential-privacy target over the run's releases (needs ``clip_norm``).
+        delta: the delta of ``epsilon``.
+        clip_norm: per-token L2 clip of h_p before the noise; unset: no clipping.
+        grad_sigma: std of the noise on the gradient sent up to the trunk (0: none).
+        grad_clip_norm: per-token L2 clip of that gradient; unset: no clipping.
+    """
+
+    relative_sigma: float | None = RECOMMENDED_RELATIVE_SIGMA
+    sigma: float | None = None
+    epsilon: float | None = None
+    delta: float = 1e-5
+    clip_norm: float | None = field(default=None, metadata={ZERO_IS_NONE: True})
+    grad_sigma: float = 0.0
+    grad_clip_norm: float | None = field(default=None, metadata={ZERO_IS_NONE: True})
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in NOISE_LEVELS if getattr(self, name) is not None]
+        if not chosen:
+            raise ValueError(f"set one noise level of {', '.join(NOISE_LEVELS)} (sigma = 0: no noise)")
+        if len(chosen) > 1:
+            given = " and ".join(f"noise.{n} = {getattr(self, n):g}" for n in chosen)
+            raise ValueError(f"set one noise level of {', '.join(NOISE_LEVELS)}, got {given}")
+        self.target()  # NoiseTarget and NoiseConfig validate the values
+        self.grad_noise()
+
+    def target(self) -> NoiseTarget:
+        """The level on h_p as a ``NoiseTarget``."""
+        levels = {n: getattr(self, n) for n in NOISE_LEVELS if getattr(self, n) is not None}
+        return NoiseTarget(**levels, delta=self.delta, clip_norm=self.clip_norm)
+
+    def grad_noise(self) -> NoiseConfig:
+        """The noise on the gradient sent up."""
+        try:
+            return NoiseConfig(sigma=self.grad_sigma, clip_norm=self.grad_clip_norm)
+        except ValueError as exc:  # NoiseConfig names its own fields: sigma, clip_norm
+            raise ValueError(f"grad_{exc}") from None
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Privacy-trained heads (PRIVACY.md).
+
+    Args:
+        head_regularizer: ``none``, ``nopeek`` or ``adversarial``: a privacy loss each client's head
+            trains with.
+        regularizer_weight: its weight (a finite number >= 0).
+    """
+
+    head_regularizer: str = "none"
+    regularizer_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.head_regularizer not in HEAD_REGULARIZERS:
+            raise ValueError(
+                f"head_regularizer must be one of {', '.join(HEAD_REGULARIZERS)}, got {self.head_regularizer!r}"
+            )
+        if not (math.isfinite(self.regularizer_weight) and self.regularizer_weight >= 0):
+            raise ValueError(f"regularizer_weight must be a finite number >= 0, got {self.regularizer_weight!r}")
+
+
+@dataclass(frozen=True)
+class RunWire(WireConfig):
+    """The wire of every client (the latency and bandwidth are emulated on each client).
+
+    Args:
+        tls: the server and clients talk TLS with throwaway certificates (``fedsea simulate``).
+    """
+
+    tls: bool = True
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run as a whole.
+
+    Args:
+        seed: seeds client sampling, the initial global adapter and the clients' data order.
+    """
+
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A federated run: every setting of ``fedsea simulate``, ``fedsea serve --run`` and ``fedsea join``.
+
+    Args:
+        model: the base model.
+        task: the task and its partition across the clients.
+        federation: the rounds.
+        client: every client's split, batch and length.
+        clients: per-client differences from ``[client]``, one ``[[clients]]`` table per client in order
+            (client-0 first); clients without one use ``[client]``.
+        lora: the LoRA of every part (one spec, so that the adapters can be averaged).
+        optim: AdamW of every part.
+        noise: the noise on h_p and on the gradient sent up.
+        privacy: privacy-trained heads.
+        wire: the wire.
+        limits: the limits ``fedsea serve --run`` enforces (its flags override them).
+        run: the run as a whole.
+    """
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    task: TaskSettings = field(default_factory=TaskSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    clients: tuple[ClientOverrides, ...] = ()
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(dropout=0.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    wire: RunWire = field(default_factory=RunWire)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self) -> None:
+        count = self.federation.clients
+        if len(self.clients) > count:
+            raise ValueError(f"{len(self.clients)} [[clients]] tables for federation.clients = {count}")
+        self.client_plans()  # each client's merged settings validate
+
+    def client_plans(self) -> tuple[ClientPlan, ...]:
+        """Every client's settings: ``[client]`` updated by its ``[[clients]]`` table."""
+        plans = []
+        for i in range(self.federation.clients):
+            given = to_tree(self.clients[i]) if i < len(self.clients) else {}
+            plans.append(ClientPlan(**{**to_tree(self.client), **given, "name": f"client-{i}"}))
+        return tuple(plans)
