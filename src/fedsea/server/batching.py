@@ -128,8 +128,7 @@ class GroupBatcher:
             sizes.append(a.tensor.shape[1])
         hidden = torch.cat(rows, dim=0)  # (sum B_i, N, d)
         lengths = torch.cat([a.lengths for a in arrivals if a.lengths is not None])  # (sum B_i,)
-        with host._compute_lock:
-            host._activate(group, training=True)
+        with host.computing(group, training=True):
             inp = hidden.detach().requires_grad_(True)
             out = group.trunk(inp, lengths)  # (sum B_i, N, d)
         counts = [a.tensor.shape[0] for a in arrivals]
@@ -169,8 +168,7 @@ class GroupBatcher:
                     )
                 parts.append(torch.nn.functional.pad(arrival.tensor.to(out.device, out.dtype), (0, 0, width - n, 0)))
         host, group = self.host, self.group
-        with host._compute_lock:
-            host._activate(group)
+        with host.computing(group):
             group.optimizer.zero_grad()
             out.backward(torch.cat(parts, dim=0))
             group.optimizer.step()

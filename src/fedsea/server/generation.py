@@ -163,7 +163,7 @@ class GenerationHost:
         if any(b <= a for a, b in itertools.pairwise(rows)) or rows[0] < 0 or rows[-1] >= stream.batch:
             raise InvalidInputError("keep_rows", f"must be increasing row numbers below {stream.batch}, got {rows}")
         index = torch.tensor(rows, dtype=torch.int64)
-        with self.host._compute_lock:
+        with self.host.computing():
             if stream.cache is not None:
                 stream.cache.batch_select_indices(index)
             assert stream.lengths is not None
@@ -174,12 +174,12 @@ class GenerationHost:
 
     def _compute(self, stream: GenStream, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         host = self.host
-        with host._compute_lock, torch.no_grad():
+        with host.computing(), torch.no_grad():
             session = host.get(stream.owner, stream.session.id)  # NOT_FOUND if it was closed meanwhile
-            host._activate(session, training=False)
-            return session.trunk(
-                hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache
-            ).cpu()
+            with host.computing(session, training=False):
+                return session.trunk(
+                    hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache
+                ).cpu()
 
     # -- metrics ---------------------------------------------------------------------------------
     def count(self, owner: str | None = None) -> int:

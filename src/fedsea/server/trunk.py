@@ -4,7 +4,8 @@ Design decisions:
 - One base model in memory; each session gets its own LoRA adapter on the trunk blocks it
   uses, injected by peft under the session's own adapter name into the *shared* blocks.
   Before a session computes, its adapter is made the active one. Compute is serialized by
-  one lock, so switching adapters and computing is atomic.
+  one lock, so switching adapters and computing is atomic; other modules (batching,
+  generation, the coordinator) compute on the shared blocks inside ``host.computing(...)``.
 - A session's (p, q) are data: sessions with different partition points share the blocks.
 - The autograd graph of a forward is kept until the matching backward (or until the session
   closes or times out); a resent step is answered again without stepping twice.
@@ -18,6 +19,8 @@ import secrets
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -170,6 +173,19 @@ class TrunkHost:
     def open_sessions(self, owner: str | None = None) -> int:
         with self._sessions_lock:
             return sum(1 for s in self._sessions.values() if owner is None or s.owner == owner)
+
+    @contextmanager
+    def computing(self, session: Session | None = None, training: bool | None = None) -> Iterator[None]:
+        """Hold the shared blocks for the block: the compute lock, ``session``'s adapter active.
+
+        ``training`` sets train (True) or eval (False) mode; None leaves the mode as it is.
+        Without a session, only the lock is held (e.g. to change a cache or the adapters).
+        Re-entrant: a holder may enter again for another session.
+        """
+        with self._compute_lock:
+            if session is not None:
+                self._activate(session, training)
+            yield
 
     def _activate(self, session: Session, training: bool | None = None) -> None:
         """Make ``session``'s adapter the active one (and set train/eval) unless it already is.
