@@ -34,6 +34,7 @@ class ClientTls:
             raise ValueError("give both the client certificate and its key for mutual TLS, or neither")
 
     def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC channel credentials from the CA and, for mutual TLS, the client's certificate and key."""
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca.read_bytes() if self.ca else None,
             private_key=self.key.read_bytes() if self.key else None,
@@ -82,9 +83,13 @@ class Connection:
         self.metadata = ((METADATA_KEY, f"Bearer {config.token}"),) if config.token else ()
 
     def close(self) -> None:
+        """Close the channel (open sessions on the server end by their idle timeout)."""
         self.channel.close()
 
-    def _with_retries(self, attempt: Callable[[], T]) -> T:
+    def retrying(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt``, again on UNAVAILABLE or DEADLINE_EXCEEDED (up to ``retries`` times, backing
+        off); any other failure, or the last, becomes ``RemoteError``. A retry must resend the same
+        messages: ``attempt`` rebuilds them from the same payload, never from fresh noise."""
         delay = 0.2
         for tries in range(self.config.retries + 1):
             try:
@@ -111,7 +116,7 @@ class Connection:
             self.meter.record(rpc, sent=request.ByteSize(), received=response.ByteSize(), network_s=wall)
             return response
 
-        return self._with_retries(attempt)
+        return self.retrying(attempt)
 
     def stream(self, rpc: str, method: Callable[..., Any], requests: Callable[[], Iterator[Any]]) -> list[Any]:
         """Call a stream-stream (or stream-unary) RPC; ``requests()`` rebuilds the same messages on a retry.
@@ -134,4 +139,19 @@ class Connection:
             self.meter.record(rpc, sent=sent, received=received, network_s=max(0.0, wall - compute), compute_s=compute)
             return responses
 
-        return self._with_retries(attempt)
+        return self.retrying(attempt)
+
+    def collect(self, rpc: str, method: Callable[..., Any], request: Any, deadline: bool = True) -> list[Any]:
+        """Call a response-streaming RPC and read all its messages (resent on transient failures).
+
+        ``deadline=False`` waits without the per-RPC deadline (e.g. for a round that may be long in coming).
+        """
+
+        def attempt() -> list[Any]:
+            if deadline:
+                return list(method(request, timeout=self.config.timeout_s, metadata=self.metadata))
+            return list(method(request, metadata=self.metadata))
+
+        messages = self.retrying(attempt)
+        self.meter.record(rpc, sent=request.ByteSize(), received=sum(m.ByteSize() for m in messages))
+        return messages

@@ -28,74 +28,21 @@ from fedsea.io import atomic_directory
 from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
 from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.split import SplitModel
-from fedsea.privacy.noise import Privatizer
+from fedsea.privacy.noise import Privatizer, make_privatizer
 from fedsea.privacy.regularizers import HeadRegularizer
 from fedsea.training.batch import Batch
 from fedsea.training.step import SplitTrainer, StepResult
 from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.adapters import assemble_state, chunk_bytes_under, named_chunks
+from fedsea.wire.convert import lora_to_pb, optim_to_pb, rpc_stats_from_pb
 from fedsea.wire.shaper import NetShaper
-from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, decode, encode, torch_dtype
+from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, torch_dtype
 from fedsea.wire.tensors import wire_dtype as wire_dtype_enum
 
 from .connection import ClientTls, Connection, ConnectionConfig
 from .generation import GenerationConfig, GenerationOutput, generate, stream_text
 from .remote_generation import RemoteStepper
-
-FRAME_HEADROOM = 64 * 1024
-
-
-class RemoteTrunk:
-    """A ``TrunkLink`` over gRPC: one Forward and one Backward call per training step."""
-
-    def __init__(
-        self,
-        connection: Connection,
-        session_id: str,
-        dtype: int,
-        chunk_bytes: int,
-        model_dtype: Any,
-        device: Any = "cpu",
-    ):
-        self.connection = connection
-        self.session_id = session_id
-        self.dtype = dtype
-        self.chunk_bytes = chunk_bytes
-        self.model_dtype = model_dtype
-        self.device = device
-        self.step = 0
-        self._forward_shape: tuple[int, ...] | None = None
-
-    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        lens = [int(x) for x in lengths.tolist()]
-        step = self.step
-
-        def requests() -> Iterator[pb.ForwardRequest]:
-            # A retry rebuilds the same messages from the same payload: no fresh noise.
-            for i, chunk in enumerate(encode(hidden, self.dtype, self.chunk_bytes)):
-                if i == 0:
-                    yield pb.ForwardRequest(session_id=self.session_id, step=step, lengths=lens, hidden=chunk)
-                else:
-                    yield pb.ForwardRequest(hidden=chunk)
-
-        responses = self.connection.stream("forward", self.connection.stub.Forward, requests)
-        out = decode((r.hidden for r in responses), "hidden", 1 << 40)
-        if tuple(out.shape) != tuple(hidden.shape):
-            raise ProtocolError(f"server answered shape {tuple(out.shape)} for input {tuple(hidden.shape)}")
-        return out.to(device=self.device, dtype=self.model_dtype)
-
-    def backward(self, grad: torch.Tensor, update: bool = True) -> torch.Tensor:
-        step = self.step
-
-        def requests() -> Iterator[pb.BackwardRequest]:
-            for i, chunk in enumerate(encode(grad, self.dtype, self.chunk_bytes)):
-                if i == 0:
-                    yield pb.BackwardRequest(session_id=self.session_id, step=step, update=update, grad=chunk)
-                else:
-                    yield pb.BackwardRequest(grad=chunk)
-
-        responses = self.connection.stream("backward", self.connection.stub.Backward, requests)
-        self.step += 1
-        return decode((r.grad for r in responses), "grad", 1 << 40).to(device=self.device, dtype=self.model_dtype)
+from .remote_trunk import RemoteTrunk
 
 
 class SplitClient:
@@ -165,22 +112,12 @@ class SplitClient:
             return self
         self.connection = Connection(self.config)
         try:
-            o, lora = self.optim, self.trunk_lora
             request = pb.OpenSessionRequest(
                 base_fingerprint=model_fingerprint(self.split.model),
                 head_layers=self.split.head_layers,
                 tail_layers=self.split.tail_layers,
-                trunk_lora=pb.LoraConfig(
-                    r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules)
-                ),
-                optimizer=pb.OptimizerConfig(
-                    lr=o.lr,
-                    weight_decay=o.weight_decay,
-                    beta1=o.betas[0],
-                    beta2=o.betas[1],
-                    eps=o.eps,
-                    max_grad_norm=o.max_grad_norm or 0.0,
-                ),
+                trunk_lora=lora_to_pb(self.trunk_lora),
+                optimizer=optim_to_pb(self.optim),
                 wire_dtype=self._dtype,
                 seed=self.seed,
             )
@@ -189,7 +126,7 @@ class SplitClient:
             self.session_id = info.session_id
             if getattr(self.split.trunk, "lora_spec", None) is not None:
                 self.put_trunk_adapter(adapter_state_dict(self.split.trunk))
-            chunk = max(1024, min(DEFAULT_CHUNK_BYTES, int(info.limits.max_message_bytes) - FRAME_HEADROOM))
+            chunk = chunk_bytes_under(int(info.limits.max_message_bytes), DEFAULT_CHUNK_BYTES)
             self._chunk_bytes = chunk
             link = RemoteTrunk(
                 self.connection, info.session_id, self._dtype, chunk, self.split.model.dtype, self.split.model.device
@@ -236,7 +173,22 @@ class SplitClient:
             raise ProtocolError("not connected: call connect() or use 'with SplitClient(...)'")
         return self.connection, self.trainer
 
+    def require_connection(self) -> tuple[Connection, str]:
+        """The open connection and this client's session id; raises ``ProtocolError`` when not connected."""
+        if self.connection is None or self.session_id is None:
+            raise ProtocolError("not connected: call connect() or use 'with SplitClient(...)'")
+        return self.connection, self.session_id
+
     # -- training ----------------------------------------------------------------------------
+    def reset_optimizers(self) -> None:
+        """Fresh AdamW state for head and tail here (the trunk's is the server's)."""
+        self._require()[1].reset_optimizers()
+
+    def reseed_noise(self, secret: str, *context: object) -> None:
+        """Reseed the noise on h_p and on the gradient from ``secret``, which never leaves this client,
+        and a public ``context`` (run seed, name, round: ``fedsea.privacy.noise.make_privatizer``)."""
+        self._require()[1].reseed_noise(secret, context)
+
     def train_step(self, batch: Batch) -> StepResult:
         """One step: head and tail update here, the trunk adapter on the server."""
         connection, trainer = self._require()
@@ -284,7 +236,7 @@ class SplitClient:
 
     def stepper(self, max_length: int, use_cache: bool = True) -> RemoteStepper:
         """Open an inference stream on the server (the trunk's half of one generation)."""
-        connection, session_id = self._require_connection()
+        connection, session_id = self.require_connection()
         return RemoteStepper(
             connection,
             session_id,
@@ -332,49 +284,29 @@ class SplitClient:
 
     def _inference_privatizer(self) -> Privatizer | None:
         """The session's noise applies to inference too; fresh noise for every generation."""
-        if not self.noise.enabled:
-            return None
-        seed = None if self.noise.seed is None else self.noise.seed + 1_000_003 * (1 + self._generations)
-        self._generations += 1
-        return Privatizer(dataclasses.replace(self.noise, seed=seed), device=self.split.model.device)
+        device = self.split.model.device
+        privatizer = make_privatizer(self.noise, device, purpose="inference", generation=self._generations)
+        if privatizer is not None:
+            self._generations += 1
+        return privatizer
 
     # -- adapters ------------------------------------------------------------------------------
     def put_trunk_adapter(self, state: dict[str, torch.Tensor]) -> int:
-        connection, _ = self._require_connection()
+        """Replace the server's trunk adapter for this session (its optimizer restarts there)."""
+        connection, session_id = self.require_connection()
 
         def requests() -> Iterator[pb.NamedTensorChunk]:
-            first = True
-            for name in sorted(state):
-                for chunk in encode(state[name], pb.FLOAT32, DEFAULT_CHUNK_BYTES):
-                    yield pb.NamedTensorChunk(session_id=self.session_id if first else "", name=name, tensor=chunk)
-                    first = False
+            return named_chunks(state, session_id=session_id)
 
         responses = connection.stream("put_adapter", connection.stub.PutTrunkAdapter, requests)
         return int(responses[0].tensors)
 
     def trunk_adapter(self) -> dict[str, torch.Tensor]:
         """The server's current trunk adapter for this session (float32 tensors)."""
-        connection, _ = self._require_connection()
-        request = pb.AdapterRequest(session_id=self.session_id)
-
-        def call() -> list[Any]:
-            return list(
-                connection.stub.GetTrunkAdapter(
-                    request, timeout=connection.config.timeout_s, metadata=connection.metadata
-                )
-            )
-
-        chunks = connection._with_retries(call)
-        state: dict[str, list[pb.TensorChunk]] = {}
-        for message in chunks:
-            state.setdefault(message.name, []).append(message.tensor)
-        connection.meter.record("get_adapter", sent=request.ByteSize(), received=sum(m.ByteSize() for m in chunks))
-        return {name: decode(parts, f"adapter[{name}]", 1 << 40) for name, parts in state.items()}
-
-    def _require_connection(self) -> tuple[Connection, str]:
-        if self.connection is None or self.session_id is None:
-            raise ProtocolError("not connected: call connect() or use 'with SplitClient(...)'")
-        return self.connection, self.session_id
+        connection, session_id = self.require_connection()
+        request = pb.AdapterRequest(session_id=session_id)
+        chunks = connection.collect("get_adapter", connection.stub.GetTrunkAdapter, request)
+        return assemble_state(chunks, "adapter")
 
     def sync_trunk_adapter(self) -> None:
         """Copy the server's trunk adapter into the local trunk view (for saving or export)."""
@@ -396,18 +328,10 @@ class SplitClient:
     # -- accounting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Bytes and seconds per RPC kind on this client, and the server's view of this client."""
-        connection, _ = self._require_connection()
+        connection, _ = self.require_connection()
         report: dict[str, Any] = dict(connection.meter.as_dict())
         server = connection.unary("stats", connection.stub.GetStats, pb.StatsRequest())
-        report["server"] = {
-            r.rpc: {
-                "calls": r.calls,
-                "bytes_received": r.bytes_received,
-                "bytes_sent": r.bytes_sent,
-                "compute_s": r.compute_s,
-            }
-            for r in server.rpcs
-        }
+        report["server"] = rpc_stats_from_pb(server.rpcs)
         report["wire_dtype"] = self.wire_dtype
         report["wire_itemsize"] = torch.tensor([], dtype=torch_dtype(self._dtype)).element_size()
         return report

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -16,22 +14,15 @@ import torch
 from tqdm import tqdm
 
 from fedsea.client.split_client import SplitClient
-from fedsea.config import NoiseConfig
 from fedsea.errors import RemoteError
 from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict
-from fedsea.privacy.noise import Privatizer
+from fedsea.privacy.noise import derived_seed
 from fedsea.training.batch import Batch
 from fedsea.training.data import Example, iterate_batches
-from fedsea.training.step import PartOptimizer
 from fedsea.wire import fedsea_pb2 as pb
-from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, decode, encode
+from fedsea.wire.adapters import assemble_state, submit_messages
 
 logger = logging.getLogger(__name__)
-
-
-def derived_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (same parts, same seed, in any process)."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 def load_noise_secret(path: str | os.PathLike[str]) -> str:
@@ -52,6 +43,8 @@ def load_noise_secret(path: str | os.PathLike[str]) -> str:
 
 @dataclass
 class RoundResult:
+    """What one round did for this client: selected or not, steps, loss, samples."""
+
     round: int
     selected: bool
     losses: list[float] = field(default_factory=list)
@@ -102,35 +95,25 @@ class FederatedClient:
         self.history: list[RoundResult] = []
 
     def join(self) -> pb.JoinResponse:
-        connection, session_id = self.client._require_connection()
+        """Join the server's run with this client's training session; returns the run's shape."""
+        connection, session_id = self.client.require_connection()
         request = pb.JoinRequest(session_id=session_id, num_samples=len(self.examples))
         self.info = connection.unary("join", connection.stub.JoinRun, request)
         return self.info
 
     def _await(self, after: int) -> tuple[pb.RoundMessage, dict[str, torch.Tensor]]:
-        connection, _ = self.client._require_connection()
+        connection, _ = self.client.require_connection()
         request = pb.RoundRequest(after_round=after)
-
-        def call() -> list[pb.RoundMessage]:
-            # A round may be long in coming: no deadline on this wait.
-            return list(connection.stub.AwaitRound(request, metadata=connection.metadata))
-
-        messages = connection._with_retries(call)
-        connection.meter.record("await_round", sent=request.ByteSize(), received=sum(m.ByteSize() for m in messages))
-        chunks: dict[str, list[pb.TensorChunk]] = {}
-        for message in messages[1:]:
-            chunks.setdefault(message.tensor.name, []).append(message.tensor.tensor)
-        return messages[0], {k: decode(v, f"global[{k}]", 1 << 40) for k, v in chunks.items()}
+        # A round may be long in coming: no deadline on this wait.
+        messages = connection.collect("await_round", connection.stub.AwaitRound, request, deadline=False)
+        return messages[0], assemble_state((m.tensor for m in messages[1:]), "global")
 
     def _submit(self, round_number: int, samples: int, loss: float) -> None:
-        connection, _ = self.client._require_connection()
+        connection, _ = self.client.require_connection()
         state = {**adapter_state_dict(self.client.split.head), **adapter_state_dict(self.client.split.tail)}
 
         def requests() -> Iterator[pb.SubmitChunk]:
-            yield pb.SubmitChunk(round=round_number, num_samples=samples, loss=loss)
-            for key in sorted(state):
-                for chunk in encode(state[key], pb.FLOAT32, DEFAULT_CHUNK_BYTES):
-                    yield pb.SubmitChunk(tensor=pb.NamedTensorChunk(name=key, tensor=chunk))
+            return submit_messages(round_number, samples, loss, state)
 
         connection.stream("submit", connection.stub.SubmitUpdate, requests)
 
@@ -146,25 +129,14 @@ class FederatedClient:
         split = self.client.split
         for part in (split.head, split.tail):
             load_adapter_state_dict(part, state, strict=False)
-        trainer = self.client.trainer
-        assert trainer is not None
-        # Local optimizers restart every round; the noise and data order are seeded per round.
-        trainer._optimizers = [
-            PartOptimizer(split.head, self.client.optim),
-            PartOptimizer(split.tail, self.client.optim),
-        ]
+        # Local optimizers restart every round; the noise and data order are seeded per round,
+        # the noise also by the secret (the server knows the run seed, the name and the round).
+        self.client.reset_optimizers()
         run_seed = self.info.seed if self.info else 0
-
-        def reseeded(config: NoiseConfig, what: str) -> Privatizer:
-            seed = derived_seed(self.noise_secret, run_seed, self.name, round_number, what)
-            return Privatizer(dataclasses.replace(config, seed=seed), device=split.model.device)
-
-        trainer.privatizer = reseeded(self.client.noise, "noise")
-        regularizer = trainer.head_regularizer
-        if isinstance(getattr(regularizer, "generator", None), torch.Generator):  # NoPeek's subsampling
-            regularizer.generator.manual_seed(derived_seed(run_seed, self.name, round_number, "regularizer"))
-        if trainer.grad_privatizer is not None:
-            trainer.grad_privatizer = reseeded(trainer.grad_privatizer.config, "grad-noise")
+        self.client.reseed_noise(self.noise_secret, run_seed, self.name, round_number)
+        generator = getattr(self.client.head_regularizer, "generator", None)
+        if isinstance(generator, torch.Generator):  # NoPeek's subsampling
+            generator.manual_seed(derived_seed(run_seed, self.name, round_number, "regularizer"))
         torch.manual_seed(derived_seed(run_seed, self.name, round_number, "torch"))
 
     def run(self) -> list[RoundResult]:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from fedsea.errors import ModelMismatchError, ProtocolError
+from fedsea.errors import InvalidInputError, ModelMismatchError, ProtocolError
 from fedsea.federation.checkpoint import latest_round, load_round, save_round
 from fedsea.federation.config import FedConfig
 from fedsea.federation.strategy import Update, make_strategy
@@ -50,7 +50,7 @@ def initial_global_state(host: TrunkHost, config: FedConfig) -> dict[str, torch.
     """LoRA tensors for every block, initialised by peft with the run's seed."""
     view = SplitPart(host.model, 0, host.num_layers)
     name = "fedsea_global_init"
-    with host._compute_lock, seeded(config.seed):
+    with host.computing(), seeded(config.seed):
         add_lora(view, config.lora, adapter_name=name)
         state = adapter_state_dict(view, name)
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -64,6 +64,8 @@ def initial_global_state(host: TrunkHost, config: FedConfig) -> dict[str, torch.
 
 @dataclass
 class Member:
+    """A client that joined the run, with its training session and sample count."""
+
     client_id: str
     session_id: str
     num_samples: int
@@ -120,6 +122,7 @@ class Coordinator:
         return RunInfo(cfg.rounds, cfg.local_steps, cfg.mode, cfg.seed, self.completed + 1)
 
     async def join(self, client_id: str, session_id: str, num_samples: int) -> Member:
+        """Admit a client's training session (its trunk LoRA must be the run's); a rejoin replaces the old session."""
         session = self.host.get(client_id, session_id)
         if session.spec.lora != self.config.lora:
             raise ModelMismatchError(
@@ -157,6 +160,9 @@ class Coordinator:
     async def submit(
         self, client_id: str, round_number: int, num_samples: int, loss: float, state: dict[str, torch.Tensor]
     ) -> None:
+        """Take a client's head/tail update for the open round, with its trunk adapter read from its session."""
+        if num_samples < 1:
+            raise InvalidInputError("num_samples", "must be >= 1")
         async with self._changed:
             if self.current != round_number or client_id not in self.allowed or client_id in self.submitted:
                 raise ProtocolError(

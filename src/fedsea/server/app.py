@@ -111,10 +111,9 @@ class TrunkServer:
 
     async def _reap_forever(self) -> None:
         period = min(5.0, max(0.05, self.trunk_host.limits.idle_timeout_s / 4))
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)
-            closed = await loop.run_in_executor(self.servicer._executor, self.trunk_host.reap_idle)
+            closed = await self.servicer.run_blocking(self.trunk_host.reap_idle)
             for session_id in closed:
                 logger.info("closed idle session %s", session_id)
 

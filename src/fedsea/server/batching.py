@@ -14,7 +14,7 @@ right and the padded slots never influence a real token.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +55,11 @@ class GroupBatcher:
         self._lock = asyncio.Lock()
 
     def has(self, owner: str, session_id: str) -> bool:
+        """Whether this session is still one of the group's active members."""
         return (owner, session_id) in self.active
 
     async def forward(self, owner: str, session_id: str, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Join this member's h~_p (B, n, d) into the group's trunk pass; return its rows of h_{L-q} (B, n, d)."""
         key = (owner, session_id)
         async with self._lock:
             if key in self._forward:
@@ -68,6 +70,7 @@ class GroupBatcher:
         return await future
 
     async def backward(self, owner: str, session_id: str, grad: torch.Tensor) -> torch.Tensor:
+        """Join this member's dL/dh_{L-q} (B, n, d) into the group's backward; return its dL/dh~_p (B, n, d)."""
         key = (owner, session_id)
         async with self._lock:
             if key not in self._joined:
@@ -79,7 +82,10 @@ class GroupBatcher:
 
     # -- barrier ----------------------------------------------------------------------------
     def _maybe_launch(
-        self, arrivals: dict[Any, _Arrival], run: Callable[[], Awaitable[None]], expected: list[Any] | None = None
+        self,
+        arrivals: dict[Any, _Arrival],
+        run: Callable[[], Coroutine[Any, Any, None]],
+        expected: list[Any] | None = None,
     ) -> None:
         waiting_for = set(expected if expected is not None else self.active)
         if waiting_for <= set(arrivals):
@@ -93,7 +99,7 @@ class GroupBatcher:
             self._timer.cancel()
             self._timer = None
 
-    def _on_timeout(self, arrivals: dict[Any, _Arrival], run: Callable[[], Awaitable[None]]) -> None:
+    def _on_timeout(self, arrivals: dict[Any, _Arrival], run: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._timer = None
         # The late are left out for the rest of the round; the rest go on without them.
         self.active = [m for m in self.active if m in arrivals]
@@ -128,8 +134,7 @@ class GroupBatcher:
             sizes.append(a.tensor.shape[1])
         hidden = torch.cat(rows, dim=0)  # (sum B_i, N, d)
         lengths = torch.cat([a.lengths for a in arrivals if a.lengths is not None])  # (sum B_i,)
-        with host._compute_lock:
-            host._activate(group, training=True)
+        with host.computing(group, training=True):
             inp = hidden.detach().requires_grad_(True)
             out = group.trunk(inp, lengths)  # (sum B_i, N, d)
         counts = [a.tensor.shape[0] for a in arrivals]
@@ -169,8 +174,7 @@ class GroupBatcher:
                     )
                 parts.append(torch.nn.functional.pad(arrival.tensor.to(out.device, out.dtype), (0, 0, width - n, 0)))
         host, group = self.host, self.group
-        with host._compute_lock:
-            host._activate(group)
+        with host.computing(group):
             group.optimizer.zero_grad()
             out.backward(torch.cat(parts, dim=0))
             group.optimizer.step()

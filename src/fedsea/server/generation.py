@@ -41,6 +41,7 @@ class GenStream:
     closed: bool = field(default=False)
 
     def cache_bytes(self) -> int:
+        """Bytes the stream's trunk KV cache holds now."""
         if self.cache is None:
             return 0
         total = 0
@@ -61,7 +62,7 @@ class GenerationHost:
         self._lock = threading.Lock()  # the stream table and the budget
         cfg = host.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self._kv_per_layer_token = 2 * cfg.num_key_value_heads * head_dim * host.model.dtype.itemsize
+        self._kv_per_layer_token: int = 2 * cfg.num_key_value_heads * head_dim * host.model.dtype.itemsize
 
     def bytes_per_row_token(self, stream: GenStream) -> int:
         """Cache bytes one row adds per token: 2 (K, V) x kv heads x head dim x dtype x trunk blocks."""
@@ -70,6 +71,7 @@ class GenerationHost:
 
     # -- lifecycle -------------------------------------------------------------------------
     def open(self, owner: str, session_id: str, max_length: int, naive: bool) -> GenStream:
+        """Open an inference stream on a session, within the stream and memory limits."""
         session = self.host.get(owner, session_id)
         if max_length < 1:
             raise InvalidInputError("max_length", f"must be >= 1, got {max_length}")
@@ -165,7 +167,7 @@ class GenerationHost:
         if any(b <= a for a, b in itertools.pairwise(rows)) or rows[0] < 0 or rows[-1] >= stream.batch:
             raise InvalidInputError("keep_rows", f"must be increasing row numbers below {stream.batch}, got {rows}")
         index = torch.tensor(rows, dtype=torch.int64)
-        with self.host._compute_lock:
+        with self.host.computing():
             if stream.cache is not None:
                 stream.cache.batch_select_indices(index)
             assert stream.lengths is not None
@@ -187,23 +189,27 @@ class GenerationHost:
 
     def _compute(self, stream: GenStream, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         host = self.host
-        with host._compute_lock, torch.no_grad():
+        with host.computing(), torch.no_grad():
             session = host.get(stream.owner, stream.session.id)  # NOT_FOUND if it was closed meanwhile
-            host._activate(session, training=False)
-            return session.trunk(
-                hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache
-            ).cpu()
+            with host.computing(session, training=False):
+                out: torch.Tensor = session.trunk(
+                    hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache
+                )  # (B, n, d)
+                return out.cpu()
 
     # -- metrics ---------------------------------------------------------------------------------
     def count(self, owner: str | None = None) -> int:
+        """Open streams, of one owner or in all."""
         with self._lock:
             return sum(1 for s in self._streams.values() if owner is None or s.owner == owner)
 
     def cache_bytes(self, owner: str | None = None) -> int:
+        """KV-cache bytes held by open streams, of one owner or in all."""
         with self._lock:
             streams = [s for s in self._streams.values() if owner is None or s.owner == owner]
         return sum(s.cache_bytes() for s in streams)
 
     def reserved_bytes(self) -> int:
+        """Cache bytes reserved by admission control for the streams' full lengths."""
         with self._lock:
             return sum(s.reserved for s in self._streams.values())

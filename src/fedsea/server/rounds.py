@@ -46,7 +46,11 @@ class RoundService(Protocol):
     async def submit(
         self, client_id: str, round_number: int, num_samples: int, loss: float, state: dict[str, torch.Tensor]
     ) -> None:
-        """Take a client's head/tail update for the open round."""
+        """Take a client's head/tail update (finite, checked by the servicer) for the open round.
+
+        Raises ``InvalidInputError`` for ``num_samples`` < 1, ``ProtocolError`` when the round is
+        not open to the client.
+        """
         ...
 
     def batcher_for(self, client_id: str, session_id: str) -> GroupBatcher | None:

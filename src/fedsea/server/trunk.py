@@ -4,7 +4,8 @@ Design decisions:
 - One base model in memory; each session gets its own LoRA adapter on the trunk blocks it
   uses, injected by peft under the session's own adapter name into the *shared* blocks.
   Before a session computes, its adapter is made the active one. Compute is serialized by
-  one lock, so switching adapters and computing is atomic.
+  one lock, so switching adapters and computing is atomic; other modules (batching,
+  generation, the coordinator) compute on the shared blocks inside ``host.computing(...)``.
 - A session's (p, q) are data: sessions with different partition points share the blocks.
 - The autograd graph of a forward is kept until the matching backward (or until the session
   closes or times out); a resent step is answered again without stepping twice.
@@ -18,6 +19,8 @@ import secrets
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -67,7 +70,7 @@ class Session:
     spec: SessionSpec
     trunk: Trunk
     optimizer: PartOptimizer
-    tuner_layers: list[BaseTunerLayer]
+    tuner_layers: Sequence[BaseTunerLayer]
     last_used: float = field(default_factory=time.monotonic)
     next_step: int = 0
     pending: _Pending | None = None
@@ -75,6 +78,7 @@ class Session:
 
     @property
     def adapter_name(self) -> str:
+        """The peft adapter name of this session's trunk LoRA."""
         return f"s_{self.id}"
 
 
@@ -108,6 +112,7 @@ class TrunkHost:
 
     # -- sessions ---------------------------------------------------------------------------
     def open_session(self, owner: str, fingerprint: str, spec: SessionSpec) -> Session:
+        """Open a training session with a fresh seeded trunk LoRA; the base model's fingerprint must match."""
         if fingerprint != self.fingerprint:
             raise ModelMismatchError(
                 f"base model mismatch: the client holds {fingerprint[:23]}..., this server serves "
@@ -144,6 +149,7 @@ class TrunkHost:
             return session
 
     def close_session(self, owner: str, session_id: str) -> None:
+        """Close a session and delete its adapter (NOT_FOUND if it is not the owner's)."""
         with self._compute_lock:
             self._drop(self.get(owner, session_id))
 
@@ -168,8 +174,22 @@ class TrunkHost:
             return [s.id for s in idle]
 
     def open_sessions(self, owner: str | None = None) -> int:
+        """Open sessions, of one owner or in all."""
         with self._sessions_lock:
             return sum(1 for s in self._sessions.values() if owner is None or s.owner == owner)
+
+    @contextmanager
+    def computing(self, session: Session | None = None, training: bool | None = None) -> Iterator[None]:
+        """Hold the shared blocks for the block: the compute lock, ``session``'s adapter active.
+
+        ``training`` sets train (True) or eval (False) mode; None leaves the mode as it is.
+        Without a session, only the lock is held (e.g. to change a cache or the adapters).
+        Re-entrant: a holder may enter again for another session.
+        """
+        with self._compute_lock:
+            if session is not None:
+                self._activate(session, training)
+            yield
 
     def _activate(self, session: Session, training: bool | None = None) -> None:
         """Make ``session``'s adapter the active one (and set train/eval) unless it already is.
@@ -219,7 +239,7 @@ class TrunkHost:
                 raise ProtocolError(f"forward for step {step}, but the session expects step {session.next_step}")
             self._activate(session, training=True)
             inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
-            out = session.trunk(inp, lengths)  # validates lengths, NaN/Inf
+            out: torch.Tensor = session.trunk(inp, lengths)  # (B, n, d); validates lengths, NaN/Inf
             session.pending = _Pending(step, inp, out)
             return out.detach().cpu()
 
@@ -251,11 +271,13 @@ class TrunkHost:
 
     # -- adapters -----------------------------------------------------------------------------
     def get_adapter(self, owner: str, session_id: str) -> dict[str, torch.Tensor]:
+        """A copy of the session's trunk LoRA tensors, keyed by global block number."""
         with self._compute_lock:
             session = self.get(owner, session_id)
             return adapter_state_dict(session.trunk, session.adapter_name)
 
     def put_adapter(self, owner: str, session_id: str, state: dict[str, torch.Tensor]) -> int:
+        """Load trunk LoRA tensors into the session's adapter; returns how many were loaded."""
         with self._compute_lock:
             session = self.get(owner, session_id)
             try:

@@ -25,7 +25,7 @@ from torch import nn
 from fedsea.config import NoiseConfig, OptimConfig
 from fedsea.model.adapters import adapter_parameters
 from fedsea.model.split import SplitModel, central_forward
-from fedsea.privacy.noise import Privatizer
+from fedsea.privacy.noise import Privatizer, make_privatizer
 from fedsea.privacy.regularizers import HeadRegularizer
 from fedsea.training.batch import Batch, lm_loss
 
@@ -144,7 +144,7 @@ class SplitTrainer(_Trainer):
         trunk: how to reach the trunk; defaults to ``LocalTrunk(split.trunk)``.
         noise: clipping and Gaussian noise on h_p before it leaves the client.
         optim: AdamW settings, one optimizer per part.
-        privatizer: a ready privatizer instead of ``Privatizer(noise)`` (e.g. shaped noise,
+        privatizer: a ready privatizer instead of ``make_privatizer(noise)`` (e.g. shaped noise,
             ``fedsea.privacy.shaped.ShapedPrivatizer``).
         head_regularizer: an extra loss on the head's output that removes token identity
             from h_p (``fedsea.privacy.regularizers``); weight 0 changes nothing.
@@ -165,17 +165,29 @@ class SplitTrainer(_Trainer):
         head_regularizer: HeadRegularizer | None = None,
         grad_noise: NoiseConfig | None = None,
     ) -> None:
-        optim = optim or OptimConfig()
+        self.optim = optim or OptimConfig()
         self.split = split
-        self.trunk: TrunkLink = trunk if trunk is not None else LocalTrunk(split.trunk, optim)
-        self.privatizer = privatizer or Privatizer(noise or NoiseConfig(), device=split.model.device)
+        self.trunk: TrunkLink = trunk if trunk is not None else LocalTrunk(split.trunk, self.optim)
+        self.noise = noise or NoiseConfig()
+        self.grad_noise = grad_noise
+        device = split.model.device
+        self.privatizer = privatizer or make_privatizer(self.noise, device)
         self.head_regularizer = head_regularizer
-        enabled = grad_noise is not None and (grad_noise.sigma > 0 or grad_noise.clip_norm is not None)
-        self.grad_privatizer = (
-            Privatizer(grad_noise, device=split.model.device) if enabled and grad_noise is not None else None
-        )
-        self._optimizers = [PartOptimizer(split.head, optim), PartOptimizer(split.tail, optim)]
+        self.grad_privatizer = make_privatizer(grad_noise, device, purpose="grad-noise")
+        self.reset_optimizers()
         self.steps = 0
+
+    def reset_optimizers(self) -> None:
+        """Fresh AdamW state for head and tail (a federated client's local optimizers restart every round)."""
+        self._optimizers = [PartOptimizer(self.split.head, self.optim), PartOptimizer(self.split.tail, self.optim)]
+
+    def reseed_noise(self, secret: str, context: tuple[object, ...]) -> None:
+        """Fresh privatizers for h_p and the gradient, seeded from ``secret`` and ``context`` (``make_privatizer``)."""
+        device = self.split.model.device
+        self.privatizer = make_privatizer(self.noise, device, secret=secret, context=context)
+        self.grad_privatizer = make_privatizer(
+            self.grad_noise, device, purpose="grad-noise", secret=secret, context=context
+        )
 
     def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
         head, tail = self.split.head.train(), self.split.tail.train()

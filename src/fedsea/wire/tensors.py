@@ -8,9 +8,9 @@ naming the field, which the servicer turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 
@@ -25,6 +25,7 @@ _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 ITEMSIZE: dict[int, int] = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
 # 3 MiB of tensor bytes per message leaves room for framing under gRPC's default 4 MiB.
 DEFAULT_CHUNK_BYTES = 3 * 1024 * 1024
+M = TypeVar("M")
 
 
 def wire_dtype(name: str) -> pb.DType:
@@ -156,6 +157,31 @@ def decode(
     for chunk in chunks:
         assembler.add(chunk)
     return assembler.tensor()
+
+
+async def receive_tensor(
+    requests: AsyncIterable[M], field: str, max_bytes: int, on_first: Callable[[M, pb.TensorChunk], int]
+) -> tuple[M, torch.Tensor, int, int]:
+    """A chunked request stream's tensor: (first message, tensor, wire dtype, bytes received).
+
+    ``on_first`` sees the first message and its chunk before any bytes are assembled (the
+    session's NOT_FOUND, a shape over the limits) and returns the only dtype accepted.
+    """
+    first: M | None = None
+    assembler: TensorAssembler | None = None
+    received = 0
+    dtype = 0
+    async for message in requests:
+        received += message.ByteSize()  # type: ignore[attr-defined]
+        chunk: pb.TensorChunk = getattr(message, field)
+        if first is None or assembler is None:
+            first = message
+            dtype = on_first(message, chunk)
+            assembler = TensorAssembler(field, max_bytes, dtype)
+        assembler.add(chunk)
+    if first is None or assembler is None:
+        raise InvalidInputError("request", "empty request stream")
+    return first, assembler.tensor(), dtype, received
 
 
 def torch_dtype(dtype: int) -> torch.dtype:

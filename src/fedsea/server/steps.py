@@ -1,0 +1,80 @@
+"""A session's training steps: alone on the trunk host, or joined with its client-batch group.
+
+In a federated run's client-batch mode the round service hands out one ``GroupBatcher`` per
+trunk range, and a member's forward and backward go through it; otherwise (no run, another
+mode, a session outside the round) the host computes the step on the session's own adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch
+
+from fedsea.errors import InvalidInputError
+from fedsea.model.masks import check_lengths
+from fedsea.server.batching import GroupBatcher
+from fedsea.server.rounds import RoundService
+from fedsea.server.trunk import TrunkHost
+
+# Runs a blocking function on the compute thread: (result, seconds it computed).
+Compute = Callable[..., Awaitable[tuple[Any, float]]]
+
+
+def _check_finite(tensor: torch.Tensor, field: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidInputError(field, "contains NaN or Inf")
+
+
+class StepRouter:
+    """Forward and backward of training steps, routed by the session's mode in the run.
+
+    Args:
+        host: sessions and compute.
+        compute: runs a blocking call on the compute thread and times it.
+        rounds: the federated run's round service, if the server runs one (looked up per step:
+            it is attached after the server starts).
+    """
+
+    def __init__(self, host: TrunkHost, compute: Compute, rounds: Callable[[], RoundService | None]) -> None:
+        self.host = host
+        self._compute = compute
+        self._rounds = rounds
+
+    def _group(self, owner: str, session_id: str) -> GroupBatcher | None:
+        rounds = self._rounds()
+        return rounds.batcher_for(owner, session_id) if rounds is not None else None
+
+    async def forward(
+        self, owner: str, session_id: str, step: int, hidden: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        """h~_p (B, n, d) -> h_{L-q} (B, n, d), and the seconds it computed."""
+        group = self._group(owner, session_id)
+        if group is None:
+            result: tuple[torch.Tensor, float] = await self._compute(
+                self.host.forward, owner, session_id, step, hidden, lengths
+            )
+            return result
+        # Validate alone first: one client's bad tensor must not fail the whole group.
+        check_lengths(lengths, hidden.shape[0], hidden.shape[1])
+        _check_finite(hidden, "hidden")
+        start = time.perf_counter()
+        out = await group.forward(owner, session_id, hidden.float(), lengths)
+        return out, time.perf_counter() - start
+
+    async def backward(
+        self, owner: str, session_id: str, step: int, grad: torch.Tensor, update: bool
+    ) -> tuple[torch.Tensor, float]:
+        """dL/dh_{L-q} (B, n, d) -> dL/dh~_p (B, n, d), and the seconds it computed."""
+        group = self._group(owner, session_id)
+        if group is None:
+            result: tuple[torch.Tensor, float] = await self._compute(
+                self.host.backward, owner, session_id, step, grad, update
+            )
+            return result
+        _check_finite(grad, "grad")  # as the host checks it alone, before the group's joint pass
+        start = time.perf_counter()
+        grad_in = await group.backward(owner, session_id, grad.float())
+        return grad_in, time.perf_counter() - start
