@@ -183,7 +183,7 @@ class GenerationHost:
         """
         if stream.closed:
             raise ProtocolError("the inference stream is closed")
-        with self.host._compute_lock:  # the cache may be in use by a batched step
+        with self.host.computing():  # the cache may be in use by a batched step
             # No cache (before the prefill, or a naive stream) is refused like a bad length.
             stream.lengths = rewind_cache(stream.cache, stream.session.trunk.start, stream.lengths, length)
 
