@@ -67,6 +67,10 @@ class LoraSpec:
         d["target_modules"] = list(self.target_modules)
         return d
 
+    def summary(self) -> str:
+        """``r=8 alpha=16.0 on q_proj, k_proj, ...``: the spec in one line (reports)."""
+        return f"r={self.r} alpha={self.alpha} on {', '.join(self.target_modules)}"
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraSpec:
         """The spec saved by ``to_dict`` (adapter folders, checkpoints)."""
@@ -90,6 +94,20 @@ class SplitLora:
     def uniform(cls, spec: LoraSpec) -> SplitLora:
         """The same spec on the head, the trunk and the tail."""
         return cls(head=spec, trunk=spec, tail=spec)
+
+    @property
+    def uniform_spec(self) -> LoraSpec | None:
+        """The one spec of all three parts when they are equal; None when they differ (or have none)."""
+        return self.head if self.head == self.trunk == self.tail else None
+
+    def summary(self) -> str:
+        """The parts' specs in one line: one spec when they are equal, else each part's."""
+        if self.uniform_spec is not None:
+            return self.uniform_spec.summary()
+        return "; ".join(
+            f"{name} {spec.summary() if spec is not None else 'none'}"
+            for name, spec in (("head", self.head), ("trunk", self.trunk), ("tail", self.tail))
+        )
 
 
 @dataclass(frozen=True)

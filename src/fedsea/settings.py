@@ -283,7 +283,7 @@ def _comment(text: str, width: int = 96) -> list[str]:
 
 def dump_toml(obj: Any, comments: bool = False) -> str:
     """A settings tree (a dataclass, or plain data) as a TOML file; with ``comments``, each key's
-    documentation above it and each unset (None) key written commented out."""
+    documentation above it and each unset (None) key or table written commented out."""
     lines: list[str] = []
     if isinstance(obj, Mapping):
         _dump_data(obj, "", lines)
@@ -314,6 +314,7 @@ def _dump_data(data: Mapping[str, Any], prefix: str, lines: list[str]) -> None:
 def _dump_table(obj: Any, prefix: str, lines: list[str], comments: bool) -> None:
     docs = field_docs(type(obj))
     tables: list[tuple[str, Any, Any]] = []
+    hints = {f.name: hint for f, hint in settings_fields(type(obj))}
     for f, hint in settings_fields(type(obj)):
         value = getattr(obj, f.name)
         inner = optional_type(hint)[0]
@@ -332,6 +333,12 @@ def _dump_table(obj: Any, prefix: str, lines: list[str], comments: bool) -> None
             lines.append(f"{f.name} = {toml_value(_plain(value))}")
     for name, value, item in tables:
         key = prefix + name
+        if item is None and value is None:  # an unset ``X | None`` table: shown commented out
+            if comments:
+                table = optional_type(hints[name])[0]
+                keys = ", ".join(f.name for f, _ in settings_fields(table))
+                lines += ["", *_comment(docs[name]), f"# [{key}]  (unset; keys: {keys})"]
+            continue
         if item is None:
             lines.append("")
             if comments:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -15,6 +16,8 @@ from fedsea.federation.checkpoint import latest_round, load_round
 from fedsea.federation.client import FederatedClient
 from fedsea.federation.config import FedConfig
 from fedsea.federation.coordinator import coordinator_factory, initial_global_state
+from fedsea.model.adapters import adapter_state_dict
+from fedsea.model.seeding import seeded
 from fedsea.server.app import ServerThread, TrunkServer
 from fedsea.server.trunk import TrunkHost
 from fedsea.training.data import encode_example
@@ -43,11 +46,12 @@ def run_federation(
     die: set[int] = frozenset(),
     stall=None,
     gate=None,
+    lora=LORA,
 ):
     """Clients with partition points ``partitions`` train through a federated server; returns histories."""
     store = TokenStore()
     tokens = [store.add(f"c{i}") for i in range(len(partitions))]
-    splits = [fedsea.split_model(fedsea.tiny_llama(**TINY), p, q).add_lora(LORA) for p, q in partitions]
+    splits = [fedsea.split_model(fedsea.tiny_llama(**TINY), p, q).add_lora(lora) for p, q in partitions]
     histories: dict[int, list] = {}
     errors: list[BaseException] = []
     refused = threading.Event()
@@ -105,6 +109,28 @@ def test_two_clients_two_rounds_lower_the_loss_with_mixed_partitions(tmp_path, t
     # Every block's adapter moved: heads, tails and trunks of both clients were averaged in.
     layers = {int(k.split(".")[1]) for k in state if not torch.equal(state[k], initial[k])}
     assert layers == set(range(6))
+
+
+def test_per_part_lora_trains_and_the_global_adapter_has_each_parts_rank(tmp_path, tiny_tokenizer):
+    edge = fedsea.LoraSpec(r=8, alpha=16, dropout=0.0)
+    parts = fedsea.SplitLora(head=edge, trunk=dataclasses.replace(edge, r=16), tail=edge)
+    config = FedConfig(rounds=1, local_steps=2, mode="hierarchical", expected_clients=2, lora=parts, cut=(1, 1))
+    histories = run_federation(tmp_path, config, [(1, 1), (1, 1)], tiny_tokenizer, lora=parts)
+    trained = [r for h in histories.values() for r in h if r.selected]
+    assert len(trained) == 2 and all(len(r.losses) == 2 for r in trained)
+    _, state, _, _ = load_round(latest_round(tmp_path))
+    # Blocks 0 and 5 are the head and the tail (r = 8), blocks 1-4 the trunk (r = 16).
+    rows = {int(k.split(".")[1]): v.shape[0] for k, v in state.items() if ".lora_A." in k}
+    assert rows == {0: 8, 1: 16, 2: 16, 3: 16, 4: 16, 5: 8}
+    initial = initial_global_state(TrunkHost(fedsea.tiny_llama(**TINY)), config)
+    assert state.keys() == initial.keys()
+    assert {int(k.split(".")[1]) for k in state if not torch.equal(state[k], initial[k])} == set(range(6))
+    # The initial adapter is what a SplitModel cut there draws under the run's seed (the centralized baseline's).
+    split = fedsea.split_model(fedsea.tiny_llama(**TINY), 1, 1)
+    with seeded(config.seed):
+        split.add_lora(parts)
+    drawn = {k: v for part in split.parts().values() for k, v in adapter_state_dict(part).items()}
+    assert drawn.keys() == initial.keys() and all(torch.equal(drawn[k], initial[k]) for k in drawn)
 
 
 def test_two_clients_in_client_batch_share_one_trunk_pass(tmp_path, tiny_tokenizer):

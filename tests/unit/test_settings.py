@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from fedsea.config import LoraSpec, OptimConfig, ServerLimits, SplitConfig, WireConfig
+from fedsea.config import LoraSpec, OptimConfig, ServerLimits, SplitConfig, SplitLora, WireConfig
 from fedsea.federation.config import FedConfig
 from fedsea.federation.simconfig import (
     ClientConfig,
@@ -84,7 +84,7 @@ def test_an_old_resolved_run_file_loads_to_the_same_settings_as_the_defaults(tmp
     assert load_config(old) == load_config(None) == RunConfig()
     plan = load_plan(None)
     # The run file's defaults, stated once in RunConfig, are the ones run files always had.
-    assert (plan.optim.lr, plan.lora.dropout, plan.noise) == (1e-3, 0.0, NoiseTarget(relative_sigma=0.14))
+    assert (plan.optim.lr, plan.config.lora.dropout, plan.noise) == (1e-3, 0.0, NoiseTarget(relative_sigma=0.14))
     assert plan.fed == FedConfig(expected_clients=3, lora=LoraSpec(dropout=0.0))
     assert [(c.head_layers, c.tail_layers) for c in plan.clients] == [(2, 2)] * 3
     # The library's own defaults are unchanged for Python users.
@@ -101,7 +101,8 @@ def test_zero_for_none_in_older_files_reads_as_unset():
 def test_a_partial_table_keeps_the_other_defaults_of_its_tree():
     config = load_config(None, ["optim.weight_decay=0.1", "lora.r=4"])
     assert config.optim == OptimConfig(lr=1e-3, weight_decay=0.1)  # the run's lr, not OptimConfig's
-    assert config.lora == LoraSpec(r=4, dropout=0.0)
+    assert config.lora.base() == LoraSpec(r=4, dropout=0.0)  # [lora]; no part tables: every part's
+    assert config.lora.parts() == SplitLora.uniform(LoraSpec(r=4, dropout=0.0))
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,13 @@ def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, str, R
     if args.client not in names:
         raise ValueError(f"no client {args.client!r} in {args.run}; it has {', '.join(names)}")
     me = settings_from_flags(args, names[args.client], ["head_layers", "tail_layers"])
+    cut = plan.lora_cut
+    if cut is not None and (me.head_layers, me.tail_layers) != cut:
+        # The server would refuse the session: refuse before loading the model.
+        raise ValueError(
+            f"the run's parts have different LoRA ({plan.lora.summary()}), so every client cuts at "
+            f"(head_layers, tail_layers) = {cut}; got {(me.head_layers, me.tail_layers)}"
+        )
     model = settings_from_flags(args, plan.config.model, flags=MODEL_FLAGS).source
     wire = settings_from_flags(args, plan.config.wire, list(WIRE_FLAGS), flags=WIRE_FLAGS)
     return plan, me, model, wire

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedsea.config import LoraSpec
+from fedsea.config import LoraSpec, SplitLora
 
 MODES: tuple[str, ...] = ("sequential", "client-batch", "hierarchical")
 
@@ -28,7 +28,10 @@ class FedConfig:
         round_timeout_s: a selected client that has not submitted by then is left out.
         join_timeout_s: see ``expected_clients``.
         seed: seeds client sampling, the initial global adapter and the clients' data order.
-        lora: the LoRA of every part (one spec, so adapters can be averaged).
+        lora: the LoRA of every part (one spec), or of each part (a ``SplitLora``).
+        cut: (p, q), the head and tail layers of every client: required when the parts' specs
+            differ, since a block is then initialised, trained and averaged as one part only;
+            ``join`` refuses a session cut elsewhere. ``None``: clients may cut anywhere.
     """
 
     rounds: int = 3
@@ -41,7 +44,8 @@ class FedConfig:
     round_timeout_s: float = 600.0
     join_timeout_s: float = 600.0
     seed: int = 0
-    lora: LoraSpec = field(default_factory=LoraSpec)
+    lora: LoraSpec | SplitLora = field(default_factory=LoraSpec)
+    cut: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_steps < 1:
@@ -56,3 +60,15 @@ class FedConfig:
             )
         if self.round_timeout_s <= 0 or self.join_timeout_s <= 0:
             raise ValueError("round_timeout_s and join_timeout_s must be > 0")
+        if self.cut is not None and min(self.cut) < 1:
+            raise ValueError(f"cut must be (p, q) with p, q >= 1, got {self.cut!r}")
+        if self.split_lora.uniform_spec is None and self.cut is None:
+            raise ValueError(
+                f"the parts' LoRA differ ({self.split_lora.summary()}): give cut = (p, q), every client's, "
+                "so that each block of the global adapter belongs to one part"
+            )
+
+    @property
+    def split_lora(self) -> SplitLora:
+        """The LoRA of each part (one spec: the same on all three)."""
+        return SplitLora.uniform(self.lora) if isinstance(self.lora, LoraSpec) else self.lora

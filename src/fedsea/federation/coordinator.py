@@ -47,17 +47,31 @@ GROUP_OWNER = "fedsea:client-batch"  # owner of the shared trunk sessions; no to
 
 
 def initial_global_state(host: TrunkHost, config: FedConfig) -> dict[str, torch.Tensor]:
-    """LoRA tensors for every block, initialised by peft with the run's seed."""
-    view = SplitPart(host.model, 0, host.num_layers)
+    """LoRA tensors for every block, each with its part's spec, initialised by peft with the run's seed."""
+    parts, blocks = config.split_lora, host.num_layers
+    if (uniform := parts.uniform_spec) is not None:
+        # One view of every block: peft draws in block order, as every run before per-part LoRA did.
+        views = [(SplitPart(host.model, 0, blocks), uniform)]
+    else:
+        assert config.cut is not None  # FedConfig requires the cut when the parts differ
+        p, q = config.cut
+        if p + q >= blocks:
+            raise ValueError(f"cut (p, q) = {config.cut} leaves no trunk block in a {blocks}-block model")
+        # Head, trunk and tail in turn under one seed: the draws of a SplitModel's add_lora at (p, q).
+        ranges = ((0, p, parts.head), (p, blocks - q, parts.trunk), (blocks - q, blocks, parts.tail))
+        views = [(SplitPart(host.model, start, end), spec) for start, end, spec in ranges if spec is not None]
     name = "fedsea_global_init"
+    state: dict[str, torch.Tensor] = {}
     with host.computing(), seeded(config.seed):
-        add_lora(view, config.lora, adapter_name=name)
-        state = adapter_state_dict(view, name)
+        for view, spec in views:
+            add_lora(view, spec, adapter_name=name)
+            state.update(adapter_state_dict(view, name))
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for module in view.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.delete_adapter(name)
+        for view, _ in views:
+            for module in view.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.delete_adapter(name)
         host.adapters_changed()
     return state
 
@@ -122,11 +136,19 @@ class Coordinator:
         return RunInfo(cfg.rounds, cfg.local_steps, cfg.mode, cfg.seed, self.completed + 1)
 
     async def join(self, client_id: str, session_id: str, num_samples: int) -> Member:
-        """Admit a client's training session (its trunk LoRA must be the run's); a rejoin replaces the old session."""
+        """Admit a session with the run's trunk LoRA (and cut, for per-part LoRA); a rejoin replaces the old one."""
         session = self.host.get(client_id, session_id)
-        if session.spec.lora != self.config.lora:
+        trunk_lora = self.config.split_lora.trunk
+        if session.spec.lora != trunk_lora:
             raise ModelMismatchError(
-                f"the session's trunk LoRA {session.spec.lora} differs from the run's {self.config.lora}"
+                f"the session's trunk LoRA {session.spec.lora} differs from the run's {trunk_lora}"
+            )
+        cut, trunk = self.config.cut, (session.trunk.start, session.trunk.end)
+        if cut is not None and trunk != (cut[0], self.host.num_layers - cut[1]):
+            # Parts with different LoRA: a block trained as another part would not fit the global adapter.
+            raise ModelMismatchError(
+                f"this run's parts have different LoRA, so every client cuts at (p, q) = {cut}; the session's "
+                f"trunk is blocks [{trunk[0]}, {trunk[1]})"
             )
         if num_samples < 1:
             raise ProtocolError("num_samples must be >= 1")

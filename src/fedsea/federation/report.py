@@ -146,8 +146,7 @@ def write_report(
     md = [
         f"# fedsea run: {summary['task']}, {fed.mode}, {len(plan.clients)} clients",
         "",
-        f"- model `{plan.model}`, LoRA r={plan.lora.r} alpha={plan.lora.alpha} "
-        f"on {', '.join(plan.lora.target_modules)}",
+        f"- model `{plan.model}`, LoRA {plan.lora.summary()}",
         f"- {fed.rounds} rounds x {fed.local_steps} local steps, lr {plan.optim.lr}, strategy {fed.strategy}",
         f"- noise {_level(plan)}, clip norm {plan.noise.clip_norm or 'none'}; head regularizer "
         f"{plan.head_regularizer}"

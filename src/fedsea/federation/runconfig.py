@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedsea.config import (
     RECOMMENDED_RELATIVE_SIGMA,
@@ -31,6 +32,7 @@ from fedsea.config import (
     OptimConfig,
     ServerLimits,
     SplitConfig,
+    SplitLora,
     WireConfig,
 )
 from fedsea.federation.config import FedConfig
@@ -116,10 +118,60 @@ class FederationSettings:
             raise ValueError(f"min_clients must be in [1, clients = {self.clients}], got {self.min_clients}")
         self.fed_config(0, LoraSpec())  # FedConfig validates the rest
 
-    def fed_config(self, seed: int, lora: LoraSpec) -> FedConfig:
+    def fed_config(self, seed: int, lora: LoraSpec | SplitLora, cut: tuple[int, int] | None = None) -> FedConfig:
         """The server's ``FedConfig`` of these settings."""
         policy = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "clients"}
-        return FedConfig(**policy, expected_clients=self.clients, seed=seed, lora=lora)
+        return FedConfig(**policy, expected_clients=self.clients, seed=seed, lora=lora, cut=cut)
+
+
+@dataclass(frozen=True)
+class LoraPart:
+    """One part's LoRA where it differs from ``[lora]``: a key left out is ``[lora]``'s."""
+
+    __doc_sources__ = (LoraSpec,)
+
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        LoraSpec(**self.given())  # LoraSpec checks the keys given, by their names
+
+    def given(self) -> dict[str, Any]:
+        """The keys this table sets."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def over(self, base: LoraSpec) -> LoraSpec:
+        """``base`` with this table's keys."""
+        return dataclasses.replace(base, **self.given())
+
+
+@dataclass(frozen=True)
+class RunLora(LoraSpec):
+    """The LoRA of every part (``[lora]``), with optional per-part tables over it.
+
+    Args:
+        head: ``[lora.head]``: the head's LoRA where it differs from ``[lora]`` (e.g. ``r = 4``).
+            Parts whose LoRA differs need every client at the same (p, q): the global adapter is
+            averaged per block, so a block must be the same part for every client.
+        trunk: ``[lora.trunk]``: the trunk's LoRA where it differs from ``[lora]`` (e.g. ``r = 16``).
+        tail: ``[lora.tail]``: the tail's LoRA where it differs from ``[lora]``.
+    """
+
+    head: LoraPart | None = None
+    trunk: LoraPart | None = None
+    tail: LoraPart | None = None
+
+    def base(self) -> LoraSpec:
+        """``[lora]`` alone, as a plain ``LoraSpec``."""
+        return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules)
+
+    def parts(self) -> SplitLora:
+        """Each part's spec: ``[lora]`` updated by the part's table."""
+        base = self.base()
+        head, trunk, tail = (t.over(base) if t is not None else base for t in (self.head, self.trunk, self.tail))
+        return SplitLora(head=head, trunk=trunk, tail=tail)
 
 
 @dataclass(frozen=True)
@@ -264,7 +316,7 @@ class RunConfig:
         client: every client's split, batch and length.
         clients: per-client differences from ``[client]``, one ``[[clients]]`` table per client in order
             (client-0 first); clients without one use ``[client]``.
-        lora: the LoRA of every part (one spec, so that the adapters can be averaged).
+        lora: the LoRA of every part; ``[lora.head]``, ``[lora.trunk]``, ``[lora.tail]`` override it for one.
         optim: AdamW of every part.
         noise: the noise on h_p and on the gradient sent up.
         privacy: privacy-trained heads.
@@ -278,7 +330,7 @@ class RunConfig:
     federation: FederationSettings = field(default_factory=FederationSettings)
     client: ClientConfig = field(default_factory=ClientConfig)
     clients: tuple[ClientOverrides, ...] = ()
-    lora: LoraSpec = field(default_factory=lambda: LoraSpec(dropout=0.0))
+    lora: RunLora = field(default_factory=lambda: RunLora(dropout=0.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     noise: NoiseSettings = field(default_factory=NoiseSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
@@ -291,6 +343,7 @@ class RunConfig:
         if len(self.clients) > count:
             raise ValueError(f"{len(self.clients)} [[clients]] tables for federation.clients = {count}")
         self.client_plans()  # each client's merged settings validate
+        self.lora_cut()  # parts with different LoRA need one (p, q)
 
     def client_plans(self) -> tuple[ClientPlan, ...]:
         """Every client's settings: ``[client]`` updated by its ``[[clients]]`` table."""
@@ -299,3 +352,20 @@ class RunConfig:
             given = to_tree(self.clients[i]) if i < len(self.clients) else {}
             plans.append(ClientPlan(**{**to_tree(self.client), **given, "name": f"client-{i}"}))
         return tuple(plans)
+
+    def lora_cut(self) -> tuple[int, int] | None:
+        """Every client's (p, q) when the parts' LoRA differ; None when one spec serves every part."""
+        parts = self.lora.parts()
+        if parts.uniform_spec is not None:
+            return None
+        cuts = sorted({(c.head_layers, c.tail_layers) for c in self.client_plans()})
+        if len(cuts) > 1:
+            # The global adapter is keyed by block: at mixed cuts one block would be one client's
+            # head and another's trunk, with tensors of two shapes (or scalings) to average.
+            raise ValueError(
+                f"lora: the parts' LoRA differ ({parts.summary()}) and the clients cut the model at different "
+                f"(head_layers, tail_layers) {cuts}; give every client the same head_layers and tail_layers "
+                "([client], no per-client ones in [[clients]]), or one LoRA for all parts (no [lora.head], "
+                "[lora.trunk], [lora.tail])"
+            )
+        return cuts[0]

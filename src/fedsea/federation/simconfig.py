@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedsea.config import LoraSpec, NoiseConfig, OptimConfig
+from fedsea.config import NoiseConfig, OptimConfig, SplitLora
 from fedsea.federation.config import MODES, FedConfig
 from fedsea.federation.runconfig import (
     NOISE_LEVELS,
@@ -22,10 +22,12 @@ from fedsea.federation.runconfig import (
     ClientOverrides,
     ClientPlan,
     FederationSettings,
+    LoraPart,
     ModelSettings,
     NoiseSettings,
     PrivacySettings,
     RunConfig,
+    RunLora,
     RunSettings,
     RunWire,
     TaskSettings,
@@ -39,10 +41,12 @@ __all__ = [
     "ClientOverrides",
     "ClientPlan",
     "FederationSettings",
+    "LoraPart",
     "ModelSettings",
     "NoiseSettings",
     "PrivacySettings",
     "RunConfig",
+    "RunLora",
     "RunPlan",
     "RunSettings",
     "RunWire",
@@ -68,8 +72,11 @@ class RunPlan:
 
     @property
     def fed(self) -> FedConfig:
-        """The server's round settings (FedConfig) with the run's seed and LoRA."""
-        return self.config.federation.fed_config(self.config.run.seed, self.config.lora)
+        """The server's round settings (FedConfig) with the run's seed, LoRA and, for per-part LoRA, cut."""
+        lora = self.lora
+        # One spec for all parts stays a single LoraSpec: the FedConfig of every run before per-part LoRA.
+        spec = lora.uniform_spec or lora
+        return self.config.federation.fed_config(self.config.run.seed, spec, self.config.lora_cut())
 
     @property
     def clients(self) -> tuple[ClientPlan, ...]:
@@ -77,9 +84,14 @@ class RunPlan:
         return self.config.client_plans()
 
     @property
-    def lora(self) -> LoraSpec:
-        """The LoRA spec of every part (one, so adapters can be averaged)."""
-        return self.config.lora
+    def lora(self) -> SplitLora:
+        """The LoRA of each part: ``[lora]`` updated by ``[lora.head]``, ``[lora.trunk]``, ``[lora.tail]``."""
+        return self.config.lora.parts()
+
+    @property
+    def lora_cut(self) -> tuple[int, int] | None:
+        """Every client's (p, q) when the parts' LoRA differ (None: one spec, any cut)."""
+        return self.config.lora_cut()
 
     @property
     def optim(self) -> OptimConfig:

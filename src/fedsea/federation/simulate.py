@@ -170,7 +170,9 @@ def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None) -> Any:
     from fedsea.model.load import load_model
     from fedsea.model.split import split_model
 
-    split = split_model(load_model(plan.model), 1, 1)
+    # Per-part LoRA: each block takes its part's spec at the run's one (p, q); one spec: any cut.
+    p, q = plan.lora_cut or (1, 1)
+    split = split_model(load_model(plan.model), p, q)
     if state is None:
         return split
     split.add_lora(plan.lora)
@@ -199,7 +201,8 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
     from fedsea.model.seeding import seeded
 
     # The same LoRA initialisation as the federated run's global adapter (peft draws it in
-    # block order under the run's seed, see fedsea.federation.coordinator.initial_global_state).
+    # block order under the run's seed, each part with its spec, see
+    # fedsea.federation.coordinator.initial_global_state).
     with seeded(plan.fed.seed):
         split = global_model(plan, None).add_lora(plan.lora)
     torch.manual_seed(plan.fed.seed)  # LoRA dropout, if any
