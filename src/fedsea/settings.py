@@ -108,6 +108,13 @@ def coerce(value: Any, hint: Any, where: str, base: Any = None) -> Any:
             raise ValueError(f"{where} must be an integer, got {value!r}")
         return value
     if inner is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, which reads ``1e-3`` (no dot) as a string; older run files
+            # quoted numbers too. A string that is a finite number is that number.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{where} must be a number, got {value!r}") from None
         if not _is_number(value):
             raise ValueError(f"{where} must be a number, got {value!r}")
         return float(value)

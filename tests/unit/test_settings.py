@@ -157,3 +157,18 @@ def test_field_docs_come_from_the_docstrings():
     docs = field_docs(FederationSettings)  # its own, and FedConfig's for the fields it shares
     assert docs["clients"].startswith("how many clients") and docs["local_steps"].startswith("optimizer steps")
     assert all(docs.values())
+
+
+def test_yaml_numbers_without_a_dot_load_as_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; run files wrote learning rates that way.
+    from fedsea.federation.simconfig import load_plan
+
+    run = tmp_path / "run.yaml"
+    run.write_text("optim:\n  lr: 1e-3\nnoise:\n  delta: 1e-5\n")
+    plan = load_plan(run)
+    assert plan.optim.lr == 1e-3
+    assert plan.noise.delta == 1e-5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ValueError, match=r"optim\.lr must be a number"):
+        load_plan(bad)

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from fedsea.cli.flags import settings_from_flags
 from fedsea.cli.generate import MODEL_FLAGS, WIRE_FLAGS, add_connection_args, client_tls
+from fedsea.config import WireConfig
 
 if TYPE_CHECKING:
-    from fedsea.federation.simconfig import ClientPlan, RunPlan, RunWire
+    from fedsea.federation.simconfig import ClientPlan, RunPlan
 
 
-def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, str, RunWire]:
+def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, str, WireConfig]:
     """The run, this client's settings, its model and its wire: the run file's, and the flags
     given (``--model``, ``--head-layers``, ``--tail-layers``, ``--wire-dtype``, ``--net-*``) over them."""
     from fedsea.federation.simconfig import load_plan
@@ -34,7 +35,11 @@ def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, str, R
             f"(head_layers, tail_layers) = {cut}; got {(me.head_layers, me.tail_layers)}"
         )
     model = settings_from_flags(args, plan.config.model, flags=MODEL_FLAGS).source
-    wire = settings_from_flags(args, plan.config.wire, list(WIRE_FLAGS), flags=WIRE_FLAGS)
+    # The dtype comes from the run file unless --wire-dtype; the emulated latency and bandwidth
+    # only from --net-latency-ms/--net-mbps: a run file's [wire] emulation is for `simulate`
+    # (which passes it on as these flags), never an artificial delay on a real deployment.
+    base = WireConfig(dtype=plan.config.wire.dtype)
+    wire = settings_from_flags(args, base, list(WIRE_FLAGS), flags=WIRE_FLAGS)
     return plan, me, model, wire
 
 

@@ -13,6 +13,7 @@ import torch
 from fedsea.errors import InvalidInputError, ProtocolError, RemoteError
 from fedsea.training.stepper import REWIND_FIELD
 from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.adapters import UNLIMITED
 from fedsea.wire.tensors import TensorAssembler, encode
 
 from .connection import Connection
@@ -75,7 +76,7 @@ class RemoteStepper:
             sent += message.ByteSize()
             self._requests.put(message)
         self.connection.config.shaper.wait(sent)
-        assembler = TensorAssembler("hidden", 1 << 40)
+        assembler = TensorAssembler("hidden", UNLIMITED)
         received = 0
         try:
             while not assembler.complete:
@@ -96,8 +97,8 @@ class RemoteStepper:
         """Ask the server to truncate the trunk's cache to ``length`` slots (no round trip)."""
         if self._closed:
             raise ProtocolError("the inference stream is closed")
-        if length < 0:  # a uint32 on the wire; the server checks the rest
-            raise InvalidInputError(REWIND_FIELD, f"must be >= 1, got {length}")
+        if length < 0:  # a uint32 on the wire; the server checks the rest (0, beyond its cache, ...)
+            raise InvalidInputError(REWIND_FIELD, f"must be a slot count >= 0 to be sent, got {length}")
         message = pb.GenerateRequest(rewind=pb.GenerateRewind(length=length))
         self._unmetered += message.ByteSize()
         self._requests.put(message)

@@ -9,6 +9,7 @@ import torch
 
 from fedsea.errors import ProtocolError
 from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.adapters import UNLIMITED
 from fedsea.wire.tensors import decode, encode
 
 from .connection import Connection
@@ -49,7 +50,7 @@ class RemoteTrunk:
                     yield pb.ForwardRequest(hidden=chunk)
 
         responses = self.connection.stream("forward", self.connection.stub.Forward, requests)
-        out = decode((r.hidden for r in responses), "hidden", 1 << 40)
+        out = decode((r.hidden for r in responses), "hidden", UNLIMITED)
         if tuple(out.shape) != tuple(hidden.shape):
             raise ProtocolError(f"server answered shape {tuple(out.shape)} for input {tuple(hidden.shape)}")
         return out.to(device=self.device, dtype=self.model_dtype)
@@ -67,4 +68,4 @@ class RemoteTrunk:
 
         responses = self.connection.stream("backward", self.connection.stub.Backward, requests)
         self.step += 1
-        return decode((r.grad for r in responses), "grad", 1 << 40).to(device=self.device, dtype=self.model_dtype)
+        return decode((r.grad for r in responses), "grad", UNLIMITED).to(device=self.device, dtype=self.model_dtype)

@@ -130,7 +130,10 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
             str(run_dir / "clients" / c.name / "steps.jsonl"),
             "--noise-secret-file",
             str(run_dir / "clients" / c.name / "noise.secret"),
-            "--quiet",  # the wire's latency and bandwidth: the run file's [wire], which join reads
+            "--net-latency-ms",  # the run file's WAN emulation (join takes it from flags only)
+            str(plan.config.wire.latency_ms),
+            *(["--net-mbps", str(plan.config.wire.mbps)] if plan.config.wire.mbps else []),
+            "--quiet",
             *_tls_args(run_dir, False),
         ]
         # Clients compute only their head and tail: one thread each leaves the cores to the trunk.

@@ -91,6 +91,11 @@ class ModelRunner:
             num_beams=1,
             eos_token_id=eos_token_id,  # None: no end token (not the model's default)
             pad_token_id=pad_token_id,
+            # Plain greedy, as the split's loop: transformers fills every knob left unset from the
+            # checkpoint's generation_config, so the ones that change greedy tokens are pinned.
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_length=0,
         )
         new: torch.Tensor = out[:, total:]  # (B, k) the new tokens
         return new
