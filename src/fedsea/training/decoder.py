@@ -47,7 +47,9 @@ class SplitDecoder:
             (self.head.new_cache(), self.tail.new_cache()) if use_cache else None
         )
         self.ids = input_ids  # (B_run, T): every token fed (prompt included), pending ones too
-        self.lengths = lengths.to(torch.int64)  # (B_run,) real tokens of each row in ``ids``
+        # (B_run,) real tokens of each row in ``ids``, kept on the host: checks and masks built
+        # from it then cost no device sync (the parts copy it over without waiting).
+        self.lengths = lengths.to(device="cpu", dtype=torch.int64)
         self.steps = 0  # stepper messages so far (the wire's step number)
         self._pending: torch.Tensor | None = input_ids  # (B, k) tokens not yet through the parts
         self._keep: list[int] | None = None  # rows to keep, told to the stepper with the next step
@@ -90,11 +92,12 @@ class SplitDecoder:
         """Go on with ``rows`` only (indices into the running rows, increasing); the rest are dropped."""
         if self._pending is not None:
             raise RuntimeError("keep_rows: fed tokens are pending (call logits first)")
-        index = torch.tensor(rows, dtype=torch.int64, device=self.ids.device)
+        host_index = torch.tensor(rows, dtype=torch.int64)  # (B_keep,)
+        index = host_index.to(self.ids.device, non_blocking=True)
         if self.caches is not None:
             for cache in self.caches:
                 cache.batch_select_indices(index)
-        self.ids, self.lengths = self.ids[index], self.lengths[index]
+        self.ids, self.lengths = self.ids[index], self.lengths[host_index]
         if self._keep is not None:  # two selections before one step compose
             rows = [self._keep[r] for r in rows]
         self._keep = rows

@@ -148,9 +148,11 @@ def generate_steps(
     if config.seed is not None:
         generator.manual_seed(config.seed)
     device = input_ids.device
-    eos = torch.tensor(config.eos_token_id or (), dtype=torch.int64, device=device)
-    pad = config.pad_token_id if config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
-    alive = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
+    eos = set(config.eos_token_id or ())
+    pad = config.pad_token_id if config.pad_token_id is not None else next(iter(config.eos_token_id or (0,)))
+    # The bookkeeping runs on the host: the one device sync of a step is the read of its tokens
+    # (``tolist``); flags kept as device tensors would sync at every ``if`` on an accelerator.
+    alive = [True] * input_ids.shape[0]
     rows = list(range(input_ids.shape[0]))  # original index of each running row
     new_ids: dict[int, list[int]] = {r: [] for r in rows}
     for step in range(config.max_new_tokens):
@@ -161,25 +163,27 @@ def generate_steps(
             token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
             token = scores.argmax(dim=-1)  # (B_run,)
-        token = torch.where(alive, token, torch.full_like(token, pad))
-        done = alive & torch.isin(token, eos)
+        chosen: list[int] = token.tolist()  # the step's one host sync
+        tokens = [t if alive[i] else pad for i, t in enumerate(chosen)]
+        done = [alive[i] and t in eos for i, t in enumerate(tokens)]
         for i, row in enumerate(rows):
             if not alive[i]:
                 continue
-            new_ids[row].append(int(token[i]))
+            new_ids[row].append(tokens[i])
             if config.stop and not done[i] and decode is not None:
                 done[i] = _first_stop(decode(new_ids[row]), config.stop) >= 0
         finished = tuple(rows[i] for i in range(len(rows)) if done[i])
-        yield GenerationStep(step, {row: int(token[i]) for i, row in enumerate(rows) if alive[i]}, finished)
-        alive = alive & ~done
-        if not bool(alive.any()) or step + 1 == config.max_new_tokens:
+        yield GenerationStep(step, {row: tokens[i] for i, row in enumerate(rows) if alive[i]}, finished)
+        alive = [a and not d for a, d in zip(alive, done, strict=True)]
+        if not any(alive) or step + 1 == config.max_new_tokens:
             return
-        if config.drop_finished and not bool(alive.all()):
+        if config.drop_finished and not all(alive):
             keep = [i for i in range(len(rows)) if alive[i]]
             decoder.keep_rows(keep)
-            index = torch.tensor(keep, dtype=torch.int64, device=device)
             rows = [rows[i] for i in keep]
-            token, alive = token[index], alive[index]
+            tokens, alive = [tokens[i] for i in keep], [True] * len(keep)
+        # (B_run,) -> (B_run, 1) on the model's device; the copy does not wait for the device.
+        token = torch.tensor(tokens, dtype=torch.int64).to(device, non_blocking=True)
         decoder.feed(token.unsqueeze(1))  # (B_run, 1)
 
 
