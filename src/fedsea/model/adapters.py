@@ -13,9 +13,9 @@ so keys do not change when partition points move.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 

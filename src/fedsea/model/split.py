@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from fedsea.config import LoraSpec, SplitLora
@@ -84,15 +84,16 @@ def crop_cache(cache: DynamicCache, cut: int) -> None:
     if cut <= 0:
         return
     for layer in cache.layers:
-        if not layer.is_initialized:
-            continue
-        if isinstance(layer, DynamicSlidingWindowLayer):
-            assert layer.keys is not None and layer.values is not None
-            # keys/values: (B, kv_heads, slots, head_dim); record_past keeps every slot seen.
-            layer.keys, layer.values = layer.keys[:, :, :-cut], layer.values[:, :, :-cut]
-            layer.cumulative_length -= cut
-        else:
+        if isinstance(layer, DynamicSlidingWindowLayer):  # a subclass of DynamicLayer: tested first
+            if layer.is_initialized:
+                assert layer.keys is not None and layer.values is not None
+                # keys/values: (B, kv_heads, slots, head_dim); record_past keeps every slot seen.
+                layer.keys, layer.values = layer.keys[:, :, :-cut], layer.values[:, :, :-cut]
+                layer.cumulative_length -= cut
+        elif isinstance(layer, DynamicLayer):
             layer.crop(-cut)  # transformers >= 5: minus the number of slots to remove
+        else:
+            raise TypeError(f"cannot rewind a {type(layer).__name__} cache layer")
 
 
 def no_padding(lengths: torch.Tensor, total: int) -> bool:

@@ -61,7 +61,12 @@ _TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
         "Qwen2Config",
         "Qwen2ForCausalLM",
         # Blocks >= max_window_layers slide: blocks 0-1 full, 2-3 sliding.
-        {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": TINY_WINDOW, "max_window_layers": 2},
+        {
+            "tie_word_embeddings": True,
+            "use_sliding_window": True,
+            "sliding_window": TINY_WINDOW,
+            "max_window_layers": 2,
+        },
     ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": False, "head_dim": 16}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"tie_word_embeddings": False, "sliding_window": TINY_WINDOW}),
