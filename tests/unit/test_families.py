@@ -110,7 +110,7 @@ def test_greedy_split_generation_equals_hf_generate(family, tiny_batch):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_rewind_then_continue_equals_an_uninterrupted_run(family, tiny_batch):
     input_ids, lengths = tiny_batch
     split = _lora_split(family, 1, 1)
@@ -128,7 +128,7 @@ def test_rewind_then_continue_equals_an_uninterrupted_run(family, tiny_batch):
     assert torch.equal(torch.cat([first[:, :4], greedy(decoder, NEW - 4)], dim=1), reference)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "phi3", "qwen3"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_export_writes_a_checkpoint_hf_loads_with_equal_logits(family, tiny_batch, tmp_path, capsys):
     input_ids, lengths = tiny_batch
     split = _lora_split(family, 1, 1)
