@@ -217,7 +217,11 @@ class Head(SplitPart):
     def forward(
         self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None = None
     ) -> torch.Tensor:
-        """Args: input_ids (B, n) int64, left-padded; lengths (B,). Returns h_p (B, n, d)."""
+        """Args: input_ids (B, n) int64, left-padded; lengths (B,). Returns h_p (B, n, d).
+
+        Token ids are range-checked on the CPU only: ids on an accelerator are the model's own
+        argmax during generation (always in range), and checking them would sync every step.
+        """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
             raise InvalidInputError("input_ids", f"expected shape (batch, tokens) with tokens >= 1, got {shape}")
