@@ -20,7 +20,7 @@ from fedsea.cli.main import main
 from fedsea.errors import UnsupportedModelError
 from fedsea.model.families import FAMILIES, SLIDING_ATTENTION, layer_types
 from fedsea.model.masks import padding_mask
-from fedsea.model.split import check_partition, partition_range
+from fedsea.model.split import check_partition, no_padding, partition_range
 from fedsea.model.tiny_families import TINY_FAMILIES, TINY_FAMILY_LAYERS, TINY_WINDOW, tiny_family_model
 from fedsea.training import LocalStepper, SplitDecoder
 from tests.conftest import assert_close_to_scale, randomize_lora
@@ -183,6 +183,9 @@ def test_unpadded_batches_take_sdpa_is_causal_path_and_padded_ones_a_mask(family
     (mask,) = _attention_masks_seen(split, input_ids, lengths)
     assert isinstance(mask, torch.Tensor) and mask.shape[-2:] == (input_ids.shape[1],) * 2
     assert not bool(mask[1, 0, -1, 0])  # the short row's last token does not see the padding
+    # Lengths on an accelerator are not read (that would sync): the explicit mask is kept.
+    assert no_padding(torch.tensor([5, 5]), 5) and not no_padding(torch.tensor([5, 4]), 5)
+    assert not no_padding(torch.tensor([5, 5], device="meta"), 5)
 
 
 def test_partition_range_and_unsupported_models():
