@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from fedsea.config import LoraSpec, SplitLora
@@ -72,28 +72,6 @@ def check_partition(num_layers: int, head_layers: int, tail_layers: int) -> None
 def partition_range(num_layers: int) -> dict[str, list[int] | str]:
     """The valid (p, q) of an L-block model: p in [1, L-2], q in [1, L-1-p] (``fedsea info``)."""
     return {"head_layers": [1, num_layers - 2], "tail_layers": f"[1, {num_layers - 1} - head_layers]"}
-
-
-def crop_cache(cache: DynamicCache, cut: int) -> None:
-    """Remove the last ``cut`` slots of every layer of ``cache`` (``new_cache``'s, sliding layers too).
-
-    Sliding-window layers of a part's cache record their whole past (``SplitPart.new_cache``), so
-    they are cut like full layers; transformers' own ``crop`` would keep only a window's worth
-    and could not be rewound a second time.
-    """
-    if cut <= 0:
-        return
-    for layer in cache.layers:
-        if isinstance(layer, DynamicSlidingWindowLayer):  # a subclass of DynamicLayer: tested first
-            if layer.is_initialized:
-                assert layer.keys is not None and layer.values is not None
-                # keys/values: (B, kv_heads, slots, head_dim); record_past keeps every slot seen.
-                layer.keys, layer.values = layer.keys[:, :, :-cut], layer.values[:, :, :-cut]
-                layer.cumulative_length -= cut
-        elif isinstance(layer, DynamicLayer):
-            layer.crop(-cut)  # transformers >= 5: minus the number of slots to remove
-        else:
-            raise TypeError(f"cannot rewind a {type(layer).__name__} cache layer")
 
 
 def no_padding(lengths: torch.Tensor, total: int) -> bool:

@@ -19,7 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from fedsea.errors import InvalidInputError
-from fedsea.model.split import Trunk, crop_cache
+from fedsea.model.cache import crop_cache
+from fedsea.model.split import Trunk
 
 # One int32 length per sequence travels with each hidden-state message.
 LENGTH_BYTES = 4
