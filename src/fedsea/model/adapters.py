@@ -55,7 +55,12 @@ def family_targets(part: SplitPart, targets: tuple[str, ...]) -> tuple[str, ...]
     """
     family = getattr(part, "family", None)
     aliases: Mapping[str, str] = family.target_aliases if family is not None else {}
-    linear = [name for name, module in part.named_modules() if isinstance(module, (nn.Linear, BaseTunerLayer))]
+    # A LoRA-wrapped layer (a second session's adapter on the server's shared blocks) still counts.
+    linear = [
+        name
+        for name, module in part.named_modules()
+        if isinstance(module, (nn.Linear, BaseTunerLayer)) and "lora_" not in name and not name.endswith("base_layer")
+    ]
 
     def matches(target: str) -> bool:  # peft's rule: the whole name, or a dotted suffix
         return any(name == target or name.endswith("." + target) for name in linear)
