@@ -40,11 +40,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from fedsea.model.families import family_of, layer_types
     from fedsea.model.load import load_model, resolve_source
+    from fedsea.model.split import partition_range
 
     resolved = resolve_source(args.model)
     model = load_model(args.model)
     cfg = model.config
+    family = family_of(model)
+    kinds = layer_types(cfg)
     info = {
         "source": args.model,
         "kind": resolved.kind,
@@ -57,6 +61,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "family": family.name,
+        "family_notes": family.notes,
+        "sliding_window_layers": [i for i, kind in enumerate(kinds) if kind == "sliding_attention"],
+        "partition": partition_range(int(cfg.num_hidden_layers)),
     }
     print(json.dumps(info, indent=2))
     return 0

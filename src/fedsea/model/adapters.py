@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -45,6 +46,32 @@ def _tag(adapter_name: str) -> str:
     return f".{adapter_name}."
 
 
+def family_targets(part: SplitPart, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """``targets`` named as the part's family names its modules (Phi-3: q/k/v_proj -> qkv_proj).
+
+    Raises:
+        AdapterError: naming each target (as the user gave it) that matches no linear layer of
+            the part; peft itself only complains when none matches.
+    """
+    family = getattr(part, "family", None)
+    aliases: Mapping[str, str] = family.target_aliases if family is not None else {}
+    # A LoRA-wrapped layer (a second session's adapter on the server's shared blocks) still counts.
+    linear = [
+        name
+        for name, module in part.named_modules()
+        if isinstance(module, (nn.Linear, BaseTunerLayer)) and "lora_" not in name and not name.endswith("base_layer")
+    ]
+
+    def matches(target: str) -> bool:  # peft's rule: the whole name, or a dotted suffix
+        return any(name == target or name.endswith("." + target) for name in linear)
+
+    missing = [given for given in targets if not matches(aliases.get(given, given))]
+    if missing:
+        known = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise AdapterError(f"LoRA target(s) {missing} match no linear layer of the {part.part_name}; it has {known}")
+    return family.lora_targets(targets) if family is not None else targets
+
+
 def add_lora(part: SplitPart, spec: LoraSpec, adapter_name: str = ADAPTER_NAME) -> None:
     """Inject a LoRA adapter into ``part`` and freeze every non-LoRA parameter of it.
 
@@ -54,11 +81,12 @@ def add_lora(part: SplitPart, spec: LoraSpec, adapter_name: str = ADAPTER_NAME) 
     """
     if getattr(part, "lora_spec", None) is not None:
         raise AdapterError(f"the {part.part_name} already has a LoRA adapter")
+    targets = family_targets(part, spec.target_modules)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides by r
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
+        target_modules=list(targets),
         bias="none",
     )
     try:

@@ -1,7 +1,7 @@
 """The three-way split: head, trunk and tail as views over one Hugging Face model.
 
-``split_model(model, head_layers=p, tail_layers=q)`` cuts a LLaMA-family causal LM of L
-blocks into
+``split_model(model, head_layers=p, tail_layers=q)`` cuts a decoder-only causal LM of L
+blocks (a family of ``fedsea.model.families``: LLaMA, Qwen 2/3, Mistral, Gemma 2/3, Phi-3) into
 
     head  = token embedding + blocks [0, p)          (client)
     trunk = blocks [p, L - q)                          (server)
@@ -17,6 +17,11 @@ Design decisions:
   its masks and rotary positions from the lengths (``fedsea.model.masks``).
 - Tied embeddings (SmolLM2) stay on the client: the head holds the embedding, the tail
   the LM head, both sharing one matrix.
+- What a family's forward does between the parts (per-layer masks and rotary embeddings, the
+  final logit soft-cap) comes from its ``Family`` record, not from if-chains here.
+- An unpadded batch gives transformers' mask builders no 2-D mask, so SDPA takes the same
+  (``is_causal`` / no-mask) path as Hugging Face ``generate`` on such a batch, without the
+  host sync of checking an all-ones mask on the accelerator.
 """
 
 from __future__ import annotations
@@ -28,33 +33,28 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from fedsea.config import LoraSpec, SplitLora
-from fedsea.errors import InvalidInputError, PartitionError, UnsupportedModelError
+from fedsea.errors import InvalidInputError, PartitionError
 from fedsea.io import atomic_directory
 from fedsea.model import adapters
+from fedsea.model.families import FAMILIES, SLIDING_ATTENTION, Family, family_of, layer_types
 from fedsea.model.masks import check_lengths, padding_mask, position_ids
 
 if TYPE_CHECKING:
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 # model_type -> the causal-LM class name fedsea knows how to split.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM"}
+SUPPORTED_ARCHITECTURES: dict[str, str] = {f.model_type: f.architecture for f in FAMILIES.values()}
 
 PART_NAMES: tuple[str, ...] = ("head", "trunk", "tail")
 
 
 def check_supported(model: nn.Module) -> None:
     """Raise ``UnsupportedModelError`` unless ``model`` is a causal LM fedsea can split."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    expected = SUPPORTED_ARCHITECTURES.get(str(model_type))
-    if expected is None or type(model).__name__ != expected:
-        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
-        raise UnsupportedModelError(
-            f"cannot split {type(model).__name__} (model_type={model_type!r}); supported: {supported}"
-        )
+    family_of(model)
 
 
 def check_partition(num_layers: int, head_layers: int, tail_layers: int) -> None:
@@ -69,6 +69,21 @@ def check_partition(num_layers: int, head_layers: int, tail_layers: int) -> None
         )
 
 
+def partition_range(num_layers: int) -> dict[str, list[int] | str]:
+    """The valid (p, q) of an L-block model: p in [1, L-2], q in [1, L-1-p] (``fedsea info``)."""
+    return {"head_layers": [1, num_layers - 2], "tail_layers": f"[1, {num_layers - 1} - head_layers]"}
+
+
+def no_padding(lengths: torch.Tensor, total: int) -> bool:
+    """True when every row is ``total`` real tokens long, decided without a device sync.
+
+    ``lengths`` on the CPU (the usual case: they come from the tokenizer or the wire) is read
+    for free; on an accelerator reading it would stall the stream, so the answer is False and
+    the explicit (all-ones) mask is kept.
+    """
+    return lengths.device.type == "cpu" and bool((lengths == total).all())
+
+
 class SplitPart(nn.Module):
     """Blocks [start, end) of a model, runnable alone on hidden states and lengths."""
 
@@ -77,9 +92,12 @@ class SplitPart(nn.Module):
     def __init__(self, model: PreTrainedModel, start: int, end: int) -> None:
         super().__init__()
         self.config = model.config
+        self.family: Family = family_of(model)
         self.start, self.end = start, end
         base = model.model
         self.layers = nn.ModuleDict({str(i): base.layers[i] for i in range(start, end)})
+        kinds = layer_types(self.config)
+        self.layer_types: dict[str, str] = {str(i): kinds[i] for i in range(start, end)}
         # Rotary embedding has no trainable weights (inv_freq buffer only): shared, not copied.
         self.rotary_emb = base.rotary_emb
 
@@ -89,10 +107,19 @@ class SplitPart(nn.Module):
         return int(self.config.hidden_size)
 
     def new_cache(self) -> DynamicCache:
-        """A KV cache for this part's blocks (indexed by global layer number)."""
-        return DynamicCache(config=self.config)
+        """A KV cache for this part's blocks (indexed by global layer number).
 
-    def _check_hidden(self, hidden: torch.Tensor) -> None:
+        Sliding-window layers keep their whole past (``record_past``) so that a rewind can cut
+        them like full layers; attention still sees only the window (the layer returns the
+        last ``sliding_window - 1 + n`` slots and the mask matches).
+        """
+        cache = DynamicCache(config=self.config)
+        for layer in cache.layers:
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer.activate_past_recording()
+        return cache
+
+    def _check_hidden(self, hidden: torch.Tensor, *, finite: bool = True) -> None:
         if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
             raise InvalidInputError("hidden", "expected a floating-point tensor")
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -101,8 +128,30 @@ class SplitPart(nn.Module):
             )
         if hidden.shape[1] == 0:
             raise InvalidInputError("hidden", "expected at least one token")
-        if not bool(torch.isfinite(hidden).all()):
+        if finite and not bool(torch.isfinite(hidden).all()):
             raise InvalidInputError("hidden", "contains NaN or Inf")
+
+    def _masks(
+        self, hidden: torch.Tensor, attn_2d: torch.Tensor | None, cache: DynamicCache | None
+    ) -> dict[str, torch.Tensor | None]:
+        """One 4-D mask (or None: SDPA's is_causal path) per attention kind among this part's blocks."""
+        masks: dict[str, torch.Tensor | None] = {}
+        for key, kind in self.layer_types.items():
+            if kind in masks:
+                continue
+            build = create_sliding_window_causal_mask if kind == SLIDING_ATTENTION else create_causal_mask
+            masks[kind] = build(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attn_2d,
+                cache=cache,
+                # Positions only serve packed-sequence detection, which needs no 2-D mask and no cache;
+                # ours are never packed, and the detection would sync with the device.
+                position_ids=None,
+                # The cache may hold only this part's layers: size the mask on one of this kind here.
+                layer_idx=int(key),
+            )
+        return masks
 
     def _run_blocks(self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
         """Run this part's blocks on ``hidden`` (B, n, d); ``lengths`` counts cached past too."""
@@ -110,27 +159,26 @@ class SplitPart(nn.Module):
         past = cache.get_seq_length(self.start) if cache is not None else 0
         total = past + new
         check_lengths(lengths, batch, total)
+        unpadded = no_padding(lengths, total)
         lengths = lengths.to(device=hidden.device, dtype=torch.int64)
-        attn_2d = padding_mask(lengths, total)  # (B, T)
+        attn_2d = None if unpadded else padding_mask(lengths, total)  # (B, T) or None
         pos = position_ids(lengths, total, new)  # (B, n)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attn_2d,
-            cache=cache,
-            position_ids=pos,
-            # The cache may hold only this part's layers: size the mask on one of them.
-            layer_idx=self.start,
-        )
-        rope = self.rotary_emb(hidden, position_ids=pos)  # (cos, sin), each (B, n, head_dim)
-        for layer in self.layers.values():
+        masks = self._masks(hidden, attn_2d, cache)
+        # (cos, sin), each (B, n, head_dim): one pair, or one per layer type (Gemma 3's local/global rope).
+        if self.family.rope_per_layer_type:
+            ropes = {kind: self.rotary_emb(hidden, pos, kind) for kind in set(self.layer_types.values())}
+        else:
+            rope = self.rotary_emb(hidden, position_ids=pos)
+            ropes = dict.fromkeys(self.layer_types.values(), rope)
+        for key, layer in self.layers.items():
+            kind = self.layer_types[key]
             hidden = layer(
                 hidden,
-                attention_mask=mask,
+                attention_mask=masks[kind],
                 position_ids=pos,
                 cache=cache,
                 use_cache=cache is not None,
-                position_embeddings=rope,
+                position_embeddings=ropes[kind],
             )
         return hidden
 
@@ -147,15 +195,23 @@ class Head(SplitPart):
     def forward(
         self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None = None
     ) -> torch.Tensor:
-        """Args: input_ids (B, n) int64, left-padded; lengths (B,). Returns h_p (B, n, d)."""
+        """Args: input_ids (B, n) int64, left-padded; lengths (B,). Returns h_p (B, n, d).
+
+        Token ids are range-checked on the CPU only: ids on an accelerator are the model's own
+        argmax during generation (always in range), and checking them would sync every step.
+        """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
             raise InvalidInputError("input_ids", f"expected shape (batch, tokens) with tokens >= 1, got {shape}")
         if input_ids.dtype != torch.int64:
             raise InvalidInputError("input_ids", f"expected int64 token ids, got {input_ids.dtype}")
         vocab = self.embed_tokens.num_embeddings
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        # Checked where it is free (CPU). Ids on an accelerator are the model's own argmax (each
+        # decode step), always in range; reading them here would sync the device every step.
+        on_cpu = input_ids.device.type == "cpu"
+        if on_cpu and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise InvalidInputError("input_ids", f"token ids must be in [0, {vocab})")
+        # Gemma's embedding module multiplies by sqrt(d) itself: the head needs no scale of its own.
         hidden = self.embed_tokens(input_ids)  # (B, n, d)
         return self._run_blocks(hidden, lengths, cache)
 
@@ -167,6 +223,7 @@ class Trunk(SplitPart):
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
         """hidden: (B, n, d) h_p, lengths: (B,) real tokens; returns h_{L-q} (B, n, d)."""
+        # The server's input is untrusted: checked for NaN/Inf wherever it lies.
         self._check_hidden(hidden)
         return self._run_blocks(hidden, lengths, cache)
 
@@ -190,11 +247,16 @@ class Tail(SplitPart):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Returns logits (B, n, V), or (B, k, V) for the last ``logits_to_keep`` = k slots."""
-        self._check_hidden(hidden)
+        # The finiteness check costs a device sync: done on CPU tensors only (the tail's input
+        # comes from the client's own trunk connection, already decoded and shape-checked).
+        self._check_hidden(hidden, finite=hidden.device.type == "cpu")
         hidden = self._run_blocks(hidden, lengths, cache)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        logits: torch.Tensor = self.lm_head(self.norm(hidden))
+        logits: torch.Tensor = self.lm_head(self.norm(hidden))  # (B, n|k, V)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma 2/3: cap * tanh(logits / cap), as their ForCausalLM.forward
+            logits = torch.tanh(logits / cap) * cap
         return logits
 
 
@@ -282,10 +344,11 @@ def central_forward(model: PreTrainedModel, input_ids: torch.Tensor, lengths: to
     """
     total = input_ids.shape[1]
     check_lengths(lengths, input_ids.shape[0], total)
+    unpadded = no_padding(lengths, total)  # then no mask: the same SDPA path as the split's
     lengths = lengths.to(device=input_ids.device, dtype=torch.int64)
     out = model(
         input_ids=input_ids,
-        attention_mask=padding_mask(lengths, total),
+        attention_mask=None if unpadded else padding_mask(lengths, total),
         position_ids=position_ids(lengths, total, total),
         use_cache=False,
     )

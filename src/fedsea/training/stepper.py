@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from fedsea.errors import InvalidInputError
+from fedsea.model.cache import crop_cache
 from fedsea.model.split import Trunk
 
 # One int32 length per sequence travels with each hidden-state message.
@@ -86,7 +87,7 @@ def rewind_cache(
             REWIND_FIELD, f"must be >= {cached - shortest + 1}: {length} would cut a whole sequence of the batch"
         )
     if cut:
-        cache.crop(-cut)  # transformers >= 5: crop takes minus the number of slots to remove
+        crop_cache(cache, cut)  # sliding-window layers too (they record their whole past)
     return lengths - cut
 
 
