@@ -160,9 +160,11 @@ class SplitPart(nn.Module):
         total = past + new
         check_lengths(lengths, batch, total)
         unpadded = no_padding(lengths, total)
-        lengths = lengths.to(device=hidden.device, dtype=torch.int64)
-        attn_2d = None if unpadded else padding_mask(lengths, total)  # (B, T) or None
-        pos = position_ids(lengths, total, new)  # (B, n)
+        # Built where the lengths are (the host, in practice) and copied over without blocking:
+        # a blocking host-to-device copy would wait for the device's queue (a sync per part).
+        lengths = lengths.to(torch.int64)
+        attn_2d = None if unpadded else padding_mask(lengths, total).to(hidden.device, non_blocking=True)  # (B, T)
+        pos = position_ids(lengths, total, new).to(hidden.device, non_blocking=True)  # (B, n)
         masks = self._masks(hidden, attn_2d, cache)
         # (cos, sin), each (B, n, head_dim): one pair, or one per layer type (Gemma 3's local/global rope).
         if self.family.rope_per_layer_type:
