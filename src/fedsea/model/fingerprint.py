@@ -166,7 +166,10 @@ def checkpoint_fingerprint(folder: str | Path, model: PreTrainedModel) -> str | 
     value = _hash_checkpoint(Path(folder), model)
     if value is not None:
         record = {"fingerprint": value, "folder": str(Path(folder).resolve()), "key_files": _names(folder)}
-        atomic_write_text(path, json.dumps(record, indent=2))
+        try:
+            atomic_write_text(path, json.dumps(record, indent=2))
+        except OSError as exc:  # a read-only cache costs a re-hash next time, nothing else
+            logger.warning("cannot cache the fingerprint in %s: %s", path, exc)
     return value
 
 
