@@ -280,8 +280,10 @@ def build_random_model(spec: RandomSpec, dtype: torch.dtype, device: torch.devic
         constant = [m for m in model.modules() if _is_constant_init(m)]
         for module in constant:
             model._init_weights(module)
-        # Every parameter not owned by those: hashed values (weights and biases alike).
-        skip = {id(p) for m in constant for p in m.parameters(recurse=False)}
+        # Every parameter but the norms': hashed values (weights and biases alike; a module with
+        # buffers, such as a scaled embedding, keeps HF's buffers but gets hashed weights).
+        norms = [m for m in constant if "Norm" in type(m).__name__]
+        skip = {id(p) for m in norms for p in m.parameters(recurse=False)}
         for name, param in model.named_parameters():
             if id(param) not in skip:
                 fill_hashed_(param, name, spec.seed, std)
