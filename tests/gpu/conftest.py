@@ -17,7 +17,7 @@ import torch
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = os.path.dirname(__file__)
     for item in items:
-        if str(item.fspath).startswith(here):
+        if str(item.path).startswith(here):
             item.add_marker(pytest.mark.gpu)
 
 

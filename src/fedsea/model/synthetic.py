@@ -172,7 +172,7 @@ def parse_random_source(text: str) -> RandomSpec:
             raise ValueError(f"{text!r}: unknown option {key!r}; options are {', '.join(_OPTIONS)}")
         if key in values:
             raise ValueError(f"{text!r}: option {key!r} given twice")
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise ValueError(f"{text!r}: option {key}={value!r} must be a non-negative integer")
         values[key] = int(value)
     layers = values.get("layers")
