@@ -13,6 +13,9 @@ Hashing every weight takes minutes at 70B, so it is computed once per checkpoint
   ``*.safetensors``, ``*.bin`` and ``config.json``. So it does not depend on the dtype or device
   the model was loaded into (a bfloat16 and a float32 load give the same fingerprint), and it
   equals the weight hash of a float32 load of the checkpoint. Changing a file changes the key.
+  A checkpoint that stores some base weight under another name than the model's parameter
+  (a legacy layout transformers renames on load) falls back to hashing the loaded weights,
+  uncached, which then depends on the load dtype.
 - ``random:`` sources: a hash of (shape name, full config, seed, generator version), no
   weight pass (``fedsea.model.synthetic.random_fingerprint``).
 - ``tiny-llama``, Hub ids, and models passed in directly: the weights are hashed on the
