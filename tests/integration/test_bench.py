@@ -29,3 +29,21 @@ def test_bench_generate_prints_one_json_line_with_identical_tokens():
         assert row["split_tok_s"] > 0 and row["central_tok_s"] > 0 and row["naive_tok_s"] > 0
     for key in ("split_tok_s", "central_tok_s", "naive_tok_s", "bytes_per_step", "theoretical_bytes_per_step"):
         assert key in result
+
+
+def test_bench_train_on_a_random_shape_in_bfloat16_reports_device_dtype_and_model():
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env["HF_HUB_OFFLINE"] = "1"
+    model = "random:llama-tiny?layers=3&seed=1"
+    cmd = [sys.executable, "-m", "fedsea.cli", "bench", "train", "--model", model, "--device", "cpu"]
+    cmd += ["--dtype", "bfloat16", "--batch", "2", "--tokens", "8", "--head-layers", "1", "--tail-layers", "1"]
+    cmd += ["--steps", "1", "--warmup", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stdout
+    result = json.loads(lines[0])
+    assert (result["model"], result["device"], result["dtype"]) == (model, "cpu", "bfloat16")
+    # Client and server built the same weights (else the server would have refused the session).
+    assert result["bytes_per_step"] >= result["theoretical_bytes_per_step"] == 4 * 2 * 8 * 64 * 4
+    assert result["split_step_s"] > 0 and result["central_step_s"] > 0

@@ -17,7 +17,8 @@ from fedsea.client.split_client import SplitClient
 from fedsea.config import ServerLimits
 from fedsea.errors import RemoteError
 from fedsea.model.fingerprint import model_fingerprint
-from fedsea.server.app import ServerTls, TrunkServer
+from fedsea.server.app import ServerThread, ServerTls, TrunkServer
+from fedsea.server.trunk import TrunkHost
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire import fedsea_pb2_grpc as pb_grpc
 from fedsea.wire.auth import TokenStore
@@ -121,6 +122,29 @@ def test_base_model_mismatch_is_refused_clearly(server):
     other = fedsea.split_model(fedsea.tiny_llama(**{**TINY, "seed": 5}), 2, 1).add_lora(fedsea.LoraSpec(r=2))
     with pytest.raises(RemoteError, match="FAILED_PRECONDITION: base model mismatch"):
         SplitClient(server, other).connect()
+
+
+@pytest.mark.parametrize("kind", ["random", "folder"])
+def test_a_different_seed_or_checkpoint_is_refused(kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSEA_CACHE", str(tmp_path / "cache"))
+    if kind == "random":
+        served, other = "random:llama-tiny", "random:llama-tiny?seed=1"
+    else:
+        served, other = str(tmp_path / "a"), str(tmp_path / "b")
+        fedsea.tiny_llama(**TINY).save_pretrained(served)
+        fedsea.tiny_llama(**{**TINY, "seed": 1}).save_pretrained(other)
+    thread = ServerThread(TrunkServer(TrunkHost(fedsea.load_model(served))))
+    address = f"localhost:{thread.start()}"
+    try:
+        # The same base model in another dtype is the same model: accepted.
+        same = fedsea.split_model(fedsea.load_model(served, dtype="bfloat16"), 1, 1).add_lora(fedsea.LoraSpec(r=2))
+        with SplitClient(address, same) as client:
+            assert client.connection is not None
+        different = fedsea.split_model(fedsea.load_model(other), 1, 1).add_lora(fedsea.LoraSpec(r=2))
+        with pytest.raises(RemoteError, match="FAILED_PRECONDITION: base model mismatch"):
+            SplitClient(address, different).connect()
+    finally:
+        thread.stop()
 
 
 def test_limits_are_enforced(make_server, tiny_tokenizer):

@@ -203,3 +203,15 @@ def test_partition_range_and_unsupported_models():
     bidirectional = tiny_family_model("gemma3", use_bidirectional_attention=True)
     with pytest.raises(UnsupportedModelError, match="bidirectional"):
         fedsea.split_model(bidirectional, 1, 1)
+
+
+def test_fingerprint_tells_family_quirks_apart() -> None:
+    """Same weights, another soft-cap or window: a different model, so a different fingerprint."""
+    from fedsea.model.fingerprint import model_fingerprint
+
+    base = tiny_family_model("gemma2")
+    capped = tiny_family_model("gemma2", final_logit_softcapping=7.0)
+    windowed = tiny_family_model("gemma2", sliding_window=3)
+    assert torch.equal(base.lm_head.weight, capped.lm_head.weight)
+    prints = {model_fingerprint(m) for m in (base, capped, windowed)}
+    assert len(prints) == 3

@@ -36,7 +36,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fedsea.experiments import bench_train as bench
 
     if args.what == "load":
-        result = bench.bench_load(args.model, repeats=args.repeats)
+        result = bench.bench_load(args.model, repeats=args.repeats, device=args.device, dtype=args.dtype)
     elif args.what == "generate":
         from fedsea.experiments.bench_generate import bench_generate
 
@@ -45,7 +45,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _reexec_for_colocation(args)
         result = bench_generate(
             args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers, args.tail_layers,
-            args.naive_tokens, args.net_latency_ms, args.wire_dtype,
+            args.naive_tokens, args.net_latency_ms, args.wire_dtype, args.device, args.dtype,
         )  # fmt: skip
     elif args.what == "federation":
         from fedsea.experiments.bench_federation import bench_federation
@@ -54,7 +54,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         result = bench.bench_train(
             args.model, args.batch, args.tokens, args.head_layers, args.tail_layers, args.steps, args.warmup,
-            args.wire_dtype, args.net_latency_ms, args.net_mbps or 0.0,
+            args.wire_dtype, args.net_latency_ms, args.net_mbps or 0.0, args.device, args.dtype,
         )  # fmt: skip
     print(json.dumps(result))
     return 0
@@ -66,6 +66,7 @@ def add_bench_commands(sub: Any) -> None:
     from fedsea.cli.generate import WIRE_FLAGS
     from fedsea.config import WIRE_DTYPES, SplitConfig, WireConfig
     from fedsea.experiments.bench_generate import GENERATE_LATENCY_MS
+    from fedsea.experiments.bench_server import BENCH_DTYPES
     from fedsea.model.load import DEFAULT_MODEL
 
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
@@ -79,10 +80,21 @@ def add_bench_commands(sub: Any) -> None:
     parsers = {}
     for what, text in helps.items():
         p = kinds.add_parser(what, help=text)
-        p.add_argument("--model", default=DEFAULT_MODEL, help="model source (default: %(default)s)")
+        p.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            help="model source, e.g. random:llama-2-7b?layers=4 for a published shape with random weights "
+            "(default: %(default)s)",
+        )
         p.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
         p.set_defaults(func=_cmd_bench)
         parsers[what] = p
+    for what in ("load", "train", "generate"):
+        p = parsers[what]
+        p.add_argument("--device", default="cpu", help="where client and server run: cpu, cuda, cuda:1 (default: cpu)")
+        p.add_argument(
+            "--dtype", default="float32", choices=list(BENCH_DTYPES), help="weights' dtype (default: float32)"
+        )
     parsers["load"].add_argument("--repeats", type=int, default=3, help="cached loads to time")
     train = parsers["train"]
     train.add_argument("--batch", type=int, default=4, help="sequences per step")

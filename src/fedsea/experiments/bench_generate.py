@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from fedsea.config import SplitConfig, WireConfig
-from fedsea.experiments.bench_train import start_server_process
 from fedsea.model.load import DEFAULT_MODEL, load_model
 from fedsea.wire.ports import free_loopback_port
 
@@ -28,6 +27,8 @@ def _hf_generate(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[torch.
             eos_token_id=None,
             pad_token_id=0,
         )
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)  # generate may return before its last kernels ran
     return out, time.perf_counter() - t0
 
 
@@ -45,6 +46,8 @@ def bench_generate(
     naive_tokens: int = 8,
     latency_ms: float = GENERATE_LATENCY_MS,
     wire_dtype: str = WireConfig.dtype,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Tokens per second of greedy generation: split over loopback gRPC (server in its own
     process), Hugging Face ``generate`` on the unsplit model, and the naive split without
@@ -58,17 +61,25 @@ def bench_generate(
     The naive split is timed over its first ``naive_tokens`` new tokens only (its cost per
     token grows with the sequence, so this overstates its speed, which is the conservative
     direction for the split-vs-naive ratio).
+
+    Server (``fedsea.experiments.bench_server``) and client load the same ``model`` on
+    ``device`` in ``dtype``; in bfloat16 or float16 ``identical_to_central`` may be false (the
+    split and the unsplit model round differently, and greedy decoding amplifies that).
     """
     from fedsea.client.split_client import SplitClient
+    from fedsea.experiments.bench_server import bench_device, bench_dtype, start_bench_server
     from fedsea.model.split import split_model
     from fedsea.training.generation import GenerationConfig
     from fedsea.wire.shaper import NetShaper
 
+    where, torch_dtype = bench_device(device), bench_dtype(dtype)
     port = free_loopback_port()
-    server = start_server_process(model, port)
+    server = start_bench_server(model, port, device, dtype)
     results: dict[str, Any] = {
         "bench": "generate",
         "model": model,
+        "device": str(where),
+        "dtype": dtype,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "wire_dtype": wire_dtype,
@@ -76,13 +87,15 @@ def bench_generate(
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "default"),
     }
     try:
-        base = load_model(model)
+        base = load_model(model, torch_dtype, where)
         split = split_model(base, head_layers, tail_layers)
         hidden = int(base.config.hidden_size)
         gen = torch.Generator().manual_seed(0)
         greedy = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=())
         naive = GenerationConfig(max_new_tokens=naive_tokens, eos_token_id=(), use_cache=False)
-        prompts = {b: torch.randint(3, base.config.vocab_size, (b, prompt_tokens), generator=gen) for b in batches}
+        prompts = {
+            b: torch.randint(3, base.config.vocab_size, (b, prompt_tokens), generator=gen).to(where) for b in batches
+        }
         # The plain base model first (before any adapter is injected into its blocks).
         _hf_generate(base, prompts[batches[0]][:, :16], 2)  # warm up
         base_s = {b: _hf_generate(base, prompts[b], new_tokens)[1] for b in batches}
@@ -96,11 +109,11 @@ def bench_generate(
             }
             client.put_trunk_adapter(state)
             client.sync_trunk_adapter()
-            warm = torch.randint(3, base.config.vocab_size, (1, 16), generator=gen)
-            client.generate_ids(warm, torch.tensor([16]), greedy)  # warm up
+            warm = torch.randint(3, base.config.vocab_size, (1, 16), generator=gen).to(where)
+            client.generate_ids(warm, torch.tensor([16], device=where), greedy)  # warm up
             for batch in batches:
                 ids = prompts[batch]
-                lengths = torch.full((batch,), prompt_tokens)
+                lengths = torch.full((batch,), prompt_tokens, device=where)
                 assert client.connection is not None
                 before = client.connection.meter.rpc("generate")
                 t0 = time.perf_counter()
@@ -137,9 +150,9 @@ def bench_generate(
         shaper = NetShaper(latency_ms=latency_ms)
         with SplitClient(f"127.0.0.1:{port}", split, wire_dtype=wire_dtype, shaper=shaper) as client:
             for batch in batches:
-                ids = torch.randint(3, base.config.vocab_size, (batch, prompt_tokens), generator=gen)
+                ids = torch.randint(3, base.config.vocab_size, (batch, prompt_tokens), generator=gen).to(where)
                 t0 = time.perf_counter()
-                client.generate_ids(ids, torch.full((batch,), prompt_tokens), greedy)
+                client.generate_ids(ids, torch.full((batch,), prompt_tokens, device=where), greedy)
                 shaped_s = time.perf_counter() - t0
                 results[f"batch{batch}"]["shaped_split_tok_s"] = round(batch * new_tokens / shaped_s, 2)
                 results[f"batch{batch}"]["rtt_limit_tok_s"] = round(batch * 1000 / (2 * latency_ms), 2)

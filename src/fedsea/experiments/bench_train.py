@@ -13,22 +13,27 @@ from fedsea.model.load import DEFAULT_MODEL, load_model
 from fedsea.wire.ports import free_loopback_port
 
 
-def bench_load(source: str = DEFAULT_MODEL, repeats: int = 3) -> dict[str, Any]:
+def bench_load(
+    source: str = DEFAULT_MODEL, repeats: int = 3, device: str = "cpu", dtype: str = "float32"
+) -> dict[str, Any]:
     """Time the first load of ``source`` into an empty cache (GGUF conversion) and cached loads.
 
-    Target: a cached load under 2 s.
+    Target: a cached load under 2 s. A ``random:`` source has nothing to cache: each load builds it.
     """
+    from fedsea.experiments.bench_server import bench_device, bench_dtype
+
+    where, torch_dtype = bench_device(device), bench_dtype(dtype)
     saved = os.environ.get("FEDSEA_CACHE")
     with tempfile.TemporaryDirectory(prefix="fedsea-bench-") as cache:
         os.environ["FEDSEA_CACHE"] = cache
         try:
             t0 = time.perf_counter()
-            load_model(source)
+            load_model(source, dtype=torch_dtype, device=where)
             first = time.perf_counter() - t0
             cached = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                load_model(source)
+                load_model(source, dtype=torch_dtype, device=where)
                 cached.append(time.perf_counter() - t0)
         finally:
             if saved is None:
@@ -38,6 +43,8 @@ def bench_load(source: str = DEFAULT_MODEL, repeats: int = 3) -> dict[str, Any]:
     return {
         "bench": "load",
         "source": source,
+        "device": str(where),
+        "dtype": dtype,
         "first_load_s": round(first, 3),
         "cached_load_s": round(statistics.median(cached), 3),
         "speedup": round(first / statistics.median(cached), 1),
@@ -72,10 +79,14 @@ def bench_train(
     wire_dtype: str = WireConfig.dtype,
     latency_ms: float = 0.0,
     mbps: float = 0.0,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Median training-step time, split over loopback gRPC against centralized in-process.
 
-    The server runs in its own process (``fedsea serve``). Split and centralized steps
+    The server runs in its own process (``fedsea.experiments.bench_server``, ``fedsea serve``
+    with a device and dtype); it, the client and the centralized model load the same ``model``
+    on ``device`` in ``dtype`` (a ``random:`` source builds the same weights on each). Split and centralized steps
     alternate on the same batch so that both see the same machine state. Targets: ratio
     <= 1.15; bytes per step <= 1.02 x the theoretical 4 x B x n x d x wire-bytes.
     """
@@ -85,6 +96,7 @@ def bench_train(
 
     from fedsea.client.split_client import SplitClient
     from fedsea.config import LoraSpec, OptimConfig
+    from fedsea.experiments.bench_server import bench_device, bench_dtype, start_bench_server, synchronize
     from fedsea.model.split import split_model
     from fedsea.training.batch import make_batch
     from fedsea.training.step import CentralTrainer
@@ -93,13 +105,15 @@ def bench_train(
     lora = LoraSpec(dropout=0.0)
     optim = OptimConfig(lr=1e-4)
     gen = torch.Generator().manual_seed(0)
+    where, torch_dtype = bench_device(device), bench_dtype(dtype)
     port = free_loopback_port()
-    server = start_server_process(model, port)
+    server = start_bench_server(model, port, device, dtype)
     try:
-        client_split = split_model(load_model(model), head_layers, tail_layers).add_lora(lora)
-        central_split = split_model(load_model(model), head_layers, tail_layers).add_lora(lora)
+        client_split = split_model(load_model(model, torch_dtype, where), head_layers, tail_layers).add_lora(lora)
+        central_split = split_model(load_model(model, torch_dtype, where), head_layers, tail_layers).add_lora(lora)
         vocab = client_split.model.config.vocab_size
         data = make_batch(torch.randint(3, vocab, (batch, tokens), generator=gen).tolist(), pad_token_id=0)
+        data = data.to(where)
         central = CentralTrainer(central_split, optim=optim)
         shaper = NetShaper(latency_ms, mbps)
         split_times: list[float] = []
@@ -111,8 +125,10 @@ def bench_train(
             for i in range(warmup + steps):
                 t0 = time.perf_counter()
                 client.train_step(data)
+                synchronize(where)
                 t1 = time.perf_counter()
                 central.train_step(data)
+                synchronize(where)
                 t2 = time.perf_counter()
                 if i == warmup - 1:
                     before = client.stats()
@@ -139,6 +155,8 @@ def bench_train(
     return {
         "bench": "train",
         "model": model,
+        "device": str(where),
+        "dtype": dtype,
         "batch": batch,
         "tokens": tokens,
         "head_layers": head_layers,

