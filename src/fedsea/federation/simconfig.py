@@ -30,6 +30,7 @@ from fedsea.federation.runconfig import (
     RunLora,
     RunSettings,
     RunWire,
+    ServerSettings,
     TaskSettings,
 )
 from fedsea.privacy.calibration import NoiseTarget
@@ -50,6 +51,7 @@ __all__ = [
     "RunPlan",
     "RunSettings",
     "RunWire",
+    "ServerSettings",
     "TaskSettings",
     "dump_tree",
     "example_run_file",

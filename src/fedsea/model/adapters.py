@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -65,6 +65,10 @@ def add_lora(part: SplitPart, spec: LoraSpec, adapter_name: str = ADAPTER_NAME) 
         inject_adapter_in_model(config, part, adapter_name=adapter_name)
     except ValueError as exc:
         raise AdapterError(f"cannot add LoRA to the {part.part_name}: {exc}") from exc
+    # peft makes LoRA weights in the base layer's dtype; on a bfloat16/float16 model they are
+    # upcast to float32 (as peft's get_peft_model does), so AdamW's small updates are not rounded
+    # away. peft casts the input to the adapter's dtype and the result back to the base's.
+    cast_adapter_dtype(part, adapter_name)
     tag = _tag(adapter_name)
     for name, param in part.named_parameters():
         param.requires_grad_("lora_" in name and tag in name)

@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from fedsea.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from fedsea.io import atomic_directory
+from fedsea.model.device import cast_and_place, resolve_device, resolve_dtype
 from fedsea.model.split import SUPPORTED_ARCHITECTURES, check_supported
 from fedsea.model.tiny import tiny_llama, tiny_tokenizer
 
@@ -166,30 +167,34 @@ def _local_folder(resolved: ResolvedSource) -> str:
 
 def load_model(
     source: str | os.PathLike[str] = DEFAULT_MODEL,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     device: str | torch.device = "cpu",
+    spread: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM that fedsea can split, in eval mode with frozen base weights.
 
     Args:
         source: a packaged name (``smollm2-135m``, ``tiny-llama``), a Hugging Face model
             folder, a ``.gguf`` file, or a Hub id when online.
-        dtype: parameter dtype (``torch.float32`` by default; ``"bfloat16"`` etc. accepted).
-        device: where to put the model.
+        dtype: parameter dtype (``torch.float32`` by default); a name (``bfloat16``, ``bf16``, ...)
+            or ``auto`` (or None): bfloat16 on CUDA, float32 elsewhere (``fedsea.model.device``).
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (the first GPU, else the CPU).
+        spread: with ``device="auto"`` and several GPUs, spread the blocks over all of them (the
+            trunk server).
 
     Raises:
         ModelNotFoundError: nothing at ``source``.
         UnsupportedModelError: an architecture fedsea cannot split (the message lists those it can).
         ModelLoadError: the files exist but cannot be read.
+        DeviceError: the device does not exist here.
     """
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
-        dtype = getattr(torch, dtype)
+    # Device first: a missing GPU is reported before minutes of loading.
+    where = resolve_device(device, spread=spread)
+    dtype = resolve_dtype(dtype, where)
     resolved = resolve_source(source)
+    model: PreTrainedModel
     if resolved.kind == "tiny":
-        # transformers wraps ``to`` with functools.wraps; the stub then sees an unbound _Wrapped.
-        model = tiny_llama().to(dtype=dtype)  # type: ignore[call-arg]
+        model = tiny_llama()
     else:
         location = _local_folder(resolved)
         _check_config_supported(location)
@@ -197,7 +202,8 @@ def load_model(
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+            # The checkpoint's own dtype ("auto"): cast_and_place fingerprints it before rounding.
+            model = AutoModelForCausalLM.from_pretrained(location, dtype="auto")
         except OSError as exc:
             raise ModelLoadError(f"cannot load the model at {location}: {exc}") from exc
         finally:
@@ -205,8 +211,8 @@ def load_model(
                 hf_logging.enable_progress_bar()
     check_supported(model)
     model.requires_grad_(False)
-    loaded: PreTrainedModel = model.to(device).eval()
-    return loaded
+    cast_and_place(model, dtype, where)  # also eval mode
+    return model
 
 
 def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
