@@ -112,9 +112,9 @@ def victim_texts(source: str, count: int, task: str, data_dir: str | None = None
 
 def run_attack(args: argparse.Namespace) -> int:
     """Run the grid the flags describe; print progress, the table and plot paths, and the best attacks."""
-    from fedsea.experiments.privacy_report import best_attacks, markdown_table, write_report
     from fedsea.cli.flags import settings_from_flags
     from fedsea.config import Placement
+    from fedsea.experiments.privacy_report import best_attacks, markdown_table, write_report
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import check_partition
 

@@ -12,7 +12,6 @@ from fedsea.config import Placement
 from fedsea.errors import FedseaError
 from fedsea.version import __version__
 
-
 # ``fedsea merge`` writes the merged weights in the model's dtype: float32 on the CPU unless told.
 MERGE_PLACEMENT = Placement(device="cpu", dtype="float32")
 
