@@ -30,16 +30,13 @@ from fedsea.config import (
     LoraSpec,
     NoiseConfig,
     OptimConfig,
-    Placement,
     ServerLimits,
     SplitConfig,
     SplitLora,
     WireConfig,
-    check_device_spec,
-    check_dtype_spec,
 )
 from fedsea.federation.config import FedConfig
-from fedsea.model.load import DEFAULT_MODEL
+from fedsea.federation.placement import ModelSettings, ServerSettings, check_placement
 from fedsea.privacy.calibration import NoiseTarget
 from fedsea.privacy.regularizers import HEAD_REGULARIZERS
 from fedsea.settings import ZERO_IS_NONE, to_tree
@@ -48,57 +45,6 @@ from fedsea.settings import ZERO_IS_NONE, to_tree
 NOISE_LEVELS: tuple[str, ...] = ("relative_sigma", "sigma", "epsilon")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "size")
 _FED = FedConfig()  # the round policy's defaults are FedConfig's: read, not repeated
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """The base model, and where every party runs it (``[server]``, ``[client]`` and ``[[clients]]`` may differ).
-
-    Args:
-        source: a model source: a Hugging Face folder or name, a GGUF file, ``smollm2-135m`` (the
-            packaged default) or ``random:<shape>`` (seeded random weights of a known shape).
-    """
-
-    __doc_sources__ = (Placement,)
-
-    source: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.placement()  # Placement checks device and dtype
-
-    def placement(self) -> Placement:
-        """The device and dtype as a ``Placement``."""
-        return Placement(self.device, self.dtype)
-
-    def placed(self, device: str | None, dtype: str | None) -> ModelSettings:
-        """These settings with the device and dtype given (None: keep this one's)."""
-        return dataclasses.replace(self, device=device or self.device, dtype=dtype or self.dtype)
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """The trunk server's device and dtype where they differ from ``[model]``.
-
-    Args:
-        device: the server's device (unset: ``[model]``'s); ``auto`` spreads the blocks over every
-            visible GPU, so a trunk larger than one GPU runs.
-        dtype: the server's dtype (unset: ``[model]``'s); auto is bfloat16 on CUDA, float32 on the CPU.
-    """
-
-    device: str | None = None
-    dtype: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_placement(self.device, self.dtype)
-
-
-def _check_placement(device: str | None, dtype: str | None) -> None:
-    if device is not None:
-        check_device_spec(device)
-    if dtype is not None:
-        check_dtype_spec(dtype)
 
 
 @dataclass(frozen=True)
@@ -236,7 +182,7 @@ class ClientConfig(SplitConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_placement(self.device, self.dtype)
+        check_placement(self.device, self.dtype)
         for name in ("batch_size", "max_length"):
             value = getattr(self, name)
             if value < 1:
@@ -264,10 +210,6 @@ class ClientPlan(ClientConfig):
     """One client's resolved settings and its name in the run (device and dtype filled in from ``[model]``)."""
 
     name: str = "client-0"
-
-    def placement(self) -> Placement:
-        """This client's device and dtype."""
-        return Placement(self.device or "auto", self.dtype or "auto")
 
 
 @dataclass(frozen=True)

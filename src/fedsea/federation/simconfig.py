@@ -16,6 +16,7 @@ from typing import Any
 
 from fedsea.config import NoiseConfig, OptimConfig, SplitLora
 from fedsea.federation.config import MODES, FedConfig
+from fedsea.federation.placement import ModelSettings, ServerSettings
 from fedsea.federation.runconfig import (
     NOISE_LEVELS,
     ClientConfig,
@@ -23,14 +24,12 @@ from fedsea.federation.runconfig import (
     ClientPlan,
     FederationSettings,
     LoraPart,
-    ModelSettings,
     NoiseSettings,
     PrivacySettings,
     RunConfig,
     RunLora,
     RunSettings,
     RunWire,
-    ServerSettings,
     TaskSettings,
 )
 from fedsea.privacy.calibration import NoiseTarget
