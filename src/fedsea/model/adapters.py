@@ -102,8 +102,12 @@ def adapter_parameters(part: nn.Module, adapter_name: str | None = None) -> dict
 
 
 def adapter_state_dict(part: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of ``part`` (detached copies), keys without the adapter name."""
-    return {k: p.detach().clone() for k, p in adapter_parameters(part, adapter_name).items()}
+    """The LoRA tensors of ``part`` (detached CPU copies), keys without the adapter name.
+
+    On the CPU whatever the part's device (its blocks may even be on several GPUs): a state is
+    data to save, send or average with other parties' states.
+    """
+    return {k: p.detach().to("cpu", copy=True) for k, p in adapter_parameters(part, adapter_name).items()}
 
 
 def load_adapter_state_dict(part: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:

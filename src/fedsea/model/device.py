@@ -180,7 +180,8 @@ def balanced_plan(block_bytes: Sequence[int], devices: int, first_bytes: int = 0
 def _move(value: Any, device: torch.device) -> Any:
     """``value`` with every tensor in it (also inside tuples, lists, dicts) on ``device``."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True) if value.device != device else value
+        # non_blocking only towards a GPU: a GPU -> CPU copy could be read before it lands.
+        return value.to(device, non_blocking=device.type == "cuda") if value.device != device else value
     if isinstance(value, tuple):
         return tuple(_move(v, device) for v in value)
     if isinstance(value, list):
