@@ -7,6 +7,7 @@ import pytest
 from fedsea.cli.fed import join_settings
 from fedsea.cli.main import build_parser
 from fedsea.cli.wire import serve_settings
+from fedsea.config import Placement
 from fedsea.federation.simconfig import example_run_file, load_config
 
 COMMANDS = {
@@ -71,6 +72,7 @@ def test_the_run_file_places_the_server_and_each_client(tmp_path):
     plans = config.client_plans()
     # [[clients]] over [client] over [model].
     assert [(c.device, c.dtype) for c in plans] == [("cpu", "fp32"), ("cuda:1", "fp16"), ("cpu", "fp32")]
+    assert plans[1].placement() == Placement("cuda:1", "fp16")
     base = ["--server", "x:1", "--run", str(path)]
     _, me, model, _ = join_settings(build_parser().parse_args(["join", *base, "--client", "client-1"]))
     assert (me.name, model.device, model.dtype) == ("client-1", "cuda:1", "fp16")

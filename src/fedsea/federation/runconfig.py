@@ -30,6 +30,7 @@ from fedsea.config import (
     LoraSpec,
     NoiseConfig,
     OptimConfig,
+    Placement,
     ServerLimits,
     SplitConfig,
     SplitLora,
@@ -210,6 +211,10 @@ class ClientPlan(ClientConfig):
     """One client's resolved settings and its name in the run (device and dtype filled in from ``[model]``)."""
 
     name: str = "client-0"
+
+    def placement(self) -> Placement:
+        """This client's device and dtype."""
+        return Placement(self.device or "auto", self.dtype or "auto")
 
 
 @dataclass(frozen=True)
