@@ -91,3 +91,41 @@ def test_a_missing_gpu_is_a_one_line_cli_error(tmp_path, capsys):
     assert "use --device cpu" in _one_line_error(capsys)
     assert main(["serve", "--model", "tiny-llama", "--device", "gpu"]) == 2
     assert "device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'" in _one_line_error(capsys)
+
+
+def test_train_and_generate_commands_in_bf16_against_a_bf16_server(tmp_path, capsys):
+    """The commands' own path: --device/--dtype to load_model, wire auto = bf16, the serve loader."""
+    from fedsea.cli.generate import load_placed
+    from fedsea.federation.simconfig import ModelSettings
+
+    rows = [{"prompt": "Review: a delight. Sentiment:", "completion": " positive"}, {"text": "A new park."}] * 3
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    host = TrunkHost(load_placed(ModelSettings("tiny-llama", "auto", "bf16"), spread=True))
+    assert host.model.dtype == torch.bfloat16
+    thread = ServerThread(TrunkServer(host))
+    port = thread.start()
+    try:
+        conn = [
+            "--server",
+            f"localhost:{port}",
+            "--model",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--head-layers",
+            "1",
+            "--tail-layers",
+            "1",
+        ]
+        train = ["train", *conn, "--data", str(data), "--epochs", "3", "--batch-size", "3", "--lr", "1e-2"]
+        assert main([*train, "--sigma", "0", "--json", "--quiet", "--save-adapters", str(tmp_path / "ad")]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["steps"] == 6 and summary["loss_last"] < summary["loss_first"]
+        said = ["generate", *conn, "--adapters", str(tmp_path / "ad"), "--prompt", "The movie was", "--sigma", "0"]
+        assert main([*said, "--max-new-tokens", "3", "--no-chat-template"]) == 0
+        assert capsys.readouterr().out.strip()
+    finally:
+        thread.stop()

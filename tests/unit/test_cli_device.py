@@ -104,3 +104,19 @@ def test_the_example_run_file_documents_devices_and_dtypes(tmp_path):
     path = tmp_path / "example.toml"
     path.write_text(text)
     assert load_config(path) == load_config(None)
+
+
+def test_simulate_passes_device_and_dtype_on_as_model_overrides(monkeypatch, capsys):
+    import fedsea.federation.simulate as sim
+    from fedsea.cli.main import main
+
+    seen = {}
+
+    def fake(config, overrides, **kwargs):
+        seen.update(config=config, overrides=overrides)
+        return {"report": "r.md"}
+
+    monkeypatch.setattr(sim, "simulate", fake)
+    assert main(["simulate", "r.toml", "task.eval_limit=5", "--device", "cpu", "--dtype", "bf16"]) == 0
+    assert seen["overrides"] == ["task.eval_limit=5", 'model.device="cpu"', 'model.dtype="bf16"']
+    load_config(None, seen["overrides"])  # they load as the run file's [model] keys
