@@ -151,3 +151,19 @@ def test_a_bf16_split_step_lowers_the_loss_and_tracks_the_unsplit_bf16_model(tin
         assert a == pytest.approx(b, rel=1e-2)
         losses.append(a)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("regularizer", ["nopeek", "adversarial"])
+def test_noise_and_privacy_regularizers_train_a_bf16_head(tiny_tokenizer, regularizer):
+    from fedsea.privacy.regularizers import make_head_regularizer
+
+    split, _ = _bf16_pair()
+    noise = fedsea.NoiseConfig(sigma=0.5, clip_norm=2.0, seed=1)
+    reg = make_head_regularizer(regularizer, 1.0, split.head.embed_tokens.weight.detach(), noise)
+    trainer = fedsea.SplitTrainer(
+        split, noise=noise, grad_noise=fedsea.NoiseConfig(sigma=0.01, seed=2), head_regularizer=reg
+    )
+    batch = fedsea.make_batch(
+        [tiny_tokenizer(t)["input_ids"] for t in ["hello there", "a b c"]], tiny_tokenizer.pad_token_id
+    )
+    assert all(torch.isfinite(torch.tensor(trainer.train_step(batch).loss)) for _ in range(2))
