@@ -115,6 +115,9 @@ def test_blocks_placed_over_several_devices_compute_what_one_device_does(tiny_to
     a = fedsea.split_model(placed, 2, 1)
     b = fedsea.split_model(plain, 2, 1)
     assert torch.equal(a(ids, lengths), b(ids, lengths))
+    placed.fedsea_block_devices = [torch.device("cpu")] * 2 + [torch.device("meta")] * 4  # how it reads with 2
+    assert dev.describe_placement(placed) == "blocks 0-1 on cpu, 2-5 on meta, torch.float32"
+    assert dev.describe_placement(plain) == "cpu, torch.float32"
 
 
 def test_a_bf16_model_keeps_the_fingerprint_of_the_weights_it_was_loaded_from():

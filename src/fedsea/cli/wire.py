@@ -48,6 +48,7 @@ def serve_settings(args: argparse.Namespace) -> tuple[RunConfig, ServerLimits, M
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from fedsea.model.device import describe_placement
     from fedsea.server.app import ServerTls, TrunkServer, serve_until_signalled
     from fedsea.server.trunk import TrunkHost
     from fedsea.wire.auth import TokenStore
@@ -72,7 +73,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     TrunkServer.check_bind(**{k: server_args[k] for k in ("host", "tls", "insecure")})
     print(f"loading {model.source} (device {model.device}, dtype {model.dtype}) ...", flush=True)
     host = TrunkHost(load_placed(model, spread=True), limits)
-    print(f"base model fingerprint {host.fingerprint}", flush=True)
+    print(f"trunk on {describe_placement(host.model)}; base model fingerprint {host.fingerprint}", flush=True)
     rounds = None
     if args.run:
         from fedsea.federation.coordinator import coordinator_factory

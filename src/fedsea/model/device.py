@@ -40,6 +40,7 @@ __all__ = [
     "cast_and_place",
     "check_device_spec",
     "check_dtype_spec",
+    "describe_placement",
     "place_blocks",
     "place_model",
     "resolve_device",
@@ -259,3 +260,18 @@ def cast_and_place(model: nn.Module, dtype: torch.dtype, device: torch.device | 
         model_fingerprint(model)  # type: ignore[arg-type]
     model = model.to(dtype=dtype)
     return place_model(model, device).eval()
+
+
+def describe_placement(model: nn.Module) -> str:
+    """Where ``model`` is, in one line: ``cpu, torch.float32`` or ``blocks 0-15 on cuda:0, 16-31 on cuda:1, ...``."""
+    first = next(model.parameters())
+    placed: list[torch.device] | None = getattr(model, "fedsea_block_devices", None)
+    if not placed or len(set(placed)) < 2:
+        return f"{first.device}, {first.dtype}"
+    spans: list[str] = []
+    start = 0
+    for i in range(1, len(placed) + 1):
+        if i == len(placed) or placed[i] != placed[start]:
+            spans.append(f"{start}-{i - 1} on {placed[start]}")
+            start = i
+    return f"blocks {', '.join(spans)}, {first.dtype}"
