@@ -256,6 +256,8 @@ class SplitClient:
     ) -> GenerationOutput:
         """Generate from left-padded token ids (B, n) and their lengths (B,)."""
         config = self._config(config, kwargs)
+        device = self.split.model.device  # the head's: ids made on the CPU go there
+        input_ids, lengths = input_ids.to(device), lengths.to(device)
         stepper = self.stepper(int(input_ids.shape[1]) + config.max_new_tokens, config.use_cache)
         return generate(self.split, stepper, input_ids, lengths, config, self.tokenizer, self._inference_privatizer())
 
