@@ -14,7 +14,16 @@ Quick tour::
 """
 
 from fedsea.client import ClientTls, GenerationConfig, GenerationOutput, SplitClient
-from fedsea.config import LoraSpec, NoiseConfig, OptimConfig, ServerLimits, SplitConfig, SplitLora, WireConfig
+from fedsea.config import (
+    LoraSpec,
+    NoiseConfig,
+    OptimConfig,
+    Placement,
+    ServerLimits,
+    SplitConfig,
+    SplitLora,
+    WireConfig,
+)
 from fedsea.errors import (
     AdapterError,
     FedseaError,
@@ -53,6 +62,7 @@ __all__ = [
     "NoiseConfig",
     "OptimConfig",
     "PartitionError",
+    "Placement",
     "Privatizer",
     "ServerLimits",
     "SplitClient",

@@ -8,6 +8,7 @@ never keeps a second list of defaults.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +23,14 @@ RECOMMENDED_RELATIVE_SIGMA = 0.14
 # The dtypes hidden states and gradients may cross the wire in.
 WIRE_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
+# What ``wire.dtype`` may say: a wire dtype, or ``auto`` for the model's own dtype.
+WIRE_DTYPE_SETTINGS: tuple[str, ...] = ("auto", *WIRE_DTYPES)
+
+# Device and dtype specs (``Placement``; resolved against the hardware by ``fedsea.model.device``).
+DEVICE_SPECS = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE_SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPE_SPECS: tuple[str, ...] = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
 # The paper's LoRA targets (q, k, v, o projections of every attention block).
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -29,6 +38,38 @@ DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 def _check(cond: bool, name: str, value: object, need: str) -> None:
     if not cond:
         raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def check_device_spec(spec: str, name: str = "device") -> str:
+    """``spec`` if it is a well-formed device spec (the hardware is not consulted); ``ValueError`` otherwise."""
+    _check(isinstance(spec, str) and bool(_DEVICE_SPEC.match(spec.strip().lower())), name, spec, DEVICE_SPECS)
+    return spec
+
+
+def check_dtype_spec(spec: str, name: str = "dtype") -> str:
+    """``spec`` if it names a model dtype or ``auto``; ``ValueError`` otherwise."""
+    need = "auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16)"
+    _check(isinstance(spec, str) and spec.strip().lower() in DTYPE_SPECS, name, spec, need)
+    return spec
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a party runs its model, and in which dtype.
+
+    Args:
+        device (`str`, defaults to "auto"): auto (the first GPU, else the CPU; on the trunk server,
+            every visible GPU, the blocks spread over them), cpu, cuda, cuda:N or mps.
+        dtype (`str`, defaults to "auto"): the model's dtype: auto (bfloat16 on CUDA, float32
+            elsewhere), float32, bfloat16 or float16 (also fp32, bf16, fp16).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device_spec(self.device)
+        check_dtype_spec(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -135,17 +176,18 @@ class WireConfig:
     """How a client's hidden states travel to the trunk server.
 
     Args:
-        dtype (`str`, defaults to "fp32"): the dtype of the tensors on the wire: fp32, bf16 or fp16.
+        dtype (`str`, defaults to "auto"): the dtype of the tensors on the wire: fp32, bf16, fp16, or
+            auto: the model's dtype (a bfloat16 model sends bf16, a float32 one fp32).
         latency_ms (`float`, defaults to 0): emulated one-way latency added to each message, in ms.
         mbps (`float | None`): emulated bandwidth in megabits per second; unset: unlimited.
     """
 
-    dtype: str = "fp32"
+    dtype: str = "auto"
     latency_ms: float = 0.0
     mbps: float | None = field(default=None, metadata={ZERO_IS_NONE: True})
 
     def __post_init__(self) -> None:
-        _check(self.dtype in WIRE_DTYPES, "dtype", self.dtype, "one of " + ", ".join(WIRE_DTYPES))
+        _check(self.dtype in WIRE_DTYPE_SETTINGS, "dtype", self.dtype, "one of " + ", ".join(WIRE_DTYPE_SETTINGS))
         _check(math.isfinite(self.latency_ms) and self.latency_ms >= 0, "latency_ms", self.latency_ms, ">= 0")
         if self.mbps is not None:
             _check(math.isfinite(self.mbps) and self.mbps > 0, "mbps", self.mbps, "> 0 or unset (unlimited)")

@@ -60,6 +60,10 @@ class ModelMismatchError(FedseaError, ValueError):
     """Client and server do not hold the same base model."""
 
 
+class DeviceError(FedseaError, ValueError):
+    """A device that does not exist here (no such GPU, or a CPU-only torch build)."""
+
+
 class ProtocolError(FedseaError):
     """A request that is well formed but out of order (e.g. backward without a forward)."""
 

@@ -51,13 +51,13 @@ def test_join_takes_the_run_files_client_and_the_flags_given_over_it(tmp_path):
         "--net-latency-ms", "0", "--net-mbps", "100",
     )  # fmt: skip
     # No flag: the run file's settings for client-1.
-    assert (me.name, me.head_layers, me.tail_layers, model) == ("client-1", 3, 1, "tiny-llama")
+    assert (me.name, me.head_layers, me.tail_layers, model.source) == ("client-1", 3, 1, "tiny-llama")
     # The wire dtype is the run file's; its WAN emulation is not (simulate passes it as flags):
     # a real deployment never sleeps because a run file came from a simulation.
     assert (wire.dtype, wire.latency_ms, wire.mbps) == ("bf16", 0.0, None)
     # Each flag given wins (the bug: join accepted these and ignored them).
     me, model, wire = given
-    assert (me.head_layers, me.tail_layers, model) == (1, 2, "random:llama-2-7b")
+    assert (me.head_layers, me.tail_layers, model.source) == (1, 2, "random:llama-2-7b")
     assert (wire.dtype, wire.latency_ms, wire.mbps) == ("fp16", 0.0, 100.0)
     assert me.batch_size == 4  # what no flag names stays the run file's
 
@@ -77,22 +77,22 @@ def test_serve_takes_limits_and_model_from_the_run_file_and_the_flags_over_them(
     run.write_text('[model]\nsource = "tiny-llama"\n[limits]\nmax_batch = 8\nidle_timeout_s = 30\n')
     args = build_parser().parse_args(["serve", "--run", str(run), "--max-batch", "16"])
     config, limits, model = serve_settings(args)
-    assert limits == ServerLimits(max_batch=16, idle_timeout_s=30.0) and model == "tiny-llama"
+    assert limits == ServerLimits(max_batch=16, idle_timeout_s=30.0) and model.source == "tiny-llama"
     assert config == load_config(run)
     _, limits, model = serve_settings(build_parser().parse_args(["serve"]))
-    assert limits == ServerLimits() and model == RunConfig().model.source
+    assert limits == ServerLimits() and model == RunConfig().model
 
 
 def test_client_commands_default_to_the_settings_classes():
     args = build_parser().parse_args(["train", "--server", "x:1", "--data", "d.jsonl", "--targets", "q_proj,v_proj"])
     assert (args.head_layers, args.tail_layers) == (SplitConfig().head_layers, SplitConfig().tail_layers)
-    assert (args.wire_dtype, args.net_latency_ms, args.net_mbps) == ("fp32", 0.0, None) == (
+    assert (args.wire_dtype, args.net_latency_ms, args.net_mbps) == ("auto", 0.0, None) == (
         WireConfig().dtype, WireConfig().latency_ms, WireConfig().mbps,
     )  # fmt: skip
     assert (args.lora_r, args.lora_dropout, args.lr) == (LoraSpec().r, LoraSpec().dropout, OptimConfig().lr)
     assert args.targets == ("q_proj", "v_proj")
     bench = build_parser().parse_args(["bench", "train"])
-    assert (bench.head_layers, bench.wire_dtype) == (2, "fp32")
+    assert (bench.head_layers, bench.wire_dtype) == (2, "auto")
 
 
 def test_the_federated_demo_refuses_the_split_only_flags(capsys):

@@ -81,7 +81,9 @@ seed = 0
 def test_an_old_resolved_run_file_loads_to_the_same_settings_as_the_defaults(tmp_path):
     old = tmp_path / "config.toml"
     old.write_text(OLD_DEFAULTS)
-    assert load_config(old) == load_config(None) == RunConfig()
+    # Its wire says fp32, which the default (auto: the model's dtype) is for the fp32 models of then.
+    assert load_config(old) == load_config(None, ["wire.dtype=fp32"])
+    assert load_config(None) == RunConfig() and RunConfig().wire.dtype == "auto"
     plan = load_plan(None)
     # The run file's defaults, stated once in RunConfig, are the ones run files always had.
     assert (plan.optim.lr, plan.config.lora.dropout, plan.noise) == (1e-3, 0.0, NoiseTarget(relative_sigma=0.14))

@@ -77,6 +77,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 def add_attack_commands(sub: Any) -> None:
     """Register ``fedsea attack``."""
+    from fedsea.cli.flags import add_settings_flags
+    from fedsea.config import DTYPE_SPECS, Placement
     from fedsea.experiments.attack_grid import ATTACKER_HEADS, ATTACKS, DEFENCES
     from fedsea.model.load import DEFAULT_MODEL
 
@@ -86,6 +88,7 @@ def add_attack_commands(sub: Any) -> None:
     )
     add = attack.add_argument
     add("--model", default=DEFAULT_MODEL, help="model source (default: %(default)s)")
+    add_settings_flags(attack, Placement(), choices={"dtype": DTYPE_SPECS})
     add(
         "--sigma",
         type=_comma_list(_non_negative, "a number >= 0"),

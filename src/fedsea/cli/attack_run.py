@@ -112,6 +112,8 @@ def victim_texts(source: str, count: int, task: str, data_dir: str | None = None
 
 def run_attack(args: argparse.Namespace) -> int:
     """Run the grid the flags describe; print progress, the table and plot paths, and the best attacks."""
+    from fedsea.cli.flags import settings_from_flags
+    from fedsea.config import Placement
     from fedsea.experiments.privacy_report import best_attacks, markdown_table, write_report
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import check_partition
@@ -122,7 +124,8 @@ def run_attack(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/attack-{time.strftime('%Y%m%d-%H%M%S')}")
     start = time.monotonic()
     say(f"loading {args.model}")
-    model = load_model(args.model)
+    where = settings_from_flags(args, Placement())
+    model = load_model(args.model, where.dtype, where.device)
     tokenizer = load_tokenizer(args.model)
     for p in grid.head_layers:
         check_partition(int(model.config.num_hidden_layers), p, grid.tail_layers)

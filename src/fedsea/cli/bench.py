@@ -64,7 +64,7 @@ def add_bench_commands(sub: Any) -> None:
     """Register ``fedsea bench`` and its benchmarks on the ``fedsea`` parser."""
     from fedsea.cli.flags import add_settings_flags
     from fedsea.cli.generate import WIRE_FLAGS
-    from fedsea.config import WIRE_DTYPES, SplitConfig, WireConfig
+    from fedsea.config import WIRE_DTYPE_SETTINGS, SplitConfig, WireConfig
     from fedsea.experiments.bench_generate import GENERATE_LATENCY_MS
     from fedsea.experiments.bench_server import BENCH_DTYPES
     from fedsea.model.load import DEFAULT_MODEL
@@ -91,9 +91,14 @@ def add_bench_commands(sub: Any) -> None:
         parsers[what] = p
     for what in ("load", "train", "generate"):
         p = parsers[what]
-        p.add_argument("--device", default="cpu", help="where client and server run: cpu, cuda, cuda:1 (default: cpu)")
         p.add_argument(
-            "--dtype", default="float32", choices=list(BENCH_DTYPES), help="weights' dtype (default: float32)"
+            "--device", default="auto", help="where client and server run: auto (a GPU if any), cpu, cuda, cuda:1"
+        )
+        p.add_argument(
+            "--dtype",
+            default="auto",
+            choices=list(BENCH_DTYPES),
+            help="weights' dtype (default: auto, bfloat16 on CUDA, else float32)",
         )
     parsers["load"].add_argument("--repeats", type=int, default=3, help="cached loads to time")
     train = parsers["train"]
@@ -102,7 +107,7 @@ def add_bench_commands(sub: Any) -> None:
     add_settings_flags(train, SplitConfig())
     train.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup)")
     train.add_argument("--warmup", type=int, default=2)
-    add_settings_flags(train, WireConfig(), flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPES})
+    add_settings_flags(train, WireConfig(), flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPE_SETTINGS})
     generate = parsers["generate"]
     generate.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")
     generate.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
@@ -110,7 +115,8 @@ def add_bench_commands(sub: Any) -> None:
     generate.add_argument("--naive-tokens", type=int, default=8, help="new tokens timed for the naive split")
     add_settings_flags(generate, SplitConfig())
     wire = WireConfig(latency_ms=GENERATE_LATENCY_MS)  # the round trip the generation figures assume
-    add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPES})
+    wire_dtypes = {"dtype": WIRE_DTYPE_SETTINGS}
+    add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices=wire_dtypes)
     federation = parsers["federation"]
     federation.add_argument("--parts", nargs="+", default=["speed", "quality"], help="speed and/or quality")
     federation.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="quality tasks")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from fedsea.cli.flags import settings_from_flags
+from fedsea.config import Placement
 from fedsea.errors import InvalidInputError
 from fedsea.model.adapters import read_adapter
 from fedsea.model.load import load_model, load_tokenizer
@@ -33,7 +35,8 @@ def saved_partition(adapter_dir: str | Path, num_layers: int) -> tuple[int | Non
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate ``args.model`` (optionally split, with adapters) on ``args.task``; print a table and JSON."""
-    model = load_model(args.model)
+    placement = settings_from_flags(args, Placement())
+    model = load_model(args.model, placement.dtype, placement.device)
     tokenizer = load_tokenizer(args.model)
     target: PreTrainedModel | SplitModel = model
     p, q = args.head_layers, args.tail_layers

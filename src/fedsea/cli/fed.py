@@ -9,17 +9,18 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedsea.cli.flags import settings_from_flags
-from fedsea.cli.generate import MODEL_FLAGS, WIRE_FLAGS, add_connection_args, client_tls
-from fedsea.config import WireConfig
+from fedsea.cli.flags import add_settings_flags, settings_from_flags
+from fedsea.cli.generate import WIRE_FLAGS, add_connection_args, client_tls, load_placed, model_settings
+from fedsea.config import DTYPE_SPECS, Placement, WireConfig
 
 if TYPE_CHECKING:
-    from fedsea.federation.simconfig import ClientPlan, RunPlan
+    from fedsea.federation.simconfig import ClientPlan, ModelSettings, RunPlan
 
 
-def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, str, WireConfig]:
-    """The run, this client's settings, its model and its wire: the run file's, and the flags
-    given (``--model``, ``--head-layers``, ``--tail-layers``, ``--wire-dtype``, ``--net-*``) over them."""
+def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, ModelSettings, WireConfig]:
+    """The run, this client's settings, its model and its wire: the run file's, and the flags given
+    (``--model``, ``--device``, ``--dtype``, ``--head-layers``, ``--tail-layers``, ``--wire-dtype``,
+    ``--net-*``) over them."""
     from fedsea.federation.simconfig import load_plan
 
     plan = load_plan(args.run)
@@ -34,7 +35,8 @@ def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, str, W
             f"the run's parts have different LoRA ({plan.lora.summary()}), so every client cuts at "
             f"(head_layers, tail_layers) = {cut}; got {(me.head_layers, me.tail_layers)}"
         )
-    model = settings_from_flags(args, plan.config.model, flags=MODEL_FLAGS).source
+    # The client's device and dtype: its [[clients]] table's, else [client]'s, else [model]'s.
+    model = model_settings(args, plan.config.model.placed(me.device, me.dtype))
     # The dtype comes from the run file unless --wire-dtype; the emulated latency and bandwidth
     # only from --net-latency-ms/--net-mbps: a run file's [wire] emulation is for `simulate`
     # (which passes it on as these flags), never an artificial delay on a real deployment.
@@ -49,16 +51,16 @@ def _cmd_join(args: argparse.Namespace) -> int:
     from fedsea.federation.data import load_client_data
     from fedsea.federation.report import noise_record
     from fedsea.federation.simconfig import releases_per_token
-    from fedsea.model.load import load_model, load_tokenizer
+    from fedsea.model.load import load_tokenizer
     from fedsea.model.split import split_model
     from fedsea.privacy.calibration import resolve_noise
     from fedsea.privacy.regularizers import make_head_regularizer
     from fedsea.wire.shaper import NetShaper
 
     plan, me, model, wire = join_settings(args)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model.source)
     examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
-    split = split_model(load_model(model), me.head_layers, me.tail_layers).add_lora(plan.lora)
+    split = split_model(load_placed(model), me.head_layers, me.tail_layers).add_lora(plan.lora)
     log = Path(args.log) if args.log else None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedsea.federation.simulate import simulate
 
     config, overrides = args.config, list(args.set)
+    # --device/--dtype: every party's ([model]); [server], [client] and [[clients]] may still differ.
+    overrides += [f"model.{key}={json.dumps(getattr(args, key))}" for key in ("device", "dtype") if getattr(args, key)]
     if args.resume and config is not None:
         # With --resume the run file is the run folder's: a first positional is an override.
         if "=" not in config:
@@ -129,7 +133,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from fedsea.federation.simulate import export_run
 
-    out = export_run(args.run_dir, args.out)
+    out = export_run(args.run_dir, args.out, settings_from_flags(args, Placement(device="cpu", dtype="float32")))
     print(f"wrote a merged Hugging Face model to {out}")
     return 0
 
@@ -160,9 +164,13 @@ def add_fed_commands(sub: Any) -> None:
     )
     sim.add_argument("--resume", help="continue the killed run in this folder")
     sim.add_argument("--json", action="store_true")
+    # Shorthands of the overrides model.device= and model.dtype=: the run file's [model] keeps its doc.
+    add_settings_flags(sim, Placement(), choices={"dtype": DTYPE_SPECS}, keep="the run file's [model]")
     sim.set_defaults(func=_cmd_simulate)
 
     export = sub.add_parser("export", help="merge a run's global adapters into a Hugging Face model")
     export.add_argument("run_dir")
     export.add_argument("out")
+    # Merging is a few matrix products per block: the CPU in float32 (the merged weights' dtype) by default.
+    add_settings_flags(export, Placement(device="cpu", dtype="float32"), choices={"dtype": DTYPE_SPECS})
     export.set_defaults(func=_cmd_export)

@@ -19,12 +19,35 @@ def add_model_split_wire_args(parser: argparse.ArgumentParser, keep: str | None 
     ``keep``: where the values come from when a flag is not given (``fedsea join``: the run file).
     """
     from fedsea.cli.flags import add_settings_flags
-    from fedsea.config import WIRE_DTYPES, SplitConfig, WireConfig
+    from fedsea.config import WIRE_DTYPE_SETTINGS, SplitConfig, WireConfig
+
+    add_model_flags(parser, keep=keep)
+    add_settings_flags(parser, SplitConfig(), keep=keep)
+    add_settings_flags(parser, WireConfig(), flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPE_SETTINGS}, keep=keep)
+
+
+def add_model_flags(parser: argparse.ArgumentParser, keep: str | None = None) -> None:
+    """--model, --device and --dtype, from ``ModelSettings``."""
+    from fedsea.cli.flags import add_settings_flags
+    from fedsea.config import DTYPE_SPECS
     from fedsea.federation.simconfig import ModelSettings
 
-    add_settings_flags(parser, ModelSettings(), flags=MODEL_FLAGS, keep=keep)
-    add_settings_flags(parser, SplitConfig(), keep=keep)
-    add_settings_flags(parser, WireConfig(), flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPES}, keep=keep)
+    add_settings_flags(parser, ModelSettings(), flags=MODEL_FLAGS, choices={"dtype": DTYPE_SPECS}, keep=keep)
+
+
+def model_settings(args: argparse.Namespace, base: Any = None) -> Any:
+    """The ``ModelSettings`` of the flags given over ``base`` (default: the defaults)."""
+    from fedsea.cli.flags import settings_from_flags
+    from fedsea.federation.simconfig import ModelSettings
+
+    return settings_from_flags(args, base if base is not None else ModelSettings(), flags=MODEL_FLAGS)
+
+
+def load_placed(settings: Any, spread: bool = False) -> Any:
+    """``load_model`` of a ``ModelSettings``: its source, on its device, in its dtype."""
+    from fedsea.model.load import load_model
+
+    return load_model(settings.source, dtype=settings.dtype, device=settings.device, spread=spread)
 
 
 def add_connection_args(parser: argparse.ArgumentParser, keep: str | None = None) -> None:
@@ -105,12 +128,12 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
 
 def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from fedsea.client.split_client import SplitClient
-    from fedsea.model.load import load_model, load_tokenizer
+    from fedsea.model.load import load_tokenizer
     from fedsea.model.split import split_model
     from fedsea.privacy.calibration import resolve_noise
     from fedsea.wire.shaper import NetShaper
 
-    split = split_model(load_model(args.model), args.head_layers, args.tail_layers)
+    split = split_model(load_placed(model_settings(args)), args.head_layers, args.tail_layers)
     tokenizer = load_tokenizer(args.model)
     # Measured before the adapters load: the level is relative to the public head's scale.
     # Each prompt token and each new token is sent once per generation (one release); a chat
@@ -213,8 +236,11 @@ __all__ = [
     "WIRE_FLAGS",
     "add_connection_args",
     "add_generate_commands",
+    "add_model_flags",
     "add_model_split_wire_args",
     "add_noise_args",
     "client_tls",
+    "load_placed",
+    "model_settings",
     "noise_target",
 ]

@@ -8,8 +8,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from fedsea.config import Placement
 from fedsea.errors import FedseaError
 from fedsea.version import __version__
+
+# ``fedsea merge`` writes the merged weights in the model's dtype: float32 on the CPU unless told.
+MERGE_PLACEMENT = Placement(device="cpu", dtype="float32")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -71,10 +75,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from fedsea.cli.flags import settings_from_flags
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
 
-    split = split_model(load_model(args.model), args.head_layers, args.tail_layers)
+    where = settings_from_flags(args, MERGE_PLACEMENT)
+    split = split_model(load_model(args.model, where.dtype, where.device), args.head_layers, args.tail_layers)
     split.load_adapters(args.adapters)
     out = split.export(args.out, load_tokenizer(args.model))
     print(f"wrote a merged Hugging Face checkpoint to {out}")
@@ -90,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedsea`` parser with every subcommand."""
     from fedsea.cli.flags import add_settings_flags
-    from fedsea.config import SplitConfig
+    from fedsea.config import DTYPE_SPECS, SplitConfig
     from fedsea.experiments.demo import SPLIT_DEMO_NEW_TOKENS
     from fedsea.model.load import DEFAULT_MODEL
 
@@ -123,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", default=DEFAULT_MODEL)
     merge.add_argument("--head-layers", type=int, required=True)
     merge.add_argument("--tail-layers", type=int, required=True)
+    add_settings_flags(merge, MERGE_PLACEMENT, choices={"dtype": DTYPE_SPECS})
     merge.set_defaults(func=_cmd_merge)
 
     from fedsea.cli.wire import add_wire_commands
@@ -151,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model, or a split with adapters, on a task; prints a table and JSON")
     ev.add_argument("--task", required=True, help="sst2, boolq, cb, copa, rte, wic, wsc, multirc, record, xsum, ...")
     ev.add_argument("--model", default=DEFAULT_MODEL, help="model source (default: %(default)s)")
+    add_settings_flags(ev, Placement(), choices={"dtype": DTYPE_SPECS})
     ev.add_argument("--adapter", default=None, help="folder of saved head/, trunk/, tail/ adapters")
     ev.add_argument("--head-layers", type=int, default=None, help="P (default: the adapter's)")
     ev.add_argument("--tail-layers", type=int, default=None, help="Q (default: the adapter's)")

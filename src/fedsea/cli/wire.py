@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from fedsea.cli.flags import add_settings_flags, settings_from_flags
-from fedsea.cli.generate import MODEL_FLAGS, add_connection_args, add_noise_args, client_tls, noise_target
+from fedsea.cli.generate import (
+    add_connection_args,
+    add_model_flags,
+    add_noise_args,
+    client_tls,
+    load_placed,
+    model_settings,
+    noise_target,
+)
 from fedsea.config import LoraSpec, OptimConfig, ServerLimits
 from fedsea.federation.simconfig import ModelSettings, PrivacySettings, RunConfig
 from fedsea.privacy.regularizers import HEAD_REGULARIZERS
@@ -28,18 +36,19 @@ LORA_FLAGS: dict[str, str] = {
 }
 
 
-def serve_settings(args: argparse.Namespace) -> tuple[RunConfig, ServerLimits, str]:
+def serve_settings(args: argparse.Namespace) -> tuple[RunConfig, ServerLimits, ModelSettings]:
     """The run (``--run``, else the defaults), the limits and the model of ``fedsea serve``: a run
-    file's ``[limits]`` and ``[model]`` are the defaults, and the flags given win over them."""
+    file's ``[limits]``, ``[model]`` and ``[server]`` (device, dtype) are the defaults, and the
+    flags given win over them."""
     from fedsea.federation.simconfig import load_config
 
     run = load_config(args.run) if args.run else RunConfig()
     limits = settings_from_flags(args, run.limits)
-    return run, limits, settings_from_flags(args, run.model, flags=MODEL_FLAGS).source
+    return run, limits, model_settings(args, run.server_model())
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from fedsea.model.load import load_model
+    from fedsea.model.device import describe_placement
     from fedsea.server.app import ServerTls, TrunkServer, serve_until_signalled
     from fedsea.server.trunk import TrunkHost
     from fedsea.wire.auth import TokenStore
@@ -62,9 +71,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "insecure": args.insecure,
     }
     TrunkServer.check_bind(**{k: server_args[k] for k in ("host", "tls", "insecure")})
-    print(f"loading {model} ...", flush=True)
-    host = TrunkHost(load_model(model), limits)
-    print(f"base model fingerprint {host.fingerprint}", flush=True)
+    print(f"loading {model.source} (device {model.device}, dtype {model.dtype}) ...", flush=True)
+    host = TrunkHost(load_placed(model, spread=True), limits)
+    print(f"trunk on {describe_placement(host.model)}; base model fingerprint {host.fingerprint}", flush=True)
     rounds = None
     if args.run:
         from fedsea.federation.coordinator import coordinator_factory
@@ -84,7 +93,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from fedsea.client.split_client import SplitClient
-    from fedsea.model.load import load_model, load_tokenizer
+    from fedsea.model.load import load_tokenizer
     from fedsea.model.split import split_model
     from fedsea.privacy.calibration import resolve_noise
     from fedsea.privacy.regularizers import make_head_regularizer
@@ -95,7 +104,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     examples = load_jsonl(args.data, tokenizer, args.max_length)
     # fedsea train starts from the library's LoraSpec and OptimConfig (not a run file's defaults).
     lora = settings_from_flags(args, LoraSpec(), flags=LORA_FLAGS)
-    split = split_model(load_model(args.model), args.head_layers, args.tail_layers).add_lora(lora)
+    model = load_placed(model_settings(args))
+    split = split_model(model, args.head_layers, args.tail_layers).add_lora(lora)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
     # Each example's h_p is sent once per epoch begun (the accountant composes over these).
@@ -193,7 +203,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 def add_wire_commands(sub: Any) -> None:
     """Register the networked subcommands on the ``fedsea`` parser."""
     serve = sub.add_parser("serve", help="run the trunk server")
-    add_settings_flags(serve, ModelSettings(), flags=MODEL_FLAGS, keep="the run file's with --run, else {default}")
+    add_model_flags(serve, keep="the run file's ([server], else [model]) with --run, else {default}")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--tls-cert", help="server certificate (PEM)")

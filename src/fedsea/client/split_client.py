@@ -26,6 +26,7 @@ from fedsea.config import LoraSpec, NoiseConfig, OptimConfig
 from fedsea.errors import ProtocolError
 from fedsea.io import atomic_directory
 from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
+from fedsea.model.device import resolve_wire_dtype
 from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.split import SplitModel
 from fedsea.privacy.noise import Privatizer, make_privatizer
@@ -56,7 +57,8 @@ class SplitClient:
         grad_noise: clipping and noise on the gradient sent up to the trunk (default: none;
             see ``SplitTrainer``).
         optim: AdamW for the head and tail here, and for the trunk adapter on the server.
-        wire_dtype: ``fp32``, ``bf16`` or ``fp16`` for hidden states and gradients on the wire.
+        wire_dtype: ``fp32``, ``bf16`` or ``fp16`` for hidden states and gradients on the wire;
+            ``auto``: the model's dtype (``fp32`` for a float32 model, ``bf16`` for a bfloat16 one).
         tls: CA (and for mutual TLS the client certificate and key); ``None`` is plaintext.
         token: the client's bearer token.
         shaper: emulated network (benchmarks); see ``fedsea.wire.shaper.NetShaper``.
@@ -74,7 +76,7 @@ class SplitClient:
         noise: NoiseConfig | None = None,
         grad_noise: NoiseConfig | None = None,
         optim: OptimConfig | None = None,
-        wire_dtype: str = "fp32",
+        wire_dtype: str = "auto",
         tls: ClientTls | None = None,
         token: str | None = None,
         timeout_s: float = 300.0,
@@ -90,8 +92,8 @@ class SplitClient:
         self.noise = noise or NoiseConfig()
         self.grad_noise = grad_noise
         self.optim = optim or OptimConfig()
-        self.wire_dtype = wire_dtype
-        self._dtype = wire_dtype_enum(wire_dtype)
+        self.wire_dtype = resolve_wire_dtype(wire_dtype, split.model.dtype)
+        self._dtype = wire_dtype_enum(self.wire_dtype)
         self.trunk_lora = trunk_lora or getattr(split.trunk, "lora_spec", None) or LoraSpec()
         self.seed = seed
         self.tokenizer = tokenizer
@@ -226,7 +228,8 @@ class SplitClient:
             texts = [str(c[0]["content"]) for c in conversations]
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat)
-        return enc["input_ids"], enc["attention_mask"].sum(dim=1)
+        device = self.split.model.device  # the head's (the tokenizer makes CPU tensors)
+        return enc["input_ids"].to(device), enc["attention_mask"].sum(dim=1).to(device)
 
     def _config(self, config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
         config = dataclasses.replace(config, **kwargs) if config is not None else GenerationConfig(**kwargs)
@@ -253,6 +256,8 @@ class SplitClient:
     ) -> GenerationOutput:
         """Generate from left-padded token ids (B, n) and their lengths (B,)."""
         config = self._config(config, kwargs)
+        device = self.split.model.device  # the head's: ids made on the CPU go there
+        input_ids, lengths = input_ids.to(device), lengths.to(device)
         stepper = self.stepper(int(input_ids.shape[1]) + config.max_new_tokens, config.use_cache)
         return generate(self.split, stepper, input_ids, lengths, config, self.tokenizer, self._inference_privatizer())
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from fedsea.config import SplitConfig, WireConfig
+from fedsea.model.device import resolve_wire_dtype
 from fedsea.model.load import DEFAULT_MODEL, load_model
 from fedsea.wire.ports import free_loopback_port
 
@@ -72,9 +73,12 @@ def bench_generate(
     from fedsea.training.generation import GenerationConfig
     from fedsea.wire.shaper import NetShaper
 
-    where, torch_dtype = bench_device(device), bench_dtype(dtype)
+    where = bench_device(device)
+    torch_dtype = bench_dtype(dtype, where)
+    dtype = str(torch_dtype).removeprefix("torch.")  # "auto" resolved, for the server and the JSON
     port = free_loopback_port()
-    server = start_bench_server(model, port, device, dtype)
+    wire_dtype = resolve_wire_dtype(wire_dtype, torch_dtype)
+    server = start_bench_server(model, port, str(where), dtype)
     results: dict[str, Any] = {
         "bench": "generate",
         "model": model,

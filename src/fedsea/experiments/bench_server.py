@@ -16,23 +16,20 @@ from typing import Any
 
 import torch
 
-# The dtypes the benchmarks take (--dtype), by name.
-BENCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from fedsea.config import DTYPE_SPECS as BENCH_DTYPES
+from fedsea.model.device import resolve_device, resolve_dtype
 
 
 def bench_device(spec: str) -> torch.device:
-    """``--device`` as a torch device (``cpu``, ``cuda``, ``cuda:1``, ...), checked to exist."""
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: this torch ({torch.__version__}) sees no CUDA device")
+    """``--device`` as a torch device (``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...), checked to exist."""
+    device = resolve_device(spec)
+    assert isinstance(device, torch.device)  # without spread=True, never "auto"
     return device
 
 
-def bench_dtype(name: str) -> torch.dtype:
-    """``--dtype`` by name (float32, bfloat16, float16)."""
-    if name not in BENCH_DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(BENCH_DTYPES)}, got {name!r}")
-    return BENCH_DTYPES[name]
+def bench_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--dtype`` by name (``auto``: bfloat16 on CUDA, float32 elsewhere; float32, bf16, ...)."""
+    return resolve_dtype(name, device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -41,7 +38,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def start_bench_server(model: str, port: int, device: str = "cpu", dtype: str = "float32") -> Any:
+def start_bench_server(model: str, port: int, device: str = "auto", dtype: str = "auto") -> Any:
     """This module's server in a subprocess on loopback; returns the Popen once it listens."""
     cmd = [sys.executable, "-m", "fedsea.experiments.bench_server", "--model", model, "--port", str(port)]
     cmd += ["--device", device, "--dtype", dtype]
@@ -64,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedsea.experiments.bench_server")
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=list(BENCH_DTYPES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=list(BENCH_DTYPES))
     args = parser.parse_args(argv)
     print(f"loading {args.model} on {args.device} in {args.dtype} ...", flush=True)
-    model = load_model(args.model, dtype=bench_dtype(args.dtype), device=bench_device(args.device))
+    device = bench_device(args.device)
+    model = load_model(args.model, dtype=bench_dtype(args.dtype, device), device=device)
     host = TrunkHost(model)
     print(f"base model fingerprint {host.fingerprint}", flush=True)
     asyncio.run(serve_until_signalled(TrunkServer(host, host="127.0.0.1", port=args.port)))

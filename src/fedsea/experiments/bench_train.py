@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from fedsea.config import SplitConfig, WireConfig
+from fedsea.model.device import resolve_wire_dtype
 from fedsea.model.load import DEFAULT_MODEL, load_model
 from fedsea.wire.ports import free_loopback_port
 
@@ -22,7 +23,9 @@ def bench_load(
     """
     from fedsea.experiments.bench_server import bench_device, bench_dtype
 
-    where, torch_dtype = bench_device(device), bench_dtype(dtype)
+    where = bench_device(device)
+    torch_dtype = bench_dtype(dtype, where)
+    dtype = str(torch_dtype).removeprefix("torch.")  # "auto" resolved, for the server and the JSON
     saved = os.environ.get("FEDSEA_CACHE")
     with tempfile.TemporaryDirectory(prefix="fedsea-bench-") as cache:
         os.environ["FEDSEA_CACHE"] = cache
@@ -105,9 +108,12 @@ def bench_train(
     lora = LoraSpec(dropout=0.0)
     optim = OptimConfig(lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    where, torch_dtype = bench_device(device), bench_dtype(dtype)
+    where = bench_device(device)
+    torch_dtype = bench_dtype(dtype, where)
+    dtype = str(torch_dtype).removeprefix("torch.")  # "auto" resolved, for the server and the JSON
     port = free_loopback_port()
-    server = start_bench_server(model, port, device, dtype)
+    wire_dtype = resolve_wire_dtype(wire_dtype, torch_dtype)
+    server = start_bench_server(model, port, str(where), dtype)
     try:
         client_split = split_model(load_model(model, torch_dtype, where), head_layers, tail_layers).add_lora(lora)
         central_split = split_model(load_model(model, torch_dtype, where), head_layers, tail_layers).add_lora(lora)

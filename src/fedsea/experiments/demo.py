@@ -163,7 +163,9 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
     _, state, _, _ = load_round(checkpoint)
     tokenizer = load_tokenizer(plan.model)
     first = plan.clients[0]  # the demo's clients share one split (fedsea demo --head-layers/--tail-layers)
-    split = split_model(load_model(plan.model), first.head_layers, first.tail_layers).add_lora(plan.lora)
+    mine, served = first.placement(), plan.config.server_model()  # the run's devices and dtypes
+    client_model = load_model(plan.model, mine.dtype, mine.device)
+    split = split_model(client_model, first.head_layers, first.tail_layers).add_lora(plan.lora)
     noise = resolve_noise(plan.noise, split.head, tokenizer)  # measured before the adapters load
     for part in split.parts().values():
         load_adapter_state_dict(part, state, strict=False)
@@ -171,7 +173,7 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
 
     example = tasks.get_task("sst2").to_example({"sentence": DEMO_REVIEW, "label": 1, "idx": 0})
     with (
-        ServerThread(TrunkServer(TrunkHost(load_model(plan.model)))) as port,
+        ServerThread(TrunkServer(TrunkHost(load_model(plan.model, served.dtype, served.device, spread=True)))) as port,
         SplitClient(f"127.0.0.1:{port}", split, noise=noise.noise, tokenizer=tokenizer) as client,
     ):
         answer = client.generate([example.prompt], max_new_tokens=8)[0]

@@ -30,13 +30,14 @@ from fedsea.config import (
     LoraSpec,
     NoiseConfig,
     OptimConfig,
+    Placement,
     ServerLimits,
     SplitConfig,
     SplitLora,
     WireConfig,
 )
 from fedsea.federation.config import FedConfig
-from fedsea.model.load import DEFAULT_MODEL
+from fedsea.federation.placement import ModelSettings, ServerSettings, check_placement
 from fedsea.privacy.calibration import NoiseTarget
 from fedsea.privacy.regularizers import HEAD_REGULARIZERS
 from fedsea.settings import ZERO_IS_NONE, to_tree
@@ -45,18 +46,6 @@ from fedsea.settings import ZERO_IS_NONE, to_tree
 NOISE_LEVELS: tuple[str, ...] = ("relative_sigma", "sigma", "epsilon")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "size")
 _FED = FedConfig()  # the round policy's defaults are FedConfig's: read, not repeated
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """The base model.
-
-    Args:
-        source: a model source: a Hugging Face folder or name, a GGUF file, ``smollm2-135m`` (the
-            packaged default) or ``random:<shape>`` (seeded random weights of a known shape).
-    """
-
-    source: str = DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -181,13 +170,20 @@ class ClientConfig(SplitConfig):
     Args:
         batch_size: sequences per local step.
         max_length: tokens per example, at most (longer ones are cut).
+        device: the clients' device (unset: ``[model]``'s): auto (the first GPU, else the CPU), cpu,
+            cuda, cuda:N or mps.
+        dtype: the clients' dtype (unset: ``[model]``'s): auto (bfloat16 on CUDA, float32 elsewhere),
+            float32, bfloat16 or float16.
     """
 
     batch_size: int = 4
     max_length: int = 128
+    device: str | None = None
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_placement(self.device, self.dtype)
         for name in ("batch_size", "max_length"):
             value = getattr(self, name)
             if value < 1:
@@ -202,6 +198,8 @@ class ClientOverrides:
     tail_layers: int | None = None
     batch_size: int | None = None
     max_length: int | None = None
+    device: str | None = None
+    dtype: str | None = None
 
 
 # Each override names a ``ClientConfig`` field: a field added there must be added here.
@@ -210,9 +208,13 @@ assert [f.name for f in dataclasses.fields(ClientOverrides)] == [f.name for f in
 
 @dataclass(frozen=True)
 class ClientPlan(ClientConfig):
-    """One client's resolved settings and its name in the run."""
+    """One client's resolved settings and its name in the run (device and dtype filled in from ``[model]``)."""
 
     name: str = "client-0"
+
+    def placement(self) -> Placement:
+        """This client's device and dtype."""
+        return Placement(self.device or "auto", self.dtype or "auto")
 
 
 @dataclass(frozen=True)
@@ -310,9 +312,10 @@ class RunConfig:
     """A federated run: every setting of ``fedsea simulate``, ``fedsea serve --run`` and ``fedsea join``.
 
     Args:
-        model: the base model.
+        model: the base model, and the device and dtype of every party.
         task: the task and its partition across the clients.
         federation: the rounds.
+        server: the trunk server's device and dtype, where they differ from ``[model]``.
         client: every client's split, batch and length.
         clients: per-client differences from ``[client]``, one ``[[clients]]`` table per client in order
             (client-0 first); clients without one use ``[client]``.
@@ -328,6 +331,7 @@ class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     task: TaskSettings = field(default_factory=TaskSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     client: ClientConfig = field(default_factory=ClientConfig)
     clients: tuple[ClientOverrides, ...] = ()
     lora: RunLora = field(default_factory=lambda: RunLora(dropout=0.0))
@@ -350,8 +354,13 @@ class RunConfig:
         plans = []
         for i in range(self.federation.clients):
             given = to_tree(self.clients[i]) if i < len(self.clients) else {}
-            plans.append(ClientPlan(**{**to_tree(self.client), **given, "name": f"client-{i}"}))
+            placed = {"device": self.model.device, "dtype": self.model.dtype}
+            plans.append(ClientPlan(**{**placed, **to_tree(self.client), **given, "name": f"client-{i}"}))
         return tuple(plans)
+
+    def server_model(self) -> ModelSettings:
+        """The model as the trunk server loads it: ``[model]`` with ``[server]``'s device and dtype."""
+        return self.model.placed(self.server.device, self.server.dtype)
 
     def lora_cut(self) -> tuple[int, int] | None:
         """Every client's (p, q) when the parts' LoRA differ; None when one spec serves every part."""

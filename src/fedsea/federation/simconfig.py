@@ -16,6 +16,7 @@ from typing import Any
 
 from fedsea.config import NoiseConfig, OptimConfig, SplitLora
 from fedsea.federation.config import MODES, FedConfig
+from fedsea.federation.placement import ModelSettings, ServerSettings
 from fedsea.federation.runconfig import (
     NOISE_LEVELS,
     ClientConfig,
@@ -23,7 +24,6 @@ from fedsea.federation.runconfig import (
     ClientPlan,
     FederationSettings,
     LoraPart,
-    ModelSettings,
     NoiseSettings,
     PrivacySettings,
     RunConfig,
@@ -50,6 +50,7 @@ __all__ = [
     "RunPlan",
     "RunSettings",
     "RunWire",
+    "ServerSettings",
     "TaskSettings",
     "dump_tree",
     "example_run_file",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fedsea.config import Placement
 from fedsea.federation.checkpoint import latest_round, load_round
 from fedsea.federation.data import encode_task_examples, task_examples, write_shard
 from fedsea.federation.simconfig import RunPlan, dump_tree, load_config, load_plan
@@ -167,15 +168,17 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
         server_log.close()
 
 
-def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None) -> Any:
-    """The base model with the run's LoRA everywhere, holding ``state`` (None: the base model)."""
+def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None, placement: Placement | None = None) -> Any:
+    """The base model with the run's LoRA everywhere, holding ``state`` (None: the base model), on
+    ``placement``'s device and in its dtype (default: ``[model]``'s)."""
     from fedsea.model.adapters import load_adapter_state_dict
     from fedsea.model.load import load_model
     from fedsea.model.split import split_model
 
     # Per-part LoRA: each block takes its part's spec at the run's one (p, q); one spec: any cut.
     p, q = plan.lora_cut or (1, 1)
-    split = split_model(load_model(plan.model), p, q)
+    placement = placement or plan.config.model.placement()
+    split = split_model(load_model(plan.model, placement.dtype, placement.device), p, q)
     if state is None:
         return split
     split.add_lora(plan.lora)
@@ -273,8 +276,9 @@ def simulate(
     return summary
 
 
-def export_run(run_dir: str, out: str) -> Path:
-    """Merge a run's latest global adapter into a plain Hugging Face checkpoint."""
+def export_run(run_dir: str, out: str, placement: Placement | None = None) -> Path:
+    """Merge a run's latest global adapter into a plain Hugging Face checkpoint (merged on
+    ``placement``'s device, written in its dtype; default: the CPU in float32)."""
     from fedsea.model.load import load_tokenizer
 
     folder = Path(run_dir)
@@ -283,7 +287,8 @@ def export_run(run_dir: str, out: str) -> Path:
     if checkpoint is None:
         raise ValueError(f"{folder} has no checkpoint yet")
     _, state, _, _ = load_round(checkpoint)
-    exported: Path = global_model(plan, state).export(out, load_tokenizer(plan.model))
+    placement = placement or Placement(device="cpu", dtype="float32")
+    exported: Path = global_model(plan, state, placement).export(out, load_tokenizer(plan.model))
     return exported
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -93,6 +93,10 @@ def add_lora(part: SplitPart, spec: LoraSpec, adapter_name: str = ADAPTER_NAME) 
         inject_adapter_in_model(config, part, adapter_name=adapter_name)
     except ValueError as exc:
         raise AdapterError(f"cannot add LoRA to the {part.part_name}: {exc}") from exc
+    # peft makes LoRA weights in the base layer's dtype; on a bfloat16/float16 model they are
+    # upcast to float32 (as peft's get_peft_model does), so AdamW's small updates are not rounded
+    # away. peft casts the input to the adapter's dtype and the result back to the base's.
+    cast_adapter_dtype(part, adapter_name)
     tag = _tag(adapter_name)
     for name, param in part.named_parameters():
         param.requires_grad_("lora_" in name and tag in name)
@@ -126,8 +130,12 @@ def adapter_parameters(part: nn.Module, adapter_name: str | None = None) -> dict
 
 
 def adapter_state_dict(part: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of ``part`` (detached copies), keys without the adapter name."""
-    return {k: p.detach().clone() for k, p in adapter_parameters(part, adapter_name).items()}
+    """The LoRA tensors of ``part`` (detached CPU copies), keys without the adapter name.
+
+    On the CPU whatever the part's device (its blocks may even be on several GPUs): a state is
+    data to save, send or average with other parties' states.
+    """
+    return {k: p.detach().to("cpu", copy=True) for k, p in adapter_parameters(part, adapter_name).items()}
 
 
 def load_adapter_state_dict(part: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:

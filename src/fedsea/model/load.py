@@ -48,6 +48,7 @@ from transformers.utils import logging as hf_logging
 
 from fedsea.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from fedsea.io import atomic_directory
+from fedsea.model.device import cast_and_place, resolve_device, resolve_dtype
 from fedsea.model.split import SUPPORTED_ARCHITECTURES, check_supported
 from fedsea.model.synthetic import build_random_model, is_random_source, parse_random_source, random_config
 from fedsea.model.tiny import tiny_llama, tiny_tokenizer
@@ -190,49 +191,58 @@ def _local_folder(resolved: ResolvedSource) -> str:
 
 def load_model(
     source: str | os.PathLike[str] = DEFAULT_MODEL,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     device: str | torch.device = "cpu",
+    spread: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM that fedsea can split, in eval mode with frozen base weights.
 
     Args:
         source: a packaged name (``smollm2-135m``, ``tiny-llama``), ``random:<shape>[?options]``,
             a Hugging Face model folder, a ``.gguf`` file, or a Hub id when online.
-        dtype: parameter dtype (``torch.float32`` by default; ``"bfloat16"`` etc. accepted).
-        device: where to put the model.
+        dtype: parameter dtype (``torch.float32`` by default); a name (``bfloat16``, ``bf16``, ...)
+            or ``auto`` (or None): bfloat16 on CUDA, float32 elsewhere (``fedsea.model.device``).
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (the first GPU, else the CPU).
+        spread: with ``device="auto"`` and several GPUs, spread the blocks over all of them (the
+            trunk server).
 
     Raises:
         ModelNotFoundError: nothing at ``source`` (or an unknown ``random:`` shape).
         ValueError: a malformed ``random:`` option.
         UnsupportedModelError: an architecture fedsea cannot split (the message lists those it can).
         ModelLoadError: the files exist but cannot be read.
+        DeviceError: the device does not exist here.
     """
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
-        dtype = getattr(torch, dtype)
-    torch_dtype: torch.dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    # Device first: a missing GPU is reported before minutes of loading.
+    place = resolve_device(device, spread=spread)
+    dtype = resolve_dtype(dtype, place)
     resolved = resolve_source(source)
     # What was loaded, for the fingerprint: a folder or GGUF is recorded as its local folder.
-    where = resolved
+    origin = resolved
+    model: PreTrainedModel
     if resolved.kind == "tiny":
-        # transformers wraps ``to`` with functools.wraps; the stub then sees an unbound _Wrapped.
-        model = tiny_llama().to(dtype=dtype)  # type: ignore[call-arg]
+        model = tiny_llama()
     elif resolved.kind == "random":
         spec = parse_random_source(resolved.location)
         # Refuse an unsupported family before building billions of weights.
         _check_model_type(str(random_config(spec).model_type), resolved.location)
-        model = build_random_model(spec, torch_dtype, device)
+        # Built in place on one device; spread over several GPUs afterwards (from the first one
+        # would not fit a trunk larger than one GPU: build on the CPU, then place).
+        model = build_random_model(spec, dtype, place if place != "auto" else "cpu")
     else:
         location = _local_folder(resolved)
         if resolved.kind != "hub":
-            where = ResolvedSource("folder", location)
+            origin = ResolvedSource("folder", location)
         _check_config_supported(location)
         # A sub-second load needs no progress bar; keep the user's setting afterwards.
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+            # A folder's fingerprint comes from its files (cached), whatever the load dtype: load
+            # straight in it. A Hub model's comes from its weights: load them as stored, and
+            # cast_and_place fingerprints them before a rounding cast.
+            stored = "auto" if resolved.kind == "hub" else dtype
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=stored)
         except OSError as exc:
             raise ModelLoadError(f"cannot load the model at {location}: {exc}") from exc
         finally:
@@ -240,10 +250,10 @@ def load_model(
                 hf_logging.enable_progress_bar()
     check_supported(model)
     model.requires_grad_(False)
-    loaded: PreTrainedModel = model.to(device).eval()
     # Read by model_fingerprint: a cached per-checkpoint value instead of a weight pass.
-    loaded._fedsea_source = where  # type: ignore[assignment]  # a plain attribute, not a tensor or module
-    return loaded
+    model._fedsea_source = origin  # type: ignore[assignment]  # a plain attribute, not a tensor or module
+    cast_and_place(model, dtype, place)  # also eval mode
+    return model
 
 
 def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

@@ -158,7 +158,8 @@ class _Probe(nn.Module):
         super().__init__()
         d = embedding.shape[1]
         self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width), nn.GELU(), nn.Linear(width, d))
-        self.register_buffer("embedding", embedding.detach(), persistent=False)
+        # float32 like the probe's own weights, whatever the model's dtype (the probe sees h.float()).
+        self.register_buffer("embedding", embedding.detach().float(), persistent=False)
         self.bias = nn.Parameter(torch.zeros(embedding.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

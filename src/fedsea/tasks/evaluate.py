@@ -133,7 +133,8 @@ def score_choices(
         for batch in length_sorted_batches([len(it.ids) for it in items], max_tokens):
             input_ids, lengths = pad_left([items[k].ids for k in batch], pad)
             keep = max(len(items[k].cont) for k in batch) + 1
-            logp = runner.logits(input_ids, lengths, keep).float().log_softmax(dim=-1)  # (B, keep, V)
+            # On the CPU: the picks below index it with CPU tensors, whatever the model's device.
+            logp = runner.logits(input_ids, lengths, keep).float().log_softmax(dim=-1).cpu()  # (B, keep, V)
             for row, k in enumerate(batch):
                 it = items[k]
                 if it.choice is None:

@@ -57,6 +57,7 @@ class ModelRunner:
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits (B, keep, V) of the last ``keep`` positions of left-padded ``input_ids`` (B, n)."""
+        input_ids, lengths = input_ids.to(self.model.device), lengths.to(self.model.device)
         total = input_ids.shape[1]
         check_lengths(lengths, input_ids.shape[0], total)
         out = self.model(
@@ -81,6 +82,7 @@ class ModelRunner:
         """Greedy decoding by Hugging Face ``generate`` (finished rows padded, stops when all are)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids, lengths = input_ids.to(self.model.device), lengths.to(self.model.device)
         total = input_ids.shape[1]
         check_lengths(lengths, input_ids.shape[0], total)
         out = self.model.generate(  # type: ignore[operator]
@@ -125,6 +127,7 @@ class SplitRunner:
     def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits (B, keep, V) through head, (noise,) trunk and tail for ``input_ids`` (B, n)."""
         split = self.split
+        input_ids, lengths = input_ids.to(split.model.device), lengths.to(split.model.device)
         hidden = split.head(input_ids, lengths)  # (B, n, d) h_p
         hidden = self.privatize(hidden) if self.privatize is not None else hidden
         hidden = split.trunk(hidden, lengths)  # (B, n, d)
@@ -141,6 +144,7 @@ class SplitRunner:
     ) -> torch.Tensor:
         """Greedy new tokens (B, k) for left-padded ``input_ids`` (B, n), through the one split loop."""
         stepper = LocalStepper(self.split.trunk)
+        input_ids, lengths = input_ids.to(self.split.model.device), lengths.to(self.split.model.device)
         return greedy_generate(
             self.split, stepper, input_ids, lengths, max_new_tokens, eos_token_id, pad_token_id, self.privatize
         )

@@ -190,6 +190,7 @@ class SplitTrainer(_Trainer):
         )
 
     def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
+        batch = batch.to(self.split.model.device)  # batches are made on the CPU; no copy there
         head, tail = self.split.head.train(), self.split.tail.train()
         h = head(batch.input_ids, batch.lengths)  # (B, n, d)
         if self.head_regularizer is not None:  # same values; carries the extra loss into the backward
@@ -219,6 +220,7 @@ class CentralTrainer(_Trainer):
 
     def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
         model = self.split.model.train()
+        batch = batch.to(model.device)
         loss = lm_loss(central_forward(model, batch.input_ids, batch.lengths), batch.labels)
         loss.backward()
         return loss.detach()
