@@ -45,5 +45,7 @@ def test_bench_train_on_a_random_shape_in_bfloat16_reports_device_dtype_and_mode
     result = json.loads(lines[0])
     assert (result["model"], result["device"], result["dtype"]) == (model, "cpu", "bfloat16")
     # Client and server built the same weights (else the server would have refused the session).
-    assert result["bytes_per_step"] >= result["theoretical_bytes_per_step"] == 4 * 2 * 8 * 64 * 4
+    # The wire dtype follows the model's: bfloat16, 2 bytes per element.
+    assert result["wire_dtype"] == "bf16"
+    assert result["bytes_per_step"] >= result["theoretical_bytes_per_step"] == 4 * 2 * 8 * 64 * 2
     assert result["split_step_s"] > 0 and result["central_step_s"] > 0

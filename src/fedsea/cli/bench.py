@@ -64,9 +64,9 @@ def add_bench_commands(sub: Any) -> None:
     """Register ``fedsea bench`` and its benchmarks on the ``fedsea`` parser."""
     from fedsea.cli.flags import add_settings_flags
     from fedsea.cli.generate import WIRE_FLAGS
+    from fedsea.config import DTYPE_SPECS as BENCH_DTYPES
     from fedsea.config import WIRE_DTYPE_SETTINGS, SplitConfig, WireConfig
     from fedsea.experiments.bench_generate import GENERATE_LATENCY_MS
-    from fedsea.experiments.bench_server import BENCH_DTYPES
     from fedsea.model.load import DEFAULT_MODEL
 
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")

@@ -258,7 +258,12 @@ def cast_and_place(model: nn.Module, dtype: torch.dtype, device: torch.device | 
     loaded = next(model.parameters()).dtype
     if _lossy(loaded, dtype):
         model_fingerprint(model)  # type: ignore[arg-type]
-    model = model.to(dtype=dtype)
+    # Parameters only, as a Hugging Face load in ``dtype`` does: float buffers (RoPE's inv_freq)
+    # stay float32, or positions would be rounded in a bfloat16 model. Replacing ``.data`` keeps
+    # tied weights tied (one Parameter object).
+    for param in model.parameters():
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
     return place_model(model, device).eval()
 
 
