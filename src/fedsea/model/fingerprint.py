@@ -37,7 +37,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fedsea.io import atomic_write_text
-from fedsea.model.load import ResolvedSource, cache_dir
+from fedsea.model.sources import ResolvedSource, cache_dir
 from fedsea.model.synthetic import parse_random_source, random_fingerprint
 
 logger = logging.getLogger(__name__)

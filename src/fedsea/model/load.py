@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +48,8 @@ from transformers.utils import logging as hf_logging
 from fedsea.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from fedsea.io import atomic_directory
 from fedsea.model.device import cast_and_place, resolve_device, resolve_dtype
+from fedsea.model.sources import ResolvedSource as ResolvedSource
+from fedsea.model.sources import cache_dir as cache_dir
 from fedsea.model.split import SUPPORTED_ARCHITECTURES, check_supported
 from fedsea.model.synthetic import build_random_model, is_random_source, parse_random_source, random_config
 from fedsea.model.tiny import tiny_llama, tiny_tokenizer
@@ -63,25 +64,6 @@ PACKAGED_GGUF: dict[str, tuple[str, str]] = {
 }
 PACKAGED_NAMES: tuple[str, ...] = (*PACKAGED_GGUF, TINY_MODEL)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    """fedsea's cache folder: ``$FEDSEA_CACHE``, else ``$XDG_CACHE_HOME/fedsea``, else ``~/.cache/fedsea``."""
-    if os.environ.get("FEDSEA_CACHE"):
-        return Path(os.environ["FEDSEA_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "fedsea"
-
-
-@dataclass(frozen=True)
-class ResolvedSource:
-    """What a model source string names. ``kind`` is 'tiny', 'random', 'folder', 'gguf' or 'hub'.
-
-    ``location`` is the canonical ``random:`` source for 'random' (options in a fixed order).
-    """
-
-    kind: str
-    location: str
 
 
 def packaged_gguf_path(name: str) -> Path:
