@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -44,25 +44,44 @@ def dtype_name(value: int) -> str:
     return f"unknown({value})"
 
 
+def host_bytes(tensor: torch.Tensor, dtype: int) -> torch.Tensor:
+    """The elements of ``tensor`` in ``dtype``, row-major, as a flat CPU uint8 tensor (numel * itemsize,).
+
+    No copy when the tensor is already a contiguous CPU tensor of the wire dtype. A GPU tensor
+    is converted on its device, then copied once into pinned host memory (non-blocking, then
+    waited for), which is faster than a copy into pageable memory.
+    """
+    t = tensor.detach().to(dtype=_TORCH[dtype])
+    if t.device.type != "cpu":
+        staging = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        staging.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        t = staging
+    # Little-endian: the byte order of every platform torch runs on.
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
 def tensor_bytes(tensor: torch.Tensor, dtype: int) -> bytes:
     """The elements of ``tensor`` (any shape) in ``dtype``, row-major, little-endian."""
-    t = tensor.detach().to(device="cpu", dtype=_TORCH[dtype]).contiguous()
-    return t.view(torch.uint8).numpy().tobytes()  # (numel * itemsize,)
+    return host_bytes(tensor, dtype).numpy().tobytes()  # (numel * itemsize,)
 
 
 def encode(tensor: torch.Tensor, dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
     """Split ``tensor`` into chunks of at most ``chunk_bytes`` bytes (at least one chunk).
 
     Any shape: each chunk carries the shape and dtype, so the receiver can check and rebuild it.
+    Each chunk's bytes are copied once, straight from the tensor's memory (protobuf's bytes
+    fields take only ``bytes``), and only when the chunk is asked for.
     """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    data = tensor_bytes(tensor, dtype)
+    flat = host_bytes(tensor, dtype)  # (total,) uint8, shares memory with the tensor when it can
+    view = memoryview(flat.numpy())  # zero-copy: slicing it copies nothing
     shape = list(tensor.shape)
-    total = len(data)
+    total = flat.numel()
     offset = 0
     while True:
-        piece = data[offset : offset + chunk_bytes]
+        piece = bytes(view[offset : offset + chunk_bytes])
         # The enum is an int at run time; the stub types the field as pb.DType.
         yield pb.TensorChunk(dtype=cast("pb.DType", dtype), shape=shape, offset=offset, data=piece, total_bytes=total)
         offset += len(piece)
@@ -74,34 +93,44 @@ def encode(tensor: torch.Tensor, dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BY
 class TensorAssembler:
     """Rebuilds one tensor from its chunks, checking each against the first.
 
+    The first chunk's declared size is checked against ``max_bytes`` before anything is
+    allocated; then one buffer of exactly that size is allocated and each chunk's bytes are
+    copied into it at their offset. The tensor returned is a view of that buffer.
+
     Args:
         field: name used in error messages (e.g. ``"hidden"``).
         max_bytes: refuse a tensor whose declared size exceeds this (RESOURCE_EXHAUSTED).
         expect_dtype: if set, the only dtype accepted (the session's wire dtype).
+        pin_memory: allocate the buffer in pinned memory (for a fast copy to a GPU).
     """
 
     field: str
     max_bytes: int
     expect_dtype: int | None = None
+    pin_memory: bool = False
     _dtype: int | None = None
     _shape: tuple[int, ...] | None = None
     _total: int = 0
-    _buffer: bytearray | None = None
+    _buffer: torch.Tensor | None = None
+    _view: memoryview | None = None
     _received: int = 0
 
-    def add(self, chunk: pb.TensorChunk) -> None:
-        """Check one chunk against the first and copy its bytes in at its offset."""
-        if self._buffer is None:
+    def add(self, chunk: pb.TensorChunk) -> int:
+        """Check one chunk against the first and copy its bytes in at its offset; return their count."""
+        if self._view is None:
             self._start(chunk)
         elif chunk.dtype != self._dtype or tuple(chunk.shape) != self._shape or chunk.total_bytes != self._total:
             raise InvalidInputError(self.field, "chunks disagree on dtype, shape or total_bytes")
-        assert self._buffer is not None
+        assert self._view is not None
         if chunk.offset != self._received:
             raise InvalidInputError(self.field, f"chunk at offset {chunk.offset}, expected {self._received}")
-        if self._received + len(chunk.data) > self._total:
+        data = chunk.data  # each read of a bytes field copies it out of the message: read once
+        end = self._received + len(data)
+        if end > self._total:
             raise InvalidInputError(self.field, f"more bytes than total_bytes={self._total}")
-        self._buffer[self._received : self._received + len(chunk.data)] = chunk.data
-        self._received += len(chunk.data)
+        self._view[self._received : end] = data
+        self._received = end
+        return len(data)
 
     def _start(self, chunk: pb.TensorChunk) -> None:
         if chunk.dtype not in ITEMSIZE:
@@ -125,17 +154,19 @@ class TensorAssembler:
         if expected > self.max_bytes:
             raise LimitExceededError(f"{self.field}: {expected} bytes exceeds the limit of {self.max_bytes} bytes")
         self._dtype, self._shape, self._total = chunk.dtype, shape, expected
-        self._buffer = bytearray(expected)
+        # Uninitialised: every byte is written by a chunk before tensor() hands it out.
+        self._buffer = torch.empty(expected, dtype=torch.uint8, pin_memory=self.pin_memory)
+        self._view = memoryview(self._buffer.numpy())
 
     @property
     def started(self) -> bool:
         """True once the first chunk has arrived."""
-        return self._buffer is not None
+        return self._view is not None
 
     @property
     def complete(self) -> bool:
         """All declared bytes have arrived."""
-        return self._buffer is not None and self._received == self._total
+        return self._view is not None and self._received == self._total
 
     def tensor(self) -> torch.Tensor:
         """The assembled tensor, of the declared shape and wire dtype; raises if chunks are missing."""
@@ -143,10 +174,7 @@ class TensorAssembler:
             raise InvalidInputError(self.field, "missing")
         if self._received != self._total:
             raise InvalidInputError(self.field, f"received {self._received} of {self._total} bytes")
-        if self._total == 0:
-            return torch.empty(self._shape, dtype=_TORCH[self._dtype])
-        flat = torch.frombuffer(self._buffer, dtype=torch.uint8)
-        return flat.view(_TORCH[self._dtype]).reshape(self._shape)
+        return self._buffer.view(_TORCH[self._dtype]).reshape(self._shape)
 
 
 def decode(
@@ -159,26 +187,50 @@ def decode(
     return assembler.tensor()
 
 
+def _varint_len(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _size_without_data(message: Any, chunk: pb.TensorChunk, data_len: int) -> int:
+    """``message.ByteSize()`` as it was before ``chunk.data`` (``data_len`` bytes) was cleared.
+
+    upb's ``ByteSize()`` serializes the whole message (as slow as sending it); without the data
+    it is cheap, and the data's share is its field's tag, length varint and bytes.
+    """
+    rest, inner = message.ByteSize(), chunk.ByteSize()
+    if data_len == 0:
+        return int(rest)
+    full = inner + 1 + _varint_len(data_len) + data_len  # tag of field 4 (data) is one byte
+    return int(rest - _varint_len(inner) + _varint_len(full) + full - inner)
+
+
 async def receive_tensor(
-    requests: AsyncIterable[M], field: str, max_bytes: int, on_first: Callable[[M, pb.TensorChunk], int]
+    requests: AsyncIterable[M],
+    field: str,
+    max_bytes: int,
+    on_first: Callable[[M, pb.TensorChunk], int],
+    pin_memory: bool = False,
 ) -> tuple[M, torch.Tensor, int, int]:
     """A chunked request stream's tensor: (first message, tensor, wire dtype, bytes received).
 
     ``on_first`` sees the first message and its chunk before any bytes are assembled (the
-    session's NOT_FOUND, a shape over the limits) and returns the only dtype accepted.
+    session's NOT_FOUND, a shape over the limits) and returns the only dtype accepted. Each
+    message's chunk data is dropped once copied into the tensor (the first message is returned
+    without it); bytes received still count it, as serialized.
     """
     first: M | None = None
     assembler: TensorAssembler | None = None
     received = 0
     dtype = 0
     async for message in requests:
-        received += message.ByteSize()  # type: ignore[attr-defined]
         chunk: pb.TensorChunk = getattr(message, field)
         if first is None or assembler is None:
             first = message
             dtype = on_first(message, chunk)
-            assembler = TensorAssembler(field, max_bytes, dtype)
-        assembler.add(chunk)
+            assembler = TensorAssembler(field, max_bytes, dtype, pin_memory)
+        count = assembler.add(chunk)
+        chunk.ClearField("data")
+        received += _size_without_data(message, chunk, count)
     if first is None or assembler is None:
         raise InvalidInputError("request", "empty request stream")
     return first, assembler.tensor(), dtype, received
