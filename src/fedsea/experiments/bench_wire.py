@@ -24,7 +24,7 @@ import torch
 
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.ports import free_loopback_port
-from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, encode, receive_tensor, wire_dtype
+from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, encode_into, receive_tensor, wire_dtype
 
 from . import bench_wire_legacy as legacy
 
@@ -110,14 +110,18 @@ def _start_server(device: str) -> tuple[subprocess.Popen[str], int]:
 
 
 def _requests(tensor: torch.Tensor, dtype: int, chunk_bytes: int, old: bool) -> Iterator[pb.ForwardRequest]:
-    # As RemoteTrunk.forward builds them: the session fields in the first message only.
-    chunks = legacy.encode(tensor, dtype, chunk_bytes) if old else encode(tensor, dtype, chunk_bytes)
-    for i, chunk in enumerate(chunks):
-        yield (
-            pb.ForwardRequest(session_id="bench", step=1, lengths=[1], hidden=chunk)
-            if i == 0
-            else pb.ForwardRequest(hidden=chunk)
-        )
+    # The session fields in the first message only, as RemoteTrunk.forward sends them.
+    if old:  # as RemoteTrunk.forward built them before issue 13
+        for i, chunk in enumerate(legacy.encode(tensor, dtype, chunk_bytes)):
+            yield pb.ForwardRequest(session_id="bench", step=1, lengths=[1], hidden=chunk) if i == 0 else (
+                pb.ForwardRequest(hidden=chunk)
+            )
+        return
+
+    def message(first: bool) -> pb.ForwardRequest:
+        return pb.ForwardRequest(session_id="bench", step=1, lengths=[1]) if first else pb.ForwardRequest()
+
+    yield from encode_into(tensor, dtype, chunk_bytes, message, "hidden")
 
 
 def _interleaved(calls: dict[str, Any], repeats: int) -> dict[str, float]:
