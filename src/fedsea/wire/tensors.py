@@ -16,6 +16,7 @@ import torch
 
 from fedsea.config import WIRE_DTYPES as WIRE_DTYPE_NAMES
 from fedsea.errors import InvalidInputError, LimitExceededError
+from fedsea.wire import compress
 from fedsea.wire import fedsea_pb2 as pb
 
 # The names are fedsea.config's (what a setting may say), in the same order as the enums.
@@ -29,6 +30,7 @@ ITEMSIZE: dict[int, int] = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
 # pay gRPC's per-message overhead instead. Also well under gRPC's default 4 MiB message limit.
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 M = TypeVar("M")
+NONE = pb.TensorChunk.NONE  # no compression: the wire dtype's exact bytes
 
 
 def wire_dtype(name: str) -> pb.DType:
@@ -47,14 +49,12 @@ def dtype_name(value: int) -> str:
     return f"unknown({value})"
 
 
-def host_bytes(tensor: torch.Tensor, dtype: int) -> torch.Tensor:
-    """The elements of ``tensor`` in ``dtype``, row-major, as a flat CPU uint8 tensor (numel * itemsize,).
+def _host_flat(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements, row-major, as a flat CPU uint8 tensor: no copy for a contiguous CPU tensor.
 
-    No copy when the tensor is already a contiguous CPU tensor of the wire dtype. A GPU tensor
-    is converted on its device, then copied once into pinned host memory (non-blocking, then
-    waited for), which is faster than a copy into pageable memory.
+    A GPU tensor is copied once into pinned host memory (non-blocking, then waited for), which
+    is faster than a copy into pageable memory.
     """
-    t = tensor.detach().to(dtype=_TORCH[dtype])
     if t.device.type != "cpu":
         staging = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         staging.copy_(t, non_blocking=True)
@@ -64,57 +64,92 @@ def host_bytes(tensor: torch.Tensor, dtype: int) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+def host_bytes(tensor: torch.Tensor, dtype: int) -> torch.Tensor:
+    """The elements of ``tensor`` in ``dtype``, row-major, as a flat CPU uint8 tensor (numel * itemsize,).
+
+    No copy when the tensor is already a contiguous CPU tensor of the wire dtype; a GPU tensor
+    is converted on its device, then staged through pinned memory.
+    """
+    return _host_flat(tensor.detach().to(dtype=_TORCH[dtype]))
+
+
 def tensor_bytes(tensor: torch.Tensor, dtype: int) -> bytes:
     """The elements of ``tensor`` (any shape) in ``dtype``, row-major, little-endian."""
     return host_bytes(tensor, dtype).numpy().tobytes()  # (numel * itemsize,)
 
 
-def _pieces(tensor: torch.Tensor, dtype: int, chunk_bytes: int) -> Iterator[tuple[int, bytes, int]]:
-    """(offset, bytes, total) of each chunk: at least one, each a single copy out of the tensor's memory."""
+def _payload(tensor: torch.Tensor, dtype: int, compression: int) -> tuple[torch.Tensor, bytes]:
+    """(flat uint8 payload, scales bytes): the wire dtype's bytes, or compressed codes and their row scales."""
+    if compression == NONE:
+        return host_bytes(tensor, dtype), b""
+    codes, scales = compress.quantize(tensor, compression)  # on the tensor's device
+    return _host_flat(codes), scales.to(device="cpu").numpy().tobytes()  # (numel,), (rows * 4,)
+
+
+def _pieces(flat: torch.Tensor, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of each chunk of ``flat`` (uint8): at least one, each a single copy out of its memory."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    flat = host_bytes(tensor, dtype)  # (total,) uint8, shares memory with the tensor when it can
     view = memoryview(flat.numpy())  # zero-copy: slicing it copies nothing
-    total = flat.numel()
+    total = len(view)
     offset = 0
     while True:
         # protobuf's bytes fields take only ``bytes``: this is the one copy we cannot skip.
         piece = bytes(view[offset : offset + chunk_bytes])
-        yield offset, piece, total
+        yield offset, piece
         offset += len(piece)
         if offset >= total:
             return
 
 
-def encode(tensor: torch.Tensor, dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+def _fill(chunk: pb.TensorChunk, dtype: int, shape: list[int], offset: int, piece: bytes, total: int) -> None:
+    # The enum is an int at run time; the stub types the field as pb.DType.
+    chunk.dtype, chunk.offset, chunk.total_bytes = cast("pb.DType", dtype), offset, total
+    chunk.shape.extend(shape)
+    chunk.data = piece
+
+
+def encode(
+    tensor: torch.Tensor, dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: int = NONE
+) -> Iterator[pb.TensorChunk]:
     """Split ``tensor`` into chunks of at most ``chunk_bytes`` bytes (at least one chunk).
 
     Any shape: each chunk carries the shape and dtype, so the receiver can check and rebuild it.
+    ``compression`` (``fedsea.wire.compress``; lossy) sends one byte per element instead.
     Chunks are made as they are asked for. To send them inside another message, prefer
     ``encode_into``: assigning a chunk to a message field copies it again.
     """
-    shape = list(tensor.shape)
-    for offset, piece, total in _pieces(tensor, dtype, chunk_bytes):
-        # The enum is an int at run time; the stub types the field as pb.DType.
-        yield pb.TensorChunk(dtype=cast("pb.DType", dtype), shape=shape, offset=offset, data=piece, total_bytes=total)
+    yield from encode_into(tensor, dtype, chunk_bytes, _new_chunk, "", compression)
+
+
+def _new_chunk(first: bool) -> pb.TensorChunk:
+    return pb.TensorChunk()
 
 
 def encode_into(
-    tensor: torch.Tensor, dtype: int, chunk_bytes: int, message: Callable[[bool], M], field: str
+    tensor: torch.Tensor,
+    dtype: int,
+    chunk_bytes: int,
+    message: Callable[[bool], M],
+    field: str,
+    compression: int = NONE,
 ) -> Iterator[M]:
     """``encode``'s chunks written straight into the ``field`` of messages made by ``message(first)``.
 
     ``message(True)`` makes the first message (with e.g. the session and step), ``message(False)``
-    each later one. Filling the chunk in place saves a copy of every chunk over
-    ``Outer(field=chunk)``, which upb makes by copying the chunk's bytes.
+    each later one; ``field=""`` makes the messages the chunks themselves. Filling the chunk in
+    place saves a copy of every chunk over ``Outer(field=chunk)``, which copies its bytes.
     """
     shape = list(tensor.shape)
-    for offset, piece, total in _pieces(tensor, dtype, chunk_bytes):
+    flat, scales = _payload(tensor, dtype, compression)
+    for offset, piece in _pieces(flat, chunk_bytes):
         outer = message(offset == 0)
-        chunk: pb.TensorChunk = getattr(outer, field)
-        chunk.dtype, chunk.offset, chunk.total_bytes = cast("pb.DType", dtype), offset, total
-        chunk.shape.extend(shape)
-        chunk.data = piece
+        chunk: pb.TensorChunk = getattr(outer, field) if field else outer
+        _fill(chunk, dtype, shape, offset, piece, len(flat))
+        if compression != NONE:
+            chunk.compression = cast("pb.TensorChunk.Compression", compression)
+            if offset == 0:
+                chunk.scales = scales
         yield outer
 
 
@@ -143,13 +178,22 @@ class TensorAssembler:
     _buffer: torch.Tensor | None = None
     _view: memoryview | None = None
     _received: int = 0
+    _compression: int = NONE
+    _scales: bytes = b""
 
     def add(self, chunk: pb.TensorChunk) -> int:
         """Check one chunk against the first and copy its bytes in at its offset; return their count."""
         if self._view is None:
             self._start(chunk)
-        elif chunk.dtype != self._dtype or tuple(chunk.shape) != self._shape or chunk.total_bytes != self._total:
-            raise InvalidInputError(self.field, "chunks disagree on dtype, shape or total_bytes")
+        elif (
+            chunk.dtype != self._dtype
+            or tuple(chunk.shape) != self._shape
+            or chunk.total_bytes != self._total
+            or chunk.compression != self._compression
+        ):
+            raise InvalidInputError(self.field, "chunks disagree on dtype, shape, total_bytes or compression")
+        elif chunk.scales:
+            raise InvalidInputError(self.field, "scales in a chunk other than the first")
         assert self._view is not None
         if chunk.offset != self._received:
             raise InvalidInputError(self.field, f"chunk at offset {chunk.offset}, expected {self._received}")
@@ -170,19 +214,27 @@ class TensorAssembler:
                 f"dtype {dtype_name(chunk.dtype)} does not match the session's wire dtype "
                 f"{dtype_name(self.expect_dtype)}",
             )
+        if chunk.compression != NONE and chunk.compression not in compress.COMPRESSIONS.values():
+            raise InvalidInputError(self.field, f"unknown compression {chunk.compression}")
         shape = tuple(int(s) for s in chunk.shape)
         if any(s < 0 for s in shape):
             raise InvalidInputError(self.field, f"negative dimension in shape {shape}")
-        expected = math.prod(shape) * ITEMSIZE[chunk.dtype]
+        numel = math.prod(shape)
+        # A compressed tensor travels as one byte per element but is rebuilt in its dtype.
+        expected = numel if chunk.compression != NONE else numel * ITEMSIZE[chunk.dtype]
         if chunk.total_bytes != expected:
+            what = "one byte per element" if chunk.compression != NONE else f"dtype {dtype_name(chunk.dtype)}"
             raise InvalidInputError(
                 self.field,
-                f"total_bytes={chunk.total_bytes} does not match dtype {dtype_name(chunk.dtype)} x shape {shape} "
-                f"= {expected} bytes",
+                f"total_bytes={chunk.total_bytes} does not match {what} x shape {shape} = {expected} bytes",
             )
-        if expected > self.max_bytes:
-            raise LimitExceededError(f"{self.field}: {expected} bytes exceeds the limit of {self.max_bytes} bytes")
+        rebuilt = numel * ITEMSIZE[chunk.dtype]
+        if rebuilt > self.max_bytes:
+            raise LimitExceededError(f"{self.field}: {rebuilt} bytes exceeds the limit of {self.max_bytes} bytes")
+        if len(chunk.scales) != (4 * compress.num_rows(shape) if chunk.compression != NONE else 0):
+            raise InvalidInputError(self.field, f"{len(chunk.scales)} bytes of scales for shape {shape}")
         self._dtype, self._shape, self._total = chunk.dtype, shape, expected
+        self._compression, self._scales = chunk.compression, chunk.scales
         # Uninitialised: every byte is written by a chunk before tensor() hands it out.
         self._buffer = torch.empty(expected, dtype=torch.uint8, pin_memory=self.pin_memory)
         self._view = memoryview(self._buffer.numpy())
@@ -203,7 +255,12 @@ class TensorAssembler:
             raise InvalidInputError(self.field, "missing")
         if self._received != self._total:
             raise InvalidInputError(self.field, f"received {self._received} of {self._total} bytes")
-        return self._buffer.view(_TORCH[self._dtype]).reshape(self._shape)
+        if self._compression == NONE:
+            return self._buffer.view(_TORCH[self._dtype]).reshape(self._shape)
+        codes = self._buffer.view(compress.code_dtype(self._compression)).reshape(self._shape)
+        scales = torch.frombuffer(bytearray(self._scales), dtype=torch.float32) if self._scales else torch.empty(0)
+        compress.check_codes(self.field, self._compression, codes, scales)
+        return compress.dequantize(codes, scales, _TORCH[self._dtype])
 
 
 def decode(
