@@ -1,9 +1,17 @@
-"""``fedsea bench wire``: tensor codec + gRPC over loopback, against a raw-bytes gRPC ceiling.
+"""``fedsea bench wire``: the tensor codec over loopback gRPC, against a raw-bytes gRPC ceiling.
 
 One direction, client -> server: the clock starts with the activation tensor in the client's
 hands and stops when the client has the server's tiny ack, which the server sends only once
-it holds the decoded tensor (on ``device``). The ceiling is the same transfer as raw bytes
-chunks (identity serializers, no protobuf, no tensor): what gRPC itself can carry.
+it holds the decoded tensor (on ``device``). Paths, timed in turn on the same server:
+
+* ``tensor``: fedsea's codec as the client sends a Forward (``encode_into`` ForwardRequests,
+  the server's ``receive_tensor``), at ``chunk_bytes`` per message;
+* ``legacy``: the codec before issue 13 (``bench_wire_legacy``), at its 3 MiB chunks, wrapping
+  each chunk in a ForwardRequest as ``RemoteTrunk`` did;
+* ``raw``: the same bytes as ready-made ``bytes`` chunks of ``chunk_bytes`` with identity
+  serializers (no protobuf, no tensor): the ceiling, what gRPC itself carries;
+* ``tensor_<compression>`` (``compression``): the tensor path with lossy compression, its
+  MB/s counted in the uncompressed tensor's bytes (the effective rate).
 
 The server runs in its own process (as ``fedsea serve`` does), so that client and server
 each have a core and a GIL, as they would across a network.
@@ -16,37 +24,35 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
 import torch
 
+from fedsea.wire import compress
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.ports import free_loopback_port
-from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, encode_into, receive_tensor, wire_dtype
+from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, encode_into, receive_tensor, torch_dtype, wire_dtype
 
 from . import bench_wire_legacy as legacy
 
 SERVICE = "fedsea.bench.v1.Wire"
-# The bench's own message limit on both ends: room for the largest chunk tried plus framing.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Both ends' message limit: room for a 32 MiB chunk and its framing.
+MAX_MESSAGE_BYTES = 33 * 1024 * 1024
 MAX_TENSOR_BYTES = 1 << 32
-PATHS = ("tensor", "legacy", "raw")
-
-
-def _ack(step: int) -> pb.ForwardResponse:
-    return pb.ForwardResponse(step=step)
+LEGACY_CHUNK_BYTES = 3 * 1024 * 1024  # DEFAULT_CHUNK_BYTES before issue 13
+TARGET_MB_S = 1000.0
 
 
 class _Echo:
-    """The server's three handlers: fedsea codec (now and before) and raw bytes."""
+    """The server's handlers: the fedsea codec (now and before) and raw bytes; each answers a tiny ack."""
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
 
     def _land(self, tensor: torch.Tensor) -> None:
-        # The tensor must end on the device, as the trunk would need it.
+        # The tensor must end where the trunk would use it: a GPU copy from pinned memory.
         if self.device.type == "cuda":
             tensor.to(self.device, non_blocking=True)
             torch.cuda.synchronize(self.device)
@@ -57,14 +63,14 @@ class _Echo:
             requests, "hidden", MAX_TENSOR_BYTES, lambda m, c: int(c.dtype), pin_memory=pin
         )
         self._land(tensor)
-        return _ack(first.step)
+        return pb.ForwardResponse(step=first.step)
 
     async def legacy(self, requests: AsyncIterator[pb.ForwardRequest], context: Any) -> pb.ForwardResponse:
         first, tensor, _, _ = await legacy.receive_tensor(
             requests, "hidden", MAX_TENSOR_BYTES, lambda m, c: int(c.dtype)
         )
         self._land(tensor)
-        return _ack(first.step)
+        return pb.ForwardResponse(step=first.step)
 
     async def raw(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
         received = 0
@@ -75,14 +81,13 @@ class _Echo:
 
 async def _serve(port: int, device: str) -> None:
     echo = _Echo(device)
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", 1 << 20)]
-    )
+    limits = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", 1 << 20)]
+    server = grpc.aio.server(options=limits)
     fwd, ack = pb.ForwardRequest.FromString, pb.ForwardResponse.SerializeToString
     handlers = {
         "tensor": grpc.stream_unary_rpc_method_handler(echo.tensor, fwd, ack),
         "legacy": grpc.stream_unary_rpc_method_handler(echo.legacy, fwd, ack),
-        "raw": grpc.stream_unary_rpc_method_handler(echo.raw),  # bytes in, bytes out
+        "raw": grpc.stream_unary_rpc_method_handler(echo.raw),  # no serializers: bytes in, bytes out
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -109,22 +114,21 @@ def _start_server(device: str) -> tuple[subprocess.Popen[str], int]:
     raise RuntimeError("the bench wire server did not start:\n" + "".join(seen))
 
 
-def _requests(tensor: torch.Tensor, dtype: int, chunk_bytes: int, old: bool) -> Iterator[pb.ForwardRequest]:
+def _first_or_rest(first: bool) -> pb.ForwardRequest:
     # The session fields in the first message only, as RemoteTrunk.forward sends them.
-    if old:  # as RemoteTrunk.forward built them before issue 13
-        for i, chunk in enumerate(legacy.encode(tensor, dtype, chunk_bytes)):
-            yield pb.ForwardRequest(session_id="bench", step=1, lengths=[1], hidden=chunk) if i == 0 else (
-                pb.ForwardRequest(hidden=chunk)
-            )
-        return
-
-    def message(first: bool) -> pb.ForwardRequest:
-        return pb.ForwardRequest(session_id="bench", step=1, lengths=[1]) if first else pb.ForwardRequest()
-
-    yield from encode_into(tensor, dtype, chunk_bytes, message, "hidden")
+    return pb.ForwardRequest(session_id="bench", step=1, lengths=[1]) if first else pb.ForwardRequest()
 
 
-def _interleaved(calls: dict[str, Any], repeats: int) -> dict[str, float]:
+def _legacy_requests(tensor: torch.Tensor, dtype: int) -> Iterator[pb.ForwardRequest]:
+    # As RemoteTrunk.forward built them (the constructor copies the chunk).
+    for i, chunk in enumerate(legacy.encode(tensor, dtype, LEGACY_CHUNK_BYTES)):
+        if i == 0:
+            yield pb.ForwardRequest(session_id="bench", step=1, lengths=[1], hidden=chunk)
+        else:
+            yield pb.ForwardRequest(hidden=chunk)
+
+
+def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median seconds of each call, run in turn (one of each per round) so that all see the same machine."""
     for call in calls.values():
         call()  # warm-up: connection, allocator, first-touch pages
@@ -137,79 +141,94 @@ def _interleaved(calls: dict[str, Any], repeats: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _row_calls(
+    channel: grpc.Channel, tensor: torch.Tensor, dtype: int, chunk_bytes: int, compression: str | None
+) -> dict[str, Callable[[], Any]]:
+    fwd, ack = pb.ForwardRequest.SerializeToString, pb.ForwardResponse.FromString
+    send = channel.stream_unary(f"/{SERVICE}/tensor", request_serializer=fwd, response_deserializer=ack)
+    send_legacy = channel.stream_unary(f"/{SERVICE}/legacy", request_serializer=fwd, response_deserializer=ack)
+    send_raw = channel.stream_unary(f"/{SERVICE}/raw")
+    nbytes = tensor.numel() * tensor.element_size()
+    raw = bytes(nbytes)
+    pieces = [raw[i : i + chunk_bytes] for i in range(0, nbytes, chunk_bytes)]
+    calls: dict[str, Callable[[], Any]] = {
+        "tensor": lambda: send(encode_into(tensor, dtype, chunk_bytes, _first_or_rest, "hidden")),
+        "legacy": lambda: send_legacy(_legacy_requests(tensor, dtype)),
+        "raw": lambda: send_raw(iter(pieces)),
+    }
+    if compression is not None:
+        kind = compress.compression(compression)
+        calls[f"tensor_{compression}"] = lambda: send(
+            encode_into(tensor, dtype, chunk_bytes, _first_or_rest, "hidden", kind)
+        )
+    return calls
+
+
 def bench_wire(
     sizes_mib: tuple[int, ...] = (16, 64),
     dtypes: tuple[str, ...] = ("bf16", "fp32"),
-    repeats: int = 5,
+    repeats: int = 7,
     device: str = "cpu",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    paths: tuple[str, ...] = PATHS,
+    compression: str | None = None,
 ) -> dict[str, Any]:
     """Median one-way MB/s (10^6 bytes/s) of each path, per tensor size and wire dtype.
 
-    Shapes are (4, 512, d) with d chosen for the size (16 MiB bf16: d=4096). Target: the
-    fedsea codec at >= 1000 MB/s for a 16 MiB bf16 tensor.
+    Shapes are (4, 512, d), d chosen for the size (16 MiB bf16: d=4096). Target: the fedsea
+    codec at >= 1000 MB/s for a 16 MiB bf16 tensor (``throughput_mb_s``), read against the
+    raw-bytes ceiling (``ceiling_mb_s``) measured in the same run.
     """
-    for path in paths:
-        if path not in PATHS:
-            raise ValueError(f"unknown path {path!r} (expected {', '.join(PATHS)})")
+    if chunk_bytes < 1 or chunk_bytes > MAX_MESSAGE_BYTES - (1 << 20):
+        raise ValueError(f"chunk_bytes must be in [1, {MAX_MESSAGE_BYTES - (1 << 20)}], got {chunk_bytes}")
+    if compression is not None and compression != "none":
+        compress.compression(compression)  # refuse an unknown name before starting anything
+    compression = None if compression == "none" else compression
     dev = torch.device(device)
     proc, port = _start_server(device)
-    channel = grpc.insecure_channel(
-        f"127.0.0.1:{port}",
-        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", 1 << 20)],
-    )
-    fwd, ack = pb.ForwardRequest.SerializeToString, pb.ForwardResponse.FromString
-    calls = {
-        "tensor": channel.stream_unary(f"/{SERVICE}/tensor", request_serializer=fwd, response_deserializer=ack),
-        "legacy": channel.stream_unary(f"/{SERVICE}/legacy", request_serializer=fwd, response_deserializer=ack),
-        "raw": channel.stream_unary(f"/{SERVICE}/raw"),
-    }
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", 1 << 20)]
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
     rows: dict[str, Any] = {}
     try:
-        for dtype_name in dtypes:
-            wdt = wire_dtype(dtype_name)
-            itemsize = torch.empty(0, dtype=_TORCH_DTYPES[dtype_name]).element_size()
+        for name in dtypes:
+            dtype = wire_dtype(name)
+            itemsize = torch.empty(0, dtype=torch_dtype(dtype)).element_size()
             for mib in sizes_mib:
                 nbytes = mib * 1024 * 1024
                 shape = (4, 512, nbytes // (4 * 512 * itemsize))
-                tensor = torch.randn(shape, device=dev).to(_TORCH_DTYPES[dtype_name])
-                raw = bytes(nbytes)
-                pieces = [raw[i : i + chunk_bytes] for i in range(0, nbytes, chunk_bytes)]
+                # Made in the wire dtype: the codec's conversion is not what is timed.
+                tensor = torch.randn(shape, device=dev).to(torch_dtype(dtype))
+                seconds = _interleaved(_row_calls(channel, tensor, dtype, chunk_bytes, compression), repeats)
                 row: dict[str, Any] = {"shape": list(shape), "bytes": nbytes}
-                timed = {
-                    path: (
-                        (lambda: calls["raw"](iter(pieces)))
-                        if path == "raw"
-                        else (lambda c=calls[path], old=path == "legacy": c(_requests(tensor, wdt, chunk_bytes, old)))
-                    )
-                    for path in paths
-                }
-                for path, seconds in _interleaved(timed, repeats).items():
-                    row[f"{path}_mb_s"] = round(nbytes / seconds / 1e6, 1)
-                if "tensor" in paths and "raw" in paths:
-                    row["ratio_to_ceiling"] = round(row["tensor_mb_s"] / row["raw_mb_s"], 3)
-                if "tensor" in paths and "legacy" in paths:
-                    row["speedup_over_legacy"] = round(row["tensor_mb_s"] / row["legacy_mb_s"], 2)
-                rows[f"{mib}mib_{dtype_name}"] = row
+                row.update({f"{path}_mb_s": round(nbytes / s / 1e6, 1) for path, s in seconds.items()})
+                row["ratio_to_ceiling"] = round(row["tensor_mb_s"] / row["raw_mb_s"], 3)
+                row["legacy_ratio_to_ceiling"] = round(row["legacy_mb_s"] / row["raw_mb_s"], 3)
+                row["speedup_over_legacy"] = round(row["tensor_mb_s"] / row["legacy_mb_s"], 2)
+                rows[f"{mib}mib_{name}"] = row
     finally:
         channel.close()
         proc.kill()
         proc.wait()
-    head = rows.get(f"{sizes_mib[0]}mib_{dtypes[0]}", {})
+    head = rows[f"{sizes_mib[0]}mib_{dtypes[0]}"]
     return {
         "bench": "wire",
-        "direction": "one way: client tensor -> server holds the decoded tensor -> tiny ack back",
+        "direction": "one way: client has the tensor -> server holds it decoded -> tiny ack back to the client",
         "mb": "10^6 bytes",
         "device": device,
+        "cpus": _cpus(),
         "chunk_bytes": chunk_bytes,
+        "legacy_chunk_bytes": LEGACY_CHUNK_BYTES,
         "repeats": repeats,
-        "throughput_mb_s": head.get("tensor_mb_s"),
-        "ceiling_mb_s": head.get("raw_mb_s"),
-        "ratio_to_ceiling": head.get("ratio_to_ceiling"),
-        "target_mb_s": 1000.0,
+        "head_row": f"{sizes_mib[0]}mib_{dtypes[0]}",
+        "throughput_mb_s": head["tensor_mb_s"],
+        "ceiling_mb_s": head["raw_mb_s"],
+        "ratio_to_ceiling": head["ratio_to_ceiling"],
+        "legacy_mb_s": head["legacy_mb_s"],
+        "target_mb_s": TARGET_MB_S,
         "rows": rows,
     }
 
 
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
