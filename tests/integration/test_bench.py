@@ -29,3 +29,20 @@ def test_bench_generate_prints_one_json_line_with_identical_tokens():
         assert row["split_tok_s"] > 0 and row["central_tok_s"] > 0 and row["naive_tok_s"] > 0
     for key in ("split_tok_s", "central_tok_s", "naive_tok_s", "bytes_per_step", "theoretical_bytes_per_step"):
         assert key in result
+
+
+def test_bench_wire_prints_one_json_line_against_the_ceiling():
+    cmd = [sys.executable, "-m", "fedsea.cli", "bench", "wire", "--sizes-mib", "1", "--dtypes", "bf16", "fp32"]
+    cmd += ["--repeats", "1", "--chunk-kib", "256", "--compression", "int8", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stdout
+    result = json.loads(lines[0])
+    assert result["direction"].startswith("one way") and result["chunk_bytes"] == 256 * 1024
+    assert result["throughput_mb_s"] > 0 and result["ceiling_mb_s"] > 0 and result["head_row"] == "1mib_bf16"
+    for name, d in (("bf16", 256), ("fp32", 128)):
+        row = result["rows"][f"1mib_{name}"]
+        assert row["shape"] == [4, 512, d] and row["bytes"] == 1 << 20
+        for key in ("tensor_mb_s", "legacy_mb_s", "raw_mb_s", "tensor_int8_mb_s", "ratio_to_ceiling"):
+            assert row[key] > 0, key
