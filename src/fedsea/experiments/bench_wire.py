@@ -147,7 +147,7 @@ def _row_calls(
     fwd, ack = pb.ForwardRequest.SerializeToString, pb.ForwardResponse.FromString
     send = channel.stream_unary(f"/{SERVICE}/tensor", request_serializer=fwd, response_deserializer=ack)
     send_legacy = channel.stream_unary(f"/{SERVICE}/legacy", request_serializer=fwd, response_deserializer=ack)
-    send_raw = channel.stream_unary(f"/{SERVICE}/raw")
+    send_raw: Any = channel.stream_unary(f"/{SERVICE}/raw")  # bytes in, bytes out
     nbytes = tensor.numel() * tensor.element_size()
     raw = bytes(nbytes)
     pieces = [raw[i : i + chunk_bytes] for i in range(0, nbytes, chunk_bytes)]

@@ -61,10 +61,8 @@ def quantize(tensor: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tenso
     # An all-zero row has scale 0: its codes are 0 (not 0/0).
     inverse = torch.where(absmax > 0, _CODE_MAX[kind] / absmax, torch.zeros_like(absmax))
     scaled = rows * inverse  # (rows, d), in [-max, max]
-    if kind == pb.TensorChunk.INT8_ROWS:
-        codes = scaled.round_().to(torch.int8)
-    else:
-        codes = scaled.to(_CODE_DTYPE[kind])
+    # int8 rounds to the nearest code; the fp8 cast rounds to the nearest representable value.
+    codes = scaled.round_().to(torch.int8) if kind == pb.TensorChunk.INT8_ROWS else scaled.to(_CODE_DTYPE[kind])
     return codes.reshape(shape), scales.reshape(-1)
 
 
@@ -81,6 +79,7 @@ def error_bound(tensor: torch.Tensor, kind: int) -> torch.Tensor:
     rows = tensor.detach().reshape(num_rows(shape), shape[-1] if shape else 1).float()
     absmax = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True)
     scale = absmax / _CODE_MAX[kind]
+    bound: torch.Tensor
     if kind == pb.TensorChunk.INT8_ROWS:
         bound = (scale / 2).expand_as(rows)
     else:

@@ -90,7 +90,7 @@ def _pieces(flat: torch.Tensor, chunk_bytes: int) -> Iterator[tuple[int, bytes]]
     """(offset, bytes) of each chunk of ``flat`` (uint8): at least one, each a single copy out of its memory."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    view = memoryview(flat.numpy())  # zero-copy: slicing it copies nothing
+    view = flat.numpy().data  # a memoryview, zero-copy: slicing it copies nothing
     total = len(view)
     offset = 0
     while True:
@@ -144,7 +144,7 @@ def encode_into(
     flat, scales = _payload(tensor, dtype, compression)
     for offset, piece in _pieces(flat, chunk_bytes):
         outer = message(offset == 0)
-        chunk: pb.TensorChunk = getattr(outer, field) if field else outer
+        chunk = cast("pb.TensorChunk", getattr(outer, field) if field else outer)
         _fill(chunk, dtype, shape, offset, piece, len(flat))
         if compression != NONE:
             chunk.compression = cast("pb.TensorChunk.Compression", compression)
@@ -237,7 +237,7 @@ class TensorAssembler:
         self._compression, self._scales = chunk.compression, chunk.scales
         # Uninitialised: every byte is written by a chunk before tensor() hands it out.
         self._buffer = torch.empty(expected, dtype=torch.uint8, pin_memory=self.pin_memory)
-        self._view = memoryview(self._buffer.numpy())
+        self._view = self._buffer.numpy().data  # a memoryview of the buffer
 
     @property
     def started(self) -> bool:
