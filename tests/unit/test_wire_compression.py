@@ -44,7 +44,8 @@ def test_receive_tensor_counts_the_serialized_bytes(kind):
         for m in messages:
             yield m
 
-    first, tensor, dtype, received = asyncio.run(receive_tensor(stream(), "hidden", 1 << 20, lambda m, c: c.dtype))
+    receiving = receive_tensor(stream(), "hidden", 1 << 20, lambda m, c: c.dtype, allow_compression=True)
+    first, tensor, dtype, received = asyncio.run(receiving)
     assert received == sizes and dtype == pb.BFLOAT16 and first.step == 3 and list(first.lengths) == [1, 2]
     if kind == "none":
         assert torch.equal(tensor, t.bfloat16())
@@ -60,7 +61,7 @@ def test_dequantized_tensor_is_within_the_stated_bound(kind):
     chunks = list(encode(t, pb.FLOAT32, 1000, code))
     assert sum(len(c.data) for c in chunks) == t.numel()  # one byte per element
     assert len(chunks[0].scales) == 4 * 3 * 40 and not any(c.scales for c in chunks[1:])
-    back = decode(chunks, "hidden", 1 << 20)
+    back = decode(chunks, "hidden", 1 << 20, allow_compression=True)
     assert back.dtype == torch.float32 and back.shape == t.shape
     bound = compress.error_bound(t, code)
     # float32 rounding of x / s and code * s: a few ulp of the row's largest value.
@@ -70,7 +71,7 @@ def test_dequantized_tensor_is_within_the_stated_bound(kind):
     if kind == "int8":  # the issue's statement: |x - x^| <= absmax / 254 per row
         assert bool(((back - t).abs() <= t.abs().amax(-1, keepdim=True) / 254 + slack).all())
     # Rebuilt in the wire dtype it was declared with.
-    assert decode(list(encode(t, pb.BFLOAT16, 1000, code)), "h", 1 << 20).dtype == torch.bfloat16
+    assert decode(encode(t, pb.BFLOAT16, 1000, code), "h", 1 << 20, allow_compression=True).dtype == torch.bfloat16
 
 
 def _compressed(**kw):
@@ -93,14 +94,21 @@ def _compressed(**kw):
 )
 def test_malformed_compressed_chunks_name_the_field(chunks, match):
     with pytest.raises(InvalidInputError, match=match) as info:
-        decode(chunks, "hidden", 1 << 20)
+        decode(chunks, "hidden", 1 << 20, allow_compression=True)
     assert info.value.field == "hidden"
+
+
+def test_compressed_chunks_are_refused_unless_allowed():
+    # No session negotiates compression yet: the servers' assemblers refuse it.
+    with pytest.raises(InvalidInputError, match="not accepted here"):
+        decode([_compressed()], "hidden", 1 << 20)
+    assert decode([_compressed()], "hidden", 1 << 20, allow_compression=True).shape == (2, 2)
 
 
 def test_limit_applies_to_the_rebuilt_size_before_allocating():
     # 4 bytes on the wire, 16 bytes once rebuilt as float32: over a 15-byte limit.
     with pytest.raises(LimitExceededError, match="16 bytes exceeds the limit of 15"):
-        TensorAssembler("grad", 15).add(_compressed())
+        TensorAssembler("grad", 15, allow_compression=True).add(_compressed())
 
 
 class _CompressedWire(LocalTrunk):
@@ -111,7 +119,7 @@ class _CompressedWire(LocalTrunk):
         self.kind = kind
 
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        return decode(encode(t, pb.FLOAT32, 4096, self.kind), "hidden", 1 << 30)
+        return decode(encode(t, pb.FLOAT32, 4096, self.kind), "hidden", 1 << 30, allow_compression=True)
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self._wire(super().forward(self._wire(hidden), lengths))

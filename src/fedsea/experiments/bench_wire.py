@@ -60,7 +60,7 @@ class _Echo:
     async def tensor(self, requests: AsyncIterator[pb.ForwardRequest], context: Any) -> pb.ForwardResponse:
         pin = self.device.type == "cuda"
         first, tensor, _, _ = await receive_tensor(
-            requests, "hidden", MAX_TENSOR_BYTES, lambda m, c: int(c.dtype), pin_memory=pin
+            requests, "hidden", MAX_TENSOR_BYTES, lambda m, c: int(c.dtype), pin_memory=pin, allow_compression=True
         )
         self._land(tensor)
         return pb.ForwardResponse(step=first.step)

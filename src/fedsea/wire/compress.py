@@ -47,6 +47,20 @@ def num_rows(shape: tuple[int, ...]) -> int:
     return math.prod(shape[:-1]) if shape else 1
 
 
+# Rows are (de)quantized in blocks of about this many elements: the float32 temporaries stay
+# small (no 4-bytes-per-element copy of a whole tensor) and are reused, warm, block after block.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    shape = tuple(tensor.shape)
+    return tensor.reshape(num_rows(shape), shape[-1] if shape else 1)  # (rows, d)
+
+
+def _step(rows: torch.Tensor) -> int:
+    return max(1, BLOCK_ELEMENTS // max(rows.shape[1], 1))  # rows per block
+
+
 def quantize(tensor: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scales): codes of ``tensor``'s shape, one byte each; scales (rows,) float32.
 
@@ -54,23 +68,29 @@ def quantize(tensor: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tenso
     """
     if kind not in _CODE_DTYPE:
         raise ValueError(f"no such compression: {kind}")
-    shape = tuple(tensor.shape)
-    rows = tensor.detach().reshape(num_rows(shape), shape[-1] if shape else 1).float()  # (rows, d)
-    absmax = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True)  # (rows, 1)
+    rows = _rows(tensor.detach())  # (rows, d)
+    absmax = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True).float()  # (rows, 1)
     scales = absmax / _CODE_MAX[kind]
     # An all-zero row has scale 0: its codes are 0 (not 0/0).
     inverse = torch.where(absmax > 0, _CODE_MAX[kind] / absmax, torch.zeros_like(absmax))
-    scaled = rows * inverse  # (rows, d), in [-max, max]
-    # int8 rounds to the nearest code; the fp8 cast rounds to the nearest representable value.
-    codes = scaled.round_().to(torch.int8) if kind == pb.TensorChunk.INT8_ROWS else scaled.to(_CODE_DTYPE[kind])
-    return codes.reshape(shape), scales.reshape(-1)
+    codes = torch.empty(rows.shape, dtype=_CODE_DTYPE[kind], device=rows.device)
+    step = _step(rows)
+    for i in range(0, rows.shape[0], step):
+        scaled = rows[i : i + step].float().mul_(inverse[i : i + step])  # (step, d), in [-max, max]
+        # int8 rounds to the nearest code; the fp8 cast rounds to the nearest representable value.
+        codes[i : i + step] = scaled.round_() if kind == pb.TensorChunk.INT8_ROWS else scaled
+    return codes.reshape(tensor.shape), scales.reshape(-1)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """code * scale of its row, in ``dtype``: codes (..., d), scales (rows,) float32."""
-    shape = tuple(codes.shape)
-    rows = codes.reshape(num_rows(shape), shape[-1] if shape else 1).float()  # (rows, d)
-    return rows.mul_(scales.reshape(-1, 1)).to(dtype).reshape(shape)
+    rows = _rows(codes)  # (rows, d)
+    out = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+    per_row = scales.reshape(-1, 1)
+    step = _step(rows)
+    for i in range(0, rows.shape[0], step):
+        out[i : i + step] = rows[i : i + step].float().mul_(per_row[i : i + step])  # cast on assignment
+    return out.reshape(codes.shape)
 
 
 def error_bound(tensor: torch.Tensor, kind: int) -> torch.Tensor:

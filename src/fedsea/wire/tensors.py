@@ -1,8 +1,13 @@
 """Tensor <-> wire messages: raw little-endian bytes + dtype + shape, chunked.
 
-No pickle: a tensor is rebuilt from its bytes with ``torch.frombuffer`` after the byte count
-has been checked against dtype x shape. Every check failure raises ``InvalidInputError``
-naming the field, which the servicer turns into INVALID_ARGUMENT.
+No pickle: a tensor is rebuilt from its bytes, as a view of one buffer of the declared size,
+after the byte count has been checked against dtype x shape. Every check failure raises
+``InvalidInputError`` naming the field, which the servicer turns into INVALID_ARGUMENT.
+
+Copies (issue 13, ``fedsea bench wire``): a chunk's bytes are copied once out of the tensor's
+memory (upb's bytes fields take only ``bytes``) and, with ``encode_into``, straight into the
+outer message; the receiver reads each chunk's bytes once and copies them into place. Optional
+lossy compression (``fedsea.wire.compress``) is refused unless the receiver allows it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ _TORCH: dict[int, torch.dtype] = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 ITEMSIZE: dict[int, int] = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
 # Tensor bytes per message. 1 MiB beat 3 MiB (the old size) and 256 KiB on loopback in
-# ``fedsea bench wire``: every chunk is copied a few times into fresh memory, and past ~1 MiB
-# those buffers come straight from mmap and page-fault on every message; far smaller chunks
-# pay gRPC's per-message overhead instead. Also well under gRPC's default 4 MiB message limit.
+# ``fedsea bench wire`` (BENCHMARKS.md): every chunk is copied a few times into fresh memory,
+# and bigger buffers page-fault more per message; far smaller chunks pay gRPC's per-message
+# overhead instead. Well under gRPC's default 4 MiB message limit.
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 M = TypeVar("M")
 NONE = pb.TensorChunk.NONE  # no compression: the wire dtype's exact bytes
@@ -166,12 +171,15 @@ class TensorAssembler:
         max_bytes: refuse a tensor whose declared size exceeds this (RESOURCE_EXHAUSTED).
         expect_dtype: if set, the only dtype accepted (the session's wire dtype).
         pin_memory: allocate the buffer in pinned memory (for a fast copy to a GPU).
+        allow_compression: accept lossy-compressed chunks (``fedsea.wire.compress``); refused
+            by default, as no session negotiates them yet.
     """
 
     field: str
     max_bytes: int
     expect_dtype: int | None = None
     pin_memory: bool = False
+    allow_compression: bool = False
     _dtype: int | None = None
     _shape: tuple[int, ...] | None = None
     _total: int = 0
@@ -216,6 +224,8 @@ class TensorAssembler:
             )
         if chunk.compression != NONE and chunk.compression not in compress.COMPRESSIONS.values():
             raise InvalidInputError(self.field, f"unknown compression {chunk.compression}")
+        if chunk.compression != NONE and not self.allow_compression:
+            raise InvalidInputError(self.field, "compressed chunks are not accepted here")
         shape = tuple(int(s) for s in chunk.shape)
         if any(s < 0 for s in shape):
             raise InvalidInputError(self.field, f"negative dimension in shape {shape}")
@@ -264,10 +274,14 @@ class TensorAssembler:
 
 
 def decode(
-    chunks: Iterable[pb.TensorChunk], field: str, max_bytes: int, expect_dtype: int | None = None
+    chunks: Iterable[pb.TensorChunk],
+    field: str,
+    max_bytes: int,
+    expect_dtype: int | None = None,
+    allow_compression: bool = False,
 ) -> torch.Tensor:
     """Assemble a tensor (of the shape the chunks declare) from an iterable of chunks."""
-    assembler = TensorAssembler(field, max_bytes, expect_dtype)
+    assembler = TensorAssembler(field, max_bytes, expect_dtype, allow_compression=allow_compression)
     for chunk in chunks:
         assembler.add(chunk)
     return assembler.tensor()
@@ -296,6 +310,7 @@ async def receive_tensor(
     max_bytes: int,
     on_first: Callable[[M, pb.TensorChunk], int],
     pin_memory: bool = False,
+    allow_compression: bool = False,
 ) -> tuple[M, torch.Tensor, int, int]:
     """A chunked request stream's tensor: (first message, tensor, wire dtype, bytes received).
 
@@ -313,7 +328,7 @@ async def receive_tensor(
         if first is None or assembler is None:
             first = message
             dtype = on_first(message, chunk)
-            assembler = TensorAssembler(field, max_bytes, dtype, pin_memory)
+            assembler = TensorAssembler(field, max_bytes, dtype, pin_memory, allow_compression)
         count = assembler.add(chunk)
         chunk.ClearField("data")
         received += _size_without_data(message, chunk, count)
