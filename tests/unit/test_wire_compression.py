@@ -58,7 +58,9 @@ def test_dequantized_tensor_is_within_the_stated_bound(kind):
     t = torch.randn(3, 40, 64, generator=gen) * torch.logspace(-3, 3, 40).reshape(1, 40, 1)
     t[0, 1] = 0.0  # an all-zero row: scale 0
     t[1, 2, 5] = 1e4  # one outlier costs only its own row precision
+    original = t.clone()
     chunks = list(encode(t, pb.FLOAT32, 1000, code))
+    assert torch.equal(t, original)  # the sender's tensor is left as it was
     assert sum(len(c.data) for c in chunks) == t.numel()  # one byte per element
     assert len(chunks[0].scales) == 4 * 3 * 40 and not any(c.scales for c in chunks[1:])
     back = decode(chunks, "hidden", 1 << 20, allow_compression=True)

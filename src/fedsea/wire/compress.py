@@ -76,7 +76,8 @@ def quantize(tensor: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tenso
     codes = torch.empty(rows.shape, dtype=_CODE_DTYPE[kind], device=rows.device)
     step = _step(rows)
     for i in range(0, rows.shape[0], step):
-        scaled = rows[i : i + step].float().mul_(inverse[i : i + step])  # (step, d), in [-max, max]
+        # Out of place: .float() of a float32 tensor is the caller's tensor itself.
+        scaled = rows[i : i + step].float() * inverse[i : i + step]  # (step, d), in [-max, max]
         # int8 rounds to the nearest code; the fp8 cast rounds to the nearest representable value.
         codes[i : i + step] = scaled.round_() if kind == pb.TensorChunk.INT8_ROWS else scaled
     return codes.reshape(tensor.shape), scales.reshape(-1)
