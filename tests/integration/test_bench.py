@@ -44,5 +44,5 @@ def test_bench_wire_prints_one_json_line_against_the_ceiling():
     for name, d in (("bf16", 256), ("fp32", 128)):
         row = result["rows"][f"1mib_{name}"]
         assert row["shape"] == [4, 512, d] and row["bytes"] == 1 << 20
-        for key in ("tensor_mb_s", "legacy_mb_s", "raw_mb_s", "tensor_int8_mb_s", "ratio_to_ceiling"):
+        for key in ("tensor_mb_s", "wrapped_mb_s", "legacy_mb_s", "raw_mb_s", "tensor_int8_mb_s", "ratio_to_ceiling"):
             assert row[key] > 0, key

@@ -121,7 +121,7 @@ def _add_wire_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 64], help="tensor sizes in MiB")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=WIRE_DTYPES, help="wire dtypes")
-    p.add_argument("--repeats", type=int, default=7, help="timed transfers per path (median)")
+    p.add_argument("--repeats", type=int, default=15, help="timed transfers per path (median, best)")
     p.add_argument("--device", default="cpu", help="where the tensor starts and ends (cpu, cuda)")
     p.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES // 1024, help="KiB per message")
     p.add_argument("--compression", default=None, choices=list(COMPRESSIONS), help="also time a lossy path")
