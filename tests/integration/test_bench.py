@@ -33,7 +33,7 @@ def test_bench_generate_prints_one_json_line_with_identical_tokens():
 
 def test_bench_wire_prints_one_json_line_against_the_ceiling():
     cmd = [sys.executable, "-m", "fedsea.cli", "bench", "wire", "--sizes-mib", "1", "--dtypes", "bf16", "fp32"]
-    cmd += ["--repeats", "1", "--chunk-kib", "256", "--compression", "int8", "--json"]
+    cmd += ["--repeats", "1", "--chunk-kib", "256", "512", "--compression", "int8", "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.strip()]
@@ -44,5 +44,14 @@ def test_bench_wire_prints_one_json_line_against_the_ceiling():
     for name, d in (("bf16", 256), ("fp32", 128)):
         row = result["rows"][f"1mib_{name}"]
         assert row["shape"] == [4, 512, d] and row["bytes"] == 1 << 20
-        for key in ("tensor_mb_s", "wrapped_mb_s", "legacy_mb_s", "raw_mb_s", "tensor_int8_mb_s", "ratio_to_ceiling"):
+        for key in (
+            "tensor_mb_s",
+            "wrapped_mb_s",
+            "legacy_mb_s",
+            "raw_mb_s",
+            "tensor_512k_mb_s",
+            "raw_512k_mb_s",
+            "tensor_int8_mb_s",
+            "ratio_to_ceiling",
+        ):
             assert row[key] > 0, key

@@ -51,8 +51,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from fedsea.experiments.bench_wire import bench_wire
 
         result = bench_wire(
-            tuple(args.sizes_mib), tuple(args.dtypes), args.repeats, args.device, args.chunk_kib * 1024,
-            args.compression,
+            tuple(args.sizes_mib), tuple(args.dtypes), args.repeats, args.device, args.chunk_kib[0] * 1024,
+            args.compression, tuple(k * 1024 for k in args.chunk_kib[1:]),
         )  # fmt: skip
     elif args.what == "federation":
         from fedsea.experiments.bench_federation import bench_federation
@@ -123,5 +123,8 @@ def _add_wire_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=WIRE_DTYPES, help="wire dtypes")
     p.add_argument("--repeats", type=int, default=15, help="timed transfers per path (median, best)")
     p.add_argument("--device", default="cpu", help="where the tensor starts and ends (cpu, cuda)")
-    p.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES // 1024, help="KiB per message")
+    chunk = DEFAULT_CHUNK_BYTES // 1024
+    p.add_argument(
+        "--chunk-kib", type=int, nargs="+", default=[chunk], help="KiB per message; more sizes add tensor/raw paths"
+    )
     p.add_argument("--compression", default=None, choices=list(COMPRESSIONS), help="also time a lossy path")

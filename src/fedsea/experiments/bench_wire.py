@@ -13,7 +13,9 @@ it holds the decoded tensor (on ``device``). Paths, timed in turn on the same se
 * ``raw``: the same bytes as ready-made ``bytes`` chunks of ``chunk_bytes`` with identity
   serializers (no protobuf, no tensor): the ceiling, what gRPC itself carries;
 * ``tensor_<compression>`` (``compression``): the tensor path with lossy compression, its
-  MB/s counted in the uncompressed tensor's bytes (the effective rate).
+  MB/s counted in the uncompressed tensor's bytes (the effective rate);
+* ``tensor_<k>k`` and ``raw_<k>k`` for each extra chunk size in ``other_chunk_bytes``: the
+  chunk-size comparison, in the same rounds as the rest.
 
 The server runs in its own process (as ``fedsea serve`` does), so that client and server
 each have a core and a GIL, as they would across a network.
@@ -152,7 +154,12 @@ def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str,
 
 
 def _row_calls(
-    channel: grpc.Channel, tensor: torch.Tensor, dtype: int, chunk_bytes: int, compression: str | None
+    channel: grpc.Channel,
+    tensor: torch.Tensor,
+    dtype: int,
+    chunk_bytes: int,
+    compression: str | None,
+    other_chunks: tuple[int, ...] = (),
 ) -> dict[str, Callable[[], Any]]:
     fwd, ack = pb.ForwardRequest.SerializeToString, pb.ForwardResponse.FromString
     send = channel.stream_unary(f"/{SERVICE}/tensor", request_serializer=fwd, response_deserializer=ack)
@@ -167,6 +174,12 @@ def _row_calls(
         "legacy": lambda: send_legacy(_legacy_requests(tensor, dtype)),
         "raw": lambda: send_raw(iter(pieces)),
     }
+    for other in other_chunks:
+        cut = [raw[i : i + other] for i in range(0, nbytes, other)]
+        calls[f"tensor_{other // 1024}k"] = lambda n=other: send(  # type: ignore[misc]
+            encode_into(tensor, dtype, n, _first_or_rest, "hidden")
+        )
+        calls[f"raw_{other // 1024}k"] = lambda c=cut: send_raw(iter(c))  # type: ignore[misc]
     if compression is not None:
         kind = compress.compression(compression)
         calls[f"tensor_{compression}"] = lambda: send(
@@ -182,6 +195,7 @@ def bench_wire(
     device: str = "cpu",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     compression: str | None = None,
+    other_chunk_bytes: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """One-way MB/s (10^6 bytes/s) of each path, per tensor size and wire dtype: median and best.
 
@@ -189,12 +203,16 @@ def bench_wire(
     codec at >= 1000 MB/s for a 16 MiB bf16 tensor (``throughput_mb_s``), read against the
     raw-bytes ceiling (``ceiling_mb_s``) measured in the same run.
     """
-    if chunk_bytes < 1 or chunk_bytes > MAX_MESSAGE_BYTES - (1 << 20):
-        raise ValueError(f"chunk_bytes must be in [1, {MAX_MESSAGE_BYTES - (1 << 20)}], got {chunk_bytes}")
+    for size in (chunk_bytes, *other_chunk_bytes):
+        if size < 1024 or size > MAX_MESSAGE_BYTES - (1 << 20):
+            raise ValueError(
+                f"chunk sizes must be in [1 KiB, {(MAX_MESSAGE_BYTES >> 10) - 1024} KiB], got {size} bytes"
+            )
     if compression is not None and compression != "none":
         compress.compression(compression)  # refuse an unknown name before starting anything
     compression = None if compression == "none" else compression
     dev = torch.device(device)
+    other = tuple(size for size in other_chunk_bytes if size != chunk_bytes)
     proc, port = _start_server(device)
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", 1 << 20)]
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
@@ -208,7 +226,7 @@ def bench_wire(
                 shape = (4, 512, nbytes // (4 * 512 * itemsize))
                 # Made in the wire dtype: the codec's conversion is not what is timed.
                 tensor = torch.randn(shape, device=dev).to(torch_dtype(dtype))
-                seconds = _interleaved(_row_calls(channel, tensor, dtype, chunk_bytes, compression), repeats)
+                seconds = _interleaved(_row_calls(channel, tensor, dtype, chunk_bytes, compression, other), repeats)
                 row: dict[str, Any] = {"shape": list(shape), "bytes": nbytes}
                 row.update({f"{path}_mb_s": _mb_s(nbytes, statistics.median(s)) for path, s in seconds.items()})
                 row.update({f"{path}_best_mb_s": _mb_s(nbytes, min(s)) for path, s in seconds.items()})
