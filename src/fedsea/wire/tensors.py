@@ -121,8 +121,10 @@ def encode(
 
     Any shape: each chunk carries the shape and dtype, so the receiver can check and rebuild it.
     ``compression`` (``fedsea.wire.compress``; lossy) sends one byte per element instead.
-    Chunks are made as they are asked for. To send them inside another message, prefer
-    ``encode_into``: assigning a chunk to a message field copies it again.
+    Chunks are made as they are asked for, straight from the tensor's memory when it is a
+    contiguous CPU tensor of the wire dtype: do not modify it in place before the last chunk
+    is taken. To send chunks inside another message, prefer ``encode_into``: assigning a
+    chunk to a message field copies it again.
     """
     yield from encode_into(tensor, dtype, chunk_bytes, _new_chunk, "", compression)
 
