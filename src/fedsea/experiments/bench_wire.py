@@ -141,14 +141,19 @@ def _legacy_requests(tensor: torch.Tensor, dtype: int) -> Iterator[pb.ForwardReq
 
 
 def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each call, run in turn (one of each per round) so that all see the same machine."""
+    """Seconds of each call, run in turn (one of each per round) so that all see the same machine.
+
+    Each round starts one call further on: no path always follows the same other path (whose
+    allocations it would inherit).
+    """
     for call in calls.values():
         call()  # warm-up: connection, allocator, first-touch pages
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            call()
+            calls[name]()
             times[name].append(time.perf_counter() - t0)
     return times
 
