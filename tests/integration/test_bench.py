@@ -49,3 +49,29 @@ def test_bench_train_on_a_random_shape_in_bfloat16_reports_device_dtype_and_mode
     assert result["wire_dtype"] == "bf16"
     assert result["bytes_per_step"] >= result["theoretical_bytes_per_step"] == 4 * 2 * 8 * 64 * 2
     assert result["split_step_s"] > 0 and result["central_step_s"] > 0
+
+
+def test_bench_wire_prints_one_json_line_against_the_ceiling():
+    cmd = [sys.executable, "-m", "fedsea.cli", "bench", "wire", "--sizes-mib", "1", "--dtypes", "bf16", "fp32"]
+    cmd += ["--repeats", "1", "--chunk-kib", "256", "512", "--compression", "int8", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stdout
+    result = json.loads(lines[0])
+    assert result["direction"].startswith("one way") and result["chunk_bytes"] == 256 * 1024
+    assert result["throughput_mb_s"] > 0 and result["ceiling_mb_s"] > 0 and result["head_row"] == "1mib_bf16"
+    for name, d in (("bf16", 256), ("fp32", 128)):
+        row = result["rows"][f"1mib_{name}"]
+        assert row["shape"] == [4, 512, d] and row["bytes"] == 1 << 20
+        for key in (
+            "tensor_mb_s",
+            "wrapped_mb_s",
+            "legacy_mb_s",
+            "raw_mb_s",
+            "tensor_512k_mb_s",
+            "raw_512k_mb_s",
+            "tensor_int8_mb_s",
+            "ratio_to_ceiling",
+        ):
+            assert row[key] > 0, key

@@ -1,4 +1,4 @@
-"""``fedsea bench load | train | generate | federation``: one JSON line each (BENCHMARKS.md).
+"""``fedsea bench load | train | generate | federation | wire``: one JSON line each (BENCHMARKS.md).
 
 One subcommand per benchmark, so that each takes only the flags it uses.
 """
@@ -47,6 +47,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers, args.tail_layers,
             args.naive_tokens, args.net_latency_ms, args.wire_dtype, args.device, args.dtype,
         )  # fmt: skip
+    elif args.what == "wire":
+        from fedsea.experiments.bench_wire import bench_wire
+
+        result = bench_wire(
+            tuple(args.sizes_mib), tuple(args.dtypes), args.repeats, args.device, args.chunk_kib[0] * 1024,
+            args.compression, tuple(k * 1024 for k in args.chunk_kib[1:]),
+        )  # fmt: skip
     elif args.what == "federation":
         from fedsea.experiments.bench_federation import bench_federation
 
@@ -76,16 +83,18 @@ def add_bench_commands(sub: Any) -> None:
         "train": "a split training step over gRPC against a centralized one",
         "generate": "split generation over gRPC against Hugging Face generate",
         "federation": "the federation modes' speed and quality",
+        "wire": "tensor codec over loopback gRPC against a raw-bytes ceiling (MB/s)",
     }
     parsers = {}
     for what, text in helps.items():
         p = kinds.add_parser(what, help=text)
-        p.add_argument(
-            "--model",
-            default=DEFAULT_MODEL,
-            help="model source, e.g. random:llama-2-7b?layers=4 for a published shape with random weights "
-            "(default: %(default)s)",
-        )
+        if what != "wire":  # the wire bench sends random tensors: no model
+            p.add_argument(
+                "--model",
+                default=DEFAULT_MODEL,
+                help="model source, e.g. random:llama-2-7b?layers=4 for a published shape with random weights "
+                "(default: %(default)s)",
+            )
         p.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
         p.set_defaults(func=_cmd_bench)
         parsers[what] = p
@@ -101,6 +110,7 @@ def add_bench_commands(sub: Any) -> None:
             help="weights' dtype (default: auto, bfloat16 on CUDA, else float32)",
         )
     parsers["load"].add_argument("--repeats", type=int, default=3, help="cached loads to time")
+    _add_wire_flags(parsers["wire"])
     train = parsers["train"]
     train.add_argument("--batch", type=int, default=4, help="sequences per step")
     train.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
@@ -120,3 +130,19 @@ def add_bench_commands(sub: Any) -> None:
     federation = parsers["federation"]
     federation.add_argument("--parts", nargs="+", default=["speed", "quality"], help="speed and/or quality")
     federation.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="quality tasks")
+
+
+def _add_wire_flags(p: argparse.ArgumentParser) -> None:
+    from fedsea.config import WIRE_DTYPES
+    from fedsea.wire.compress import COMPRESSIONS
+    from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES
+
+    p.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 64], help="tensor sizes in MiB")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=WIRE_DTYPES, help="wire dtypes")
+    p.add_argument("--repeats", type=int, default=15, help="timed transfers per path (median, best)")
+    p.add_argument("--device", default="cpu", help="where the tensor starts and ends (cpu, cuda)")
+    chunk = DEFAULT_CHUNK_BYTES // 1024
+    p.add_argument(
+        "--chunk-kib", type=int, nargs="+", default=[chunk], help="KiB per message; more sizes add tensor/raw paths"
+    )
+    p.add_argument("--compression", default=None, choices=list(COMPRESSIONS), help="also time a lossy path")

@@ -19,18 +19,30 @@ BFLOAT16: DType
 FLOAT16: DType
 
 class TensorChunk(_message.Message):
-    __slots__ = ("dtype", "shape", "offset", "data", "total_bytes")
+    __slots__ = ("dtype", "shape", "offset", "data", "total_bytes", "compression", "scales")
+    class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        NONE: _ClassVar[TensorChunk.Compression]
+        INT8_ROWS: _ClassVar[TensorChunk.Compression]
+        FP8_E4M3_ROWS: _ClassVar[TensorChunk.Compression]
+    NONE: TensorChunk.Compression
+    INT8_ROWS: TensorChunk.Compression
+    FP8_E4M3_ROWS: TensorChunk.Compression
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
     data: bytes
     total_bytes: int
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    compression: TensorChunk.Compression
+    scales: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., compression: _Optional[_Union[TensorChunk.Compression, str]] = ..., scales: _Optional[bytes] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
     __slots__ = ("r", "alpha", "dropout", "target_modules")

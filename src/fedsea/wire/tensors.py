@@ -1,8 +1,13 @@
 """Tensor <-> wire messages: raw little-endian bytes + dtype + shape, chunked.
 
-No pickle: a tensor is rebuilt from its bytes with ``torch.frombuffer`` after the byte count
-has been checked against dtype x shape. Every check failure raises ``InvalidInputError``
-naming the field, which the servicer turns into INVALID_ARGUMENT.
+No pickle: a tensor is rebuilt from its bytes, as a view of one buffer of the declared size,
+after the byte count has been checked against dtype x shape. Every check failure raises
+``InvalidInputError`` naming the field, which the servicer turns into INVALID_ARGUMENT.
+
+Copies (issue 13, ``fedsea bench wire``): a chunk's bytes are copied once out of the tensor's
+memory (upb's bytes fields take only ``bytes``) and, with ``encode_into``, straight into the
+outer message; the receiver reads each chunk's bytes once and copies them into place. Optional
+lossy compression (``fedsea.wire.compress``) is refused unless the receiver allows it.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
 from fedsea.config import WIRE_DTYPES as WIRE_DTYPE_NAMES
 from fedsea.errors import InvalidInputError, LimitExceededError
+from fedsea.wire import compress
 from fedsea.wire import fedsea_pb2 as pb
 
 # The names are fedsea.config's (what a setting may say), in the same order as the enums.
@@ -23,9 +29,13 @@ WIRE_DTYPES: dict[str, pb.DType] = dict(zip(WIRE_DTYPE_NAMES, (pb.FLOAT32, pb.BF
 _TORCH: dict[int, torch.dtype] = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 ITEMSIZE: dict[int, int] = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
-# 3 MiB of tensor bytes per message leaves room for framing under gRPC's default 4 MiB.
-DEFAULT_CHUNK_BYTES = 3 * 1024 * 1024
+# Tensor bytes per message. 1 MiB beat 3 MiB (the old size) and 256 KiB on loopback in
+# ``fedsea bench wire`` (BENCHMARKS.md): every chunk is copied a few times into fresh memory,
+# and bigger buffers page-fault more per message; far smaller chunks pay gRPC's per-message
+# overhead instead. Well under gRPC's default 4 MiB message limit.
+DEFAULT_CHUNK_BYTES = 1024 * 1024
 M = TypeVar("M")
+NONE = pb.TensorChunk.NONE  # no compression: the wire dtype's exact bytes
 
 
 def wire_dtype(name: str) -> pb.DType:
@@ -44,64 +54,166 @@ def dtype_name(value: int) -> str:
     return f"unknown({value})"
 
 
+def _host_flat(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements, row-major, as a flat CPU uint8 tensor: no copy for a contiguous CPU tensor.
+
+    A GPU tensor is copied once into pinned host memory (non-blocking, then waited for), which
+    is faster than a copy into pageable memory.
+    """
+    if t.device.type != "cpu":
+        staging = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        staging.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        t = staging
+    # Little-endian: the byte order of every platform torch runs on.
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def host_bytes(tensor: torch.Tensor, dtype: int) -> torch.Tensor:
+    """The elements of ``tensor`` in ``dtype``, row-major, as a flat CPU uint8 tensor (numel * itemsize,).
+
+    No copy when the tensor is already a contiguous CPU tensor of the wire dtype; a GPU tensor
+    is converted on its device, then staged through pinned memory.
+    """
+    return _host_flat(tensor.detach().to(dtype=_TORCH[dtype]))
+
+
 def tensor_bytes(tensor: torch.Tensor, dtype: int) -> bytes:
     """The elements of ``tensor`` (any shape) in ``dtype``, row-major, little-endian."""
-    t = tensor.detach().to(device="cpu", dtype=_TORCH[dtype]).contiguous()
-    return t.view(torch.uint8).numpy().tobytes()  # (numel * itemsize,)
+    return host_bytes(tensor, dtype).numpy().tobytes()  # (numel * itemsize,)
 
 
-def encode(tensor: torch.Tensor, dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Split ``tensor`` into chunks of at most ``chunk_bytes`` bytes (at least one chunk).
+def _payload(tensor: torch.Tensor, dtype: int, compression: int) -> tuple[torch.Tensor, bytes]:
+    """(flat uint8 payload, scales bytes): the wire dtype's bytes, or compressed codes and their row scales."""
+    if compression == NONE:
+        return host_bytes(tensor, dtype), b""
+    codes, scales = compress.quantize(tensor, compression)  # on the tensor's device
+    return _host_flat(codes), scales.to(device="cpu").numpy().tobytes()  # (numel,), (rows * 4,)
 
-    Any shape: each chunk carries the shape and dtype, so the receiver can check and rebuild it.
-    """
+
+def _pieces(flat: torch.Tensor, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of each chunk of ``flat`` (uint8): at least one, each a single copy out of its memory."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    data = tensor_bytes(tensor, dtype)
-    shape = list(tensor.shape)
-    total = len(data)
+    view = flat.numpy().data  # a memoryview, zero-copy: slicing it copies nothing
+    total = len(view)
     offset = 0
     while True:
-        piece = data[offset : offset + chunk_bytes]
-        # The enum is an int at run time; the stub types the field as pb.DType.
-        yield pb.TensorChunk(dtype=cast("pb.DType", dtype), shape=shape, offset=offset, data=piece, total_bytes=total)
+        # protobuf's bytes fields take only ``bytes``: this is the one copy we cannot skip.
+        piece = bytes(view[offset : offset + chunk_bytes])
+        yield offset, piece
         offset += len(piece)
         if offset >= total:
             return
+
+
+def _fill(chunk: pb.TensorChunk, dtype: int, shape: list[int], offset: int, piece: bytes, total: int) -> None:
+    # The enum is an int at run time; the stub types the field as pb.DType.
+    chunk.dtype, chunk.offset, chunk.total_bytes = cast("pb.DType", dtype), offset, total
+    chunk.shape.extend(shape)
+    chunk.data = piece
+
+
+def encode(
+    tensor: torch.Tensor, dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: int = NONE
+) -> Iterator[pb.TensorChunk]:
+    """Split ``tensor`` into chunks of at most ``chunk_bytes`` bytes (at least one chunk).
+
+    Any shape: each chunk carries the shape and dtype, so the receiver can check and rebuild it.
+    ``compression`` (``fedsea.wire.compress``; lossy) sends one byte per element instead.
+    Chunks are made as they are asked for, straight from the tensor's memory when it is a
+    contiguous CPU tensor of the wire dtype: do not modify it in place before the last chunk
+    is taken. To send chunks inside another message, prefer ``encode_into``: assigning a
+    chunk to a message field copies it again.
+    """
+    yield from encode_into(tensor, dtype, chunk_bytes, _new_chunk, "", compression)
+
+
+def _new_chunk(first: bool) -> pb.TensorChunk:
+    return pb.TensorChunk()
+
+
+def encode_into(
+    tensor: torch.Tensor,
+    dtype: int,
+    chunk_bytes: int,
+    message: Callable[[bool], M],
+    field: str,
+    compression: int = NONE,
+) -> Iterator[M]:
+    """``encode``'s chunks written straight into the ``field`` of messages made by ``message(first)``.
+
+    ``message(True)`` makes the first message (with e.g. the session and step), ``message(False)``
+    each later one; ``field=""`` makes the messages the chunks themselves. Filling the chunk in
+    place saves a copy of every chunk over ``Outer(field=chunk)``, which copies its bytes.
+    """
+    shape = list(tensor.shape)
+    flat, scales = _payload(tensor, dtype, compression)
+    for offset, piece in _pieces(flat, chunk_bytes):
+        outer = message(offset == 0)
+        chunk = cast("pb.TensorChunk", getattr(outer, field) if field else outer)
+        _fill(chunk, dtype, shape, offset, piece, len(flat))
+        if compression != NONE:
+            chunk.compression = cast("pb.TensorChunk.Compression", compression)
+            if offset == 0:
+                chunk.scales = scales
+        yield outer
 
 
 @dataclass
 class TensorAssembler:
     """Rebuilds one tensor from its chunks, checking each against the first.
 
+    The first chunk's declared size is checked against ``max_bytes`` before anything is
+    allocated; then one buffer of exactly that size is allocated and each chunk's bytes are
+    copied into it at their offset. The tensor returned is a view of that buffer.
+
     Args:
         field: name used in error messages (e.g. ``"hidden"``).
         max_bytes: refuse a tensor whose declared size exceeds this (RESOURCE_EXHAUSTED).
         expect_dtype: if set, the only dtype accepted (the session's wire dtype).
+        pin_memory: allocate the buffer in pinned memory (for a fast copy to a GPU).
+        allow_compression: accept lossy-compressed chunks (``fedsea.wire.compress``); refused
+            by default, as no session negotiates them yet.
     """
 
     field: str
     max_bytes: int
     expect_dtype: int | None = None
+    pin_memory: bool = False
+    allow_compression: bool = False
     _dtype: int | None = None
     _shape: tuple[int, ...] | None = None
     _total: int = 0
-    _buffer: bytearray | None = None
+    _buffer: torch.Tensor | None = None
+    _view: memoryview | None = None
     _received: int = 0
+    _compression: int = NONE
+    _scales: bytes = b""
 
-    def add(self, chunk: pb.TensorChunk) -> None:
-        """Check one chunk against the first and copy its bytes in at its offset."""
-        if self._buffer is None:
+    def add(self, chunk: pb.TensorChunk) -> int:
+        """Check one chunk against the first and copy its bytes in at its offset; return their count."""
+        if self._view is None:
             self._start(chunk)
-        elif chunk.dtype != self._dtype or tuple(chunk.shape) != self._shape or chunk.total_bytes != self._total:
-            raise InvalidInputError(self.field, "chunks disagree on dtype, shape or total_bytes")
-        assert self._buffer is not None
+        elif (
+            chunk.dtype != self._dtype
+            or tuple(chunk.shape) != self._shape
+            or chunk.total_bytes != self._total
+            or chunk.compression != self._compression
+        ):
+            raise InvalidInputError(self.field, "chunks disagree on dtype, shape, total_bytes or compression")
+        elif chunk.scales:
+            raise InvalidInputError(self.field, "scales in a chunk other than the first")
+        assert self._view is not None
         if chunk.offset != self._received:
             raise InvalidInputError(self.field, f"chunk at offset {chunk.offset}, expected {self._received}")
-        if self._received + len(chunk.data) > self._total:
+        data = chunk.data  # each read of a bytes field copies it out of the message: read once
+        end = self._received + len(data)
+        if end > self._total:
             raise InvalidInputError(self.field, f"more bytes than total_bytes={self._total}")
-        self._buffer[self._received : self._received + len(chunk.data)] = chunk.data
-        self._received += len(chunk.data)
+        self._view[self._received : end] = data
+        self._received = end
+        return len(data)
 
     def _start(self, chunk: pb.TensorChunk) -> None:
         if chunk.dtype not in ITEMSIZE:
@@ -112,30 +224,42 @@ class TensorAssembler:
                 f"dtype {dtype_name(chunk.dtype)} does not match the session's wire dtype "
                 f"{dtype_name(self.expect_dtype)}",
             )
+        if chunk.compression != NONE and chunk.compression not in compress.COMPRESSIONS.values():
+            raise InvalidInputError(self.field, f"unknown compression {chunk.compression}")
+        if chunk.compression != NONE and not self.allow_compression:
+            raise InvalidInputError(self.field, "compressed chunks are not accepted here")
         shape = tuple(int(s) for s in chunk.shape)
         if any(s < 0 for s in shape):
             raise InvalidInputError(self.field, f"negative dimension in shape {shape}")
-        expected = math.prod(shape) * ITEMSIZE[chunk.dtype]
+        numel = math.prod(shape)
+        # A compressed tensor travels as one byte per element but is rebuilt in its dtype.
+        expected = numel if chunk.compression != NONE else numel * ITEMSIZE[chunk.dtype]
         if chunk.total_bytes != expected:
+            what = "one byte per element" if chunk.compression != NONE else f"dtype {dtype_name(chunk.dtype)}"
             raise InvalidInputError(
                 self.field,
-                f"total_bytes={chunk.total_bytes} does not match dtype {dtype_name(chunk.dtype)} x shape {shape} "
-                f"= {expected} bytes",
+                f"total_bytes={chunk.total_bytes} does not match {what} x shape {shape} = {expected} bytes",
             )
-        if expected > self.max_bytes:
-            raise LimitExceededError(f"{self.field}: {expected} bytes exceeds the limit of {self.max_bytes} bytes")
+        rebuilt = numel * ITEMSIZE[chunk.dtype]
+        if rebuilt > self.max_bytes:
+            raise LimitExceededError(f"{self.field}: {rebuilt} bytes exceeds the limit of {self.max_bytes} bytes")
+        if len(chunk.scales) != (4 * compress.num_rows(shape) if chunk.compression != NONE else 0):
+            raise InvalidInputError(self.field, f"{len(chunk.scales)} bytes of scales for shape {shape}")
         self._dtype, self._shape, self._total = chunk.dtype, shape, expected
-        self._buffer = bytearray(expected)
+        self._compression, self._scales = chunk.compression, chunk.scales
+        # Uninitialised: every byte is written by a chunk before tensor() hands it out.
+        self._buffer = torch.empty(expected, dtype=torch.uint8, pin_memory=self.pin_memory)
+        self._view = self._buffer.numpy().data  # a memoryview of the buffer
 
     @property
     def started(self) -> bool:
         """True once the first chunk has arrived."""
-        return self._buffer is not None
+        return self._view is not None
 
     @property
     def complete(self) -> bool:
         """All declared bytes have arrived."""
-        return self._buffer is not None and self._received == self._total
+        return self._view is not None and self._received == self._total
 
     def tensor(self) -> torch.Tensor:
         """The assembled tensor, of the declared shape and wire dtype; raises if chunks are missing."""
@@ -143,42 +267,73 @@ class TensorAssembler:
             raise InvalidInputError(self.field, "missing")
         if self._received != self._total:
             raise InvalidInputError(self.field, f"received {self._received} of {self._total} bytes")
-        if self._total == 0:
-            return torch.empty(self._shape, dtype=_TORCH[self._dtype])
-        flat = torch.frombuffer(self._buffer, dtype=torch.uint8)
-        return flat.view(_TORCH[self._dtype]).reshape(self._shape)
+        if self._compression == NONE:
+            return self._buffer.view(_TORCH[self._dtype]).reshape(self._shape)
+        codes = self._buffer.view(compress.code_dtype(self._compression)).reshape(self._shape)
+        scales = torch.frombuffer(bytearray(self._scales), dtype=torch.float32) if self._scales else torch.empty(0)
+        compress.check_codes(self.field, self._compression, codes, scales)
+        return compress.dequantize(codes, scales, _TORCH[self._dtype])
 
 
 def decode(
-    chunks: Iterable[pb.TensorChunk], field: str, max_bytes: int, expect_dtype: int | None = None
+    chunks: Iterable[pb.TensorChunk],
+    field: str,
+    max_bytes: int,
+    expect_dtype: int | None = None,
+    allow_compression: bool = False,
 ) -> torch.Tensor:
     """Assemble a tensor (of the shape the chunks declare) from an iterable of chunks."""
-    assembler = TensorAssembler(field, max_bytes, expect_dtype)
+    assembler = TensorAssembler(field, max_bytes, expect_dtype, allow_compression=allow_compression)
     for chunk in chunks:
         assembler.add(chunk)
     return assembler.tensor()
 
 
+def _varint_len(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _size_without_data(message: Any, chunk: pb.TensorChunk, data_len: int) -> int:
+    """``message.ByteSize()`` as it was before ``chunk.data`` (``data_len`` bytes) was cleared.
+
+    upb's ``ByteSize()`` serializes the whole message (as slow as sending it); without the data
+    it is cheap, and the data's share is its field's tag, length varint and bytes.
+    """
+    rest, inner = message.ByteSize(), chunk.ByteSize()
+    if data_len == 0:
+        return int(rest)
+    full = inner + 1 + _varint_len(data_len) + data_len  # tag of field 4 (data) is one byte
+    return int(rest - _varint_len(inner) + _varint_len(full) + full - inner)
+
+
 async def receive_tensor(
-    requests: AsyncIterable[M], field: str, max_bytes: int, on_first: Callable[[M, pb.TensorChunk], int]
+    requests: AsyncIterable[M],
+    field: str,
+    max_bytes: int,
+    on_first: Callable[[M, pb.TensorChunk], int],
+    pin_memory: bool = False,
+    allow_compression: bool = False,
 ) -> tuple[M, torch.Tensor, int, int]:
     """A chunked request stream's tensor: (first message, tensor, wire dtype, bytes received).
 
     ``on_first`` sees the first message and its chunk before any bytes are assembled (the
-    session's NOT_FOUND, a shape over the limits) and returns the only dtype accepted.
+    session's NOT_FOUND, a shape over the limits) and returns the only dtype accepted. Each
+    message's chunk data is dropped once copied into the tensor (the first message is returned
+    without it); bytes received still count it, as serialized.
     """
     first: M | None = None
     assembler: TensorAssembler | None = None
     received = 0
     dtype = 0
     async for message in requests:
-        received += message.ByteSize()  # type: ignore[attr-defined]
         chunk: pb.TensorChunk = getattr(message, field)
         if first is None or assembler is None:
             first = message
             dtype = on_first(message, chunk)
-            assembler = TensorAssembler(field, max_bytes, dtype)
-        assembler.add(chunk)
+            assembler = TensorAssembler(field, max_bytes, dtype, pin_memory, allow_compression)
+        count = assembler.add(chunk)
+        chunk.ClearField("data")
+        received += _size_without_data(message, chunk, count)
     if first is None or assembler is None:
         raise InvalidInputError("request", "empty request stream")
     return first, assembler.tensor(), dtype, received
