@@ -332,3 +332,29 @@ def test_bad_rewinds_are_refused_naming_the_field(server, tiny_tokenizer):
         with pytest.raises(grpc.RpcError) as raw:  # nothing cached before the prefill
             list(client.connection.stub.Generate(rewind_first, metadata=client.connection.metadata, timeout=30))
         assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rewind.length" in raw.value.details()
+
+
+def test_a_nan_hidden_state_in_a_generation_step_is_refused(server, tiny_tokenizer):
+    """The server checks the wire's host tensor for NaN/Inf before it moves it to the trunk's device."""
+    from fedsea.wire.tensors import encode
+
+    split = _split()
+    with fedsea.SplitClient(server, split, tokenizer=tiny_tokenizer) as client:
+        assert client.connection is not None and client.session_id is not None
+        hidden = torch.randn(1, 3, 64)
+        hidden[0, 1, 5] = float("nan")
+        chunks = list(encode(hidden, pb.FLOAT32))
+        assert len(chunks) == 1
+        requests = iter(
+            [
+                pb.GenerateRequest(open=pb.GenerateOpen(session_id=client.session_id, max_length=8)),
+                pb.GenerateRequest(step=pb.GenerateStep(step=0, lengths=[3], hidden=chunks[0])),
+            ]
+        )
+        with pytest.raises(grpc.RpcError) as raw:
+            list(client.connection.stub.Generate(requests, metadata=client.connection.metadata, timeout=30))
+        assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hidden" in raw.value.details()
+        assert "NaN" in raw.value.details()
+        # The session is still usable.
+        enc, lengths = _encode(tiny_tokenizer, PROMPTS)
+        assert client.generate_ids(enc["input_ids"], lengths, max_new_tokens=2, eos_token_id=()).token_ids

@@ -225,8 +225,10 @@ class Trunk(SplitPart):
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
         """hidden: (B, n, d) h_p, lengths: (B,) real tokens; returns h_{L-q} (B, n, d)."""
-        # The server's input is untrusted: checked for NaN/Inf wherever it lies.
-        self._check_hidden(hidden)
+        # The server's input is untrusted: checked for NaN/Inf here when it is on the host. On an
+        # accelerator the check would sync the device at every decode step, so the server checks
+        # the wire's host tensor before moving it (``fedsea.server``), and a local caller owns its input.
+        self._check_hidden(hidden, finite=hidden.device.type == "cpu")
         return self._run_blocks(hidden, lengths, cache)
 
 

@@ -192,6 +192,9 @@ class GenerationHost:
         with host.computing(), torch.no_grad():
             session = host.get(stream.owner, stream.session.id)  # NOT_FOUND if it was closed meanwhile
             with host.computing(session, training=False):
+                # Checked on the host, where the wire put it: on the device the check would sync.
+                if not bool(torch.isfinite(hidden).all()):
+                    raise InvalidInputError("hidden", "contains NaN or Inf")
                 out: torch.Tensor = session.trunk(
                     hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache
                 )  # (B, n, d)
