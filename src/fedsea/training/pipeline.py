@@ -129,6 +129,12 @@ class MicroStep:
             int(a.shape[0]) for a in self.answers.values()
         )
 
+    def slice_rows(self, micro: int) -> int:
+        """Rows of slice ``micro`` if it was forwarded (0 if not)."""
+        if micro in self.graphs:
+            return int(self.graphs[micro].inp.shape[0])
+        return int(self.answers[micro].shape[0]) if micro in self.answers else 0
+
     def add_forward(self, micro: int, inp: torch.Tensor, out: torch.Tensor) -> None:
         """Keep slice ``micro``'s graph: ``inp`` (B_i, n_i, d) requires grad, ``out`` (B_i, n_i, d) from it."""
         self.answers.pop(micro, None)
