@@ -130,3 +130,25 @@ def test_the_server_refuses_malformed_micro_batches_and_the_session_stays_usable
         served = client.trunk_adapter()
     expected = adapter_state_dict(local.trunk)
     assert all(torch.equal(served[k], expected[k]) for k in expected)
+
+
+def test_client_batch_mode_refuses_micro_batches(tmp_path, tiny_tokenizer):
+    """Client-batch mode joins whole batches and steps the shared trunk once per joint pass: slices are refused."""
+    from fedsea.errors import RemoteError
+    from fedsea.federation.client import FederatedClient
+    from fedsea.federation.config import FedConfig
+    from fedsea.federation.coordinator import coordinator_factory
+    from fedsea.server.app import ServerThread, TrunkServer
+    from fedsea.server.trunk import TrunkHost
+    from fedsea.training.data import encode_example
+    from tests.integration.conftest import TINY
+
+    lora = fedsea.LoraSpec(r=4, alpha=8, dropout=0.0)
+    config = FedConfig(rounds=1, local_steps=1, mode="client-batch", expected_clients=1, lora=lora)
+    examples = [encode_example(tiny_tokenizer, None, t, 64) for t in TEXTS[:4]]
+    server = TrunkServer(TrunkHost(fedsea.tiny_llama(**TINY)), rounds=coordinator_factory(config, tmp_path, False))
+    split = fedsea.split_model(fedsea.tiny_llama(**TINY), 1, 1).add_lora(lora)
+    with ServerThread(server) as port, SplitClient(f"127.0.0.1:{port}", split, optim=OPTIM, micro_batches=2) as client:
+        with pytest.raises(RemoteError) as info:
+            FederatedClient(client, examples, 2, "c0").run()
+    assert info.value.code == "INVALID_ARGUMENT" and "micro_batches" in str(info.value)

@@ -114,3 +114,23 @@ def test_with_noise_every_micro_batch_gets_fresh_noise(tiny_tokenizer):
     with torch.no_grad():
         clean = trainer.split.head(batch.input_ids, batch.lengths)  # after the step: only a rough check
     assert not torch.equal(first - clean[:2, -first.shape[1] :], second - clean[2:, -second.shape[1] :])
+
+
+def test_messages_in_flight_share_the_emulated_bandwidth():
+    """Two 0.1 s transfers at once on one direction take 0.2 s; the other direction is free."""
+    import threading
+    import time
+
+    from fedsea.wire.shaper import NetShaper
+
+    shaper = NetShaper(latency_ms=0, mbps=100)
+    slept: list[float] = []
+    threads = [threading.Thread(target=lambda: slept.append(shaper.wait(1_250_000))) for _ in range(2)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    down = shaper.wait(1_250_000, downlink=True)
+    for t in threads:
+        t.join()
+    assert time.monotonic() - start == pytest.approx(0.2, abs=0.05)
+    assert sorted(slept)[1] == pytest.approx(0.2, abs=0.02) and down == pytest.approx(0.1, abs=0.02)

@@ -6,6 +6,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fedsea.config import SplitConfig, WireConfig
@@ -72,14 +73,20 @@ def bench_train(
     wire_dtype: str = WireConfig.dtype,
     latency_ms: float = 0.0,
     mbps: float = 0.0,
+    micro_batches: Sequence[int] = (1,),
 ) -> dict[str, Any]:
     """Median training-step time, split over loopback gRPC against centralized in-process.
 
     The server runs in its own process (``fedsea serve``). Split and centralized steps
     alternate on the same batch so that both see the same machine state. Targets: ratio
     <= 1.15; bytes per step <= 1.02 x the theoretical 4 x B x n x d x wire-bytes.
+
+    ``micro_batches``: one client (its own session) per count, their steps interleaved with
+    the centralized one's; the top-level figures are the first count's, ``by_micro_batches``
+    has each count's step time and ratio.
     """
     import signal
+    from contextlib import ExitStack
 
     import torch
 
@@ -95,29 +102,40 @@ def bench_train(
     gen = torch.Generator().manual_seed(0)
     port = free_loopback_port()
     server = start_server_process(model, port)
+    counts = list(micro_batches) or [1]
     try:
-        client_split = split_model(load_model(model), head_layers, tail_layers).add_lora(lora)
+        client_splits = [split_model(load_model(model), head_layers, tail_layers).add_lora(lora) for _ in counts]
         central_split = split_model(load_model(model), head_layers, tail_layers).add_lora(lora)
+        client_split = client_splits[0]
         vocab = client_split.model.config.vocab_size
         data = make_batch(torch.randint(3, vocab, (batch, tokens), generator=gen).tolist(), pad_token_id=0)
         central = CentralTrainer(central_split, optim=optim)
         shaper = NetShaper(latency_ms, mbps)
-        split_times: list[float] = []
+        split_times: list[list[float]] = [[] for _ in counts]
         central_times: list[float] = []
-        with SplitClient(
-            f"127.0.0.1:{port}", client_split, optim=optim, wire_dtype=wire_dtype, shaper=shaper
-        ) as client:
+        with ExitStack() as stack:
+            clients = [
+                stack.enter_context(
+                    SplitClient(
+                        f"127.0.0.1:{port}", s, optim=optim, wire_dtype=wire_dtype, shaper=shaper, micro_batches=m
+                    )
+                )
+                for s, m in zip(client_splits, counts, strict=True)
+            ]
+            client = clients[0]
             before = client.stats()
             for i in range(warmup + steps):
-                t0 = time.perf_counter()
-                client.train_step(data)
+                for times, each in zip(split_times, clients, strict=True):
+                    t0 = time.perf_counter()
+                    each.train_step(data)
+                    if i >= warmup:
+                        times.append(time.perf_counter() - t0)
                 t1 = time.perf_counter()
                 central.train_step(data)
                 t2 = time.perf_counter()
                 if i == warmup - 1:
                     before = client.stats()
                 if i >= warmup:
-                    split_times.append(t1 - t0)
                     central_times.append(t2 - t1)
             after = client.stats()
             itemsize = int(after["wire_itemsize"])
@@ -135,7 +153,11 @@ def bench_train(
     hidden = int(client_split.model.config.hidden_size)
     bytes_per_step = (moved(after) - moved(before)) / steps
     theoretical = 4 * batch * tokens * hidden * itemsize
-    split_s, central_s = statistics.median(split_times), statistics.median(central_times)
+    split_s, central_s = statistics.median(split_times[0]), statistics.median(central_times)
+    by_count = {
+        str(m): {"split_step_s": round(statistics.median(t), 4), "ratio": round(statistics.median(t) / central_s, 3)}
+        for m, t in zip(counts, split_times, strict=True)
+    }
     return {
         "bench": "train",
         "model": model,
@@ -147,6 +169,8 @@ def bench_train(
         "net_latency_ms": latency_ms,
         "net_mbps": mbps,
         "steps": steps,
+        "micro_batches": counts[0],
+        "by_micro_batches": by_count,
         "split_step_s": round(split_s, 4),
         "central_step_s": round(central_s, 4),
         "ratio": round(split_s / central_s, 3),
