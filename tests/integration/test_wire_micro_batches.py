@@ -84,7 +84,12 @@ def _forward(stub, session_id: str, hidden: torch.Tensor, lengths: list[int], st
         for i, chunk in enumerate(encode(hidden, pb.FLOAT32)):
             if i == 0:
                 yield pb.ForwardRequest(
-                    session_id=session_id, step=step, lengths=lengths, hidden=chunk, micro_batch=micro, micro_batches=count
+                    session_id=session_id,
+                    step=step,
+                    lengths=lengths,
+                    hidden=chunk,
+                    micro_batch=micro,
+                    micro_batches=count,
                 )
             else:
                 yield pb.ForwardRequest(hidden=chunk)
@@ -94,7 +99,11 @@ def _forward(stub, session_id: str, hidden: torch.Tensor, lengths: list[int], st
 
 def _backward(stub, session_id: str, grad: torch.Tensor, step: int, micro: int, count: int):
     first = pb.BackwardRequest(
-        session_id=session_id, step=step, update=True, grad=next(encode(grad, pb.FLOAT32)), micro_batch=micro,
+        session_id=session_id,
+        step=step,
+        update=True,
+        grad=next(encode(grad, pb.FLOAT32)),
+        micro_batch=micro,
         micro_batches=count,
     )
     return list(stub.Backward(iter([first])))
@@ -148,7 +157,10 @@ def test_client_batch_mode_refuses_micro_batches(tmp_path, tiny_tokenizer):
     examples = [encode_example(tiny_tokenizer, None, t, 64) for t in TEXTS[:4]]
     server = TrunkServer(TrunkHost(fedsea.tiny_llama(**TINY)), rounds=coordinator_factory(config, tmp_path, False))
     split = fedsea.split_model(fedsea.tiny_llama(**TINY), 1, 1).add_lora(lora)
-    with ServerThread(server) as port, SplitClient(f"127.0.0.1:{port}", split, optim=OPTIM, micro_batches=2) as client:
-        with pytest.raises(RemoteError) as info:
-            FederatedClient(client, examples, 2, "c0").run()
+    with (
+        ServerThread(server) as port,
+        SplitClient(f"127.0.0.1:{port}", split, optim=OPTIM, micro_batches=2) as client,
+        pytest.raises(RemoteError) as info,
+    ):
+        FederatedClient(client, examples, 2, "c0").run()
     assert info.value.code == "INVALID_ARGUMENT" and "micro_batches" in str(info.value)

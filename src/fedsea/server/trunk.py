@@ -233,7 +233,7 @@ class TrunkHost:
         micro: int = 0,
         micro_batches: int = 1,
     ) -> torch.Tensor:
-        """h~_p (B, n, d) -> h_{L-q} (B, n, d) for the session's step ``step`` (slice ``micro`` of ``micro_batches``)."""
+        """h~_p (B, n, d) -> h_{L-q} (B, n, d) for step ``step``, slice ``micro`` of ``micro_batches``."""
         self.check_hidden_shape(tuple(hidden.shape))
         count = self._check_micro(micro, micro_batches)
         with self._compute_lock:
@@ -241,10 +241,11 @@ class TrunkHost:
             pending = session.pending
             retry = pending is not None and pending.step == step
             if step != session.next_step and not retry:
-                missing = f" (micro-batches {pending.missing} of step {pending.step} wait for their backward)"
+                missing = ""
+                if pending is not None and pending.count > 1:
+                    missing = f" (micro-batches {pending.missing} of step {pending.step} wait for their backward)"
                 raise ProtocolError(
-                    f"forward for step {step}, but the session expects step {session.next_step}"
-                    + (missing if pending is not None and pending.count > 1 else "")
+                    f"forward for step {step}, but the session expects step {session.next_step}{missing}"
                 )
             if pending is None or pending.step != step or pending.count != count:
                 # A new step, or the same step sent again in another number of slices: nothing
@@ -254,7 +255,8 @@ class TrunkHost:
             rows = pending.rows - pending.slice_rows(micro)  # a slice sent again replaces itself
             if rows + hidden.shape[0] > self.limits.max_batch:
                 raise LimitExceededError(
-                    f"hidden: the micro-batches of step {step} add up to more than max_batch={self.limits.max_batch} rows"
+                    f"hidden: the micro-batches of step {step} add up to more than "
+                    f"max_batch={self.limits.max_batch} rows"
                 )
             self._activate(session, training=True)
             inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
@@ -284,7 +286,7 @@ class TrunkHost:
         micro: int = 0,
         micro_batches: int = 1,
     ) -> torch.Tensor:
-        """dL/dh_{L-q} -> dL/dh~_p (of slice ``micro``); after the step's last slice, steps the trunk optimizer if ``update``."""
+        """dL/dh_{L-q} -> dL/dh~_p of slice ``micro``; then, after the last slice, steps if ``update``."""
         count = self._check_micro(micro, micro_batches)
         with self._compute_lock:
             session = self.get(owner, session_id)

@@ -80,6 +80,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_targets: int | None 
         num_targets: divide the *sum* of the token losses by this instead of taking their mean
             (a micro-batch's share of a larger batch's mean loss: that batch's target count).
     """
+    count = None if num_targets is None else torch.tensor(num_targets)
     return ForCausalLMLoss(
-        logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_targets, ignore_index=IGNORE_INDEX
+        logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=count, ignore_index=IGNORE_INDEX
     )

@@ -23,6 +23,7 @@ the noise is off (tested), and is as random as one otherwise.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ class MicroTrunkLink(Protocol):
     """A trunk link that takes a step as micro-batches, each call answered by a future."""
 
     def submit_forward(self, hidden: torch.Tensor, lengths: torch.Tensor, micro: MicroIndex) -> Future[torch.Tensor]:
-        """Send slice ``micro`` of h~_p (B_i, n_i, d) with its lengths (B_i,); the future gives h_{L-q} (B_i, n_i, d)."""
+        """Send slice ``micro`` of h~_p (B_i, n_i, d) and its lengths (B_i,); the future gives h_{L-q} (B_i, n_i, d)."""
         ...
 
     def submit_backward(self, grad: torch.Tensor, micro: MicroIndex, update: bool) -> Future[torch.Tensor]:
@@ -243,10 +244,8 @@ def pipelined_forward_backward(
             h_noised.backward(grad_in)  # dL/dh~_p (B_i, n_i, d) into the head
     except BaseException:
         for future in (*forwards, *backwards):  # let no call outlive the step; the first error is raised
-            try:
+            with contextlib.suppress(BaseException):  # already failing with the error that stopped the step
                 future.result()
-            except BaseException:  # noqa: S110 - already failing with the error that stopped the step
-                pass
         raise
     link.finish_step()
     return loss

@@ -29,7 +29,13 @@ from fedsea.model.split import SplitModel, central_forward
 from fedsea.privacy.noise import Privatizer, make_privatizer
 from fedsea.privacy.regularizers import HeadRegularizer
 from fedsea.training.batch import Batch, lm_loss
-from fedsea.training.pipeline import MicroIndex, MicroStep, MicroTrunkLink, check_micro_batches, pipelined_forward_backward
+from fedsea.training.pipeline import (
+    MicroIndex,
+    MicroStep,
+    MicroTrunkLink,
+    check_micro_batches,
+    pipelined_forward_backward,
+)
 
 
 class TrunkLink(Protocol):
