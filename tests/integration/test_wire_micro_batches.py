@@ -164,3 +164,22 @@ def test_client_batch_mode_refuses_micro_batches(tmp_path, tiny_tokenizer):
     ):
         FederatedClient(client, examples, 2, "c0").run()
     assert info.value.code == "INVALID_ARGUMENT" and "micro_batches" in str(info.value)
+
+
+def test_bench_train_times_each_micro_batch_count():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [sys.executable, "-m", "fedsea.cli", "bench", "train", "--model", "tiny-llama", "--batch", "3"]
+    cmd += ["--tokens", "16", "--head-layers", "1", "--tail-layers", "1", "--steps", "1", "--warmup", "1"]
+    cmd += ["--micro-batches", "1", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["micro_batches"] == 1 and set(result["by_micro_batches"]) == {"1", "2"}
+    assert all(row["split_step_s"] > 0 and row["ratio"] > 0 for row in result["by_micro_batches"].values())
+    assert result["bytes_ratio"] < 1.02

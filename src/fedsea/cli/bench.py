@@ -52,6 +52,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_federation(tuple(args.parts), tuple(args.tasks), args.model)
     else:
+        if max(args.micro_batches) > 1:  # client and server then compute at the same time
+            _reexec_for_colocation(args)
         result = bench.bench_train(
             args.model, args.batch, args.tokens, args.head_layers, args.tail_layers, args.steps, args.warmup,
             args.wire_dtype, args.net_latency_ms, args.net_mbps or 0.0, tuple(args.micro_batches),
