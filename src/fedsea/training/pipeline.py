@@ -184,20 +184,7 @@ class MicroStep:
             for part in parts:
                 total = part if total is None else total + part
             p.grad = total
-
-
-def await_all(futures: Sequence[Future[torch.Tensor]]) -> list[torch.Tensor]:
-    """Every future's result, in order; on a failure, wait for all the others first, then raise the first error."""
-    results: list[torch.Tensor] = []
-    error: BaseException | None = None
-    for future in futures:
-        try:
-            results.append(future.result())
-        except BaseException as exc:  # wait for the rest before raising: no call may outlive the step
-            error = error or exc
-    if error is not None:
-        raise error
-    return results
+        self.grads.clear()  # summed into .grad; the answers stay for resends
 
 
 def pipelined_forward_backward(
@@ -240,8 +227,9 @@ def pipelined_forward_backward(
                 grad_out = grad_privatizer(grad_out, key=(step_key, i))
             backwards.append(link.submit_backward(grad_out, MicroIndex(i, count), update_remote))
             loss = loss + part_loss.detach().cpu()
-        for h_noised, grad_in in zip(sent, await_all(backwards), strict=True):
-            h_noised.backward(grad_in)  # dL/dh~_p (B_i, n_i, d) into the head
+        for h_noised, future in zip(sent, backwards, strict=True):
+            # dL/dh~_p (B_i, n_i, d) into the head, while the trunk goes backward through the next slices.
+            h_noised.backward(future.result())
     except BaseException:
         for future in (*forwards, *backwards):  # let no call outlive the step; the first error is raised
             with contextlib.suppress(BaseException):  # already failing with the error that stopped the step

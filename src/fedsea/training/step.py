@@ -114,7 +114,7 @@ class LocalTrunk:
 
     def submit_forward(self, hidden: torch.Tensor, lengths: torch.Tensor, micro: MicroIndex) -> Future[torch.Tensor]:
         """Slice ``micro`` of h~_p (B_i, n_i, d) -> its h_{L-q} (B_i, n_i, d), computed at once (a done future)."""
-        if self._micro is None:
+        if self._micro is None or micro.index == 0:  # in process, slices come in order: 0 starts a step
             self._micro = MicroStep(0, micro.count, self.optimizer.params)
         self._micro.check_index(micro.index, micro.count)
         self.trunk.train()
