@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -153,16 +154,18 @@ def test_client_batch_mode_refuses_micro_batches(tmp_path, tiny_tokenizer):
     from tests.integration.conftest import TINY
 
     lora = fedsea.LoraSpec(r=4, alpha=8, dropout=0.0)
-    config = FedConfig(rounds=1, local_steps=1, mode="client-batch", expected_clients=1, lora=lora)
+    # A short round: the refused client never submits, and the run should end before the server stops.
+    config = FedConfig(rounds=1, local_steps=1, mode="client-batch", expected_clients=1, lora=lora, round_timeout_s=0.5)
     examples = [encode_example(tiny_tokenizer, None, t, 64) for t in TEXTS[:4]]
     server = TrunkServer(TrunkHost(fedsea.tiny_llama(**TINY)), rounds=coordinator_factory(config, tmp_path, False))
     split = fedsea.split_model(fedsea.tiny_llama(**TINY), 1, 1).add_lora(lora)
     with (
         ServerThread(server) as port,
         SplitClient(f"127.0.0.1:{port}", split, optim=OPTIM, micro_batches=2) as client,
-        pytest.raises(RemoteError) as info,
     ):
-        FederatedClient(client, examples, 2, "c0").run()
+        with pytest.raises(RemoteError) as info:
+            FederatedClient(client, examples, 2, "c0").run()
+        time.sleep(1.5)  # the round times out and the run ends (no coroutine left waiting at shutdown)
     assert info.value.code == "INVALID_ARGUMENT" and "micro_batches" in str(info.value)
 
 
