@@ -186,3 +186,16 @@ def test_bench_train_times_each_micro_batch_count():
     assert result["micro_batches"] == 1 and set(result["by_micro_batches"]) == {"1", "2"}
     assert all(row["split_step_s"] > 0 and row["ratio"] > 0 for row in result["by_micro_batches"].values())
     assert result["bytes_ratio"] < 1.02
+
+
+def test_noise_on_both_cuts_with_micro_batches_over_grpc(server, tiny_tokenizer):
+    """Noise on: each slice's h_p and gradient get their own draw; the step runs and learns."""
+    noise = fedsea.NoiseConfig(sigma=0.1, seed=9)
+    grad_noise = fedsea.NoiseConfig(sigma=1e-4, clip_norm=1e-2, seed=9)
+    batch = _batch(tiny_tokenizer, 4)
+    with SplitClient(server, tiny_split(), optim=OPTIM, noise=noise, grad_noise=grad_noise, micro_batches=2) as client:
+        losses = [client.train_step(batch).loss for _ in range(3)]
+        assert client.trainer is not None
+        payloads = [client.trainer.privatizer.resend((2, i)) for i in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert [int(p.shape[0]) for p in payloads] == [2, 2]
