@@ -59,9 +59,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_federation(tuple(args.parts), tuple(args.tasks), args.model)
     else:
+        if max(args.micro_batches) > 1:  # client and server then compute at the same time
+            _reexec_for_colocation(args)
         result = bench.bench_train(
             args.model, args.batch, args.tokens, args.head_layers, args.tail_layers, args.steps, args.warmup,
             args.wire_dtype, args.net_latency_ms, args.net_mbps or 0.0, args.device, args.dtype,
+            tuple(args.micro_batches),
         )  # fmt: skip
     print(json.dumps(result))
     return 0
@@ -117,6 +120,9 @@ def add_bench_commands(sub: Any) -> None:
     add_settings_flags(train, SplitConfig())
     train.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup)")
     train.add_argument("--warmup", type=int, default=2)
+    train.add_argument(
+        "--micro-batches", type=int, nargs="+", default=[1], help="micro-batches per step; several: one client each"
+    )
     add_settings_flags(train, WireConfig(), flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPE_SETTINGS})
     generate = parsers["generate"]
     generate.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")

@@ -127,6 +127,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         token=args.token or os.environ.get("FEDSEA_TOKEN"),
         shaper=NetShaper(args.net_latency_ms, args.net_mbps or 0.0),  # unset mbps: unlimited (0)
         seed=args.seed,
+        micro_batches=args.micro_batches,
     )
     losses: list[float] = []
     start = time.perf_counter()
@@ -223,6 +224,9 @@ def add_wire_commands(sub: Any) -> None:
     add_settings_flags(train, LoraSpec(), flags=LORA_FLAGS)
     add_settings_flags(train, OptimConfig(), ["lr"])
     train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument(
+        "--micro-batches", type=int, default=1, help="pipeline each step as this many micro-batches (1: off)"
+    )
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     train.add_argument("--max-length", type=int, default=256, help="tokens per example, at most")

@@ -111,7 +111,7 @@ class Connection:
             start = time.perf_counter()
             self.config.shaper.wait(request.ByteSize())
             response = method(request, timeout=self.config.timeout_s, metadata=self.metadata)
-            self.config.shaper.wait(response.ByteSize())
+            self.config.shaper.wait(response.ByteSize(), downlink=True)
             wall = time.perf_counter() - start
             self.meter.record(rpc, sent=request.ByteSize(), received=response.ByteSize(), network_s=wall)
             return response
@@ -133,7 +133,7 @@ class Connection:
             result = method(iter(messages), timeout=self.config.timeout_s, metadata=self.metadata)
             responses = list(result) if hasattr(result, "__iter__") and not hasattr(result, "ByteSize") else [result]
             received = sum(r.ByteSize() for r in responses)
-            self.config.shaper.wait(received)
+            self.config.shaper.wait(received, downlink=True)
             wall = time.perf_counter() - start
             compute = float(getattr(responses[0], "compute_s", 0.0)) if responses else 0.0
             self.meter.record(rpc, sent=sent, received=received, network_s=max(0.0, wall - compute), compute_s=compute)

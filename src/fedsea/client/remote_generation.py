@@ -89,7 +89,7 @@ class RemoteStepper:
         except StopIteration:
             self._closed = True
             raise ProtocolError("the server ended the inference stream") from None
-        self.connection.config.shaper.wait(received)
+        self.connection.config.shaper.wait(received, downlink=True)
         self.connection.meter.record("generate", sent=sent, received=received, network_s=time.perf_counter() - start)
         return assembler.tensor().to(device=self.device, dtype=self.model_dtype)
 

@@ -1,13 +1,22 @@
-"""The trunk of a training step over gRPC: one Forward and one Backward call per step."""
+"""The trunk of a training step over gRPC: one Forward and one Backward call per step.
+
+A pipelined step (``micro_batches = m > 1``, ``fedsea.training.pipeline``) makes one call per
+micro-batch each way instead, each on a worker thread so that the caller computes the next
+slice meanwhile; the calls share the channel (HTTP/2 streams) and each retries on its own
+with its own payload.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from fedsea.errors import ProtocolError
+from fedsea.training.pipeline import MicroIndex
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.adapters import UNLIMITED
 from fedsea.wire.tensors import decode, encode
@@ -35,6 +44,8 @@ class RemoteTrunk:
         self.device = device
         self.step = 0
         self._forward_shape: tuple[int, ...] | None = None
+        self._pool: ThreadPoolExecutor | None = None  # micro-batch calls, started on first use
+        self._pool_lock = threading.Lock()
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Send h~_p (B, n, d) and lengths (B,); return h_{L-q} (B, n, d). A resend carries the very same payload."""
@@ -69,3 +80,80 @@ class RemoteTrunk:
         responses = self.connection.stream("backward", self.connection.stub.Backward, requests)
         self.step += 1
         return decode((r.grad for r in responses), "grad", UNLIMITED).to(device=self.device, dtype=self.model_dtype)
+
+    # -- micro-batches ------------------------------------------------------------------------
+    def _submit(self, fn: Any, *args: Any) -> Future[torch.Tensor]:
+        with self._pool_lock:
+            if self._pool is None:
+                # Up to 2 m calls are in flight in a step (m forwards, then m backwards); threads start on demand.
+                self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fedsea-micro")
+            return self._pool.submit(fn, *args)
+
+    def submit_forward(self, hidden: torch.Tensor, lengths: torch.Tensor, micro: MicroIndex) -> Future[torch.Tensor]:
+        """Send slice ``micro`` of h~_p (B_i, n_i, d) on a worker thread; the future gives h_{L-q} (B_i, n_i, d)."""
+        return self._submit(self._forward_micro, hidden, [int(x) for x in lengths.tolist()], micro, self.step)
+
+    def submit_backward(self, grad: torch.Tensor, micro: MicroIndex, update: bool) -> Future[torch.Tensor]:
+        """Send slice ``micro`` of dL/dh_{L-q} (B_i, n_i, d); the future gives dL/dh~_p (B_i, n_i, d).
+
+        The server steps the trunk adapter (if ``update``) after the step's last slice.
+        """
+        return self._submit(self._backward_micro, grad, micro, update, self.step)
+
+    def finish_step(self) -> None:
+        """Every slice's backward came back: the next step begins."""
+        self.step += 1
+
+    def _forward_micro(self, hidden: torch.Tensor, lens: list[int], micro: MicroIndex, step: int) -> torch.Tensor:
+        def requests() -> Iterator[pb.ForwardRequest]:
+            # A retry rebuilds the same messages from the same payload: no fresh noise.
+            for i, chunk in enumerate(encode(hidden, self.dtype, self.chunk_bytes)):
+                if i == 0:
+                    yield pb.ForwardRequest(
+                        session_id=self.session_id,
+                        step=step,
+                        lengths=lens,
+                        hidden=chunk,
+                        micro_batch=micro.index,
+                        micro_batches=micro.count,
+                    )
+                else:
+                    yield pb.ForwardRequest(hidden=chunk)
+
+        responses = self.connection.stream("forward", self.connection.stub.Forward, requests)
+        out = decode((r.hidden for r in responses), "hidden", UNLIMITED)
+        if tuple(out.shape) != tuple(hidden.shape):
+            raise ProtocolError(
+                f"server answered shape {tuple(out.shape)} for micro-batch {micro.index} of shape {tuple(hidden.shape)}"
+            )
+        return out.to(device=self.device, dtype=self.model_dtype)
+
+    def _backward_micro(self, grad: torch.Tensor, micro: MicroIndex, update: bool, step: int) -> torch.Tensor:
+        def requests() -> Iterator[pb.BackwardRequest]:
+            for i, chunk in enumerate(encode(grad, self.dtype, self.chunk_bytes)):
+                if i == 0:
+                    yield pb.BackwardRequest(
+                        session_id=self.session_id,
+                        step=step,
+                        update=update,
+                        grad=chunk,
+                        micro_batch=micro.index,
+                        micro_batches=micro.count,
+                    )
+                else:
+                    yield pb.BackwardRequest(grad=chunk)
+
+        responses = self.connection.stream("backward", self.connection.stub.Backward, requests)
+        out = decode((r.grad for r in responses), "grad", UNLIMITED)
+        if tuple(out.shape) != tuple(grad.shape):
+            raise ProtocolError(
+                f"server answered shape {tuple(out.shape)} for micro-batch {micro.index} of shape {tuple(grad.shape)}"
+            )
+        return out.to(device=self.device, dtype=self.model_dtype)
+
+    def close(self) -> None:
+        """Stop the worker threads of micro-batch calls (none are in flight between steps)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None

@@ -32,6 +32,7 @@ from fedsea.model.split import SplitModel
 from fedsea.privacy.noise import Privatizer, make_privatizer
 from fedsea.privacy.regularizers import HeadRegularizer
 from fedsea.training.batch import Batch
+from fedsea.training.pipeline import check_micro_batches
 from fedsea.training.step import SplitTrainer, StepResult
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.adapters import assemble_state, chunk_bytes_under, named_chunks
@@ -66,6 +67,10 @@ class SplitClient:
         tokenizer: needed to ``generate`` from text (chat template, stop strings, decoding).
         head_regularizer: a privacy loss on the head's output (``fedsea.privacy.regularizers``,
             e.g. ``NoPeekRegularizer``), trained here alongside the task; nothing of it is sent.
+        micro_batches: send each step as this many micro-batches, pipelined: the server
+            computes one while the next is on the wire (``fedsea.training.pipeline``). 1 (the
+            default) is the unsplit step; must be <= the batch size; not with a head
+            regularizer, nor in a federated run's client-batch mode.
     """
 
     def __init__(
@@ -86,7 +91,10 @@ class SplitClient:
         seed: int = 0,
         tokenizer: Any = None,
         head_regularizer: HeadRegularizer | None = None,
+        micro_batches: int = 1,
     ) -> None:
+        check_micro_batches(micro_batches)
+        self.micro_batches = micro_batches
         self.split = split
         self.head_regularizer = head_regularizer
         self.noise = noise or NoiseConfig()
@@ -105,6 +113,7 @@ class SplitClient:
         self.connection: Connection | None = None
         self.session_id: str | None = None
         self.trainer: SplitTrainer | None = None
+        self._link: RemoteTrunk | None = None
         self.session_info: pb.OpenSessionResponse | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -133,6 +142,7 @@ class SplitClient:
             link = RemoteTrunk(
                 self.connection, info.session_id, self._dtype, chunk, self.split.model.dtype, self.split.model.device
             )
+            self._link = link
             self.trainer = SplitTrainer(
                 self.split,
                 trunk=link,
@@ -140,6 +150,7 @@ class SplitClient:
                 optim=self.optim,
                 grad_noise=self.grad_noise,
                 head_regularizer=self.head_regularizer,
+                micro_batches=self.micro_batches,
             )
         except BaseException:
             self.close()
@@ -160,6 +171,9 @@ class SplitClient:
         except Exception:  # closing must not mask the original error
             pass
         finally:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
             self.connection.close()
             self.connection = None
             self.session_id = None
@@ -200,7 +214,9 @@ class SplitClient:
         after = connection.meter.as_dict()
         waited = float(after["network_s"]) - float(before["network_s"])  # type: ignore[arg-type]
         remote = float(after["remote_compute_s"]) - float(before["remote_compute_s"])  # type: ignore[arg-type]
-        connection.meter.add_local_compute(time.perf_counter() - start - waited - remote)
+        # Pipelined micro-batch calls overlap each other and this thread's compute, so their
+        # summed network and remote seconds can exceed the step's wall time: never negative.
+        connection.meter.add_local_compute(max(0.0, time.perf_counter() - start - waited - remote))
         return result
 
     # -- generation ----------------------------------------------------------------------------

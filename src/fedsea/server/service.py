@@ -178,9 +178,11 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             requests, "hidden", self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, True)
         )
         lengths = torch.tensor(list(first.lengths), dtype=torch.int64)
-        out, seconds = await self.steps.forward(client, first.session_id, first.step, hidden, lengths)
+        out, seconds = await self.steps.forward(
+            client, first.session_id, first.step, hidden, lengths, first.micro_batch, first.micro_batches
+        )
         replies = (
-            pb.ForwardResponse(step=first.step, hidden=chunk, compute_s=seconds)
+            pb.ForwardResponse(step=first.step, hidden=chunk, compute_s=seconds, micro_batch=first.micro_batch)
             for chunk in encode(out, dtype, self.chunk_bytes)
         )
         for message in self._metered(client, "forward", replies, received, seconds):
@@ -192,9 +194,11 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         first, grad, dtype, received = await receive_tensor(
             requests, "grad", self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, False)
         )
-        grad_in, seconds = await self.steps.backward(client, first.session_id, first.step, grad, first.update)
+        grad_in, seconds = await self.steps.backward(
+            client, first.session_id, first.step, grad, first.update, first.micro_batch, first.micro_batches
+        )
         replies = (
-            pb.BackwardResponse(step=first.step, grad=chunk, compute_s=seconds)
+            pb.BackwardResponse(step=first.step, grad=chunk, compute_s=seconds, micro_batch=first.micro_batch)
             for chunk in encode(grad_in, dtype, self.chunk_bytes)
         )
         for message in self._metered(client, "backward", replies, received, seconds):

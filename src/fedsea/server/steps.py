@@ -28,6 +28,16 @@ def _check_finite(tensor: torch.Tensor, field: str) -> None:
         raise InvalidInputError(field, "contains NaN or Inf")
 
 
+def _refuse_micro_batches(micro_batches: int) -> None:
+    # The group joins whole batches into one pass and steps once per joint backward: slices of
+    # one member's step would each step the shared adapter, so they are refused, not joined.
+    if micro_batches > 1:
+        raise InvalidInputError(
+            "micro_batches",
+            f"{micro_batches}: client-batch mode joins whole batches; use micro_batches=1 in this run",
+        )
+
+
 class StepRouter:
     """Forward and backward of training steps, routed by the session's mode in the run.
 
@@ -48,15 +58,23 @@ class StepRouter:
         return rounds.batcher_for(owner, session_id) if rounds is not None else None
 
     async def forward(
-        self, owner: str, session_id: str, step: int, hidden: torch.Tensor, lengths: torch.Tensor
+        self,
+        owner: str,
+        session_id: str,
+        step: int,
+        hidden: torch.Tensor,
+        lengths: torch.Tensor,
+        micro: int = 0,
+        micro_batches: int = 1,
     ) -> tuple[torch.Tensor, float]:
-        """h~_p (B, n, d) -> h_{L-q} (B, n, d), and the seconds it computed."""
+        """h~_p (B, n, d) -> h_{L-q} (B, n, d), and the seconds it computed (slice ``micro`` of ``micro_batches``)."""
         group = self._group(owner, session_id)
         if group is None:
             result: tuple[torch.Tensor, float] = await self._compute(
-                self.host.forward, owner, session_id, step, hidden, lengths
+                self.host.forward, owner, session_id, step, hidden, lengths, micro, micro_batches
             )
             return result
+        _refuse_micro_batches(micro_batches)
         # Validate alone first: one client's bad tensor must not fail the whole group.
         check_lengths(lengths, hidden.shape[0], hidden.shape[1])
         _check_finite(hidden, "hidden")
@@ -65,15 +83,23 @@ class StepRouter:
         return out, time.perf_counter() - start
 
     async def backward(
-        self, owner: str, session_id: str, step: int, grad: torch.Tensor, update: bool
+        self,
+        owner: str,
+        session_id: str,
+        step: int,
+        grad: torch.Tensor,
+        update: bool,
+        micro: int = 0,
+        micro_batches: int = 1,
     ) -> tuple[torch.Tensor, float]:
-        """dL/dh_{L-q} (B, n, d) -> dL/dh~_p (B, n, d), and the seconds it computed."""
+        """dL/dh_{L-q} (B, n, d) -> dL/dh~_p (B, n, d), and the seconds it computed (slice ``micro``)."""
         group = self._group(owner, session_id)
         if group is None:
             result: tuple[torch.Tensor, float] = await self._compute(
-                self.host.backward, owner, session_id, step, grad, update
+                self.host.backward, owner, session_id, step, grad, update, micro, micro_batches
             )
             return result
+        _refuse_micro_batches(micro_batches)
         _check_finite(grad, "grad")  # as the host checks it alone, before the group's joint pass
         start = time.perf_counter()
         grad_in = await group.backward(owner, session_id, grad.float())

@@ -8,7 +8,9 @@ Design decisions:
   generation, the coordinator) compute on the shared blocks inside ``host.computing(...)``.
 - A session's (p, q) are data: sessions with different partition points share the blocks.
 - The autograd graph of a forward is kept until the matching backward (or until the session
-  closes or times out); a resent step is answered again without stepping twice.
+  closes or times out); a resent step is answered again without stepping twice. A step may
+  come as m micro-batches (``fedsea.training.pipeline``): one graph per slice, the slices'
+  gradients summed in slice order, one optimizer step after the last slice's backward.
 - Everything a client sends is validated with ``if ... raise`` and typed errors that the
   servicer maps to gRPC status codes (``fedsea.errors`` and ``fedsea.server.service``).
 """
@@ -39,6 +41,7 @@ from fedsea.model.adapters import adapter_state_dict, add_lora, load_adapter_sta
 from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.seeding import seeded
 from fedsea.model.split import Trunk, check_partition, check_supported
+from fedsea.training.pipeline import MicroStep
 from fedsea.training.step import PartOptimizer
 
 
@@ -55,13 +58,6 @@ class SessionSpec:
 
 
 @dataclass
-class _Pending:
-    step: int
-    inp: torch.Tensor  # (B, n, d), requires grad
-    out: torch.Tensor  # (B, n, d), graph to inp and the adapter
-
-
-@dataclass
 class Session:
     """One client's open training session on the trunk."""
 
@@ -73,8 +69,8 @@ class Session:
     tuner_layers: Sequence[BaseTunerLayer]
     last_used: float = field(default_factory=time.monotonic)
     next_step: int = 0
-    pending: _Pending | None = None
-    answered: tuple[int, torch.Tensor] | None = None  # last backward's (step, grad) for resends
+    pending: MicroStep | None = None  # the step in flight: its slices' graphs (one slice unless pipelined)
+    answered: MicroStep | None = None  # the last finished step, its answers kept for resends
 
     @property
     def adapter_name(self) -> str:
@@ -228,45 +224,88 @@ class TrunkHost:
             raise LimitExceededError(f"{field_name}: {tokens} tokens exceed max_seq_len={self.limits.max_seq_len}")
 
     def forward(
-        self, owner: str, session_id: str, step: int, hidden: torch.Tensor, lengths: torch.Tensor
+        self,
+        owner: str,
+        session_id: str,
+        step: int,
+        hidden: torch.Tensor,
+        lengths: torch.Tensor,
+        micro: int = 0,
+        micro_batches: int = 1,
     ) -> torch.Tensor:
-        """h~_p (B, n, d) -> h_{L-q} (B, n, d) for the session's step ``step``."""
+        """h~_p (B, n, d) -> h_{L-q} (B, n, d) for step ``step``, slice ``micro`` of ``micro_batches``."""
         self.check_hidden_shape(tuple(hidden.shape))
+        count = self._check_micro(micro, micro_batches)
         with self._compute_lock:
             session = self.get(owner, session_id)
-            retry = session.pending is not None and session.pending.step == step
+            pending = session.pending
+            retry = pending is not None and pending.step == step
             if step != session.next_step and not retry:
-                raise ProtocolError(f"forward for step {step}, but the session expects step {session.next_step}")
+                missing = ""
+                if pending is not None and pending.count > 1:
+                    missing = f" (micro-batches {pending.missing} of step {pending.step} wait for their backward)"
+                raise ProtocolError(
+                    f"forward for step {step}, but the session expects step {session.next_step}{missing}"
+                )
+            if pending is None or pending.step != step or pending.count != count:
+                # A new step, or the same step sent again in another number of slices: nothing
+                # of the old one has been applied (the optimizer steps after the last slice).
+                pending = MicroStep(step, count, session.optimizer.params)
+            pending.check_index(micro, count)
+            rows = pending.rows - pending.slice_rows(micro)  # a slice sent again replaces itself
+            if rows + hidden.shape[0] > self.limits.max_batch:
+                raise LimitExceededError(
+                    f"hidden: the micro-batches of step {step} add up to more than "
+                    f"max_batch={self.limits.max_batch} rows"
+                )
             self._activate(session, training=True)
             inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
             out: torch.Tensor = session.trunk(inp, lengths)  # (B, n, d); validates lengths, NaN/Inf
-            session.pending = _Pending(step, inp, out)
+            pending.add_forward(micro, inp, out)
+            session.pending = pending
             return out.detach().cpu()
 
-    def backward(self, owner: str, session_id: str, step: int, grad: torch.Tensor, update: bool) -> torch.Tensor:
-        """dL/dh_{L-q} -> dL/dh~_p; steps the session's trunk optimizer if ``update``."""
+    def _check_micro(self, micro: int, micro_batches: int) -> int:
+        """The slice count (0 on the wire: an unsplit step), its index in range, at most ``max_batch`` slices."""
+        count = max(1, micro_batches)
+        if count > self.limits.max_batch:
+            raise InvalidInputError(
+                "micro_batches", f"{micro_batches} slices exceed max_batch={self.limits.max_batch} rows"
+            )
+        if not 0 <= micro < count:
+            raise InvalidInputError("micro_batch", f"index {micro} out of range [0, {count})")
+        return count
+
+    def backward(
+        self,
+        owner: str,
+        session_id: str,
+        step: int,
+        grad: torch.Tensor,
+        update: bool,
+        micro: int = 0,
+        micro_batches: int = 1,
+    ) -> torch.Tensor:
+        """dL/dh_{L-q} -> dL/dh~_p of slice ``micro``; then, after the last slice, steps if ``update``."""
+        count = self._check_micro(micro, micro_batches)
         with self._compute_lock:
             session = self.get(owner, session_id)
-            if session.answered is not None and session.answered[0] == step:
-                return session.answered[1]  # a resend: same answer, no second update
+            done = session.answered
+            if done is not None and done.step == step and done.count == count and micro in done.answers:
+                return done.answers[micro].cpu()  # a resend: same answer, no second update
             pending = session.pending
             if pending is None or pending.step != step:
                 raise ProtocolError(f"backward for step {step} without its forward")
-            if tuple(grad.shape) != tuple(pending.out.shape):
-                raise InvalidInputError("grad", f"expected shape {tuple(pending.out.shape)}, got {tuple(grad.shape)}")
-            if not bool(torch.isfinite(grad).all()):
-                raise InvalidInputError("grad", "contains NaN or Inf")
+            pending.check_index(micro, count)
             self._activate(session)
-            session.optimizer.zero_grad()
-            pending.out.backward(grad.to(device=pending.out.device, dtype=pending.out.dtype))
-            if pending.inp.grad is None:
-                raise ProtocolError("no gradient reached the trunk's input")
-            grad_in = pending.inp.grad.detach().cpu()
-            if update:
-                session.optimizer.step()
-            session.pending = None
-            session.answered = (step, grad_in)
-            session.next_step = step + 1
+            grad_in = pending.backward(micro, grad).cpu()  # checks the shape and NaN/Inf; (B_i, n_i, d)
+            if not pending.missing:  # the step's last slice: one update from the slices' summed gradients
+                pending.accumulate()
+                if update:
+                    session.optimizer.step()
+                session.pending = None
+                session.answered = pending
+                session.next_step = step + 1
             return grad_in
 
     # -- adapters -----------------------------------------------------------------------------

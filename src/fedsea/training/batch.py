@@ -71,11 +71,16 @@ def make_batch(
     return Batch(input_ids, lengths, labels)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_targets: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over non-ignored targets (transformers' own loss).
 
     Args:
         logits: (B, n, V).
         labels: (B, n), unshifted (see ``Batch``).
+        num_targets: divide the *sum* of the token losses by this instead of taking their mean
+            (a micro-batch's share of a larger batch's mean loss: that batch's target count).
     """
-    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], ignore_index=IGNORE_INDEX)
+    count = None if num_targets is None else torch.tensor(num_targets)
+    return ForCausalLMLoss(
+        logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=count, ignore_index=IGNORE_INDEX
+    )

@@ -16,6 +16,7 @@ the same per-part optimizers and clipping, so that with sigma = 0 both give the 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +29,13 @@ from fedsea.model.split import SplitModel, central_forward
 from fedsea.privacy.noise import Privatizer, make_privatizer
 from fedsea.privacy.regularizers import HeadRegularizer
 from fedsea.training.batch import Batch, lm_loss
+from fedsea.training.pipeline import (
+    MicroIndex,
+    MicroStep,
+    MicroTrunkLink,
+    check_micro_batches,
+    pipelined_forward_backward,
+)
 
 
 class TrunkLink(Protocol):
@@ -80,6 +88,7 @@ class LocalTrunk:
         self.trunk = trunk
         self.optimizer = PartOptimizer(trunk, optim)
         self._saved: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._micro: MicroStep | None = None  # the step in flight as micro-batches
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """hidden: (B, n, d) h~_p, lengths: (B,); run the trunk in train mode, return h_{L-q} (B, n, d) detached."""
@@ -95,11 +104,46 @@ class LocalTrunk:
             raise RuntimeError("trunk.backward called without a pending forward")
         inp, out = self._saved
         self._saved = None
+        # As the server does: this step's gradient only (a compute_gradients before must not add to it).
+        self.optimizer.zero_grad()
         out.backward(grad)
         if update:
             self.optimizer.step()
         assert inp.grad is not None  # inp requires grad and out depends on it
         return inp.grad
+
+    def submit_forward(self, hidden: torch.Tensor, lengths: torch.Tensor, micro: MicroIndex) -> Future[torch.Tensor]:
+        """Slice ``micro`` of h~_p (B_i, n_i, d) -> its h_{L-q} (B_i, n_i, d), computed at once (a done future)."""
+        if self._micro is None or micro.index == 0:  # in process, slices come in order: 0 starts a step
+            self._micro = MicroStep(0, micro.count, self.optimizer.params)
+        self._micro.check_index(micro.index, micro.count)
+        self.trunk.train()
+        inp = hidden.detach().requires_grad_(True)  # (B_i, n_i, d)
+        out: torch.Tensor = self.trunk(inp, lengths)  # (B_i, n_i, d)
+        self._micro.add_forward(micro.index, inp, out)
+        return _done(out.detach())
+
+    def submit_backward(self, grad: torch.Tensor, micro: MicroIndex, update: bool) -> Future[torch.Tensor]:
+        """Slice ``micro`` of dL/dh_{L-q} -> its dL/dh~_p; after the last slice, the summed gradients step once."""
+        if self._micro is None:
+            raise RuntimeError("trunk.submit_backward called without a pending forward")
+        self._micro.check_index(micro.index, micro.count)
+        grad_in = self._micro.backward(micro.index, grad)
+        if not self._micro.missing:
+            self._micro.accumulate()
+            if update:
+                self.optimizer.step()
+            self._micro = None
+        return _done(grad_in)
+
+    def finish_step(self) -> None:
+        """Nothing to do in process (the last slice's backward has stepped)."""
+
+
+def _done(value: torch.Tensor) -> Future[torch.Tensor]:
+    future: Future[torch.Tensor] = Future()
+    future.set_result(value)
+    return future
 
 
 @dataclass(frozen=True)
@@ -153,6 +197,9 @@ class SplitTrainer(_Trainer):
             gradient units: the per-token norms of the mean loss's gradient are small (about
             1e-4 to 1e-2), so set ``clip_norm`` and read sigma relative to it. Not covered by
             the accountant's epsilon (see PRIVACY.md).
+        micro_batches: send each step to the trunk as this many micro-batches, pipelined
+            (``fedsea.training.pipeline``); 1 is the unsplit step. Needs a trunk link that takes
+            micro-batches (``LocalTrunk``, ``RemoteTrunk``) and no head regularizer.
     """
 
     def __init__(
@@ -164,7 +211,15 @@ class SplitTrainer(_Trainer):
         privatizer: Privatizer | None = None,
         head_regularizer: HeadRegularizer | None = None,
         grad_noise: NoiseConfig | None = None,
+        micro_batches: int = 1,
     ) -> None:
+        check_micro_batches(micro_batches)
+        if micro_batches > 1 and head_regularizer is not None:
+            raise ValueError(
+                f"micro_batches={micro_batches} cannot be combined with a head regularizer: its loss is taken over "
+                "the whole batch and does not split into micro-batches (use micro_batches=1)"
+            )
+        self.micro_batches = micro_batches
         self.optim = optim or OptimConfig()
         self.split = split
         self.trunk: TrunkLink = trunk if trunk is not None else LocalTrunk(split.trunk, self.optim)
@@ -192,6 +247,8 @@ class SplitTrainer(_Trainer):
     def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
         batch = batch.to(self.split.model.device)  # batches are made on the CPU; no copy there
         head, tail = self.split.head.train(), self.split.tail.train()
+        if self.micro_batches > 1:
+            return self._pipelined(batch, update_remote)
         h = head(batch.input_ids, batch.lengths)  # (B, n, d)
         if self.head_regularizer is not None:  # same values; carries the extra loss into the backward
             h = self.head_regularizer.attach(h, batch.input_ids, batch.lengths, head.embed_tokens)
@@ -208,6 +265,24 @@ class SplitTrainer(_Trainer):
         h_noised.backward(grad_in)
         self.steps += 1
         return loss.detach()
+
+    def _pipelined(self, batch: Batch, update_remote: bool) -> torch.Tensor:
+        if not hasattr(self.trunk, "submit_forward"):
+            raise ValueError(f"micro_batches={self.micro_batches} needs a trunk link that takes micro-batches")
+        link: MicroTrunkLink = self.trunk  # type: ignore[assignment]
+        loss = pipelined_forward_backward(
+            self.split.head,
+            self.split.tail,
+            link,
+            batch,
+            self.micro_batches,
+            self.privatizer,
+            self.grad_privatizer,
+            self.steps,
+            update_remote,
+        )
+        self.steps += 1
+        return loss
 
 
 class CentralTrainer(_Trainer):

@@ -133,48 +133,60 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "lengths", "hidden")
+    __slots__ = ("session_id", "step", "lengths", "hidden", "micro_batch", "micro_batches")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     lengths: _containers.RepeatedScalarFieldContainer[int]
     hidden: TensorChunk
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    micro_batch: int
+    micro_batches: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("step", "hidden", "compute_s")
+    __slots__ = ("step", "hidden", "compute_s", "micro_batch")
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     step: int
     hidden: TensorChunk
     compute_s: float
-    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    micro_batch: int
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ..., compute_s: _Optional[float] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "update", "grad")
+    __slots__ = ("session_id", "step", "update", "grad", "micro_batch", "micro_batches")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     update: bool
     grad: TensorChunk
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., update: _Optional[bool] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    micro_batch: int
+    micro_batches: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., update: _Optional[bool] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("step", "grad", "compute_s")
+    __slots__ = ("step", "grad", "compute_s", "micro_batch")
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     step: int
     grad: TensorChunk
     compute_s: float
-    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    micro_batch: int
+    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., compute_s: _Optional[float] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class NamedTensorChunk(_message.Message):
     __slots__ = ("session_id", "name", "tensor")
