@@ -14,7 +14,7 @@ from fedsea.errors import InvalidInputError, ProtocolError, RemoteError
 from fedsea.training.stepper import REWIND_FIELD
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.adapters import UNLIMITED
-from fedsea.wire.tensors import TensorAssembler, encode
+from fedsea.wire.tensors import TensorAssembler, encode_into
 
 from .connection import Connection
 
@@ -66,15 +66,16 @@ class RemoteStepper:
         start = time.perf_counter()
         sent, self._unmetered = self._unmetered, 0
         lens = [int(x) for x in lengths.tolist()] if lengths is not None else []
-        for i, chunk in enumerate(encode(hidden, self.dtype, self.chunk_bytes)):
-            if i == 0:
-                message = pb.GenerateRequest(
-                    step=pb.GenerateStep(step=step, lengths=lens, keep_rows=keep_rows or [], hidden=chunk)
-                )
-            else:
-                message = pb.GenerateRequest(step=pb.GenerateStep(step=step, hidden=chunk))
-            sent += message.ByteSize()
-            self._requests.put(message)
+
+        def message(first: bool) -> pb.GenerateRequest:
+            if first:
+                return pb.GenerateRequest(step=pb.GenerateStep(step=step, lengths=lens, keep_rows=keep_rows or []))
+            return pb.GenerateRequest(step=pb.GenerateStep(step=step))
+
+        # Chunks written straight into the requests: one copy of the bytes, not two.
+        for request in encode_into(hidden, self.dtype, self.chunk_bytes, message, "step.hidden"):
+            sent += request.ByteSize()
+            self._requests.put(request)
         self.connection.config.shaper.wait(sent)
         assembler = TensorAssembler("hidden", UNLIMITED)
         received = 0

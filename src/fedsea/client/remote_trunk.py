@@ -9,7 +9,6 @@ with its own payload.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +18,7 @@ from fedsea.errors import ProtocolError
 from fedsea.training.pipeline import MicroIndex
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.adapters import UNLIMITED
-from fedsea.wire.tensors import decode, encode
+from fedsea.wire.tensors import decode, encode_into
 
 from .connection import Connection
 
@@ -49,37 +48,13 @@ class RemoteTrunk:
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Send h~_p (B, n, d) and lengths (B,); return h_{L-q} (B, n, d). A resend carries the very same payload."""
-        lens = [int(x) for x in lengths.tolist()]
-        step = self.step
-
-        def requests() -> Iterator[pb.ForwardRequest]:
-            # A retry rebuilds the same messages from the same payload: no fresh noise.
-            for i, chunk in enumerate(encode(hidden, self.dtype, self.chunk_bytes)):
-                if i == 0:
-                    yield pb.ForwardRequest(session_id=self.session_id, step=step, lengths=lens, hidden=chunk)
-                else:
-                    yield pb.ForwardRequest(hidden=chunk)
-
-        responses = self.connection.stream("forward", self.connection.stub.Forward, requests)
-        out = decode((r.hidden for r in responses), "hidden", UNLIMITED)
-        if tuple(out.shape) != tuple(hidden.shape):
-            raise ProtocolError(f"server answered shape {tuple(out.shape)} for input {tuple(hidden.shape)}")
-        return out.to(device=self.device, dtype=self.model_dtype)
+        return self._forward_micro(hidden, [int(x) for x in lengths.tolist()], None, self.step)
 
     def backward(self, grad: torch.Tensor, update: bool = True) -> torch.Tensor:
         """Send dL/dh_{L-q} (B, n, d); return dL/dh~_p (B, n, d). ``update`` steps the trunk adapter once."""
-        step = self.step
-
-        def requests() -> Iterator[pb.BackwardRequest]:
-            for i, chunk in enumerate(encode(grad, self.dtype, self.chunk_bytes)):
-                if i == 0:
-                    yield pb.BackwardRequest(session_id=self.session_id, step=step, update=update, grad=chunk)
-                else:
-                    yield pb.BackwardRequest(grad=chunk)
-
-        responses = self.connection.stream("backward", self.connection.stub.Backward, requests)
+        out = self._backward_micro(grad, None, update, self.step)
         self.step += 1
-        return decode((r.grad for r in responses), "grad", UNLIMITED).to(device=self.device, dtype=self.model_dtype)
+        return out
 
     # -- micro-batches ------------------------------------------------------------------------
     def _submit(self, fn: Any, *args: Any) -> Future[torch.Tensor]:
@@ -104,51 +79,40 @@ class RemoteTrunk:
         """Every slice's backward came back: the next step begins."""
         self.step += 1
 
-    def _forward_micro(self, hidden: torch.Tensor, lens: list[int], micro: MicroIndex, step: int) -> torch.Tensor:
-        def requests() -> Iterator[pb.ForwardRequest]:
-            # A retry rebuilds the same messages from the same payload: no fresh noise.
-            for i, chunk in enumerate(encode(hidden, self.dtype, self.chunk_bytes)):
-                if i == 0:
-                    yield pb.ForwardRequest(
-                        session_id=self.session_id,
-                        step=step,
-                        lengths=lens,
-                        hidden=chunk,
-                        micro_batch=micro.index,
-                        micro_batches=micro.count,
-                    )
-                else:
-                    yield pb.ForwardRequest(hidden=chunk)
+    def _forward_micro(
+        self, hidden: torch.Tensor, lens: list[int], micro: MicroIndex | None, step: int
+    ) -> torch.Tensor:
+        def message(first: bool) -> pb.ForwardRequest:
+            if not first:
+                return pb.ForwardRequest()
+            request = pb.ForwardRequest(session_id=self.session_id, step=step, lengths=lens)
+            if micro is not None:
+                request.micro_batch, request.micro_batches = micro.index, micro.count
+            return request
 
+        # A retry rebuilds the same messages from the same payload: no fresh noise. Chunks are
+        # written straight into the request (``encode_into``): one copy of the bytes, not two.
+        requests = lambda: encode_into(hidden, self.dtype, self.chunk_bytes, message, "hidden")  # noqa: E731
         responses = self.connection.stream("forward", self.connection.stub.Forward, requests)
         out = decode((r.hidden for r in responses), "hidden", UNLIMITED)
         if tuple(out.shape) != tuple(hidden.shape):
-            raise ProtocolError(
-                f"server answered shape {tuple(out.shape)} for micro-batch {micro.index} of shape {tuple(hidden.shape)}"
-            )
+            raise ProtocolError(f"server answered shape {tuple(out.shape)} for {_what(micro)} {tuple(hidden.shape)}")
         return out.to(device=self.device, dtype=self.model_dtype)
 
-    def _backward_micro(self, grad: torch.Tensor, micro: MicroIndex, update: bool, step: int) -> torch.Tensor:
-        def requests() -> Iterator[pb.BackwardRequest]:
-            for i, chunk in enumerate(encode(grad, self.dtype, self.chunk_bytes)):
-                if i == 0:
-                    yield pb.BackwardRequest(
-                        session_id=self.session_id,
-                        step=step,
-                        update=update,
-                        grad=chunk,
-                        micro_batch=micro.index,
-                        micro_batches=micro.count,
-                    )
-                else:
-                    yield pb.BackwardRequest(grad=chunk)
+    def _backward_micro(self, grad: torch.Tensor, micro: MicroIndex | None, update: bool, step: int) -> torch.Tensor:
+        def message(first: bool) -> pb.BackwardRequest:
+            if not first:
+                return pb.BackwardRequest()
+            request = pb.BackwardRequest(session_id=self.session_id, step=step, update=update)
+            if micro is not None:
+                request.micro_batch, request.micro_batches = micro.index, micro.count
+            return request
 
+        requests = lambda: encode_into(grad, self.dtype, self.chunk_bytes, message, "grad")  # noqa: E731
         responses = self.connection.stream("backward", self.connection.stub.Backward, requests)
         out = decode((r.grad for r in responses), "grad", UNLIMITED)
         if tuple(out.shape) != tuple(grad.shape):
-            raise ProtocolError(
-                f"server answered shape {tuple(out.shape)} for micro-batch {micro.index} of shape {tuple(grad.shape)}"
-            )
+            raise ProtocolError(f"server answered shape {tuple(out.shape)} for {_what(micro)} {tuple(grad.shape)}")
         return out.to(device=self.device, dtype=self.model_dtype)
 
     def close(self) -> None:
@@ -157,3 +121,7 @@ class RemoteTrunk:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+
+def _what(micro: MicroIndex | None) -> str:
+    return "input of shape" if micro is None else f"micro-batch {micro.index} of shape"

@@ -32,7 +32,7 @@ from fedsea.wire.accounting import TrafficMeter
 from fedsea.wire.adapters import chunk_bytes_under, named_chunks, receive_state, round_messages
 from fedsea.wire.auth import TokenStore, bearer
 from fedsea.wire.convert import limits_to_pb, rpc_stats_to_pb, session_settings
-from fedsea.wire.tensors import TensorAssembler, encode, receive_tensor
+from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, TensorAssembler, encode_into, receive_tensor
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,7 +85,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         self.tokens = tokens
         self.meters: dict[str, TrafficMeter] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsea-compute")
-        self.chunk_bytes = chunk_bytes_under(host.limits.max_message_bytes)
+        # Replies in chunks of DEFAULT_CHUNK_BYTES (the size ``fedsea bench wire`` found fastest),
+        # or smaller under a low message limit.
+        self.chunk_bytes = chunk_bytes_under(host.limits.max_message_bytes, DEFAULT_CHUNK_BYTES)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _client(self, context: Context) -> str:
@@ -181,10 +183,12 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         out, seconds = await self.steps.forward(
             client, first.session_id, first.step, hidden, lengths, first.micro_batch, first.micro_batches
         )
-        replies = (
-            pb.ForwardResponse(step=first.step, hidden=chunk, compute_s=seconds, micro_batch=first.micro_batch)
-            for chunk in encode(out, dtype, self.chunk_bytes)
-        )
+
+        def forward_reply(head: bool) -> pb.ForwardResponse:
+            return pb.ForwardResponse(step=first.step, compute_s=seconds, micro_batch=first.micro_batch)
+
+        # Chunks written straight into the replies (one copy of the bytes, not two).
+        replies = encode_into(out, dtype, self.chunk_bytes, forward_reply, "hidden")
         for message in self._metered(client, "forward", replies, received, seconds):
             yield message
 
@@ -197,10 +201,11 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         grad_in, seconds = await self.steps.backward(
             client, first.session_id, first.step, grad, first.update, first.micro_batch, first.micro_batches
         )
-        replies = (
-            pb.BackwardResponse(step=first.step, grad=chunk, compute_s=seconds, micro_batch=first.micro_batch)
-            for chunk in encode(grad_in, dtype, self.chunk_bytes)
-        )
+
+        def backward_reply(head: bool) -> pb.BackwardResponse:
+            return pb.BackwardResponse(step=first.step, compute_s=seconds, micro_batch=first.micro_batch)
+
+        replies = encode_into(grad_in, dtype, self.chunk_bytes, backward_reply, "grad")
         for message in self._metered(client, "backward", replies, received, seconds):
             yield message
 
@@ -284,8 +289,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                     list(head.keep_rows),
                 )
                 sent = 0
-                for chunk in encode(out, dtype, self.chunk_bytes):
-                    response = pb.GenerateResponse(step=head.step, hidden=chunk)
+                reply = functools.partial(_generate_reply, head.step)
+                for response in encode_into(out, dtype, self.chunk_bytes, reply, "hidden"):
                     sent += response.ByteSize()
                     yield response
                 meter.record("generate", sent=sent, received=received, compute_s=seconds)
@@ -355,3 +360,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
 
 __all__ = ["FedseaError", "TrunkServicer"]
+
+
+def _generate_reply(step: int, first: bool) -> pb.GenerateResponse:
+    return pb.GenerateResponse(step=step)

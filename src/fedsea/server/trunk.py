@@ -259,8 +259,11 @@ class TrunkHost:
                     f"max_batch={self.limits.max_batch} rows"
                 )
             self._activate(session, training=True)
+            # NaN/Inf checked on the host tensor the wire gave (on an accelerator the check syncs).
+            if not bool(torch.isfinite(hidden).all()):
+                raise InvalidInputError("hidden", "contains NaN or Inf")
             inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
-            out: torch.Tensor = session.trunk(inp, lengths)  # (B, n, d); validates lengths, NaN/Inf
+            out: torch.Tensor = session.trunk(inp, lengths)  # (B, n, d); validates lengths
             pending.add_forward(micro, inp, out)
             session.pending = pending
             return out.detach().cpu()

@@ -144,14 +144,17 @@ def encode_into(
     """``encode``'s chunks written straight into the ``field`` of messages made by ``message(first)``.
 
     ``message(True)`` makes the first message (with e.g. the session and step), ``message(False)``
-    each later one; ``field=""`` makes the messages the chunks themselves. Filling the chunk in
+    each later one; ``field=""`` makes the messages the chunks themselves, a dotted ``field``
+    (``"step.hidden"``) names a chunk inside a nested message. Filling the chunk in
     place saves a copy of every chunk over ``Outer(field=chunk)``, which copies its bytes.
     """
     shape = list(tensor.shape)
     flat, scales = _payload(tensor, dtype, compression)
     for offset, piece in _pieces(flat, chunk_bytes):
         outer = message(offset == 0)
-        chunk = cast("pb.TensorChunk", getattr(outer, field) if field else outer)
+        chunk: Any = outer
+        for name in field.split(".") if field else ():  # a dotted path reaches a nested message
+            chunk = getattr(chunk, name)
         _fill(chunk, dtype, shape, offset, piece, len(flat))
         if compression != NONE:
             chunk.compression = cast("pb.TensorChunk.Compression", compression)
