@@ -88,6 +88,17 @@ def test_serve_train_and_graceful_shutdown(setup):
         noise = summary["noise"]
         assert noise["mode"] == "relative" and noise["releases"] == 4 and noise["epsilon"] is None
         assert noise["sigma"] == pytest.approx(RECOMMENDED_RELATIVE_SIGMA * noise["rms"]) and noise["sigma"] > 0
+        # The same training (same seed: same batches) with int8 on the wire: one byte per element
+        # and a float32 scale per token (d = 64) instead of 4 bytes per element.
+        lossy = subprocess.run(
+            [*FEDSEA, "train", *common, "--token", token, "--epochs", "4", "--batch-size", "3", "--lr", "1e-2",
+             "--wire-compression", "int8", "--json", "--quiet"],
+            env=ENV, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert lossy.returncode == 0, lossy.stderr[-2000:]
+        up = json.loads(lossy.stdout.strip().splitlines()[-1])["rpcs"]["forward"]
+        assert up["calls"] == 12
+        assert up["bytes_sent"] / summary["rpcs"]["forward"]["bytes_sent"] == pytest.approx((64 + 4) / 256, rel=0.03)
 
         # Generation and chat through the split, with the trained adapters: noise off and reported.
         conn = [a for a in common if a not in ("--data", str(root / "data.jsonl"))] + ["--token", token]

@@ -101,7 +101,7 @@ def test_malformed_compressed_chunks_name_the_field(chunks, match):
 
 
 def test_compressed_chunks_are_refused_unless_allowed():
-    # No session negotiates compression yet: the servers' assemblers refuse it.
+    # Off by default: only a session that agreed on a compression allows it.
     with pytest.raises(InvalidInputError, match="not accepted here"):
         decode([_compressed()], "hidden", 1 << 20)
     assert decode([_compressed()], "hidden", 1 << 20, allow_compression=True).shape == (2, 2)

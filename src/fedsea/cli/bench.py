@@ -64,7 +64,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench.bench_train(
             args.model, args.batch, args.tokens, args.head_layers, args.tail_layers, args.steps, args.warmup,
             args.wire_dtype, args.net_latency_ms, args.net_mbps or 0.0, args.device, args.dtype,
-            tuple(args.micro_batches),
+            tuple(args.micro_batches), args.wire_compression,
         )  # fmt: skip
     print(json.dumps(result))
     return 0
@@ -73,9 +73,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def add_bench_commands(sub: Any) -> None:
     """Register ``fedsea bench`` and its benchmarks on the ``fedsea`` parser."""
     from fedsea.cli.flags import add_settings_flags
-    from fedsea.cli.generate import WIRE_FLAGS
+    from fedsea.cli.generate import WIRE_FLAGS, wire_choices
     from fedsea.config import DTYPE_SPECS as BENCH_DTYPES
-    from fedsea.config import WIRE_DTYPE_SETTINGS, SplitConfig, WireConfig
+    from fedsea.config import SplitConfig, WireConfig
     from fedsea.experiments.bench_generate import GENERATE_LATENCY_MS
     from fedsea.model.load import DEFAULT_MODEL
 
@@ -123,7 +123,7 @@ def add_bench_commands(sub: Any) -> None:
     train.add_argument(
         "--micro-batches", type=int, nargs="+", default=[1], help="micro-batches per step; several: one client each"
     )
-    add_settings_flags(train, WireConfig(), flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPE_SETTINGS})
+    add_settings_flags(train, WireConfig(), flags=WIRE_FLAGS, choices=wire_choices())
     generate = parsers["generate"]
     generate.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")
     generate.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
@@ -131,8 +131,7 @@ def add_bench_commands(sub: Any) -> None:
     generate.add_argument("--naive-tokens", type=int, default=8, help="new tokens timed for the naive split")
     add_settings_flags(generate, SplitConfig())
     wire = WireConfig(latency_ms=GENERATE_LATENCY_MS)  # the round trip the generation figures assume
-    wire_dtypes = {"dtype": WIRE_DTYPE_SETTINGS}
-    add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices=wire_dtypes)
+    add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices=wire_choices())
     federation = parsers["federation"]
     federation.add_argument("--parts", nargs="+", default=["speed", "quality"], help="speed and/or quality")
     federation.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="quality tasks")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, ModelSettings, WireConfig]:
     """The run, this client's settings, its model and its wire: the run file's, and the flags given
     (``--model``, ``--device``, ``--dtype``, ``--head-layers``, ``--tail-layers``, ``--wire-dtype``,
-    ``--net-*``) over them."""
+    ``--wire-compression``, ``--net-*``) over them."""
     from fedsea.federation.simconfig import load_plan
 
     plan = load_plan(args.run)
@@ -37,10 +37,11 @@ def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, ModelS
         )
     # The client's device and dtype: its [[clients]] table's, else [client]'s, else [model]'s.
     model = model_settings(args, plan.config.model.placed(me.device, me.dtype))
-    # The dtype comes from the run file unless --wire-dtype; the emulated latency and bandwidth
+    # The dtype and compression come from the run file unless --wire-dtype/--wire-compression; the
+    # emulated latency and bandwidth
     # only from --net-latency-ms/--net-mbps: a run file's [wire] emulation is for `simulate`
     # (which passes it on as these flags), never an artificial delay on a real deployment.
-    base = WireConfig(dtype=plan.config.wire.dtype)
+    base = WireConfig(dtype=plan.config.wire.dtype, compression=plan.config.wire.compression)
     wire = settings_from_flags(args, base, list(WIRE_FLAGS), flags=WIRE_FLAGS)
     return plan, me, model, wire
 
@@ -80,7 +81,8 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
     client = SplitClient(
         args.server, split, noise=noise.noise, grad_noise=plan.grad_noise,
-        optim=plan.optim, wire_dtype=wire.dtype, tls=client_tls(args), head_regularizer=regularizer,
+        optim=plan.optim, wire_dtype=wire.dtype, wire_compression=wire.compression, tls=client_tls(args),
+        head_regularizer=regularizer,
         token=args.token or os.environ.get("FEDSEA_TOKEN"), seed=plan.fed.seed,
         shaper=NetShaper(wire.latency_ms, wire.mbps or 0.0),
     )  # fmt: skip

@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 # The wire's settings (``fedsea.config.WireConfig``) as the client commands' flags.
-WIRE_FLAGS: dict[str, str] = {"dtype": "--wire-dtype", "latency_ms": "--net-latency-ms", "mbps": "--net-mbps"}
+WIRE_FLAGS: dict[str, str] = {
+    "dtype": "--wire-dtype",
+    "latency_ms": "--net-latency-ms",
+    "mbps": "--net-mbps",
+    "compression": "--wire-compression",
+}
 MODEL_FLAGS: dict[str, str] = {"source": "--model"}
 
 
@@ -19,11 +24,18 @@ def add_model_split_wire_args(parser: argparse.ArgumentParser, keep: str | None 
     ``keep``: where the values come from when a flag is not given (``fedsea join``: the run file).
     """
     from fedsea.cli.flags import add_settings_flags
-    from fedsea.config import WIRE_DTYPE_SETTINGS, SplitConfig, WireConfig
+    from fedsea.config import SplitConfig, WireConfig
 
     add_model_flags(parser, keep=keep)
     add_settings_flags(parser, SplitConfig(), keep=keep)
-    add_settings_flags(parser, WireConfig(), flags=WIRE_FLAGS, choices={"dtype": WIRE_DTYPE_SETTINGS}, keep=keep)
+    add_settings_flags(parser, WireConfig(), flags=WIRE_FLAGS, choices=wire_choices(), keep=keep)
+
+
+def wire_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the wire's flags that take a name (argparse's check and help)."""
+    from fedsea.config import WIRE_COMPRESSIONS, WIRE_DTYPE_SETTINGS
+
+    return {"dtype": WIRE_DTYPE_SETTINGS, "compression": WIRE_COMPRESSIONS}
 
 
 def add_model_flags(parser: argparse.ArgumentParser, keep: str | None = None) -> None:
@@ -147,6 +159,7 @@ def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         split,
         noise=noise.noise,
         wire_dtype=args.wire_dtype,
+        wire_compression=args.wire_compression,
         tls=client_tls(args),
         token=args.token or os.environ.get("FEDSEA_TOKEN"),
         shaper=NetShaper(args.net_latency_ms, args.net_mbps or 0.0),  # unset mbps: unlimited (0)
@@ -243,4 +256,5 @@ __all__ = [
     "load_placed",
     "model_settings",
     "noise_target",
+    "wire_choices",
 ]

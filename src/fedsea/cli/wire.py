@@ -123,6 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ),
         optim=settings_from_flags(args, OptimConfig(), ["lr"]),
         wire_dtype=args.wire_dtype,
+        wire_compression=args.wire_compression,
         tls=tls,
         token=args.token or os.environ.get("FEDSEA_TOKEN"),
         shaper=NetShaper(args.net_latency_ms, args.net_mbps or 0.0),  # unset mbps: unlimited (0)

@@ -14,7 +14,7 @@ from fedsea.errors import InvalidInputError, ProtocolError, RemoteError
 from fedsea.training.stepper import REWIND_FIELD
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.adapters import UNLIMITED
-from fedsea.wire.tensors import TensorAssembler, encode_into
+from fedsea.wire.tensors import NONE, TensorAssembler, encode_into
 
 from .connection import Connection
 
@@ -40,9 +40,11 @@ class RemoteStepper:
         model_dtype: torch.dtype,
         use_cache: bool = True,
         device: torch.device | str = "cpu",
+        compression: int = NONE,
     ) -> None:
         self.connection = connection
         self.dtype = wire_dtype
+        self.compression = compression  # the training session's (lossy): steps go, and come back, in it
         self.chunk_bytes = chunk_bytes
         self.model_dtype = model_dtype
         self.device = device
@@ -73,11 +75,11 @@ class RemoteStepper:
             return pb.GenerateRequest(step=pb.GenerateStep(step=step))
 
         # Chunks written straight into the requests: one copy of the bytes, not two.
-        for request in encode_into(hidden, self.dtype, self.chunk_bytes, message, "step.hidden"):
+        for request in encode_into(hidden, self.dtype, self.chunk_bytes, message, "step.hidden", self.compression):
             sent += request.ByteSize()
             self._requests.put(request)
         self.connection.config.shaper.wait(sent)
-        assembler = TensorAssembler("hidden", UNLIMITED)
+        assembler = TensorAssembler("hidden", UNLIMITED, allow_compression=self.compression != NONE)
         received = 0
         try:
             while not assembler.complete:

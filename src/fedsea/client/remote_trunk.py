@@ -18,13 +18,17 @@ from fedsea.errors import ProtocolError
 from fedsea.training.pipeline import MicroIndex
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.adapters import UNLIMITED
-from fedsea.wire.tensors import decode, encode_into
+from fedsea.wire.tensors import NONE, decode, encode_into
 
 from .connection import Connection
 
 
 class RemoteTrunk:
-    """A ``TrunkLink`` over gRPC: one Forward and one Backward call per training step."""
+    """A ``TrunkLink`` over gRPC: one Forward and one Backward call per training step.
+
+    ``compression`` (a ``TensorChunk.Compression``, lossy) is the session's: the tensors go in
+    it, and replies compressed in it are accepted.
+    """
 
     def __init__(
         self,
@@ -34,6 +38,7 @@ class RemoteTrunk:
         chunk_bytes: int,
         model_dtype: Any,
         device: Any = "cpu",
+        compression: int = NONE,
     ):
         self.connection = connection
         self.session_id = session_id
@@ -41,6 +46,7 @@ class RemoteTrunk:
         self.chunk_bytes = chunk_bytes
         self.model_dtype = model_dtype
         self.device = device
+        self.compression = compression  # the session's: requests are sent in it, replies may come in it
         self.step = 0
         self._forward_shape: tuple[int, ...] | None = None
         self._pool: ThreadPoolExecutor | None = None  # micro-batch calls, started on first use
@@ -55,6 +61,11 @@ class RemoteTrunk:
         out = self._backward_micro(grad, None, update, self.step)
         self.step += 1
         return out
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the session's tensors travel lossy-compressed (replies compressed are then accepted)."""
+        return self.compression != NONE
 
     # -- micro-batches ------------------------------------------------------------------------
     def _submit(self, fn: Any, *args: Any) -> Future[torch.Tensor]:
@@ -92,9 +103,10 @@ class RemoteTrunk:
 
         # A retry rebuilds the same messages from the same payload: no fresh noise. Chunks are
         # written straight into the request (``encode_into``): one copy of the bytes, not two.
-        requests = lambda: encode_into(hidden, self.dtype, self.chunk_bytes, message, "hidden")  # noqa: E731
+        codec = self.compression
+        requests = lambda: encode_into(hidden, self.dtype, self.chunk_bytes, message, "hidden", codec)  # noqa: E731
         responses = self.connection.stream("forward", self.connection.stub.Forward, requests)
-        out = decode((r.hidden for r in responses), "hidden", UNLIMITED)
+        out = decode((r.hidden for r in responses), "hidden", UNLIMITED, allow_compression=self.compressed)
         if tuple(out.shape) != tuple(hidden.shape):
             raise ProtocolError(f"server answered shape {tuple(out.shape)} for {_what(micro)} {tuple(hidden.shape)}")
         return out.to(device=self.device, dtype=self.model_dtype)
@@ -108,9 +120,10 @@ class RemoteTrunk:
                 request.micro_batch, request.micro_batches = micro.index, micro.count
             return request
 
-        requests = lambda: encode_into(grad, self.dtype, self.chunk_bytes, message, "grad")  # noqa: E731
+        codec = self.compression
+        requests = lambda: encode_into(grad, self.dtype, self.chunk_bytes, message, "grad", codec)  # noqa: E731
         responses = self.connection.stream("backward", self.connection.stub.Backward, requests)
-        out = decode((r.grad for r in responses), "grad", UNLIMITED)
+        out = decode((r.grad for r in responses), "grad", UNLIMITED, allow_compression=self.compressed)
         if tuple(out.shape) != tuple(grad.shape):
             raise ProtocolError(f"server answered shape {tuple(out.shape)} for {_what(micro)} {tuple(grad.shape)}")
         return out.to(device=self.device, dtype=self.model_dtype)

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,6 +36,7 @@ from fedsea.training.pipeline import check_micro_batches
 from fedsea.training.step import SplitTrainer, StepResult
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.adapters import assemble_state, chunk_bytes_under, named_chunks
+from fedsea.wire.compress import compression as compression_enum
 from fedsea.wire.convert import lora_to_pb, optim_to_pb, rpc_stats_from_pb
 from fedsea.wire.shaper import NetShaper
 from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, torch_dtype
@@ -60,6 +61,8 @@ class SplitClient:
         optim: AdamW for the head and tail here, and for the trunk adapter on the server.
         wire_dtype: ``fp32``, ``bf16`` or ``fp16`` for hidden states and gradients on the wire;
             ``auto``: the model's dtype (``fp32`` for a float32 model, ``bf16`` for a bfloat16 one).
+        wire_compression: ``none`` (exact), ``int8`` or ``fp8``: lossy compression of those
+            tensors, both ways (``fedsea.wire.compress``; ``WireConfig.compression``).
         tls: CA (and for mutual TLS the client certificate and key); ``None`` is plaintext.
         token: the client's bearer token.
         shaper: emulated network (benchmarks); see ``fedsea.wire.shaper.NetShaper``.
@@ -82,6 +85,7 @@ class SplitClient:
         grad_noise: NoiseConfig | None = None,
         optim: OptimConfig | None = None,
         wire_dtype: str = "auto",
+        wire_compression: str = "none",
         tls: ClientTls | None = None,
         token: str | None = None,
         timeout_s: float = 300.0,
@@ -102,6 +106,8 @@ class SplitClient:
         self.optim = optim or OptimConfig()
         self.wire_dtype = resolve_wire_dtype(wire_dtype, split.model.dtype)
         self._dtype = wire_dtype_enum(self.wire_dtype)
+        self.wire_compression = wire_compression
+        self._compression = compression_enum(wire_compression)  # ValueError before any connection
         self.trunk_lora = trunk_lora or getattr(split.trunk, "lora_spec", None) or LoraSpec()
         self.seed = seed
         self.tokenizer = tokenizer
@@ -131,6 +137,7 @@ class SplitClient:
                 optimizer=optim_to_pb(self.optim),
                 wire_dtype=self._dtype,
                 seed=self.seed,
+                wire_compression=cast("pb.TensorChunk.Compression", self._compression),
             )
             info = self.connection.unary("open_session", self.connection.stub.OpenSession, request)
             self.session_info = info
@@ -139,8 +146,9 @@ class SplitClient:
                 self.put_trunk_adapter(adapter_state_dict(self.split.trunk))
             chunk = chunk_bytes_under(int(info.limits.max_message_bytes), DEFAULT_CHUNK_BYTES)
             self._chunk_bytes = chunk
+            model = self.split.model
             link = RemoteTrunk(
-                self.connection, info.session_id, self._dtype, chunk, self.split.model.dtype, self.split.model.device
+                self.connection, info.session_id, self._dtype, chunk, model.dtype, model.device, self._compression
             )
             self._link = link
             self.trainer = SplitTrainer(
@@ -265,6 +273,7 @@ class SplitClient:
             self.split.model.dtype,
             use_cache,
             self.split.model.device,
+            self._compression,
         )
 
     def generate_ids(
@@ -354,5 +363,6 @@ class SplitClient:
         server = connection.unary("stats", connection.stub.GetStats, pb.StatsRequest())
         report["server"] = rpc_stats_from_pb(server.rpcs)
         report["wire_dtype"] = self.wire_dtype
+        report["wire_compression"] = self.wire_compression
         report["wire_itemsize"] = torch.tensor([], dtype=torch_dtype(self._dtype)).element_size()
         return report

@@ -86,6 +86,7 @@ def bench_train(
     device: str = "cpu",
     dtype: str = "float32",
     micro_batches: Sequence[int] = (1,),
+    wire_compression: str = WireConfig.compression,
 ) -> dict[str, Any]:
     """Median training-step time, split over loopback gRPC against centralized in-process.
 
@@ -97,7 +98,8 @@ def bench_train(
 
     ``micro_batches``: one client (its own session) per count, their steps interleaved with
     the centralized one's; the top-level figures are the first count's, ``by_micro_batches``
-    has each count's step time and ratio.
+    has each count's step time and ratio. ``wire_compression`` (int8, fp8: lossy) sends one
+    byte per element, which the theoretical bytes then count.
     """
     import signal
     from contextlib import ExitStack
@@ -139,7 +141,13 @@ def bench_train(
             clients = [
                 stack.enter_context(
                     SplitClient(
-                        f"127.0.0.1:{port}", s, optim=optim, wire_dtype=wire_dtype, shaper=shaper, micro_batches=m
+                        f"127.0.0.1:{port}",
+                        s,
+                        optim=optim,
+                        wire_dtype=wire_dtype,
+                        shaper=shaper,
+                        micro_batches=m,
+                        wire_compression=wire_compression,
                     )
                 )
                 for s, m in zip(client_splits, counts, strict=True)
@@ -162,7 +170,7 @@ def bench_train(
                 if i >= warmup:
                     central_times.append(t2 - t1)
             after = client.stats()
-            itemsize = int(after["wire_itemsize"])
+            itemsize = int(after["wire_itemsize"]) if wire_compression == "none" else 1
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -197,6 +205,7 @@ def bench_train(
         "head_layers": head_layers,
         "tail_layers": tail_layers,
         "wire_dtype": wire_dtype,
+        "wire_compression": wire_compression,
         "net_latency_ms": latency_ms,
         "net_mbps": mbps,
         "steps": steps,

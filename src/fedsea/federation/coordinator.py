@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +39,7 @@ from fedsea.model.seeding import seeded
 from fedsea.model.split import SplitPart
 from fedsea.server.batching import GroupBatcher
 from fedsea.server.rounds import RoundServiceFactory, RunInfo
-from fedsea.server.trunk import Session, SessionSpec, TrunkHost
+from fedsea.server.trunk import Session, TrunkHost
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -219,7 +219,7 @@ class Coordinator:
         groups = []
         for (start, end), clients in sorted(by_range.items()):
             template = self.host.get(clients[0], self.members[clients[0]].session_id).spec
-            spec = SessionSpec(start, self.host.num_layers - end, template.lora, template.optim, template.wire_dtype)
+            spec = replace(template, head_layers=start, tail_layers=self.host.num_layers - end, seed=0)
             group = await self._compute(self.host.open_session, GROUP_OWNER, self.host.fingerprint, spec)
             await self._compute(self.host.put_adapter, GROUP_OWNER, group.id, self._trunk_keys(group))
             members = [(c, self.members[c].session_id) for c in clients]

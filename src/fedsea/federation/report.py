@@ -151,7 +151,8 @@ def write_report(
         f"- noise {_level(plan)}, clip norm {plan.noise.clip_norm or 'none'}; head regularizer "
         f"{plan.head_regularizer}"
         + (f" (weight {plan.regularizer_weight:g})" if plan.head_regularizer != "none" else ""),
-        f"- wire {plan.wire_dtype}, TLS {'on' if plan.tls else 'off'}; took {summary['seconds']} s",
+        f"- wire {plan.wire_dtype} (compression {plan.config.wire.compression}), TLS {'on' if plan.tls else 'off'}; "
+        f"took {summary['seconds']} s",
         "",
         "| client | head p | tail q | batch | noise on h_p |",
         "|---|---|---|---|---|",

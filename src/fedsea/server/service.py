@@ -31,6 +31,7 @@ from fedsea.wire import fedsea_pb2_grpc as pb_grpc
 from fedsea.wire.accounting import TrafficMeter
 from fedsea.wire.adapters import chunk_bytes_under, named_chunks, receive_state, round_messages
 from fedsea.wire.auth import TokenStore, bearer
+from fedsea.wire.compress import check_session
 from fedsea.wire.convert import limits_to_pb, rpc_stats_to_pb, session_settings
 from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, TensorAssembler, encode_into, receive_tensor
 
@@ -135,12 +136,18 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             raise ProtocolError("this server runs no federated run (start it with fedsea serve --run CONFIG)")
         return self.coordinator
 
-    def _wire_dtype(self, client: str, first: Any, chunk: pb.TensorChunk, hidden: bool) -> int:
-        """The wire dtype of a step stream's session (NOT_FOUND before any work); h~_p's limits checked early."""
+    def _wire_dtype(self, client: str, first: Any, chunk: pb.TensorChunk, field: str) -> int:
+        """The wire dtype of a step stream's session (NOT_FOUND before any work); h~_p's limits and
+        the chunk's compression (none or the session's) checked before its bytes are assembled."""
         session: Session = self.host.get(client, first.session_id)
-        if hidden:  # before its bytes are assembled
+        if field == "hidden":
             self.host.check_hidden_shape(tuple(chunk.shape))
+        check_session(field, chunk.compression, session.spec.wire_compression)
         return session.spec.wire_dtype
+
+    def _compression(self, client: str, session_id: str) -> int:
+        """The compression a session's replies are sent in."""
+        return self.host.get(client, session_id).spec.wire_compression
 
     def shutdown(self) -> None:
         """Stop the compute thread (pending calls are cancelled)."""
@@ -150,8 +157,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     @_unary
     async def OpenSession(self, client: str, request: pb.OpenSessionRequest, context: Context) -> Any:
         """Open a training session: the trunk adapter the client asks for, on the blocks between its cuts."""
-        lora, optim, dtype = session_settings(request)
-        spec = SessionSpec(int(request.head_layers), int(request.tail_layers), lora, optim, dtype, int(request.seed))
+        lora, optim, dtype, codec = session_settings(request)
+        p, q = int(request.head_layers), int(request.tail_layers)
+        spec = SessionSpec(p, q, lora, optim, dtype, int(request.seed), codec)
         session, seconds = await self._compute(self.host.open_session, client, request.base_fingerprint, spec)
         self._meter(client).record("open_session", received=request.ByteSize(), compute_s=seconds)
         logger.info("client %s opened session %s (p=%d, q=%d)", client, session.id, spec.head_layers, spec.tail_layers)
@@ -176,9 +184,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     @_streaming
     async def Forward(self, client: str, requests: AsyncIterator[pb.ForwardRequest], context: Context) -> Any:
         """A step's h~_p (B, n, d) in, h_{L-q} (B, n, d) out."""
-        first, hidden, dtype, received = await receive_tensor(
-            requests, "hidden", self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, True)
-        )
+        limit, check = self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, "hidden")
+        first, hidden, dtype, received = await receive_tensor(requests, "hidden", limit, check, allow_compression=True)
         lengths = torch.tensor(list(first.lengths), dtype=torch.int64)
         out, seconds = await self.steps.forward(
             client, first.session_id, first.step, hidden, lengths, first.micro_batch, first.micro_batches
@@ -188,16 +195,16 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             return pb.ForwardResponse(step=first.step, compute_s=seconds, micro_batch=first.micro_batch)
 
         # Chunks written straight into the replies (one copy of the bytes, not two).
-        replies = encode_into(out, dtype, self.chunk_bytes, forward_reply, "hidden")
+        codec = self._compression(client, first.session_id)
+        replies = encode_into(out, dtype, self.chunk_bytes, forward_reply, "hidden", codec)
         for message in self._metered(client, "forward", replies, received, seconds):
             yield message
 
     @_streaming
     async def Backward(self, client: str, requests: AsyncIterator[pb.BackwardRequest], context: Context) -> Any:
         """A step's dL/dh_{L-q} (B, n, d) in, dL/dh~_p (B, n, d) out; the trunk adapter steps if asked."""
-        first, grad, dtype, received = await receive_tensor(
-            requests, "grad", self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, False)
-        )
+        limit, check = self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, "grad")
+        first, grad, dtype, received = await receive_tensor(requests, "grad", limit, check, allow_compression=True)
         grad_in, seconds = await self.steps.backward(
             client, first.session_id, first.step, grad, first.update, first.micro_batch, first.micro_batches
         )
@@ -205,7 +212,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         def backward_reply(head: bool) -> pb.BackwardResponse:
             return pb.BackwardResponse(step=first.step, compute_s=seconds, micro_batch=first.micro_batch)
 
-        replies = encode_into(grad_in, dtype, self.chunk_bytes, backward_reply, "grad")
+        codec = self._compression(client, first.session_id)
+        replies = encode_into(grad_in, dtype, self.chunk_bytes, backward_reply, "grad", codec)
         for message in self._metered(client, "backward", replies, received, seconds):
             yield message
 
@@ -254,7 +262,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             if first.WhichOneof("kind") != "open":
                 raise InvalidInputError("open", "the first message of a stream must open it")
             stream = self.generation.open(client, first.open.session_id, first.open.max_length, first.open.naive)
-            dtype = stream.session.spec.wire_dtype
+            dtype, codec = stream.session.spec.wire_dtype, stream.session.spec.wire_compression
             meter = self._meter(client)
             assembler: TensorAssembler | None = None
             head: pb.GenerateStep | None = None
@@ -275,7 +283,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 if assembler is None:
                     head = request.step
                     self.host.check_hidden_shape(tuple(head.hidden.shape))
-                    assembler = TensorAssembler("hidden", self.host.limits.max_tensor_bytes, dtype)
+                    check_session("hidden", head.hidden.compression, codec)
+                    limit = self.host.limits.max_tensor_bytes
+                    assembler = TensorAssembler("hidden", limit, dtype, allow_compression=True)
                 assembler.add(request.step.hidden)
                 if not assembler.complete:
                     continue
@@ -290,7 +300,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 )
                 sent = 0
                 reply = functools.partial(_generate_reply, head.step)
-                for response in encode_into(out, dtype, self.chunk_bytes, reply, "hidden"):
+                for response in encode_into(out, dtype, self.chunk_bytes, reply, "hidden", codec):
                     sent += response.ByteSize()
                     yield response
                 meter.record("generate", sent=sent, received=received, compute_s=seconds)

@@ -55,6 +55,8 @@ class SessionSpec:
     optim: OptimConfig
     wire_dtype: int
     seed: int = 0
+    # TensorChunk.Compression both ends may send this session's tensors in; 0 (NONE): exact only.
+    wire_compression: int = 0
 
 
 @dataclass

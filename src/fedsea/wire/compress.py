@@ -42,6 +42,26 @@ def compression(name: str) -> int:
         raise ValueError(f"wire compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}") from None
 
 
+def compression_name(kind: int) -> str:
+    """The setting name (none, int8, fp8) of a ``TensorChunk.Compression`` value; ``unknown(<n>)`` otherwise."""
+    for name, value in COMPRESSIONS.items():
+        if value == kind:
+            return name
+    return f"unknown({kind})"
+
+
+def check_session(field: str, kind: int, session_kind: int) -> None:
+    """Refuse a chunk compressed other than as its session agreed; exact (NONE) chunks always pass.
+
+    A peer that did not ask for compression must never be handed a lossy tensor it did not expect.
+    """
+    if kind not in (pb.TensorChunk.NONE, session_kind):
+        raise InvalidInputError(
+            field,
+            f"compression {compression_name(kind)} is not this session's ({compression_name(session_kind)})",
+        )
+
+
 def num_rows(shape: tuple[int, ...]) -> int:
     """Rows of a tensor of ``shape``: the product of all dimensions but the last (1 for a scalar)."""
     return math.prod(shape[:-1]) if shape else 1

@@ -1,4 +1,4 @@
-"""Settings <-> protobuf messages: LoRA, optimizer, wire dtype, server limits, traffic stats.
+"""Settings <-> protobuf messages: LoRA, optimizer, wire dtype and compression, server limits, traffic stats.
 
 Both ends convert through here, so a field added to a config or a message is mapped once.
 Decoding a client's request checks it: a bad value raises ``InvalidInputError`` naming the
@@ -12,6 +12,7 @@ from typing import Any
 from fedsea.config import LoraSpec, OptimConfig, ServerLimits
 from fedsea.errors import InvalidInputError
 from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.compress import COMPRESSIONS
 from fedsea.wire.tensors import ITEMSIZE
 
 
@@ -53,15 +54,18 @@ def optim_from_pb(message: pb.OptimizerConfig) -> OptimConfig:
     )
 
 
-def session_settings(request: pb.OpenSessionRequest) -> tuple[LoraSpec, OptimConfig, int]:
-    """The trunk LoRA, optimizer and wire dtype a client asks for, checked."""
+def session_settings(request: pb.OpenSessionRequest) -> tuple[LoraSpec, OptimConfig, int, int]:
+    """The trunk LoRA, optimizer, wire dtype and wire compression a client asks for, checked."""
     try:
         lora, optim = lora_from_pb(request.trunk_lora), optim_from_pb(request.optimizer)
     except ValueError as exc:
         raise InvalidInputError("open_session", str(exc)) from exc
     if request.wire_dtype not in ITEMSIZE:
         raise InvalidInputError("wire_dtype", f"unknown wire dtype {request.wire_dtype} (expected fp32, bf16 or fp16)")
-    return lora, optim, int(request.wire_dtype)
+    if request.wire_compression not in COMPRESSIONS.values():  # fp8 needs a torch that has it
+        names = ", ".join(COMPRESSIONS)
+        raise InvalidInputError("wire_compression", f"unknown {request.wire_compression} (expected {names})")
+    return lora, optim, int(request.wire_dtype), int(request.wire_compression)
 
 
 def limits_to_pb(limits: ServerLimits) -> pb.Limits:

@@ -87,7 +87,7 @@ class Limits(_message.Message):
     def __init__(self, max_seq_len: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions_per_client: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("base_fingerprint", "head_layers", "tail_layers", "trunk_lora", "optimizer", "wire_dtype", "seed")
+    __slots__ = ("base_fingerprint", "head_layers", "tail_layers", "trunk_lora", "optimizer", "wire_dtype", "seed", "wire_compression")
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HEAD_LAYERS_FIELD_NUMBER: _ClassVar[int]
     TAIL_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class OpenSessionRequest(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    WIRE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     base_fingerprint: str
     head_layers: int
     tail_layers: int
@@ -102,7 +103,8 @@ class OpenSessionRequest(_message.Message):
     optimizer: OptimizerConfig
     wire_dtype: DType
     seed: int
-    def __init__(self, base_fingerprint: _Optional[str] = ..., head_layers: _Optional[int] = ..., tail_layers: _Optional[int] = ..., trunk_lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    wire_compression: TensorChunk.Compression
+    def __init__(self, base_fingerprint: _Optional[str] = ..., head_layers: _Optional[int] = ..., tail_layers: _Optional[int] = ..., trunk_lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., wire_compression: _Optional[_Union[TensorChunk.Compression, str]] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "num_layers", "hidden_size", "trunk_start", "trunk_end", "limits", "server_version")

@@ -177,7 +177,8 @@ class TensorAssembler:
         expect_dtype: if set, the only dtype accepted (the session's wire dtype).
         pin_memory: allocate the buffer in pinned memory (for a fast copy to a GPU).
         allow_compression: accept lossy-compressed chunks (``fedsea.wire.compress``); refused
-            by default, as no session negotiates them yet.
+            by default. Sessions that agreed on a compression (``OpenSessionRequest.wire_compression``)
+            allow it and check each tensor's kind themselves (``compress.check_session``).
     """
 
     field: str
