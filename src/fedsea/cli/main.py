@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from fedsea.config import Placement
 from fedsea.errors import FedseaError
 from fedsea.version import __version__
+from fedsea.wire.memory import keep_freed_memory
 
 # ``fedsea merge`` writes the merged weights in the model's dtype: float32 on the CPU unless told.
 MERGE_PLACEMENT = Placement(device="cpu", dtype="float32")
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fedsea`` command; returns its exit status (2 with a one-line error for bad input)."""
     args = build_parser().parse_args(argv)
     args.argv = argv
+    keep_freed_memory()  # tensors cross the wire through fresh buffers (fedsea.wire.memory)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args))

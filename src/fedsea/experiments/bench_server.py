@@ -54,6 +54,9 @@ def start_bench_server(model: str, port: int, device: str = "auto", dtype: str =
 
 def main(argv: list[str] | None = None) -> int:
     """Load the model on the device and serve it on 127.0.0.1 until SIGTERM."""
+    from fedsea.wire.memory import keep_freed_memory
+
+    keep_freed_memory()  # as ``fedsea serve`` does (through the fedsea command)
     from fedsea.model.load import load_model
     from fedsea.server.app import TrunkServer, serve_until_signalled
     from fedsea.server.trunk import TrunkHost

@@ -36,6 +36,7 @@ import torch
 
 from fedsea.wire import compress
 from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.memory import keep_freed_memory
 from fedsea.wire.ports import free_loopback_port
 from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, encode, encode_into, receive_tensor, torch_dtype, wire_dtype
 
@@ -102,6 +103,7 @@ async def _serve(port: int, device: str) -> None:
 
 def serve(port: int, device: str) -> None:
     """Run the echo server on 127.0.0.1:``port`` until killed (the bench's server process)."""
+    keep_freed_memory()  # as ``fedsea serve`` does (through the fedsea command)
     asyncio.run(_serve(port, device))
 
 
