@@ -89,10 +89,16 @@ def test_bad_micro_batch_counts_are_refused(count):
         fedsea.SplitTrainer(_split(), micro_batches=count)
 
 
-def test_more_micro_batches_than_rows_is_refused(tiny_tokenizer):
-    trainer = fedsea.SplitTrainer(_split(), micro_batches=4)
+def test_a_batch_shorter_than_the_micro_batch_count_goes_in_one_slice_per_row(tiny_tokenizer):
+    """An epoch's short last batch must not stop training: it is split into as many slices as rows."""
     with pytest.raises(ValueError, match="micro_batches=4 exceeds the batch size 3"):
-        trainer.train_step(_batch(tiny_tokenizer, 3))
+        split_batch(_batch(tiny_tokenizer, 3), 4)  # the slicing itself still refuses
+    pipelined = fedsea.SplitTrainer(_split(), micro_batches=4)
+    unsplit = fedsea.SplitTrainer(_split(), micro_batches=1)
+    batch = _batch(tiny_tokenizer, 3)
+    torch.testing.assert_close(
+        torch.tensor(pipelined.train_step(batch).loss), torch.tensor(unsplit.train_step(batch).loss)
+    )
 
 
 def test_micro_batches_refuse_a_head_regularizer():

@@ -28,7 +28,7 @@ from fedsea.io import atomic_directory
 from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
 from fedsea.model.device import resolve_wire_dtype
 from fedsea.model.fingerprint import model_fingerprint
-from fedsea.model.split import SplitModel
+from fedsea.model.split import SplitModel, check_token_ids
 from fedsea.privacy.noise import Privatizer, make_privatizer
 from fedsea.privacy.regularizers import HeadRegularizer
 from fedsea.training.batch import Batch
@@ -253,6 +253,7 @@ class SplitClient:
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat)
         device = self.split.model.device  # the head's (the tokenizer makes CPU tensors)
+        check_token_ids(enc["input_ids"], self.split.head.embed_tokens.num_embeddings)  # before the move
         return enc["input_ids"].to(device), enc["attention_mask"].sum(dim=1).to(device)
 
     def _config(self, config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
@@ -282,6 +283,7 @@ class SplitClient:
         """Generate from left-padded token ids (B, n) and their lengths (B,)."""
         config = self._config(config, kwargs)
         device = self.split.model.device  # the head's: ids made on the CPU go there
+        check_token_ids(input_ids, self.split.head.embed_tokens.num_embeddings)  # before the move
         input_ids, lengths = input_ids.to(device), lengths.to(device)
         stepper = self.stepper(int(input_ids.shape[1]) + config.max_new_tokens, config.use_cache)
         return generate(self.split, stepper, input_ids, lengths, config, self.tokenizer, self._inference_privatizer())

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -43,13 +44,30 @@ def start_bench_server(model: str, port: int, device: str = "auto", dtype: str =
     cmd = [sys.executable, "-m", "fedsea.experiments.bench_server", "--model", model, "--port", str(port)]
     cmd += ["--device", device, "--dtype", dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return wait_until_listening(proc, "the benchmark's trunk server")
+
+
+def wait_until_listening(proc: Any, what: str) -> Any:
+    """Read ``proc``'s output until it says ``listening on``; then drain it in a daemon thread.
+
+    A pipe nobody reads fills up (64 KiB) and blocks the server on its next log line; a server
+    that never listens (or a Ctrl-C meanwhile) is killed rather than left running.
+    """
     assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "listening on" in line:
-            return proc
-    raise RuntimeError("the benchmark's trunk server did not start:\n" + "".join(seen))
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "listening on" in line:
+                threading.Thread(target=proc.stdout.read, daemon=True, name="bench-server-output").start()
+                return proc
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"{what} did not start:\n" + "".join(seen))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 import torch
 
+from fedsea.experiments.bench_server import wait_until_listening
 from fedsea.wire import compress
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.memory import keep_freed_memory
@@ -111,13 +112,7 @@ def _start_server(device: str) -> tuple[subprocess.Popen[str], int]:
     port = free_loopback_port()
     code = f"from fedsea.experiments.bench_wire import serve; serve({port}, {device!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "listening on" in line:
-            return proc, port
-    raise RuntimeError("the bench wire server did not start:\n" + "".join(seen))
+    return wait_until_listening(proc, "the bench wire server"), port
 
 
 def _first_or_rest(first: bool) -> pb.ForwardRequest:

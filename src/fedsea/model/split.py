@@ -185,6 +185,16 @@ class SplitPart(nn.Module):
         return hidden
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise ``InvalidInputError`` unless every id is in [0, vocab_size): before ids go to an accelerator.
+
+    An id out of range on a GPU is a device-side assert that kills the process; on the CPU it
+    is this clear error. Reads the ids (a device sync if they are not on the CPU).
+    """
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise InvalidInputError("input_ids", f"token ids must be in [0, {vocab_size})")
+
+
 class Head(SplitPart):
     """Client part A: token embedding and blocks [0, p). ``head(input_ids, lengths) -> h_p``."""
 
@@ -199,20 +209,18 @@ class Head(SplitPart):
     ) -> torch.Tensor:
         """Args: input_ids (B, n) int64, left-padded; lengths (B,). Returns h_p (B, n, d).
 
-        Token ids are range-checked on the CPU only: ids on an accelerator are the model's own
-        argmax during generation (always in range), and checking them would sync every step.
+        Token ids are range-checked here on the CPU only (see ``check_token_ids``).
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
             raise InvalidInputError("input_ids", f"expected shape (batch, tokens) with tokens >= 1, got {shape}")
         if input_ids.dtype != torch.int64:
             raise InvalidInputError("input_ids", f"expected int64 token ids, got {input_ids.dtype}")
-        vocab = self.embed_tokens.num_embeddings
-        # Checked where it is free (CPU). Ids on an accelerator are the model's own argmax (each
-        # decode step), always in range; reading them here would sync the device every step.
-        on_cpu = input_ids.device.type == "cpu"
-        if on_cpu and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise InvalidInputError("input_ids", f"token ids must be in [0, {vocab})")
+        # Checked where it is free (CPU). On an accelerator, reading them would sync the device at
+        # every decode step: the callers that move ids there (trainers, SplitClient) check them
+        # with ``check_token_ids`` before the move, and decode steps feed the model's own argmax.
+        if input_ids.device.type == "cpu":
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings)
         # Gemma's embedding module multiplies by sqrt(d) itself: the head needs no scale of its own.
         hidden = self.embed_tokens(input_ids)  # (B, n, d)
         return self._run_blocks(hidden, lengths, cache)

@@ -89,6 +89,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         # Replies in chunks of DEFAULT_CHUNK_BYTES (the size ``fedsea bench wire`` found fastest),
         # or smaller under a low message limit.
         self.chunk_bytes = chunk_bytes_under(host.limits.max_message_bytes, DEFAULT_CHUNK_BYTES)
+        # A CUDA trunk gets its inputs from pinned buffers: a faster copy to the GPU.
+        self._pin = host.model.device.type == "cuda"
 
     # -- plumbing ------------------------------------------------------------------------------
     def _client(self, context: Context) -> str:
@@ -185,7 +187,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     async def Forward(self, client: str, requests: AsyncIterator[pb.ForwardRequest], context: Context) -> Any:
         """A step's h~_p (B, n, d) in, h_{L-q} (B, n, d) out."""
         limit, check = self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, "hidden")
-        first, hidden, dtype, received = await receive_tensor(requests, "hidden", limit, check, allow_compression=True)
+        first, hidden, dtype, received = await receive_tensor(
+            requests, "hidden", limit, check, pin_memory=self._pin, allow_compression=True
+        )
         lengths = torch.tensor(list(first.lengths), dtype=torch.int64)
         out, seconds = await self.steps.forward(
             client, first.session_id, first.step, hidden, lengths, first.micro_batch, first.micro_batches
@@ -204,7 +208,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     async def Backward(self, client: str, requests: AsyncIterator[pb.BackwardRequest], context: Context) -> Any:
         """A step's dL/dh_{L-q} (B, n, d) in, dL/dh~_p (B, n, d) out; the trunk adapter steps if asked."""
         limit, check = self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, "grad")
-        first, grad, dtype, received = await receive_tensor(requests, "grad", limit, check, allow_compression=True)
+        first, grad, dtype, received = await receive_tensor(
+            requests, "grad", limit, check, pin_memory=self._pin, allow_compression=True
+        )
         grad_in, seconds = await self.steps.backward(
             client, first.session_id, first.step, grad, first.update, first.micro_batch, first.micro_batches
         )

@@ -308,6 +308,7 @@ class TrunkHost:
                 pending.accumulate()
                 if update:
                     session.optimizer.step()
+                pending.release()
                 session.pending = None
                 session.answered = pending
                 session.next_step = step + 1

@@ -184,7 +184,13 @@ class MicroStep:
             for part in parts:
                 total = part if total is None else total + part
             p.grad = total
-        self.grads.clear()  # summed into .grad; the answers stay for resends
+
+    def release(self) -> None:
+        """Drop the slices' gradients once the update they were summed for is done (answers stay for resends).
+
+        Not part of ``accumulate``: if the update fails (out of memory), a resent slice sums them again.
+        """
+        self.grads.clear()
 
 
 def pipelined_forward_backward(

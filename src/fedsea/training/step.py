@@ -25,7 +25,7 @@ from torch import nn
 
 from fedsea.config import NoiseConfig, OptimConfig
 from fedsea.model.adapters import adapter_parameters
-from fedsea.model.split import SplitModel, central_forward
+from fedsea.model.split import SplitModel, central_forward, check_token_ids
 from fedsea.privacy.noise import Privatizer, make_privatizer
 from fedsea.privacy.regularizers import HeadRegularizer
 from fedsea.training.batch import Batch, lm_loss
@@ -245,10 +245,13 @@ class SplitTrainer(_Trainer):
         )
 
     def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
+        check_token_ids(batch.input_ids, self.split.head.embed_tokens.num_embeddings)  # free on the CPU
         batch = batch.to(self.split.model.device)  # batches are made on the CPU; no copy there
         head, tail = self.split.head.train(), self.split.tail.train()
-        if self.micro_batches > 1:
-            return self._pipelined(batch, update_remote)
+        # A short last batch (fewer rows than micro-batches) goes in as many slices as it has rows.
+        count = min(self.micro_batches, int(batch.input_ids.shape[0]))
+        if count > 1:
+            return self._pipelined(batch, update_remote, count)
         h = head(batch.input_ids, batch.lengths)  # (B, n, d)
         if self.head_regularizer is not None:  # same values; carries the extra loss into the backward
             h = self.head_regularizer.attach(h, batch.input_ids, batch.lengths, head.embed_tokens)
@@ -266,7 +269,7 @@ class SplitTrainer(_Trainer):
         self.steps += 1
         return loss.detach()
 
-    def _pipelined(self, batch: Batch, update_remote: bool) -> torch.Tensor:
+    def _pipelined(self, batch: Batch, update_remote: bool, count: int) -> torch.Tensor:
         if not hasattr(self.trunk, "submit_forward"):
             raise ValueError(f"micro_batches={self.micro_batches} needs a trunk link that takes micro-batches")
         link: MicroTrunkLink = self.trunk  # type: ignore[assignment]
@@ -275,7 +278,7 @@ class SplitTrainer(_Trainer):
             self.split.tail,
             link,
             batch,
-            self.micro_batches,
+            count,
             self.privatizer,
             self.grad_privatizer,
             self.steps,
@@ -295,6 +298,7 @@ class CentralTrainer(_Trainer):
 
     def _forward_backward(self, batch: Batch, update_remote: bool) -> torch.Tensor:
         model = self.split.model.train()
+        check_token_ids(batch.input_ids, self.split.head.embed_tokens.num_embeddings)
         batch = batch.to(model.device)
         loss = lm_loss(central_forward(model, batch.input_ids, batch.lengths), batch.labels)
         loss.backward()

@@ -57,14 +57,16 @@ def dtype_name(value: int) -> str:
 def _host_flat(t: torch.Tensor) -> torch.Tensor:
     """``t``'s elements, row-major, as a flat CPU uint8 tensor: no copy for a contiguous CPU tensor.
 
-    A GPU tensor is copied once into pinned host memory (non-blocking, then waited for), which
-    is faster than a copy into pageable memory.
+    A CUDA tensor is copied once into pinned host memory (non-blocking, then waited for), which
+    is faster than a copy into pageable memory; another device's (mps) with a plain copy.
     """
-    if t.device.type != "cpu":
+    if t.device.type == "cuda":
         staging = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         staging.copy_(t, non_blocking=True)
         torch.cuda.current_stream(t.device).synchronize()
         t = staging
+    elif t.device.type != "cpu":  # mps and others: a plain (blocking) copy
+        t = t.cpu()
     # Little-endian: the byte order of every platform torch runs on.
     return t.contiguous().reshape(-1).view(torch.uint8)
 
