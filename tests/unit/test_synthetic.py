@@ -156,3 +156,21 @@ def test_folder_fingerprint_is_cached_dtype_free_and_equals_the_weight_hash(tmp_
     fedsea.tiny_llama(seed=3).save_pretrained(tmp_path / "other")
     assert fingerprint_cache_path(tmp_path / "other") != cache
     assert model_fingerprint(load_model(tmp_path / "other")) != first
+
+
+def test_a_spread_random_model_is_built_block_by_block_with_the_same_weights():
+    """``random:`` over several devices: each block allocated where it goes (from the meta device), same values."""
+    from fedsea.model.device import place_blocks
+    from fedsea.model.synthetic import build_random_model
+
+    spec = parse_random_source("random:llama-tiny?seed=2")
+    devices = [torch.device("cpu")] * 3  # stands in for 3 GPUs: the same code path, moves are no-ops
+    spread = build_random_model(spec, torch.float32, "cpu", place=lambda m: place_blocks(m, devices))
+    plain = build_random_model(spec, torch.float32, "cpu")
+    assert len(spread.fedsea_block_devices) == spread.config.num_hidden_layers
+    assert not any(p.is_meta for p in spread.parameters()) and not any(b.is_meta for b in spread.buffers())
+    assert spread.lm_head.weight is spread.model.embed_tokens.weight or not spread.config.tie_word_embeddings
+    sa, sb = _state(spread), _state(plain)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(spread(ids).logits, plain(ids).logits)

@@ -46,6 +46,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_wire_dtype",
+    "visible_gpus",
 ]
 
 # Dtype names: each torch dtype under its long and short name.
@@ -203,6 +204,24 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def _to_device(module: nn.Module, device: torch.device) -> None:
+    """Move ``module`` to ``device``; a module on the meta device is allocated there instead (empty).
+
+    A ``random:`` model is spread while still on the meta device, so that each block's weights
+    are first allocated on its own GPU (no host copy of the whole model); they are filled after.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.is_meta for t in tensors):
+        module.to_empty(device=device)
+    else:
+        module.to(device)
+
+
+def visible_gpus() -> list[torch.device]:
+    """``cuda:0`` ... ``cuda:{N-1}``: every GPU torch sees (none on a CPU-only build)."""
+    return [torch.device("cuda", i) for i in range(_cuda_count())]
+
+
 def place_blocks(model: nn.Module, devices: Sequence[torch.device]) -> list[torch.device]:
     """Spread a LLaMA-family model's decoder blocks over ``devices`` (contiguous, balanced by bytes).
 
@@ -218,11 +237,11 @@ def place_blocks(model: nn.Module, devices: Sequence[torch.device]) -> list[torc
     first_bytes = sum(_param_bytes(m) for m in others)
     plan = balanced_plan([_param_bytes(layer) for layer in layers], len(devices), first_bytes)
     for module in others:
-        module.to(first)
+        _to_device(module, first)
     placed = []
     for layer, index in zip(layers, plan, strict=True):
         device = devices[index]
-        layer.to(device)
+        _to_device(layer, device)
         if len(devices) > 1:
             layer.register_forward_pre_hook(_align_inputs(device), with_kwargs=True)
         placed.append(device)
@@ -233,7 +252,9 @@ def place_blocks(model: nn.Module, devices: Sequence[torch.device]) -> list[torc
 def place_model(model: nn.Module, device: torch.device | Literal["auto"]) -> nn.Module:
     """Put ``model`` on ``device``, or with ``"auto"`` spread its blocks over every visible GPU."""
     if device == "auto":
-        gpus = [torch.device("cuda", i) for i in range(_cuda_count())]
+        if getattr(model, "fedsea_block_devices", None):  # spread as it was built (a random: model)
+            return model
+        gpus = visible_gpus()
         placed = place_blocks(model, gpus)
         spans = ", ".join(f"{d}: {sum(1 for p in placed if p == d)} blocks" for d in gpus)
         logger.warning("spread %d blocks over %d GPUs (%s)", len(placed), len(gpus), spans)

@@ -47,7 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from fedsea.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from fedsea.io import atomic_directory
-from fedsea.model.device import cast_and_place, resolve_device, resolve_dtype
+from fedsea.model.device import cast_and_place, place_blocks, resolve_device, resolve_dtype, visible_gpus
 from fedsea.model.sources import ResolvedSource as ResolvedSource
 from fedsea.model.sources import cache_dir as cache_dir
 from fedsea.model.split import SUPPORTED_ARCHITECTURES, check_supported
@@ -208,9 +208,11 @@ def load_model(
         spec = parse_random_source(resolved.location)
         # Refuse an unsupported family before building billions of weights.
         _check_model_type(str(random_config(spec).model_type), resolved.location)
-        # Built in place on one device; spread over several GPUs afterwards (from the first one
-        # would not fit a trunk larger than one GPU: build on the CPU, then place).
-        model = build_random_model(spec, dtype, place if place != "auto" else "cpu")
+        if place == "auto":  # spread over every GPU: each block built on its own GPU
+            gpus = visible_gpus()
+            model = build_random_model(spec, dtype, gpus[0], place=lambda m: place_blocks(m, gpus))
+        else:
+            model = build_random_model(spec, dtype, place)
     else:
         location = _local_folder(resolved)
         if resolved.kind != "hub":

@@ -259,8 +259,19 @@ def _is_constant_init(module: nn.Module) -> bool:
     return "Norm" in kind or any(True for _ in module.buffers(recurse=False))
 
 
-def build_random_model(spec: RandomSpec, dtype: torch.dtype, device: torch.device | str) -> PreTrainedModel:
-    """Build ``spec``'s model directly on ``device`` in ``dtype``, in eval mode with frozen weights."""
+def build_random_model(
+    spec: RandomSpec,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    place: Callable[[nn.Module], object] | None = None,
+) -> PreTrainedModel:
+    """Build ``spec``'s model directly on ``device`` in ``dtype``, in eval mode with frozen weights.
+
+    ``place``, if given, is called on the model while it is still on the meta device and
+    allocates its modules where they belong instead of ``device`` (``fedsea.model.device``'s
+    ``place_blocks`` over several GPUs: each block's weights are made on its own GPU, and no
+    copy of the whole model ever sits in host memory). The values do not depend on where.
+    """
     config = random_config(spec)
     cls = _ARCHITECTURES[str(config.model_type)]
     target = torch.device(device)
@@ -270,7 +281,10 @@ def build_random_model(spec: RandomSpec, dtype: torch.dtype, device: torch.devic
         # in a Hugging Face load in bfloat16). On the meta device this allocates nothing.
         for param in model.parameters():
             param.data = param.data.to(dtype)
-    model = model.to_empty(device=target)
+    if place is not None:
+        place(model)
+    else:
+        model = model.to_empty(device=target)
     # to_empty gives each module its own new tensor, which unties shared weights: tie again.
     model.tie_weights()
     std = float(getattr(config, "initializer_range", 0.02) or 0.02)
