@@ -174,3 +174,17 @@ def test_a_spread_random_model_is_built_block_by_block_with_the_same_weights():
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(spread(ids).logits, plain(ids).logits)
+
+
+def test_info_describes_a_published_shape_without_building_its_weights(capsys):
+    """``fedsea info random:llama-2-7b``: the real parameter count, from the meta device."""
+    import json
+
+    from fedsea.cli.main import main
+
+    assert main(["info", "random:llama-2-7b"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["family"], info["num_layers"], info["hidden_size"]) == ("random", "llama", 32, 4096)
+    assert info["parameters"] == 6_738_415_616  # LLaMA-2-7B
+    assert info["weights_gib"]["bfloat16"] == round(6_738_415_616 * 2 / 2**30, 2)
+    assert info["partition"]["head_layers"] == [1, 30]

@@ -50,8 +50,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from fedsea.model.split import partition_range
 
     resolved = resolve_source(args.model)
-    model = load_model(args.model)
+    if resolved.kind == "random":
+        # A published shape needs no weights to describe: built on the meta device, a 70B shape
+        # is described in a second without its 140 GB.
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from fedsea.model.synthetic import parse_random_source, random_config
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(random_config(parse_random_source(resolved.location)))
+    else:
+        model = load_model(args.model)
     cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
     family = family_of(model)
     kinds = layer_types(cfg)
     info = {
@@ -65,7 +77,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "num_kv_heads": cfg.num_key_value_heads,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": params,
+        # Capacity planning: the weights alone, per dtype (activations, KV caches and LoRA come on top).
+        "weights_gib": {"float32": round(params * 4 / 2**30, 2), "bfloat16": round(params * 2 / 2**30, 2)},
         "family": family.name,
         "family_notes": family.notes,
         "sliding_window_layers": [i for i, kind in enumerate(kinds) if kind == "sliding_attention"],
