@@ -41,6 +41,12 @@ def check_lengths(lengths: torch.Tensor, batch: int, total_len: int, *, min_len:
         )
 
 
+def check_finite(tensor: torch.Tensor, field: str) -> None:
+    """Raise ``InvalidInputError`` naming ``field`` if ``tensor`` holds NaN or Inf (a device sync off the CPU)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidInputError(field, "contains NaN or Inf")
+
+
 def padding_mask(lengths: torch.Tensor, total_len: int) -> torch.Tensor:
     """2-D left-padding mask, 1 on real tokens.
 

@@ -41,7 +41,7 @@ from fedsea.errors import InvalidInputError, PartitionError
 from fedsea.io import atomic_directory
 from fedsea.model import adapters
 from fedsea.model.families import FAMILIES, SLIDING_ATTENTION, Family, family_of, layer_types
-from fedsea.model.masks import check_lengths, padding_mask, position_ids
+from fedsea.model.masks import check_finite, check_lengths, padding_mask, position_ids
 
 if TYPE_CHECKING:
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -128,8 +128,8 @@ class SplitPart(nn.Module):
             )
         if hidden.shape[1] == 0:
             raise InvalidInputError("hidden", "expected at least one token")
-        if finite and not bool(torch.isfinite(hidden).all()):
-            raise InvalidInputError("hidden", "contains NaN or Inf")
+        if finite:
+            check_finite(hidden, "hidden")
 
     def _masks(
         self, hidden: torch.Tensor, attn_2d: torch.Tensor | None, cache: DynamicCache | None

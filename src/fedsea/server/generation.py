@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from fedsea.errors import InvalidInputError, LimitExceededError, ProtocolError
+from fedsea.model.masks import check_finite
 from fedsea.server.trunk import Session, TrunkHost
 from fedsea.training.stepper import rewind_cache
 
@@ -193,8 +194,7 @@ class GenerationHost:
             session = host.get(stream.owner, stream.session.id)  # NOT_FOUND if it was closed meanwhile
             with host.computing(session, training=False):
                 # Checked on the host, where the wire put it: on the device the check would sync.
-                if not bool(torch.isfinite(hidden).all()):
-                    raise InvalidInputError("hidden", "contains NaN or Inf")
+                check_finite(hidden, "hidden")
                 out: torch.Tensor = session.trunk(
                     hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache
                 )  # (B, n, d)

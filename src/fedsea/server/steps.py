@@ -14,18 +14,13 @@ from typing import Any
 import torch
 
 from fedsea.errors import InvalidInputError
-from fedsea.model.masks import check_lengths
+from fedsea.model.masks import check_finite, check_lengths
 from fedsea.server.batching import GroupBatcher
 from fedsea.server.rounds import RoundService
 from fedsea.server.trunk import TrunkHost
 
 # Runs a blocking function on the compute thread: (result, seconds it computed).
 Compute = Callable[..., Awaitable[tuple[Any, float]]]
-
-
-def _check_finite(tensor: torch.Tensor, field: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        raise InvalidInputError(field, "contains NaN or Inf")
 
 
 def _refuse_micro_batches(micro_batches: int) -> None:
@@ -77,7 +72,7 @@ class StepRouter:
         _refuse_micro_batches(micro_batches)
         # Validate alone first: one client's bad tensor must not fail the whole group.
         check_lengths(lengths, hidden.shape[0], hidden.shape[1])
-        _check_finite(hidden, "hidden")
+        check_finite(hidden, "hidden")
         start = time.perf_counter()
         out = await group.forward(owner, session_id, hidden.float(), lengths)
         return out, time.perf_counter() - start
@@ -100,7 +95,7 @@ class StepRouter:
             )
             return result
         _refuse_micro_batches(micro_batches)
-        _check_finite(grad, "grad")  # as the host checks it alone, before the group's joint pass
+        check_finite(grad, "grad")  # as the host checks it alone, before the group's joint pass
         start = time.perf_counter()
         grad_in = await group.backward(owner, session_id, grad.float())
         return grad_in, time.perf_counter() - start

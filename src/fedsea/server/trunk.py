@@ -39,6 +39,7 @@ from fedsea.errors import (
 )
 from fedsea.model.adapters import adapter_state_dict, add_lora, load_adapter_state_dict
 from fedsea.model.fingerprint import model_fingerprint
+from fedsea.model.masks import check_finite
 from fedsea.model.seeding import seeded
 from fedsea.model.split import Trunk, check_partition, check_supported
 from fedsea.training.pipeline import MicroStep
@@ -262,8 +263,7 @@ class TrunkHost:
                 )
             self._activate(session, training=True)
             # NaN/Inf checked on the host tensor the wire gave (on an accelerator the check syncs).
-            if not bool(torch.isfinite(hidden).all()):
-                raise InvalidInputError("hidden", "contains NaN or Inf")
+            check_finite(hidden, "hidden")
             inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
             out: torch.Tensor = session.trunk(inp, lengths)  # (B, n, d); validates lengths
             pending.add_forward(micro, inp, out)

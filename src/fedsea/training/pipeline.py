@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fedsea.errors import InvalidInputError, ProtocolError
+from fedsea.model.masks import check_finite
 from fedsea.training.batch import Batch, lm_loss
 
 # A privatizer as the step uses it: h (B, n, d) and a payload key -> the noised payload.
@@ -153,8 +154,7 @@ class MicroStep:
             )
         if tuple(grad.shape) != tuple(graph.out.shape):
             raise InvalidInputError("grad", f"expected shape {tuple(graph.out.shape)}, got {tuple(grad.shape)}")
-        if not bool(torch.isfinite(grad).all()):
-            raise InvalidInputError("grad", "contains NaN or Inf")
+        check_finite(grad, "grad")
         # Each slice's gradients alone (another slice's stay aside): summed later in slice order.
         for p in self.params:
             p.grad = None
