@@ -8,6 +8,37 @@ can catch ``ValueError`` or ``FileNotFoundError`` as they would expect.
 
 from __future__ import annotations
 
+# Longest text of a client's value that an error echoes (``shown``), and longest detail string
+# of a refusal status: gRPC sends the detail in a trailer, and a trailer over the peer's
+# metadata limit (8 KiB by default) turns the refusal into a transport error.
+SHOWN_CHARS = 64
+MAX_DETAIL_CHARS = 512
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``value`` as an error message may quote it: its ``repr`` (control characters escaped), cut to ``limit`` chars.
+
+    A longer value keeps its head and says how long it was, e.g. ``'aaaa... (16384 chars)``, so
+    a client's 16 KB session id or a million-entry shape never travels back in a status.
+    """
+    if isinstance(value, (tuple, list)) and len(value) > 8:  # a shape: its first dims
+        value = f"({', '.join(str(v) for v in value[:8])}, ...) ({len(value)} dims)"
+        return value if len(value) <= limit else value[:limit] + "..."
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = (
+        f"{len(value)} chars" if isinstance(value, str) else f"{len(value)} bytes" if isinstance(value, bytes) else ""
+    )
+    return f"{text[:limit]}... ({size or f'{len(text)} chars shown as repr'})"
+
+
+def cap_detail(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """A status detail no longer than ``limit`` chars, non-printable characters escaped."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else f"{text[: limit - 30]}... ({len(text)} chars in all)"
+
 
 class FedseaError(Exception):
     """Base class of every error fedsea raises on purpose."""

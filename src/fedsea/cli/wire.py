@@ -69,8 +69,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "tls": tls,
         "insecure": args.insecure,
+        "allow_anonymous": args.allow_anonymous,
     }
-    TrunkServer.check_bind(**{k: server_args[k] for k in ("host", "tls", "insecure")})
+    TrunkServer.check_bind(args.host, tls, args.insecure)
+    TrunkServer.check_identity(args.host, tls, tokens, args.allow_anonymous)
     print(f"loading {model.source} (device {model.device}, dtype {model.dtype}) ...", flush=True)
     host = TrunkHost(load_placed(model, spread=True), limits)
     print(f"trunk on {describe_placement(host.model)}; base model fingerprint {host.fingerprint}", flush=True)
@@ -195,10 +197,13 @@ def _cmd_token(args: argparse.Namespace) -> int:
     from fedsea.wire.auth import TokenStore
 
     store = TokenStore.load(args.file) if Path(args.file).exists() else TokenStore()
-    token = store.add(args.client_id)
+    role = "operator" if args.operator else "client"
+    token = store.add(args.client_id, role)
     store.save(args.file)
     print(token)
-    print(f"(token for {args.client_id!r}; only its hash is stored in {args.file}: keep it now)", file=sys.stderr)
+    print(
+        f"({role} token for {args.client_id!r}; only its hash is stored in {args.file}: keep it now)", file=sys.stderr
+    )
     return 0
 
 
@@ -213,6 +218,11 @@ def add_wire_commands(sub: Any) -> None:
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     serve.add_argument("--tokens", help="tokens file (fedsea token add); clients must present one")
     serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    serve.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="serve a non-loopback address with neither --tokens nor --tls-client-ca (every caller one identity)",
+    )
     serve.add_argument("--run", help="run file (TOML): coordinate a federated run (fedsea join)")
     serve.add_argument("--run-dir", help="where the run's checkpoints and metrics go")
     serve.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
@@ -251,4 +261,7 @@ def add_wire_commands(sub: Any) -> None:
     add = token_sub.add_parser("add", help="make a token for a client; prints it once, stores its hash")
     add.add_argument("file", help="tokens file (created if missing)")
     add.add_argument("client_id")
+    add.add_argument(
+        "--operator", action="store_true", help="an operator token: GetStats also shows server-wide figures"
+    )
     add.set_defaults(func=_cmd_token)

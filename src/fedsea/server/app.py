@@ -1,8 +1,11 @@
 """Starting, running and stopping the trunk server (``fedsea serve``).
 
 ``TrunkServer`` binds a ``grpc.aio`` server to an address with TLS (optionally mutual) or,
-on loopback only unless told otherwise, plaintext. ``ServerThread`` runs one in a background
-thread with its own event loop, for tests and benchmarks in one process.
+on loopback only unless told otherwise, plaintext. Off loopback it also wants client
+authentication (tokens or a client CA) unless told ``allow_anonymous``: without it every
+caller is the one identity ``anonymous``, and shares its sessions and figures with all others.
+``ServerThread`` runs one in a background thread with its own event loop, for tests and
+benchmarks in one process.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from pathlib import Path
 
 import grpc
 
+from fedsea.server.handlers import add_trunk_service
 from fedsea.server.rounds import RoundServiceFactory
 from fedsea.server.service import TrunkServicer
 from fedsea.server.trunk import TrunkHost
-from fedsea.wire import fedsea_pb2_grpc as pb_grpc
 from fedsea.wire.auth import TokenStore
 
 logger = logging.getLogger(__name__)
@@ -58,7 +61,9 @@ class TrunkServer:
     """A trunk server bound to ``host:port`` (port 0 picks a free one).
 
     Raises:
-        ValueError: for plaintext on a non-loopback address without ``insecure=True``.
+        ValueError: for plaintext on a non-loopback address without ``insecure=True``, or
+            no client authentication (neither ``tokens`` nor ``tls.client_ca``) on a
+            non-loopback address without ``allow_anonymous=True``.
     """
 
     def __init__(
@@ -70,8 +75,10 @@ class TrunkServer:
         tokens: TokenStore | None = None,
         insecure: bool = False,
         rounds: RoundServiceFactory | None = None,
+        allow_anonymous: bool = False,
     ) -> None:
         self.check_bind(host, tls, insecure)
+        self.check_identity(host, tls, tokens, allow_anonymous)
         self.trunk_host = trunk_host
         self.host, self.port = host, port
         self.tls, self.tokens = tls, tokens
@@ -89,13 +96,27 @@ class TrunkServer:
                 "give --tls-cert and --tls-key, or --insecure to accept the risk"
             )
 
+    @staticmethod
+    def check_identity(host: str, tls: ServerTls | None, tokens: TokenStore | None, allow_anonymous: bool) -> None:
+        """Refuse a non-loopback address with no client authentication unless ``allow_anonymous``.
+
+        Without tokens or a client CA, every caller is ``anonymous``: one identity, so anyone who
+        can reach the port can read and close everyone's sessions.
+        """
+        if tokens is None and (tls is None or tls.client_ca is None) and not is_loopback(host) and not allow_anonymous:
+            raise ValueError(
+                f"refusing to serve on {host!r}, which is not a loopback address, without client "
+                "authentication: give --tokens or --tls-client-ca, or --allow-anonymous to let every "
+                "caller in as one shared identity"
+            )
+
     async def start(self) -> int:
         """Bind, register the servicer (and round coordinator), start serving and reaping; return the port."""
         limit = self.trunk_host.limits.max_message_bytes
         self._server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
-        pb_grpc.add_TrunkServicer_to_server(self.servicer, self._server)
+        add_trunk_service(self.servicer, self._server)  # requests parsed by fedsea: INVALID_ARGUMENT if undecodable
         if self.rounds is not None:
             self.servicer.coordinator = self.rounds(self.trunk_host, self.servicer.run_blocking)
         address = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"

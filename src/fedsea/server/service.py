@@ -20,8 +20,17 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from fedsea.errors import FedseaError, IdleTimeoutError, InvalidInputError, ProtocolError, status_code_name
+from fedsea.errors import (
+    FedseaError,
+    IdleTimeoutError,
+    InvalidInputError,
+    ProtocolError,
+    cap_detail,
+    status_code_name,
+)
 from fedsea.server.generation import GenerationHost, GenStream
+from fedsea.server.handlers import CLIENT, RPC
+from fedsea.server.refusals import RefusalLog
 from fedsea.server.rounds import RoundService
 from fedsea.server.steps import StepRouter
 from fedsea.server.trunk import Session, SessionSpec, TrunkHost
@@ -40,6 +49,8 @@ T = TypeVar("T")
 M = TypeVar("M")
 # Request and response types differ per RPC; the servicer handles them as protobuf messages.
 Context = grpc.aio.ServicerContext[Any, Any]
+# The identity of every caller of a server without client authentication (no tokens, no client CA).
+ANONYMOUS = "anonymous"
 
 
 def _unary(rpc: Callable[[Any, str, Any, Context], Awaitable[Any]]) -> Callable[[Any, Any, Context], Awaitable[Any]]:
@@ -85,6 +96,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         self.steps = StepRouter(host, self._compute, lambda: self.coordinator)
         self.tokens = tokens
         self.meters: dict[str, TrafficMeter] = {}
+        self.refusals = RefusalLog(logger)  # one line per refused request, rate-limited
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsea-compute")
         # Replies in chunks of DEFAULT_CHUNK_BYTES (the size ``fedsea bench wire`` found fastest),
         # or smaller under a low message limit.
@@ -94,11 +106,26 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     # -- plumbing ------------------------------------------------------------------------------
     def _client(self, context: Context) -> str:
+        """The caller's identity: its token's client id, else its mTLS certificate's common name, else ``anonymous``.
+
+        Everyone holding the same client certificate (with no tokens) is one identity: they
+        share sessions and figures. ``UNAUTHENTICATED`` for a missing or unknown token.
+        """
         if self.tokens is not None:
             metadata = context.invocation_metadata()
-            return self.tokens.authenticate(bearer(tuple(metadata) if metadata is not None else None))
-        names = list(context.auth_context().get("x509_common_name") or [])
-        return names[0].decode() if names else "anonymous"
+            client = self.tokens.authenticate(bearer(tuple(metadata) if metadata is not None else None))
+        else:
+            names = list(context.auth_context().get("x509_common_name") or [])
+            client = names[0].decode(errors="replace") if names else ANONYMOUS
+        CLIENT.set(client)
+        return client
+
+    def _sees_server(self, client: str, context: Context) -> bool:
+        """Whether ``client`` may see server-wide figures: an operator token, or a caller of a server
+        with no client authentication at all (every caller is the one ``anonymous`` identity)."""
+        if self.tokens is not None:
+            return self.tokens.is_operator(client)
+        return client == ANONYMOUS and not context.peer_identities()
 
     def _meter(self, client: str) -> TrafficMeter:
         return self.meters.setdefault(client, TrafficMeter())
@@ -127,11 +154,21 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         return result
 
     async def _fail(self, context: Context, exc: BaseException) -> None:
-        code = status_code_name(exc)
+        """Abort the RPC with ``exc``'s status (``fedsea.errors.STATUS_CODES``); log it, rate-limited.
+
+        A refusal is one log line (``RefusalLog``: at most ``burst`` per code and RPC per window,
+        the rest counted) and its detail is capped (``cap_detail``): it never echoes unbounded
+        client input. Only an internal fault (an unmapped exception) logs a traceback, and its
+        status names only the exception's class.
+        """
+        code, rpc = status_code_name(exc), RPC.get()
+        who = CLIENT.get() or context.peer()
         if code == "INTERNAL":
-            logger.exception("internal error", exc_info=exc)
+            self.refusals.refused(code, rpc, who, f"internal error: {type(exc).__name__}", exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-        await context.abort(grpc.StatusCode[code], str(exc))
+        detail = cap_detail(str(exc))
+        self.refusals.refused(code, rpc, who, detail)
+        await context.abort(grpc.StatusCode[code], detail)
 
     def _coordinator(self) -> RoundService:
         if self.coordinator is None:
@@ -362,16 +399,18 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     @_unary
     async def GetStats(self, client: str, request: pb.StatsRequest, context: Context) -> Any:
-        """This client's traffic and sessions, and the server's cache use."""
+        """This client's traffic, sessions and cache use; the server's (all clients') cache use only to an
+        operator (``_sees_server``), zero to anyone else."""
         report = self._meter(client).as_dict()["rpcs"]
         assert isinstance(report, dict)
+        server_wide = self._sees_server(client, context)
         return pb.StatsResponse(
             rpcs=rpc_stats_to_pb(report),
             open_sessions=self.host.open_sessions(client),
             generation_sessions=self.generation.count(client),
             cache_bytes=self.generation.cache_bytes(client),
-            server_cache_bytes=self.generation.cache_bytes(),
-            server_reserved_bytes=self.generation.reserved_bytes(),
+            server_cache_bytes=self.generation.cache_bytes() if server_wide else 0,
+            server_reserved_bytes=self.generation.reserved_bytes() if server_wide else 0,
         )
 
 

@@ -36,6 +36,7 @@ from fedsea.errors import (
     ModelMismatchError,
     ProtocolError,
     SessionNotFoundError,
+    shown,
 )
 from fedsea.model.adapters import adapter_state_dict, add_lora, load_adapter_state_dict
 from fedsea.model.fingerprint import model_fingerprint
@@ -143,7 +144,7 @@ class TrunkHost:
         with self._sessions_lock:
             session = self._sessions.get(session_id)
             if session is None or session.owner != owner:
-                raise SessionNotFoundError(f"no open session {session_id!r} for this client")
+                raise SessionNotFoundError(f"no open session {shown(session_id)} for this client")
             session.last_used = time.monotonic()
             return session
 
@@ -213,7 +214,9 @@ class TrunkHost:
     def check_hidden_shape(self, shape: tuple[int, ...], field_name: str = "hidden") -> None:
         """Limits and width of a (B, n, d) tensor, checked before its bytes are assembled."""
         if len(shape) != 3:
-            raise InvalidInputError(field_name, f"expected shape (batch, tokens, {self.hidden_size}), got {shape}")
+            raise InvalidInputError(
+                field_name, f"expected shape (batch, tokens, {self.hidden_size}), got {shown(shape)}"
+            )
         batch, tokens, width = shape
         if width != self.hidden_size:
             raise InvalidInputError(

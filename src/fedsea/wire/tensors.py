@@ -23,6 +23,7 @@ from fedsea.config import WIRE_DTYPES as WIRE_DTYPE_NAMES
 from fedsea.errors import InvalidInputError, LimitExceededError
 from fedsea.wire import compress
 from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.shapes import check_shape
 
 # The names are fedsea.config's (what a setting may say), in the same order as the enums.
 WIRE_DTYPES: dict[str, pb.DType] = dict(zip(WIRE_DTYPE_NAMES, (pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16), strict=True))
@@ -234,6 +235,7 @@ class TensorAssembler:
             raise InvalidInputError(self.field, f"unknown compression {chunk.compression}")
         if chunk.compression != NONE and not self.allow_compression:
             raise InvalidInputError(self.field, "compressed chunks are not accepted here")
+        check_shape(self.field, chunk.shape)  # dims in [1, 2**31), at most 8, before any size is computed
         shape = tuple(int(s) for s in chunk.shape)
         if any(s < 0 for s in shape):
             raise InvalidInputError(self.field, f"negative dimension in shape {shape}")
