@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import grpc
 import pytest
+import torch
 
 import fedsea
 from fedsea.federation.config import FedConfig
@@ -19,8 +20,9 @@ from fedsea.server.refusals import RefusalLog
 from fedsea.server.trunk import TrunkHost
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire import fedsea_pb2_grpc as pb_grpc
+from fedsea.wire.tensors import encode
 from tests.integration.conftest import TINY
-from tests.integration.test_wire_security import _open
+from tests.integration.test_wire_security import _forward, _open
 
 # A length-delimited field 1 that promises 5 bytes and brings 2: no message type decodes it.
 UNDECODABLE = b"\x0a\x05ab"
@@ -75,9 +77,9 @@ def test_undecodable_bytes_are_invalid_argument_on_every_rpc(tmp_path, caplog):
     assert len(refused) == len(RPCS) and all("INVALID_ARGUMENT request: undecodable" in m for m in refused)
 
 
-def _zero_dim_calls(stub: pb_grpc.TrunkStub, session: str) -> dict[str, object]:
-    empty = pb.TensorChunk(dtype=pb.FLOAT32, shape=[2**62, 2**62, 0], total_bytes=0)
-    hidden = pb.TensorChunk(dtype=pb.FLOAT32, shape=[2**62, 0, 64], total_bytes=0)
+def _zero_dim_calls(stub: pb_grpc.TrunkStub, session: str, shape: list[int]) -> dict[str, object]:
+    empty = pb.TensorChunk(dtype=pb.FLOAT32, shape=shape, total_bytes=0)
+    hidden = pb.TensorChunk(dtype=pb.FLOAT32, shape=[shape[0], 0, 64], total_bytes=0)
     return {
         "Forward": lambda: list(stub.Forward(iter([pb.ForwardRequest(session_id=session, hidden=hidden)]))),
         "Backward": lambda: list(stub.Backward(iter([pb.BackwardRequest(session_id=session, grad=empty)]))),
@@ -91,11 +93,13 @@ def test_shape_oddities_are_invalid_argument_naming_the_field(server):
     with grpc.insecure_channel(server) as channel:
         stub = pb_grpc.TrunkStub(channel)
         session = _open(stub).session_id
-        for name, call in _zero_dim_calls(stub, session).items():
-            with pytest.raises(grpc.RpcError) as info:
-                call()
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, info.value.details())
-            assert info.value.details().split(":")[0] in ("hidden", "grad", "adapter[lora_A]"), name
+        _forward(stub, session, torch.randn(2, 3, 64), [3, 3])  # a backward is pending
+        for shape in ([2**62, 2**62, 0], [2**20, 2**20, 0], [2, 0, 64]):
+            for name, call in _zero_dim_calls(stub, session, shape).items():
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, shape, info.value.details())
+                assert info.value.details().split(":")[0] in ("hidden", "grad", "adapter", "adapter[lora_A]"), name
         # Ten thousand dimensions: refused by count, without quoting them back.
         many = pb.TensorChunk(dtype=pb.FLOAT32, shape=[1] * 10_000, total_bytes=4, data=b"\0" * 4)
         with pytest.raises(grpc.RpcError) as info:
@@ -109,8 +113,10 @@ def test_shape_oddities_are_invalid_argument_naming_the_field(server):
         assert (
             info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter[w]: dimension 0" in info.value.details()
         )
-        # The session is unharmed.
-        assert stub.GetStats(pb.StatsRequest()).open_sessions == 1
+        # The session is unharmed: its pending step still takes its backward.
+        grad = next(encode(torch.randn(2, 3, 64), pb.FLOAT32))
+        replies = list(stub.Backward(iter([pb.BackwardRequest(session_id=session, grad=grad)])))
+        assert replies[0].step == 0
 
 
 def test_a_16_kb_session_id_is_not_found_with_a_short_message(server):

@@ -162,7 +162,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         status names only the exception's class.
         """
         code, rpc = status_code_name(exc), RPC.get()
-        who = CLIENT.get() or context.peer()
+        who = cap_detail(CLIENT.get() or context.peer(), 80)  # a certificate's name is the client's text
         if code == "INTERNAL":
             self.refusals.refused(code, rpc, who, f"internal error: {type(exc).__name__}", exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")

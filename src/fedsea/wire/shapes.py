@@ -18,9 +18,12 @@ from fedsea.errors import InvalidInputError, shown
 # matrices; 8 leaves room and keeps a quoted shape short.
 MAX_DIMS = 8
 # Largest single dimension: 2**31 - 1 elements (far beyond any batch, sequence, hidden or
-# vocabulary size), so that no product of ``MAX_DIMS`` of them, nor a byte count, is near the
-# int64 range torch counts in; the byte limits (``max_tensor_bytes``) bound the product.
+# vocabulary size).
 MAX_DIM = 2**31 - 1
+# Largest product of the dimensions, zeros counted as 1: an empty tensor is fine (the codec
+# sends one), but torch multiplies every dimension with an overflow check before it meets the
+# zero. 2**40 elements is far past any byte limit (``max_tensor_bytes``) for a non-empty one.
+MAX_ELEMENTS = 2**40
 
 
 def check_shape(field: str, shape: Sequence[int], max_dims: int = MAX_DIMS) -> tuple[int, ...]:
@@ -32,18 +35,20 @@ def check_shape(field: str, shape: Sequence[int], max_dims: int = MAX_DIMS) -> t
         max_dims: most dimensions accepted; a scalar (no dimension) is accepted.
 
     Raises:
-        InvalidInputError: more than ``max_dims`` dimensions, or a dimension below 1 (empty
-            tensors are never sent: every fedsea tensor has at least one element) or above
-            ``MAX_DIM``.
+        InvalidInputError: more than ``max_dims`` dimensions, a negative dimension, one above
+            ``MAX_DIM``, or dimensions whose product (zeros counted as 1) is above ``MAX_ELEMENTS``.
     """
     if len(shape) > max_dims:  # not quoted: the count says it all
         raise InvalidInputError(field, f"shape has {len(shape)} dimensions, more than {max_dims}")
     dims = tuple(int(s) for s in shape)
+    if any(s < 0 for s in dims):
+        raise InvalidInputError(field, f"negative dimension in shape {shown(dims)}")
     for axis, size in enumerate(dims):
-        if size < 1:
-            raise InvalidInputError(
-                field, f"dimension {axis} of shape {shown(dims)} is {size}: empty tensors are refused"
-            )
         if size > MAX_DIM:
             raise InvalidInputError(field, f"dimension {axis} of shape {shown(dims)} is {size}, more than {MAX_DIM}")
+    product = 1
+    for size in dims:
+        product *= max(size, 1)
+    if product > MAX_ELEMENTS:
+        raise InvalidInputError(field, f"shape {shown(dims)} spans more than {MAX_ELEMENTS} elements (zeros as 1)")
     return dims
