@@ -13,23 +13,16 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
 import torch
 
-from fedsea.errors import (
-    FedseaError,
-    IdleTimeoutError,
-    InvalidInputError,
-    ProtocolError,
-    cap_detail,
-    status_code_name,
-)
+from fedsea.errors import FedseaError, IdleTimeoutError, InvalidInputError, ProtocolError
+from fedsea.server.calls import abort_with, identify, sees_server, streaming, unary
 from fedsea.server.generation import GenerationHost, GenStream
-from fedsea.server.handlers import CLIENT, RPC
 from fedsea.server.refusals import RefusalLog
 from fedsea.server.rounds import RoundService
 from fedsea.server.steps import StepRouter
@@ -39,7 +32,7 @@ from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire import fedsea_pb2_grpc as pb_grpc
 from fedsea.wire.accounting import TrafficMeter
 from fedsea.wire.adapters import chunk_bytes_under, named_chunks, receive_state, round_messages
-from fedsea.wire.auth import TokenStore, bearer
+from fedsea.wire.auth import TokenStore
 from fedsea.wire.compress import check_session
 from fedsea.wire.convert import limits_to_pb, rpc_stats_to_pb, session_settings
 from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, TensorAssembler, encode_into, receive_tensor
@@ -49,35 +42,7 @@ T = TypeVar("T")
 M = TypeVar("M")
 # Request and response types differ per RPC; the servicer handles them as protobuf messages.
 Context = grpc.aio.ServicerContext[Any, Any]
-# The identity of every caller of a server without client authentication (no tokens, no client CA).
-ANONYMOUS = "anonymous"
-
-
-def _unary(rpc: Callable[[Any, str, Any, Context], Awaitable[Any]]) -> Callable[[Any, Any, Context], Awaitable[Any]]:
-    """A unary RPC body ``(self, client, request, context)``: the caller authenticated, every error a status."""
-
-    @functools.wraps(rpc)
-    async def handler(self: TrunkServicer, request: Any, context: Context) -> Any:
-        try:
-            return await rpc(self, self._client(context), request, context)
-        except Exception as exc:
-            await self._fail(context, exc)
-
-    return handler
-
-
-def _streaming(rpc: Callable[[Any, str, Any, Context], AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    """A response-streaming RPC body ``(self, client, request(s), context)``, wrapped like ``_unary``."""
-
-    @functools.wraps(rpc)
-    async def handler(self: TrunkServicer, request: Any, context: Context) -> AsyncIterator[Any]:
-        try:
-            async for message in rpc(self, self._client(context), request, context):
-                yield message
-        except Exception as exc:
-            await self._fail(context, exc)
-
-    return handler
+_unary, _streaming = unary, streaming  # every RPC's wrapper: the caller identified, every error a status
 
 
 class TrunkServicer(pb_grpc.TrunkServicer):
@@ -106,26 +71,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     # -- plumbing ------------------------------------------------------------------------------
     def _client(self, context: Context) -> str:
-        """The caller's identity: its token's client id, else its mTLS certificate's common name, else ``anonymous``.
-
-        Everyone holding the same client certificate (with no tokens) is one identity: they
-        share sessions and figures. ``UNAUTHENTICATED`` for a missing or unknown token.
-        """
-        if self.tokens is not None:
-            metadata = context.invocation_metadata()
-            client = self.tokens.authenticate(bearer(tuple(metadata) if metadata is not None else None))
-        else:
-            names = list(context.auth_context().get("x509_common_name") or [])
-            client = names[0].decode(errors="replace") if names else ANONYMOUS
-        CLIENT.set(client)
-        return client
-
-    def _sees_server(self, client: str, context: Context) -> bool:
-        """Whether ``client`` may see server-wide figures: an operator token, or a caller of a server
-        with no client authentication at all (every caller is the one ``anonymous`` identity)."""
-        if self.tokens is not None:
-            return self.tokens.is_operator(client)
-        return client == ANONYMOUS and not context.peer_identities()
+        """The caller's identity (``calls.identify``); UNAUTHENTICATED for a missing or unknown token."""
+        return identify(self.tokens, context)
 
     def _meter(self, client: str) -> TrafficMeter:
         return self.meters.setdefault(client, TrafficMeter())
@@ -154,21 +101,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         return result
 
     async def _fail(self, context: Context, exc: BaseException) -> None:
-        """Abort the RPC with ``exc``'s status (``fedsea.errors.STATUS_CODES``); log it, rate-limited.
-
-        A refusal is one log line (``RefusalLog``: at most ``burst`` per code and RPC per window,
-        the rest counted) and its detail is capped (``cap_detail``): it never echoes unbounded
-        client input. Only an internal fault (an unmapped exception) logs a traceback, and its
-        status names only the exception's class.
-        """
-        code, rpc = status_code_name(exc), RPC.get()
-        who = cap_detail(CLIENT.get() or context.peer(), 80)  # a certificate's name is the client's text
-        if code == "INTERNAL":
-            self.refusals.refused(code, rpc, who, f"internal error: {type(exc).__name__}", exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-        detail = cap_detail(str(exc))
-        self.refusals.refused(code, rpc, who, detail)
-        await context.abort(grpc.StatusCode[code], detail)
+        """Abort with ``exc``'s status, a capped detail and one rate-limited log line (``calls.abort_with``)."""
+        await abort_with(self.refusals, context, exc)
 
     def _coordinator(self) -> RoundService:
         if self.coordinator is None:
@@ -400,10 +334,10 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     @_unary
     async def GetStats(self, client: str, request: pb.StatsRequest, context: Context) -> Any:
         """This client's traffic, sessions and cache use; the server's (all clients') cache use only to an
-        operator (``_sees_server``), zero to anyone else."""
+        operator (``calls.sees_server``), zero to anyone else."""
         report = self._meter(client).as_dict()["rpcs"]
         assert isinstance(report, dict)
-        server_wide = self._sees_server(client, context)
+        server_wide = sees_server(self.tokens, client, context)
         return pb.StatsResponse(
             rpcs=rpc_stats_to_pb(report),
             open_sessions=self.host.open_sessions(client),
