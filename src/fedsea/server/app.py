@@ -128,6 +128,8 @@ class TrunkServer:
         self._reaper = asyncio.create_task(self._reap_forever())
         mode = "mutual TLS" if self.tls and self.tls.client_ca else "TLS" if self.tls else "plaintext"
         logger.info("trunk server on %s:%d (%s, %d token(s))", self.host, self.port, mode, len(self.tokens or ()))
+        if self.tokens is None and not (self.tls and self.tls.client_ca) and not is_loopback(self.host):
+            logger.warning("no client authentication (--allow-anonymous): every caller is one identity, 'anonymous'")
         return self.port
 
     async def _reap_forever(self) -> None:
