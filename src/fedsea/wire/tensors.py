@@ -235,7 +235,7 @@ class TensorAssembler:
             raise InvalidInputError(self.field, f"unknown compression {chunk.compression}")
         if chunk.compression != NONE and not self.allow_compression:
             raise InvalidInputError(self.field, "compressed chunks are not accepted here")
-        check_shape(self.field, chunk.shape)  # dims in [1, 2**31), at most 8, before any size is computed
+        check_shape(self.field, chunk.shape)  # <= 8 dims in [0, 2**31), before any size is computed
         shape = tuple(int(s) for s in chunk.shape)
         if any(s < 0 for s in shape):
             raise InvalidInputError(self.field, f"negative dimension in shape {shape}")
