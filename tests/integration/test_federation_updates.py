@@ -22,7 +22,8 @@ from fedsea.errors import RemoteError
 from fedsea.federation.checkpoint import latest_round, load_round
 from fedsea.federation.client import FederatedClient, RoundResult
 from fedsea.federation.config import FedConfig
-from fedsea.federation.coordinator import coordinator_factory
+from fedsea.federation.coordinator import coordinator_factory, initial_global_state
+from fedsea.federation.strategy import STRATEGIES, FedAvg
 from fedsea.server.app import ServerThread, TrunkServer
 from fedsea.server.trunk import TrunkHost
 from fedsea.wire.adapters import submit_messages
@@ -140,3 +141,62 @@ def test_bad_updates_are_refused_and_the_run_ends_as_with_the_honest_clients_alo
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[k], expected[k]) for k in expected), f"round {number} differs"
     assert latest_round(tmp_path / "mixed").name == "round-0003"
+
+
+class _Broken(FedAvg):
+    """A strategy whose aggregation fails: what a bug, or an update no check foresaw, would do."""
+
+    def aggregate(self, updates, current):
+        raise RuntimeError("aggregation failed")
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "broken"])
+def test_a_closed_session_or_a_failing_aggregation_ends_no_run(tmp_path, tiny_tokenizer, monkeypatch, strategy):
+    """c2 closes its session after round 1 (still a member when round 2 starts); "broken" fails every aggregation."""
+    monkeypatch.setitem(STRATEGIES, "broken", _Broken)
+    config = FedConfig(rounds=3, local_steps=2, mode="hierarchical", expected_clients=3, lora=LORA, strategy=strategy)
+    store = TokenStore()
+    tokens = [store.add(f"c{i}") for i in range(3)]
+    splits = [fedsea.split_model(fedsea.tiny_llama(**TINY), 1, 1).add_lora(LORA) for _ in range(3)]
+    server = TrunkServer(
+        TrunkHost(fedsea.tiny_llama(**TINY)), tokens=store, rounds=coordinator_factory(config, tmp_path)
+    )
+    histories: dict[int, list[RoundResult]] = {}
+    errors: list[BaseException] = []
+    closed = threading.Event()  # c2 has closed its session (after its round-1 update)
+
+    with ServerThread(server) as port:
+
+        def go(i: int) -> None:
+            def on_step(round_number: int, step: int, loss: float) -> None:
+                if i < 2 and (round_number, step) == (1, 0):  # round 1 stays open until c2's session is gone
+                    assert closed.wait(timeout=60)
+
+            def on_round(result: RoundResult) -> None:
+                if i == 2:
+                    raise KeyboardInterrupt  # leaves, closing its session: still a member for round 2
+
+            try:
+                with fedsea.SplitClient(f"127.0.0.1:{port}", splits[i], token=tokens[i], optim=OPTIM) as client:
+                    fed = FederatedClient(client, _examples(tiny_tokenizer, i), 2, f"c{i}", on_step, on_round=on_round)
+                    histories[i] = fed.run()
+            except KeyboardInterrupt:
+                closed.set()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors, errors
+    # Every round played by the two that stayed.
+    assert all([r.round for r in histories[i] if r.selected and r.submitted] == [1, 2, 3] for i in (0, 1))
+    records = [json.loads(line) for line in (tmp_path / "server_rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3] and records[0]["submitted"] == ["c0", "c1", "c2"]
+    assert records[1]["submitted"] == ["c0", "c1"] and records[1]["dropped"] == ["c2"]  # its session was gone
+    _, state, _, _ = load_round(latest_round(tmp_path))
+    initial = initial_global_state(TrunkHost(fedsea.tiny_llama(**TINY)), config)
+    unchanged = all(torch.equal(state[k], initial[k]) for k in initial)
+    assert unchanged == (strategy == "broken")  # "broken": no round could be aggregated

@@ -356,7 +356,7 @@ class Coordinator:
                 self.global_state = await self._compute(self.strategy.aggregate, updates, self.global_state)
             except Exception:  # checked updates should not fail; if one does, it ends no run
                 logger.exception("round %d: aggregation failed; the global adapter stays as it was", round_number)
-        dropped = sorted(set(selected) - set(done) - set(self.refused))
+        dropped = sorted((set(selected) - set(done) - set(self.refused)) | self._gone)
         for client_id in dropped:  # left out; they may join again
             self.members.pop(client_id, None)
         record = {
