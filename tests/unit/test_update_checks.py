@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from fedsea.errors import BannedError, InvalidInputError, status_code_name
 from fedsea.federation.config import FedConfig
 from fedsea.federation.runconfig import FederationSettings
 from fedsea.federation.strategy import FedAvg, Median, TrimmedMean, Update, clip_update, make_strategy
-from fedsea.federation.validation import FaultBook, check_update, update_rms
+from fedsea.federation.validation import FaultBook, check_update, read_records, update_rms
 from fedsea.settings import build
 
 START = {"layers.0.q.lora_A.weight": torch.full((4, 8), 0.1), "layers.5.q.lora_B.weight": torch.zeros(8, 4)}
@@ -141,3 +143,16 @@ def test_settings_reach_the_strategy_and_are_checked():
     for bad in ({"strategy": "krum"}, {"clip_norm": -1.0}, {"trim_fraction": 0.5}, {"max_faults": -1}):
         with pytest.raises(ValueError):
             FedConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_faults_are_replayed_from_the_round_records_on_resume(tmp_path):
+    records = [
+        {"round": 1, "refused": {"bad": "update[...]: over the bound", "trunk:group-x": "trunk adapter[...]"}},
+        {"round": 2, "refused": {"bad": "update[...]: missing"}},
+    ]
+    lines = [json.dumps(r) for r in records]
+    (tmp_path / "server_rounds.jsonl").write_text("\n".join(lines) + '\n{"round": 3, "refu')  # torn by a kill
+    assert read_records(tmp_path) == records and read_records(tmp_path / "none") == []
+    book = FaultBook(max_faults=2)
+    book.replay(read_records(tmp_path))
+    assert book.faults == {"bad": 2} and book.banned == {"bad"}  # a group's adapter is no client's fault

@@ -41,7 +41,7 @@ from fedsea.federation.config import FedConfig
 from fedsea.federation.groups import close_group, open_groups, trunk_part
 from fedsea.federation.initial import initial_global_state
 from fedsea.federation.strategy import Update, make_strategy
-from fedsea.federation.validation import FaultBook, check_update
+from fedsea.federation.validation import FaultBook, check_update, read_records
 from fedsea.server.batching import GroupBatcher
 from fedsea.server.rounds import RoundServiceFactory, RunInfo
 from fedsea.server.trunk import Session, TrunkHost
@@ -96,6 +96,7 @@ class Coordinator:
             self.completed, self.global_state, _, extra = load_round(folder)
             torch.random.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
             logger.info("resuming after round %d from %s", self.completed, folder)
+            self.faults.replay(r for r in read_records(run_dir) if r.get("round", 0) <= self.completed)
         if not self.global_state:
             self.global_state = initial_global_state(host, config)
         self.current: int | None = None  # the open round

@@ -19,8 +19,11 @@ attacks this guards against (1e6, 3e38: overflow to Inf in the next round) are r
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -92,6 +95,22 @@ def check_update(
                 )
 
 
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The round records of ``run_dir/server_rounds.jsonl`` (none if absent; a torn last line skipped)."""
+    path = run_dir / "server_rounds.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill mid-write
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class FaultBook:
     """Refused updates per client; ``max_faults`` of them ban the client from the run.
 
@@ -114,6 +133,16 @@ class FaultBook:
             self.banned.add(client_id)
             return True
         return False
+
+    def replay(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Count the refusals of earlier rounds' records (``server_rounds.jsonl``), e.g. on a resume.
+
+        A client-batch group's trunk adapter (``trunk:group-...``) is no client's fault.
+        """
+        for record in records:
+            for party in record.get("refused", {}):
+                if not party.startswith("trunk:group-"):
+                    self.record(party)
 
     def check(self, client_id: str) -> None:
         """Raise ``BannedError`` if ``client_id`` is banned from the run."""
