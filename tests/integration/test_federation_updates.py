@@ -1,9 +1,9 @@
 """Bad updates in a federated run over a real gRPC server: refused, left out, banned; the run goes on.
 
-Two honest clients train through three rounds while three others send what a hostile or
+Two honest clients train through three rounds while four others send what a hostile or
 broken participant would: a head tensor with one extra column under a key it may send, finite
-values of 3e38, and a trunk adapter overwritten with 1e6 (``PutTrunkAdapter``) before an
-otherwise plain submission. The run must finish every round with the honest clients, and the
+values of 3e38, a trunk adapter overwritten with 1e6 (``PutTrunkAdapter``) before an otherwise
+plain submission, and a NaN tensor. The run must finish every round with the honest clients, and the
 global adapter must be bit-for-bit the one a run of the honest clients alone reaches.
 """
 
@@ -31,7 +31,7 @@ from fedsea.wire.auth import TokenStore
 from tests.integration.conftest import TINY
 from tests.integration.test_federation import LORA, OPTIM, _examples
 
-ATTACKS = ("column", "huge", "trunk")
+ATTACKS = ("column", "huge", "trunk", "nan")
 
 
 def _bad_update(kind: str, client: fedsea.SplitClient, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,6 +40,9 @@ def _bad_update(kind: str, client: fedsea.SplitClient, state: dict[str, torch.Te
     if kind == "column":  # one extra column under a head key this client may send: (r, d) -> (r, d + 1)
         key = sorted(k for k in bad if k.startswith("layers.0.") and ".lora_A." in k)[0]
         bad[key] = torch.cat([bad[key], torch.zeros(bad[key].shape[0], 1)], dim=1)
+    elif kind == "nan":  # refused by the servicer as the tensor arrives, counted all the same
+        key = sorted(bad)[-1]
+        bad[key] = torch.full_like(bad[key], float("nan"))
     elif kind == "huge":  # finite, but the square overflows float32; averaged in, the next round sees Inf
         bad = {k: torch.full_like(v, 3e38) for k, v in bad.items()}
     else:  # a plain head/tail, but a trunk adapter of 1e6 written into the session first
@@ -129,10 +132,11 @@ def test_bad_updates_are_refused_and_the_run_ends_as_with_the_honest_clients_alo
     assert [r["round"] for r in records] == [1, 2, 3]
     assert all(r["submitted"] == ["c0", "c1"] and r["dropped"] == [] for r in records)
     refused = records[0]["refused"]
-    assert sorted(refused) == ["bad-column", "bad-huge", "bad-trunk"]
+    assert sorted(refused) == ["bad-column", "bad-huge", "bad-nan", "bad-trunk"]
     assert "update[layers.0." in refused["bad-column"] and "expected shape" in refused["bad-column"]
     assert "over the bound" in refused["bad-huge"] and "trunk adapter[layers.1." in refused["bad-trunk"]
-    assert records[-1]["banned"] == ["bad-column", "bad-huge", "bad-trunk"]
+    assert "contains NaN or Inf" in refused["bad-nan"]
+    assert records[-1]["banned"] == ["bad-column", "bad-huge", "bad-nan", "bad-trunk"]
 
     # The global adapter is the honest clients' average, as if the others had never been there.
     for number in (1, 2, 3):

@@ -192,7 +192,7 @@ class Coordinator:
                 start = self._trunk_start.get(client_id, self._trunk_keys(session))
                 await self._compute(check_update, trunk_state, start, "trunk adapter", bound)
         except InvalidInputError as exc:
-            await self._refuse(client_id, round_number, str(exc))
+            await self.refuse(client_id, round_number, str(exc))
             raise
         async with self._changed:
             if self.current != round_number or client_id not in self.allowed or client_id in self.submitted:
@@ -203,8 +203,11 @@ class Coordinator:
             self._trunk_of[client_id] = trunk_state
             self._changed.notify_all()
 
-    async def _refuse(self, client_id: str, round_number: int, reason: str) -> None:
-        """Leave a client with a bad update out of the round (it may join again) and count the fault."""
+    async def refuse(self, client_id: str, round_number: int, reason: str) -> None:
+        """Leave a client with a bad update for the open round out of it (it may join again); count the fault.
+
+        ``submit`` calls it for what it checks; the servicer for a tensor it could not take (NaN/Inf).
+        """
         async with self._changed:
             if self.current == round_number and client_id in self.allowed:
                 self.refused[client_id] = reason

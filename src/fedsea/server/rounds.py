@@ -61,6 +61,10 @@ class RoundService(Protocol):
         """
         ...
 
+    async def refuse(self, client_id: str, round_number: int, reason: str) -> None:
+        """Leave a client whose update for ``round_number`` was refused out of that round; count the fault."""
+        ...
+
     def batcher_for(self, client_id: str, session_id: str) -> GroupBatcher | None:
         """The client-batch group this session trains in this round, if any."""
         ...
