@@ -206,21 +206,21 @@ class Coordinator:
     async def refuse(self, client_id: str, round_number: int, reason: str) -> None:
         """Leave a client with a bad update for the open round out of it (it may join again); count the fault.
 
-        ``submit`` calls it for what it checks; the servicer for a tensor it could not take (NaN/Inf).
+        Called by ``submit`` and by the servicer (a NaN/Inf tensor). An update the round would not take
+        anyway (closed, not selected, refused) is no fault: refused all the same, and no log line.
         """
         async with self._changed:
-            if self.current == round_number and client_id in self.allowed:
-                self.refused[client_id] = reason
-                self.allowed.discard(client_id)
-                self.members.pop(client_id, None)  # now: a rejoin during the round must not be undone
-                for batcher in self.batchers:  # client-batch: its group's next steps no longer wait for it
-                    batcher.active = [m for m in batcher.active if m[0] != client_id]
+            if self.current != round_number or client_id not in self.allowed:
+                return
+            self.refused[client_id] = reason
+            self.allowed.discard(client_id)
+            self.members.pop(client_id, None)  # now: a rejoin during the round must not be undone
+            for batcher in self.batchers:  # client-batch: its group's next steps no longer wait for it
+                batcher.active = [m for m in batcher.active if m[0] != client_id]
             banned = self.faults.record(client_id)
             self._changed.notify_all()
-        logger.warning("round %d: refused the update of %s: %s", round_number, client_id, reason)
-        if banned:
-            logger.warning("client %s is banned from the run after %d refused updates", client_id,
-                           self.faults.faults[client_id])  # fmt: skip
+        logger.warning("round %d: refused the update of %s%s: %s", round_number, client_id,
+                       " (now banned from the run)" if banned else "", reason)  # fmt: skip
 
     def batcher_for(self, client_id: str, session_id: str) -> GroupBatcher | None:
         """The client-batch group this session trains in this round, if any."""
