@@ -132,7 +132,7 @@ def clip_update(update: Update, current: Mapping[str, torch.Tensor], clip_norm: 
     return Update(update.party, update.weight, state, update.metrics)
 
 
-def _stacked(updates: Sequence[Update], current: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def _stacked(updates: Sequence[Update]) -> Iterator[tuple[str, torch.Tensor]]:
     """Each key with the (n, *shape) float64 stack of the values of the n updates holding it."""
     for key in sorted({k for u in updates for k in u.state}):
         values = [u.state[key] for u in updates if key in u.state]
@@ -179,7 +179,7 @@ class Median(Strategy):
     def combine(self, updates: Sequence[Update], current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per coordinate, the middle value (the mean of the two middle ones for an even count)."""
         result = {k: v.clone() for k, v in current.items()}
-        for key, stack in _stacked(updates, current):
+        for key, stack in _stacked(updates):
             ordered = stack.sort(dim=0).values  # (n, *shape)
             n = ordered.shape[0]
             middle = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
@@ -193,7 +193,7 @@ class TrimmedMean(Strategy):
     def combine(self, updates: Sequence[Update], current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per coordinate, the mean of the values left after cutting floor(trim_fraction * n) at each end."""
         result = {k: v.clone() for k, v in current.items()}
-        for key, stack in _stacked(updates, current):
+        for key, stack in _stacked(updates):
             n = stack.shape[0]
             cut = min(math.floor(self.trim_fraction * n), (n - 1) // 2)  # keep at least one value
             kept = stack.sort(dim=0).values[cut : n - cut]  # (n - 2 cut, *shape)
