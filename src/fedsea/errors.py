@@ -99,6 +99,10 @@ class ProtocolError(FedseaError):
     """A request that is well formed but out of order (e.g. backward without a forward)."""
 
 
+class BannedError(FedseaError):
+    """A client banned from a federated run (too many refused updates)."""
+
+
 class IdleTimeoutError(FedseaError):
     """A stream waited longer than the idle timeout for the client's next message."""
 
@@ -116,6 +120,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (ModelMismatchError, "FAILED_PRECONDITION"),
     (ProtocolError, "FAILED_PRECONDITION"),
     (IdleTimeoutError, "DEADLINE_EXCEEDED"),
+    (BannedError, "PERMISSION_DENIED"),
 )
 
 

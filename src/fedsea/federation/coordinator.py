@@ -14,6 +14,11 @@ Design decisions:
   so a round's checkpoint (global adapter, round, RNG states) is all a resume needs.
 - A client that has not submitted when the round times out is left out of the average and
   can join again later; late submissions are refused.
+- Every update is checked before it is averaged (``fedsea.federation.validation``): the
+  head/tail a client sends, and the trunk adapter the server reads from its session (the
+  client drives that one's training too). A bad one is refused (INVALID_ARGUMENT), the client
+  is left out of the round, which goes on with the others, and ``max_faults`` refusals ban it.
+  No client's update, nor a failing round, ends the run for the others.
 """
 
 from __future__ import annotations
@@ -24,56 +29,26 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from fedsea.errors import InvalidInputError, ModelMismatchError, ProtocolError
+from fedsea.errors import FedseaError, InvalidInputError, ModelMismatchError, ProtocolError
 from fedsea.federation.checkpoint import latest_round, load_round, save_round
 from fedsea.federation.config import FedConfig
+from fedsea.federation.groups import close_group, open_groups, trunk_part
+from fedsea.federation.initial import initial_global_state
 from fedsea.federation.strategy import Update, make_strategy
-from fedsea.model.adapters import adapter_state_dict, add_lora
-from fedsea.model.seeding import seeded
-from fedsea.model.split import SplitPart
+from fedsea.federation.validation import FaultBook, check_update, read_records
 from fedsea.server.batching import GroupBatcher
 from fedsea.server.rounds import RoundServiceFactory, RunInfo
 from fedsea.server.trunk import Session, TrunkHost
 
+__all__ = ["Coordinator", "Member", "coordinator_factory", "initial_global_state"]
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-GROUP_OWNER = "fedsea:client-batch"  # owner of the shared trunk sessions; no token can claim it
-
-
-def initial_global_state(host: TrunkHost, config: FedConfig) -> dict[str, torch.Tensor]:
-    """LoRA tensors for every block, each with its part's spec, initialised by peft with the run's seed."""
-    parts, blocks = config.split_lora, host.num_layers
-    if (uniform := parts.uniform_spec) is not None:
-        # One view of every block: peft draws in block order, as every run before per-part LoRA did.
-        views = [(SplitPart(host.model, 0, blocks), uniform)]
-    else:
-        assert config.cut is not None  # FedConfig requires the cut when the parts differ
-        p, q = config.cut
-        if p + q >= blocks:
-            raise ValueError(f"cut (p, q) = {config.cut} leaves no trunk block in a {blocks}-block model")
-        # Head, trunk and tail in turn under one seed: the draws of a SplitModel's add_lora at (p, q).
-        ranges = ((0, p, parts.head), (p, blocks - q, parts.trunk), (blocks - q, blocks, parts.tail))
-        views = [(SplitPart(host.model, start, end), spec) for start, end, spec in ranges if spec is not None]
-    name = "fedsea_global_init"
-    state: dict[str, torch.Tensor] = {}
-    with host.computing(), seeded(config.seed):
-        for view, spec in views:
-            add_lora(view, spec, adapter_name=name)
-            state.update(adapter_state_dict(view, name))
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for view, _ in views:
-            for module in view.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.delete_adapter(name)
-        host.adapters_changed()
-    return state
 
 
 @dataclass
@@ -109,7 +84,11 @@ class Coordinator:
         self.config = config
         self.run_dir = run_dir
         self._compute = compute
-        self.strategy = make_strategy(config.strategy, config.fraction, config.min_clients)
+        self.strategy = make_strategy(
+            config.strategy, config.fraction, config.min_clients, config.clip_norm, config.trim_fraction,
+            config.max_update_rms,
+        )  # fmt: skip
+        self.faults = FaultBook(config.max_faults)
         self.members: dict[str, Member] = {}
         self.completed = 0
         self.global_state: dict[str, torch.Tensor] = {}
@@ -117,6 +96,7 @@ class Coordinator:
             self.completed, self.global_state, _, extra = load_round(folder)
             torch.random.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
             logger.info("resuming after round %d from %s", self.completed, folder)
+            self.faults.replay(r for r in read_records(run_dir) if r.get("round", 0) <= self.completed)
         if not self.global_state:
             self.global_state = initial_global_state(host, config)
         self.current: int | None = None  # the open round
@@ -124,6 +104,9 @@ class Coordinator:
         self.selected: list[str] = []
         self.submitted: dict[str, Update] = {}
         self._trunk_of: dict[str, dict[str, torch.Tensor]] = {}  # each submitter's trunk adapter
+        self._trunk_start: dict[str, dict[str, torch.Tensor]] = {}  # what each one's trunk started from
+        self.refused: dict[str, str] = {}  # this round's refused parties and why
+        self._gone: set[str] = set()  # selected clients whose session was gone at the round's start
         self.batchers: list[GroupBatcher] = []  # client-batch mode: this round's groups
         self.finished = self.completed >= config.rounds
         self._changed = asyncio.Condition()
@@ -137,6 +120,7 @@ class Coordinator:
 
     async def join(self, client_id: str, session_id: str, num_samples: int) -> Member:
         """Admit a session with the run's trunk LoRA (and cut, for per-part LoRA); a rejoin replaces the old one."""
+        self.faults.check(client_id)
         session = self.host.get(client_id, session_id)
         trunk_lora = self.config.split_lora.trunk
         if session.spec.lora != trunk_lora:
@@ -165,6 +149,7 @@ class Coordinator:
         """Block until a round after ``after`` is open to this client (or the run is over)."""
         async with self._changed:
             while True:
+                self.faults.check(client_id)
                 if self.finished:
                     return self.completed, False, True, {}
                 if self.current is not None and self.current > after:
@@ -182,7 +167,12 @@ class Coordinator:
     async def submit(
         self, client_id: str, round_number: int, num_samples: int, loss: float, state: dict[str, torch.Tensor]
     ) -> None:
-        """Take a client's head/tail update for the open round, with its trunk adapter read from its session."""
+        """Take a client's head/tail update for the open round, with its trunk adapter read from its session.
+
+        Both are checked (``check_update``) against the global adapter (the trunk: against what it
+        started the round from); a bad one raises ``InvalidInputError`` and leaves the client out.
+        """
+        self.faults.check(client_id)
         if num_samples < 1:
             raise InvalidInputError("num_samples", "must be >= 1")
         async with self._changed:
@@ -192,16 +182,45 @@ class Coordinator:
                 )
             member = self.members[client_id]
         session = self.host.get(client_id, member.session_id)
-        allowed_keys = set(self._client_keys(session))
-        if not set(state) <= allowed_keys:
-            raise ProtocolError(
-                f"update holds tensors outside the client's head and tail: {sorted(set(state) - allowed_keys)[:3]}"
-            )
-        trunk_state = await self._compute(self.host.get_adapter, client_id, member.session_id)
+        bound = self.strategy.max_update_rms
+        head_tail = {k: self.global_state[k] for k in self._client_keys(session)}
+        trunk_state: dict[str, torch.Tensor] = {}
+        try:
+            await self._compute(check_update, state, head_tail, "update", bound)
+            if self.config.mode != "client-batch":  # there the group's adapter is trained, checked at the end
+                trunk_state = await self._compute(self.host.get_adapter, client_id, member.session_id)
+                start = self._trunk_start.get(client_id, self._trunk_keys(session))
+                await self._compute(check_update, trunk_state, start, "trunk adapter", bound)
+        except InvalidInputError as exc:
+            await self.refuse(client_id, round_number, str(exc))
+            raise
         async with self._changed:
+            if self.current != round_number or client_id not in self.allowed or client_id in self.submitted:
+                raise ProtocolError(
+                    f"round {round_number} closed for client {client_id!r} while its update was checked"
+                )
             self.submitted[client_id] = Update(client_id, float(num_samples), state, {"loss": loss})
             self._trunk_of[client_id] = trunk_state
             self._changed.notify_all()
+
+    async def refuse(self, client_id: str, round_number: int, reason: str) -> None:
+        """Leave a client with a bad update for the open round out of it (it may join again); count the fault.
+
+        Called by ``submit`` and by the servicer (a NaN/Inf tensor). An update the round would not take
+        anyway (closed, not selected, refused) is no fault: refused all the same, and no log line.
+        """
+        async with self._changed:
+            if self.current != round_number or client_id not in self.allowed:
+                return
+            self.refused[client_id] = reason
+            self.allowed.discard(client_id)
+            self.members.pop(client_id, None)  # now: a rejoin during the round must not be undone
+            for batcher in self.batchers:  # client-batch: its group's next steps no longer wait for it
+                batcher.active = [m for m in batcher.active if m[0] != client_id]
+            banned = self.faults.record(client_id)
+            self._changed.notify_all()
+        logger.warning("round %d: refused the update of %s%s: %s", round_number, client_id,
+                       " (now banned from the run)" if banned else "", reason)  # fmt: skip
 
     def batcher_for(self, client_id: str, session_id: str) -> GroupBatcher | None:
         """The client-batch group this session trains in this round, if any."""
@@ -210,38 +229,30 @@ class Coordinator:
                 return batcher
         return None
 
-    async def _open_groups(self, selected: list[str]) -> list[tuple[GroupBatcher, list[str], str]]:
-        """Client-batch mode: one shared trunk adapter per trunk range among the selected."""
-        by_range: dict[tuple[int, int], list[str]] = {}
-        for client_id in selected:
-            session = self.host.get(client_id, self.members[client_id].session_id)
-            by_range.setdefault((session.trunk.start, session.trunk.end), []).append(client_id)
-        groups = []
-        for (start, end), clients in sorted(by_range.items()):
-            template = self.host.get(clients[0], self.members[clients[0]].session_id).spec
-            spec = replace(template, head_layers=start, tail_layers=self.host.num_layers - end, seed=0)
-            group = await self._compute(self.host.open_session, GROUP_OWNER, self.host.fingerprint, spec)
-            await self._compute(self.host.put_adapter, GROUP_OWNER, group.id, self._trunk_keys(group))
-            members = [(c, self.members[c].session_id) for c in clients]
-            batcher = GroupBatcher(self.host, group, members, self._compute, self.config.round_timeout_s)
-            groups.append((batcher, clients, group.id))
-        self.batchers = [g[0] for g in groups]
-        return groups
-
     # -- rounds -------------------------------------------------------------------------------------
     def _client_keys(self, session: Session) -> list[str]:
         trunk = session.trunk
         return [k for k in self.global_state if not trunk.start <= int(k.split(".")[1]) < trunk.end]
 
     def _trunk_keys(self, session: Session) -> dict[str, torch.Tensor]:
-        trunk = session.trunk
-        return {k: v for k, v in self.global_state.items() if trunk.start <= int(k.split(".")[1]) < trunk.end}
+        return trunk_part(self.global_state, session)
 
     async def _load_trunk(self, client_id: str, state: dict[str, torch.Tensor]) -> None:
         member = self.members[client_id]
         session = self.host.get(client_id, member.session_id)
-        part = {k: v for k, v in state.items() if session.trunk.start <= int(k.split(".")[1]) < session.trunk.end}
+        part = trunk_part(state, session)
+        self._trunk_start[client_id] = part
         await self._compute(self.host.put_adapter, client_id, member.session_id, part)
+
+    def _alive(self, selected: list[str]) -> None:
+        """Leave out the selected clients whose session is gone (closed or expired since they joined)."""
+        for client_id in selected:
+            try:
+                self.host.get(client_id, self.members[client_id].session_id)
+            except (FedseaError, KeyError):
+                logger.warning("client %s left out: its session is gone", client_id)
+                self._gone.add(client_id)
+                self.members.pop(client_id, None)
 
     async def _wait_for_members(self) -> None:
         deadline = time.monotonic() + self.config.join_timeout_s
@@ -260,7 +271,7 @@ class Coordinator:
 
     async def _wait_submitted(self, who: set[str], deadline: float) -> None:
         async with self._changed:
-            while not who <= set(self.submitted):
+            while not who <= {*self.submitted, *self.refused, *self._gone}:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
@@ -273,7 +284,11 @@ class Coordinator:
         try:
             await self._wait_for_members()
             for round_number in range(self.completed + 1, self.config.rounds + 1):
-                await self._round(round_number)
+                try:
+                    await self._round(round_number)
+                except Exception as exc:  # a fault of this round must not end the run for everyone
+                    logger.exception("round %d failed; the global adapter stays as it was", round_number)
+                    await self._close(round_number, {"round": round_number, "error": type(exc).__name__})
         except Exception:
             logger.exception("the federated run failed")
             raise
@@ -284,16 +299,20 @@ class Coordinator:
                 self._changed.notify_all()
 
     async def _round(self, round_number: int) -> None:
-        started = time.monotonic()
+        started, cfg = time.monotonic(), self.config
         pool = list(self.members)
         selected = self.strategy.select(pool, round_number, self.config.seed)
-        self.submitted, self._trunk_of = {}, {}
+        self.submitted, self._trunk_of, self._trunk_start, self.refused, self._gone = {}, {}, {}, {}, set()
+        self._alive(selected)
+        selected = [c for c in selected if c not in self._gone]
         deadline = time.monotonic() + self.config.round_timeout_s
         updates: list[Update] = []
         if self.config.mode == "sequential":
             shared = dict(self.global_state)
             await self._open(round_number, selected, set())
             for client_id in selected:
+                if client_id not in self.members:  # gone since
+                    continue
                 await self._load_trunk(client_id, shared)
                 async with self._changed:
                     self.allowed = {client_id}
@@ -307,16 +326,20 @@ class Coordinator:
                 weight = float(sum(self.submitted[c].weight for c in done))
                 updates.append(Update("trunk:shared", weight, {k: shared[k] for k in trunk_keys}))
         elif self.config.mode == "client-batch":
-            groups = await self._open_groups(selected)
+            sessions = {c: self.members[c].session_id for c in selected}
+            groups = await open_groups(self.host, sessions, self.global_state, self._compute, cfg.round_timeout_s)
+            self.batchers = [g[0] for g in groups]
             await self._open(round_number, selected, set(selected))
             await self._wait_submitted(set(selected), deadline)
             for _, clients, group_id in groups:
                 done = [c for c in clients if c in self.submitted]
-                if done:
-                    state = await self._compute(self.host.get_adapter, GROUP_OWNER, group_id)
+                bound = self.strategy.max_update_rms
+                state, why = await close_group(self.host, group_id, self.global_state, self._compute, bound)
+                if why is not None and done:  # trained by several clients: refused as a whole, no one's fault
+                    self.refused[f"trunk:group-{group_id}"] = why
+                elif state is not None and done:
                     weight = float(sum(self.submitted[c].weight for c in done))
                     updates.append(Update(f"trunk:group-{group_id}", weight, state))
-                await self._compute(self.host.close_session, GROUP_OWNER, group_id)
             self.batchers = []
         else:
             for client_id in selected:
@@ -333,8 +356,11 @@ class Coordinator:
             logger.warning("round %d: %d of %d clients submitted (< min_clients); global unchanged",
                            round_number, len(done), len(selected))  # fmt: skip
         else:
-            self.global_state = await self._compute(self.strategy.aggregate, updates, self.global_state)
-        dropped = sorted(set(selected) - set(done))
+            try:
+                self.global_state = await self._compute(self.strategy.aggregate, updates, self.global_state)
+            except Exception:  # checked updates should not fail; if one does, it ends no run
+                logger.exception("round %d: aggregation failed; the global adapter stays as it was", round_number)
+        dropped = sorted((set(selected) - set(done) - set(self.refused)) | self._gone)
         for client_id in dropped:  # left out; they may join again
             self.members.pop(client_id, None)
         record = {
@@ -344,18 +370,24 @@ class Coordinator:
             "dropped": dropped,
             "losses": {c: self.submitted[c].metrics.get("loss") for c in done},
             "samples": {c: self.submitted[c].weight for c in done},
+            "refused": dict(self.refused),
+            "banned": sorted(self.faults.banned),
             "seconds": time.monotonic() - started,
             "mode": self.config.mode,
         }
+        await self._close(round_number, record)
+        logger.info("round %d closed: %d/%d clients", round_number, len(done), len(selected))
+
+    async def _close(self, round_number: int, record: dict[str, Any]) -> None:
+        """Checkpoint the global adapter, log the round's record and mark the round played."""
         if self.run_dir is not None:
             await self._compute(save_round, self.run_dir, round_number, self.global_state, None, {"record": record})
             with (self.run_dir / "server_rounds.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
         async with self._changed:
             self.completed = round_number
-            self.current = None
+            self.current, self.allowed = None, set()
             self._changed.notify_all()
-        logger.info("round %d closed: %d/%d clients", round_number, len(done), len(selected))
 
 
 def coordinator_factory(config: FedConfig, run_dir: Path | None, resume: bool = False) -> RoundServiceFactory:

@@ -99,6 +99,10 @@ class FederationSettings:
     min_clients: int = _FED.min_clients
     round_timeout_s: float = _FED.round_timeout_s
     join_timeout_s: float = _FED.join_timeout_s
+    clip_norm: float | None = field(default=_FED.clip_norm, metadata={ZERO_IS_NONE: True})
+    trim_fraction: float = _FED.trim_fraction
+    max_update_rms: float | None = field(default=_FED.max_update_rms, metadata={ZERO_IS_NONE: True})
+    max_faults: int | None = field(default=_FED.max_faults, metadata={ZERO_IS_NONE: True})
 
     def __post_init__(self) -> None:
         if self.clients < 1:

@@ -36,21 +36,33 @@ class RoundService(Protocol):
         ...
 
     async def join(self, client_id: str, session_id: str, num_samples: int) -> Any:
-        """Admit a client's training session to the run (a rejoin replaces the old session)."""
+        """Admit a client's training session to the run (a rejoin replaces the old session).
+
+        Raises ``BannedError`` (PERMISSION_DENIED) for a client banned from the run.
+        """
         ...
 
     async def await_round(self, client_id: str, after: int) -> tuple[int, bool, bool, dict[str, torch.Tensor]]:
-        """Block until a round after ``after`` opens: (round, selected, finished, head/tail tensors)."""
+        """Block until a round after ``after`` opens: (round, selected, finished, head/tail tensors).
+
+        Raises ``BannedError`` (PERMISSION_DENIED) for a client banned from the run, also while it waits.
+        """
         ...
 
     async def submit(
         self, client_id: str, round_number: int, num_samples: int, loss: float, state: dict[str, torch.Tensor]
     ) -> None:
-        """Take a client's head/tail update (finite, checked by the servicer) for the open round.
+        """Take a client's head/tail update (decoded and size-checked by the servicer) for the open round.
 
-        Raises ``InvalidInputError`` for ``num_samples`` < 1, ``ProtocolError`` when the round is
-        not open to the client.
+        The round service checks the update (and any trunk adapter the client trained) before it
+        is averaged. Raises ``InvalidInputError`` (INVALID_ARGUMENT) for ``num_samples`` < 1 or a bad
+        update, naming the key and the problem (the client is then left out of the round),
+        ``ProtocolError`` when the round is not open to the client, ``BannedError`` for a banned one.
         """
+        ...
+
+    async def refuse(self, client_id: str, round_number: int, reason: str) -> None:
+        """Leave a client whose update for ``round_number`` was refused out of that round; count the fault."""
         ...
 
     def batcher_for(self, client_id: str, session_id: str) -> GroupBatcher | None:

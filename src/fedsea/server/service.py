@@ -321,12 +321,19 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         """A selected client's head and tail update for the open round."""
         coordinator = self._coordinator()
         limit = self.host.limits.max_tensor_bytes
-        first, state, received = await receive_state(
-            requests,
-            "update",
-            limit,
-            named=lambda m: m.tensor if m.tensor.name else None,  # the header has none
-        )
+        header: list[pb.SubmitChunk] = []  # its round, should a tensor be refused (NaN/Inf): the client's fault
+        try:
+            first, state, received = await receive_state(
+                requests,
+                "update",
+                limit,
+                named=lambda m: m.tensor if m.tensor.name else None,  # the header has none
+                on_first=header.append,
+            )
+        except InvalidInputError as exc:
+            if header:
+                await coordinator.refuse(client, int(header[0].round), str(exc))
+            raise
         await coordinator.submit(client, int(first.round), int(first.num_samples), float(first.loss), state)
         self._meter(client).record("submit", received=received)
         return pb.SubmitResponse(accepted=True)
