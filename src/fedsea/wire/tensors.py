@@ -169,18 +169,24 @@ def encode_into(
 class TensorAssembler:
     """Rebuilds one tensor from its chunks, checking each against the first.
 
-    The first chunk's declared size is checked against ``max_bytes`` before anything is
-    allocated; then one buffer of exactly that size is allocated and each chunk's bytes are
-    copied into it at their offset. The tensor returned is a view of that buffer.
+    Memory follows bytes (issue 14): the first chunk's declared size is checked against
+    ``max_bytes``, but nothing is allocated from it. Each chunk's bytes are appended to a
+    ``bytearray`` as they arrive (``charge`` is told their count first, and may refuse them);
+    glibc grows a large block in place or with ``mremap``, so the growth copies little, and
+    CPython over-allocates at most 1/8 of what arrived. The tensor returned is a zero-copy
+    view of that buffer (``torch.frombuffer``); with ``pin_memory`` it is copied once into a
+    pinned buffer at completion. ``release`` frees the buffer at once (a refused stream).
 
     Args:
         field: name used in error messages (e.g. ``"hidden"``).
         max_bytes: refuse a tensor whose declared size exceeds this (RESOURCE_EXHAUSTED).
         expect_dtype: if set, the only dtype accepted (the session's wire dtype).
-        pin_memory: allocate the buffer in pinned memory (for a fast copy to a GPU).
+        pin_memory: hand the tensor out in pinned memory (for a fast copy to a GPU).
         allow_compression: accept lossy-compressed chunks (``fedsea.wire.compress``); refused
             by default. Sessions that agreed on a compression (``OpenSessionRequest.wire_compression``)
             allow it and check each tensor's kind themselves (``compress.check_session``).
+        charge: called with each chunk's byte count before its bytes are kept; raises to refuse
+            them (an in-flight budget, ``fedsea.server.budget``).
     """
 
     field: str
@@ -188,18 +194,24 @@ class TensorAssembler:
     expect_dtype: int | None = None
     pin_memory: bool = False
     allow_compression: bool = False
+    charge: Callable[[int], None] | None = None
     _dtype: int | None = None
     _shape: tuple[int, ...] | None = None
     _total: int = 0
-    _buffer: torch.Tensor | None = None
-    _view: memoryview | None = None
+    _buffer: bytearray | None = None
     _received: int = 0
     _compression: int = NONE
     _scales: bytes = b""
+    _released: bool = False
+    _pinned: torch.Tensor | None = None  # the pinned copy, once made
 
     def add(self, chunk: pb.TensorChunk) -> int:
-        """Check one chunk against the first and copy its bytes in at its offset; return their count."""
-        if self._view is None:
+        """Check one chunk against the first and append its bytes; return their count."""
+        if self._released:
+            if self.charge is not None:
+                self.charge(0)  # a budget that freed the buffer says why (its session closed)
+            raise InvalidInputError(self.field, "the stream's buffer was released")
+        if self._buffer is None:
             self._start(chunk)
         elif (
             chunk.dtype != self._dtype
@@ -210,14 +222,17 @@ class TensorAssembler:
             raise InvalidInputError(self.field, "chunks disagree on dtype, shape, total_bytes or compression")
         elif chunk.scales:
             raise InvalidInputError(self.field, "scales in a chunk other than the first")
-        assert self._view is not None
+        buffer = self._buffer  # a local: ``release`` from another thread cannot pull it from under us
+        assert buffer is not None
         if chunk.offset != self._received:
             raise InvalidInputError(self.field, f"chunk at offset {chunk.offset}, expected {self._received}")
         data = chunk.data  # each read of a bytes field copies it out of the message: read once
         end = self._received + len(data)
         if end > self._total:
             raise InvalidInputError(self.field, f"more bytes than total_bytes={self._total}")
-        self._view[self._received : end] = data
+        if self.charge is not None:
+            self.charge(len(data))
+        buffer += data  # grows by what arrived (realloc), never to the declared size up front
         self._received = end
         return len(data)
 
@@ -253,19 +268,44 @@ class TensorAssembler:
             raise InvalidInputError(self.field, f"{len(chunk.scales)} bytes of scales for shape {shape}")
         self._dtype, self._shape, self._total = chunk.dtype, shape, expected
         self._compression, self._scales = chunk.compression, chunk.scales
-        # Uninitialised: every byte is written by a chunk before tensor() hands it out.
-        self._buffer = torch.empty(expected, dtype=torch.uint8, pin_memory=self.pin_memory)
-        self._view = self._buffer.numpy().data  # a memoryview of the buffer
+        self._buffer = bytearray()  # empty: it grows with the bytes that arrive
 
     @property
     def started(self) -> bool:
         """True once the first chunk has arrived."""
-        return self._view is not None
+        return self._buffer is not None
 
     @property
     def complete(self) -> bool:
         """All declared bytes have arrived."""
-        return self._view is not None and self._received == self._total
+        return self._buffer is not None and self._received == self._total
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the assembler holds now (what arrived; 0 once released)."""
+        if self._pinned is not None:
+            return int(self._pinned.numel())
+        return len(self._buffer) if self._buffer is not None else 0
+
+    def release(self) -> None:
+        """Free the buffer now (a refused or abandoned stream); later chunks are refused."""
+        self._released = True
+        self._buffer, self._pinned = None, None
+
+    def _flat(self) -> torch.Tensor:
+        """The bytes as a flat uint8 tensor (total,): a view of the buffer, or its pinned copy."""
+        if self._pinned is not None:
+            return self._pinned
+        buffer = self._buffer
+        assert buffer is not None
+        # frombuffer refuses an empty buffer; a tensor with a zero dimension has no bytes.
+        flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+        if self.pin_memory:
+            pinned = torch.empty(len(buffer), dtype=torch.uint8, pin_memory=True)
+            pinned.copy_(flat)
+            self._pinned, self._buffer = pinned, bytearray()  # the pageable bytes go now
+            return pinned
+        return flat
 
     def tensor(self) -> torch.Tensor:
         """The assembled tensor, of the declared shape and wire dtype; raises if chunks are missing."""
@@ -273,9 +313,10 @@ class TensorAssembler:
             raise InvalidInputError(self.field, "missing")
         if self._received != self._total:
             raise InvalidInputError(self.field, f"received {self._received} of {self._total} bytes")
+        flat = self._flat()
         if self._compression == NONE:
-            return self._buffer.view(_TORCH[self._dtype]).reshape(self._shape)
-        codes = self._buffer.view(compress.code_dtype(self._compression)).reshape(self._shape)
+            return flat.view(_TORCH[self._dtype]).reshape(self._shape)
+        codes = flat.view(compress.code_dtype(self._compression)).reshape(self._shape)
         scales = torch.frombuffer(bytearray(self._scales), dtype=torch.float32) if self._scales else torch.empty(0)
         compress.check_codes(self.field, self._compression, codes, scales)
         return compress.dequantize(codes, scales, _TORCH[self._dtype])
@@ -319,30 +360,43 @@ async def receive_tensor(
     on_first: Callable[[M, pb.TensorChunk], int],
     pin_memory: bool = False,
     allow_compression: bool = False,
+    charge: Callable[[int], None] | None = None,
+    track: Callable[[TensorAssembler], None] | None = None,
 ) -> tuple[M, torch.Tensor, int, int]:
     """A chunked request stream's tensor: (first message, tensor, wire dtype, bytes received).
 
     ``on_first`` sees the first message and its chunk before any bytes are assembled (the
     session's NOT_FOUND, a shape over the limits) and returns the only dtype accepted. Each
     message's chunk data is dropped once copied into the tensor (the first message is returned
-    without it); bytes received still count it, as serialized.
+    without it); bytes received still count it, as serialized. ``charge`` is told each chunk's
+    byte count before it is kept (``TensorAssembler``); ``track`` sees the assembler (whose
+    buffer a budget may free early, ``fedsea.server.budget``). On any error (a refused chunk, a
+    deadline, a cancelled stream) the partial buffer is freed before the error leaves.
     """
     first: M | None = None
     assembler: TensorAssembler | None = None
     received = 0
     dtype = 0
-    async for message in requests:
-        chunk: pb.TensorChunk = getattr(message, field)
+    try:
+        async for message in requests:
+            chunk: pb.TensorChunk = getattr(message, field)
+            if first is None or assembler is None:
+                first = message
+                dtype = on_first(message, chunk)
+                assembler = TensorAssembler(field, max_bytes, dtype, pin_memory, allow_compression, charge)
+                if track is not None:
+                    track(assembler)
+            count = assembler.add(chunk)
+            chunk.ClearField("data")
+            received += _size_without_data(message, chunk, count)
         if first is None or assembler is None:
-            first = message
-            dtype = on_first(message, chunk)
-            assembler = TensorAssembler(field, max_bytes, dtype, pin_memory, allow_compression)
-        count = assembler.add(chunk)
-        chunk.ClearField("data")
-        received += _size_without_data(message, chunk, count)
-    if first is None or assembler is None:
-        raise InvalidInputError("request", "empty request stream")
-    return first, assembler.tensor(), dtype, received
+            raise InvalidInputError("request", "empty request stream")
+        return first, assembler.tensor(), dtype, received
+    except BaseException:
+        # Freed now, not when the traceback (which holds this frame) is collected.
+        if assembler is not None:
+            assembler.release()
+        raise
 
 
 def torch_dtype(dtype: int) -> torch.dtype:

@@ -1,0 +1,192 @@
+"""Issue 14, memory: the server holds only bytes that arrived, frees partial streams, budgets pending activations.
+
+A real server in a thread of this process, so that its budgets and its memory can be read.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import pytest
+import torch
+
+import fedsea
+from fedsea.config import ServerLimits
+from fedsea.model.fingerprint import model_fingerprint
+from fedsea.server.app import ServerThread, TrunkServer
+from fedsea.server.service import TrunkServicer
+from fedsea.server.trunk import TrunkHost
+from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire import fedsea_pb2_grpc as pb_grpc
+from fedsea.wire.tensors import encode
+from tests.integration.conftest import TINY
+
+MIB = 1024 * 1024
+HIDDEN = TINY["hidden_size"]
+
+
+@contextmanager
+def serving(limits: ServerLimits) -> Iterator[tuple[pb_grpc.TrunkStub, TrunkServicer]]:
+    """A stub on a fresh server, and the server's servicer (its budgets)."""
+    server = TrunkServer(TrunkHost(fedsea.tiny_llama(**TINY), limits))
+    thread = ServerThread(server)
+    port = thread.start()
+    try:
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            yield pb_grpc.TrunkStub(channel), server.servicer
+    finally:
+        thread.stop()
+
+
+def open_session(stub: pb_grpc.TrunkStub, r: int = 2, targets: list[str] | None = None) -> str:
+    request = pb.OpenSessionRequest(
+        base_fingerprint=model_fingerprint(fedsea.tiny_llama(**TINY)),
+        head_layers=2,
+        tail_layers=1,
+        trunk_lora=pb.LoraConfig(r=r, alpha=4, dropout=0.0, target_modules=targets or ["q_proj"]),
+        optimizer=pb.OptimizerConfig(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8),
+        wire_dtype=pb.FLOAT32,
+    )
+    return str(stub.OpenSession(request, timeout=30).session_id)
+
+
+def vm_size() -> int:
+    """This process's virtual memory size in bytes (what a buffer of a declared size reserves)."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmSize:"))
+    return int(line.split()[1]) * 1024
+
+
+def held_until(queue_: queue.Queue[object | None], first: list[object]) -> Iterator[object]:
+    """``first``'s messages, then whatever the test puts in ``queue_`` (None ends the stream)."""
+    yield from first
+    while (item := queue_.get()) is not None:
+        yield item
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def partial_chunk(shape: tuple[int, ...], data: bytes) -> pb.TensorChunk:
+    """The first chunk of a float32 tensor of ``shape``, with only ``data`` of its bytes."""
+    total = 4 * int(torch.Size(shape).numel())
+    return pb.TensorChunk(dtype=pb.FLOAT32, shape=list(shape), offset=0, total_bytes=total, data=data)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="reads /proc (Linux)")
+def test_an_adapter_stream_declaring_7_gib_holds_only_its_14_kib():
+    # The issue's attack: 14 tensors of 512 MiB declared, 1 KiB of each sent, the stream left open.
+    with serving(ServerLimits()) as (stub, servicer):
+        session = open_session(stub)
+        declared = (128 * MIB,)  # 512 MiB of float32, at the default max_tensor_bytes
+        messages = [
+            pb.NamedTensorChunk(session_id=session, name=f"t{i}", tensor=partial_chunk(declared, b"\1" * 1024))
+            for i in range(14)
+        ]
+        more: queue.Queue[object | None] = queue.Queue()
+        before = vm_size()
+        call = stub.PutTrunkAdapter.future(held_until(more, messages), timeout=60)
+        try:
+            assert wait_for(lambda: servicer.budget.held() == 14 * 1024)
+            grown = vm_size() - before
+            assert grown < 1024 * MIB, f"the server reserved {grown / MIB:.0f} MiB for 14 KiB"
+        finally:
+            more.put(None)
+        with pytest.raises(grpc.RpcError) as info:
+            call.result()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # the tensors never completed
+        assert wait_for(lambda: servicer.budget.held() == 0 and servicer.budget.streams() == 0)
+
+
+def test_an_adapter_stream_over_max_adapter_bytes_is_refused_as_it_arrives():
+    with serving(ServerLimits(max_adapter_bytes=3 * MIB)) as (stub, servicer):
+        session = open_session(stub)
+        big = torch.zeros(4 * MIB // 4)  # 4 MiB of float32, in 1 MiB chunks
+        messages = [
+            pb.NamedTensorChunk(session_id=session if i == 0 else "", name="w", tensor=c)
+            for i, c in enumerate(encode(big, pb.FLOAT32))
+        ]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.PutTrunkAdapter(iter(messages), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_adapter_bytes" in (info.value.details() or "")
+        assert wait_for(lambda: servicer.budget.held() == 0)
+
+
+def test_a_stalled_forward_is_refused_at_the_stream_deadline_and_freed():
+    with serving(ServerLimits(stream_timeout_s=1.0)) as (stub, servicer):
+        session = open_session(stub)
+        shape = (64, 4096, HIDDEN)  # 64 MiB declared; 1 KiB sent, then nothing
+        hidden = partial_chunk(shape, b"\0" * 1024)
+        first = pb.ForwardRequest(session_id=session, step=0, lengths=[4096] * 64, hidden=hidden)
+        more: queue.Queue[object | None] = queue.Queue()
+        start = time.monotonic()
+        call = stub.Forward(held_until(more, [first]), timeout=30)
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "stream_timeout_s" in (info.value.details() or "")
+            assert time.monotonic() - start < 10
+            assert servicer.budget.held() == 0 and servicer.budget.streams() == 0
+        finally:
+            more.put(None)
+
+
+def test_a_partial_forward_is_freed_when_the_client_disconnects_or_its_session_closes():
+    with serving(ServerLimits(stream_timeout_s=600)) as (stub, servicer):
+        session = open_session(stub)
+        shape = (64, 4096, HIDDEN)
+        for end in ("disconnect", "close"):
+            first = pb.ForwardRequest(session_id=session, hidden=partial_chunk(shape, b"\0" * MIB))
+            more: queue.Queue[object | None] = queue.Queue()
+            call = stub.Forward(held_until(more, [first]), timeout=60)
+            assert wait_for(lambda: servicer.budget.held() == MIB)
+            assert servicer.budget.streams() == 1
+            if end == "disconnect":
+                call.cancel()
+                assert wait_for(lambda: servicer.budget.streams() == 0, timeout=5)
+            else:
+                stub.CloseSession(pb.CloseSessionRequest(session_id=session), timeout=30)
+                assert wait_for(lambda: servicer.budget.held() == 0, timeout=5)  # freed before the stream ends
+                more.put(pb.ForwardRequest(hidden=pb.TensorChunk()))
+                with pytest.raises(grpc.RpcError) as info:
+                    list(call)
+                assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+            more.put(None)
+            assert servicer.budget.held() == 0
+
+
+def test_in_flight_bytes_are_budgeted_per_client():
+    limits = ServerLimits(max_inflight_bytes_per_client=3 * MIB, stream_timeout_s=600)
+    with serving(limits) as (stub, servicer):
+        session = open_session(stub)
+        shape = (64, 4096, HIDDEN)
+        queues: list[queue.Queue[object | None]] = []
+        calls = []  # kept: a call that is collected is cancelled
+        try:
+            for _ in range(2):  # 2 MiB held in two streams
+                first = pb.ForwardRequest(session_id=session, hidden=partial_chunk(shape, b"\0" * MIB))
+                queues.append(queue.Queue())
+                calls.append(stub.Forward(held_until(queues[-1], [first]), timeout=60))
+            assert wait_for(lambda: servicer.budget.held() == 2 * MIB)
+            data = b"\0" * (2 * MIB)  # a third stream's 2 MiB would pass the client's 3 MiB
+            first = pb.ForwardRequest(session_id=session, hidden=partial_chunk(shape, data))
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Forward(iter([first]), timeout=30))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_inflight_bytes_per_client" in (info.value.details() or "")
+        finally:
+            for q in queues:
+                q.put(None)
+        assert wait_for(lambda: servicer.budget.held() == 0)
