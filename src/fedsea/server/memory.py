@@ -56,6 +56,42 @@ class SavedBytes:
             yield self
 
 
+class ActivationMeter:
+    """Measures forwards' saved activations, and estimates a forward's before it runs.
+
+    The estimate is the largest bytes per token measured so far on the same trunk blocks
+    times the tokens (B x n) of the new forward (0 before the first): with it a forward far
+    over the budget is refused before it computes; the exact bytes are checked after.
+
+    Args:
+        model: the served model; its parameters and buffers are not activations.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._storages: set[int] | None = None
+        self._per_token: dict[tuple[int, int], float] = {}
+
+    def invalidate(self) -> None:
+        """Forget the model's storages (adapters were added or deleted)."""
+        self._storages = None
+
+    def estimate(self, blocks: tuple[int, int], tokens: int) -> int:
+        """Bytes a forward of ``tokens`` tokens through ``blocks`` (start, end) is expected to save."""
+        return int(self._per_token.get(blocks, 0.0) * tokens)
+
+    @contextmanager
+    def measure(self, blocks: tuple[int, int], tokens: int) -> Iterator[SavedBytes]:
+        """Count what a forward of ``tokens`` tokens through ``blocks`` saves (``SavedBytes.bytes``)."""
+        if self._storages is None:
+            self._storages = model_storages(self.model)
+        saved = SavedBytes(self._storages)
+        with saved.measure():
+            yield saved
+        if tokens > 0:
+            self._per_token[blocks] = max(self._per_token.get(blocks, 0.0), saved.bytes / tokens)
+
+
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 

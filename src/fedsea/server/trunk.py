@@ -45,7 +45,7 @@ from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.masks import check_finite
 from fedsea.model.seeding import seeded
 from fedsea.model.split import Trunk, check_partition, check_supported
-from fedsea.server.memory import SavedBytes, check_lora, check_pending, model_storages, within_pending
+from fedsea.server.memory import ActivationMeter, check_lora, check_pending, within_pending
 from fedsea.training.pipeline import MicroStep
 from fedsea.training.step import PartOptimizer
 
@@ -115,7 +115,7 @@ class TrunkHost:
         # (one token per row) would pay every time. None = unknown; adapter changes reset it.
         self._active: str | None = None
         self._training: bool | None = None
-        self._storages: set[int] | None = None  # the model's parameter storages (not activations)
+        self.activations = ActivationMeter(model)  # forwards' saved tensors, measured
         # Called with each session that closes (under the compute lock): frees its streams' buffers.
         self.on_drop: list[Callable[[Session], None]] = []
 
@@ -222,7 +222,7 @@ class TrunkHost:
         LoRA modules start in training mode, and peft may move the active adapter)."""
         self._active = None
         self._training = None
-        self._storages = None
+        self.activations.invalidate()
 
     # -- pending activations (``fedsea.server.memory``) ------------------------------------------
     def _forget_pending(self, session: Session) -> None:
@@ -244,11 +244,6 @@ class TrunkHost:
         """Saved activation bytes of forwards awaiting their backward, of one owner or in all."""
         with self._sessions_lock:
             return sum(sum(s.pending_bytes.values()) for s in self._sessions.values() if owner in (None, s.owner))
-
-    def _saved_bytes(self) -> SavedBytes:
-        if self._storages is None:
-            self._storages = model_storages(self.model)
-        return SavedBytes(self._storages)
 
     # -- training ---------------------------------------------------------------------------
     def check_hidden_shape(self, shape: tuple[int, ...], field_name: str = "hidden") -> None:
@@ -311,9 +306,11 @@ class TrunkHost:
             old = session.pending_bytes
             old_bytes = old.get(micro, 0) if pending is session.pending else sum(old.values())
             mine, total = self.pending_bytes(owner) - old_bytes, self.pending_bytes() - old_bytes
-            check_pending(self.limits, mine + 1, total + 1)
+            blocks, tokens = (session.trunk.start, session.trunk.end), hidden.shape[0] * hidden.shape[1]
+            expected = max(1, self.activations.estimate(blocks, tokens))
+            check_pending(self.limits, mine + expected, total + expected)
             inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
-            with self._saved_bytes().measure() as saved:
+            with self.activations.measure(blocks, tokens) as saved:
                 out: torch.Tensor = session.trunk(inp, lengths)  # (B, n, d); validates lengths
             if not within_pending(self.limits, mine + saved.bytes, total + saved.bytes):
                 del out, inp  # the graph goes now, not with the traceback
