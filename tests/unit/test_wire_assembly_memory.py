@@ -122,3 +122,13 @@ def test_a_stalled_stream_passes_its_deadline():
 
     with pytest.raises(IdleTimeoutError, match="stream_timeout_s"):
         asyncio.run(read())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_a_pinned_assembly_is_copied_once_into_pinned_memory():
+    tensor = torch.randn(4, 8, 16)
+    assembler = TensorAssembler("hidden", GIB, pb.FLOAT32, pin_memory=True)
+    for chunk in encode(tensor, pb.FLOAT32, chunk_bytes=100):
+        assembler.add(chunk)
+    out = assembler.tensor()
+    assert out.is_pinned() and torch.equal(out, tensor) and torch.equal(assembler.tensor(), tensor)

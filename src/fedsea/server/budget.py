@@ -179,7 +179,8 @@ class Gapped(AsyncIterator[M]):
 
     async def __anext__(self) -> M:
         try:
-            return await asyncio.wait_for(self._requests.__anext__(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # a timer, not a task per message (as wait_for makes)
+                return await self._requests.__anext__()
         except TimeoutError:
             raise IdleTimeoutError(
                 f"{self.what}: no message for {self.timeout_s:g} s (stream_timeout_s); the request was dropped"
