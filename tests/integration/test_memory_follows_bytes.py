@@ -5,8 +5,10 @@ A real server in a thread of this process, so that its budgets and its memory ca
 
 from __future__ import annotations
 
+import gc
 import queue
 import time
+import tracemalloc
 
 import grpc
 import pytest
@@ -132,3 +134,34 @@ def test_in_flight_bytes_are_budgeted_per_client():
             for q in queues:
                 q.put(None)
         assert wait_for(lambda: servicer.budget.held() == 0)
+
+
+def test_a_refused_stream_s_bytes_are_freed_without_a_garbage_collection():
+    # 8 MiB arrive (traced by tracemalloc: the assembler's bytearray), then the stream stalls.
+    with serving(ServerLimits(stream_timeout_s=1.0)) as (stub, servicer):
+        session = open_session(stub)
+        shape = (64, 4096, HIDDEN)
+        gc.collect()
+        gc.disable()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            chunks = [partial_chunk(shape, b"\0" * MIB)]
+            for i in range(1, 8):
+                chunks.append(pb.TensorChunk())
+                chunks[-1].CopyFrom(chunks[0])
+                chunks[-1].offset = i * MIB
+            requests = [pb.ForwardRequest(session_id=session, hidden=chunks[0])]
+            requests += [pb.ForwardRequest(hidden=c) for c in chunks[1:]]
+            more: queue.Queue[object | None] = queue.Queue()
+            call = stub.Forward(held_until(more, requests), timeout=30)
+            assert wait_for(lambda: servicer.budget.held() == 8 * MIB)
+            assert tracemalloc.get_traced_memory()[0] - base > 7 * MIB
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            more.put(None)
+            assert wait_for(lambda: tracemalloc.get_traced_memory()[0] - base < 2 * MIB, timeout=5)
+        finally:
+            tracemalloc.stop()
+            gc.enable()
