@@ -1,8 +1,8 @@
 """Tensor <-> wire messages: raw little-endian bytes + dtype + shape, chunked.
 
-No pickle: a tensor is rebuilt from its bytes, as a view of one buffer of the declared size,
-after the byte count has been checked against dtype x shape. Every check failure raises
-``InvalidInputError`` naming the field, which the servicer turns into INVALID_ARGUMENT.
+No pickle: a tensor is rebuilt from its bytes, after the byte count has been checked against
+dtype x shape, in a buffer that grows with the bytes that arrive (never allocated from the
+declared size, issue 14). Every check failure raises ``InvalidInputError`` naming the field.
 
 Copies (issue 13, ``fedsea bench wire``): a chunk's bytes are copied once out of the tensor's
 memory (upb's bytes fields take only ``bytes``) and, with ``encode_into``, straight into the
@@ -169,13 +169,12 @@ def encode_into(
 class TensorAssembler:
     """Rebuilds one tensor from its chunks, checking each against the first.
 
-    Memory follows bytes (issue 14): the first chunk's declared size is checked against
-    ``max_bytes``, but nothing is allocated from it. Each chunk's bytes are appended to a
-    ``bytearray`` as they arrive (``charge`` is told their count first, and may refuse them);
-    glibc grows a large block in place or with ``mremap``, so the growth copies little, and
-    CPython over-allocates at most 1/8 of what arrived. The tensor returned is a zero-copy
-    view of that buffer (``torch.frombuffer``); with ``pin_memory`` it is copied once into a
-    pinned buffer at completion. ``release`` frees the buffer at once (a refused stream).
+    Memory follows bytes (issue 14): the declared size is checked against ``max_bytes`` but
+    nothing is allocated from it. Chunks are appended to a ``bytearray`` as they arrive
+    (``charge`` sees their count first and may refuse them); realloc grows it in place or with
+    ``mremap``, over-allocating at most 1/8 of what arrived. The tensor is a zero-copy view of
+    it (``torch.frombuffer``), or with ``pin_memory`` one copy in pinned memory. ``release``
+    frees the buffer at once (a refused stream).
 
     Args:
         field: name used in error messages (e.g. ``"hidden"``).
@@ -185,8 +184,7 @@ class TensorAssembler:
         allow_compression: accept lossy-compressed chunks (``fedsea.wire.compress``); refused
             by default. Sessions that agreed on a compression (``OpenSessionRequest.wire_compression``)
             allow it and check each tensor's kind themselves (``compress.check_session``).
-        charge: called with each chunk's byte count before its bytes are kept; raises to refuse
-            them (an in-flight budget, ``fedsea.server.budget``).
+        charge: told each chunk's byte count before it is kept; raises to refuse it (``fedsea.server.budget``).
     """
 
     field: str
@@ -223,7 +221,6 @@ class TensorAssembler:
         elif chunk.scales:
             raise InvalidInputError(self.field, "scales in a chunk other than the first")
         buffer = self._buffer  # a local: ``release`` from another thread cannot pull it from under us
-        assert buffer is not None
         if chunk.offset != self._received:
             raise InvalidInputError(self.field, f"chunk at offset {chunk.offset}, expected {self._received}")
         data = chunk.data  # each read of a bytes field copies it out of the message: read once
@@ -232,7 +229,7 @@ class TensorAssembler:
             raise InvalidInputError(self.field, f"more bytes than total_bytes={self._total}")
         if self.charge is not None:
             self.charge(len(data))
-        buffer += data  # grows by what arrived (realloc), never to the declared size up front
+        buffer += data  # type: ignore[operator]  # set by _start; grows by what arrived (realloc)
         self._received = end
         return len(data)
 
@@ -271,11 +268,6 @@ class TensorAssembler:
         self._buffer = bytearray()  # empty: it grows with the bytes that arrive
 
     @property
-    def started(self) -> bool:
-        """True once the first chunk has arrived."""
-        return self._buffer is not None
-
-    @property
     def complete(self) -> bool:
         """All declared bytes have arrived."""
         return self._buffer is not None and self._received == self._total
@@ -296,8 +288,7 @@ class TensorAssembler:
         """The bytes as a flat uint8 tensor (total,): a view of the buffer, or its pinned copy."""
         if self._pinned is not None:
             return self._pinned
-        buffer = self._buffer
-        assert buffer is not None
+        buffer = self._buffer or bytearray()
         # frombuffer refuses an empty buffer; a tensor with a zero dimension has no bytes.
         flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
         if self.pin_memory:
@@ -369,9 +360,8 @@ async def receive_tensor(
     session's NOT_FOUND, a shape over the limits) and returns the only dtype accepted. Each
     message's chunk data is dropped once copied into the tensor (the first message is returned
     without it); bytes received still count it, as serialized. ``charge`` is told each chunk's
-    byte count before it is kept (``TensorAssembler``); ``track`` sees the assembler (whose
-    buffer a budget may free early, ``fedsea.server.budget``). On any error (a refused chunk, a
-    deadline, a cancelled stream) the partial buffer is freed before the error leaves.
+    byte count before it is kept, ``track`` sees the assembler (a budget may free it early). On
+    any error (a refused chunk, a deadline, a cancelled stream) its buffer is freed at once.
     """
     first: M | None = None
     assembler: TensorAssembler | None = None
