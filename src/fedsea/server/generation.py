@@ -146,7 +146,7 @@ class GenerationHost:
     ) -> torch.Tensor:
         """Run the trunk for one step of ``stream``; returns (B, n, d) hidden states."""
         if stream.closed:
-            raise ProtocolError("the inference stream is closed")
+            raise ProtocolError("the inference stream is closed (or its session was)")
         if step != stream.step:
             raise ProtocolError(f"generation step {step}, but the stream expects step {stream.step}")
         self.host.check_hidden_shape(tuple(hidden.shape))
@@ -207,7 +207,7 @@ class GenerationHost:
         The reservation stays: it is the worst case of ``max_length``, which a rewind does not change.
         """
         if stream.closed:
-            raise ProtocolError("the inference stream is closed")
+            raise ProtocolError("the inference stream is closed (or its session was)")
         with self.host.computing():  # the cache may be in use by a batched step
             # No cache (before the prefill, or a naive stream) is refused like a bad length.
             stream.lengths = rewind_cache(stream.cache, stream.session.trunk.start, stream.lengths, length)
