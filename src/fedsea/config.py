@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedsea.limits import ServerLimits as ServerLimits  # re-exported: its home before issue 14
 from fedsea.settings import ZERO_IS_NONE
 
 # The recommended default noise (PRIVACY.md, "Recommended default"): sigma as a multiple of
@@ -262,40 +263,3 @@ class OptimConfig:
         _check(self.eps > 0, "eps", self.eps, "> 0")
         if self.max_grad_norm is not None:
             _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0 or None")
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Limits the trunk server enforces; going over one is RESOURCE_EXHAUSTED.
-
-    Args:
-        max_seq_len (`int`): longest padded sequence (tokens) in one request.
-        max_batch (`int`): most sequences in one request.
-        max_message_bytes (`int`): largest gRPC message (one chunk) accepted, in bytes.
-        max_tensor_bytes (`int`): largest tensor (all its chunks together), in bytes.
-        max_sessions_per_client (`int`): open sessions one client may hold at once.
-        max_sessions (`int`): open sessions on the server in all.
-        idle_timeout_s (`float`): a session unused this long is closed and its memory freed.
-        max_generation_sessions (`int`): open inference streams on the server in all.
-        max_cache_bytes (`int`): KV-cache memory budget of all inference streams together; a
-            stream reserves its worst case (batch x max_length) when it starts, or is refused.
-    """
-
-    max_seq_len: int = 4096
-    max_batch: int = 64
-    max_message_bytes: int = 4 * 1024 * 1024
-    max_tensor_bytes: int = 512 * 1024 * 1024
-    max_sessions_per_client: int = 8
-    max_sessions: int = 256
-    idle_timeout_s: float = 600.0
-    max_generation_sessions: int = 64
-    max_cache_bytes: int = 4 * 1024**3
-
-    def __post_init__(self) -> None:
-        for name in ("max_seq_len", "max_batch", "max_sessions_per_client", "max_sessions", "max_generation_sessions"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        _check(self.max_message_bytes >= 64 * 1024, "max_message_bytes", self.max_message_bytes, ">= 65536")
-        _check(self.max_tensor_bytes >= 1, "max_tensor_bytes", self.max_tensor_bytes, ">= 1")
-        _check(self.idle_timeout_s > 0, "idle_timeout_s", self.idle_timeout_s, "> 0")
-        _check(self.max_cache_bytes >= 1, "max_cache_bytes", self.max_cache_bytes, ">= 1")

@@ -134,9 +134,13 @@ class GroupBatcher:
             sizes.append(a.tensor.shape[1])
         hidden = torch.cat(rows, dim=0)  # (sum B_i, N, d)
         lengths = torch.cat([a.lengths for a in arrivals if a.lengths is not None])  # (sum B_i,)
-        with host.computing(group, training=True):
+        blocks, tokens = (group.trunk.start, group.trunk.end), hidden.shape[0] * hidden.shape[1]
+        with host.computing(group, training=True), host.activations.measure(blocks, tokens) as saved:
             inp = hidden.detach().requires_grad_(True)
             out = group.trunk(inp, lengths)  # (sum B_i, N, d)
+        # Counted in the server's pending activations (so other forwards see them), not refused:
+        # the joint pass is bounded by its members' batches and lives at most step_timeout_s.
+        group.pending_bytes[0] = saved.bytes
         counts = [a.tensor.shape[0] for a in arrivals]
         self._pending = (inp, out, counts, sizes)
         pieces = torch.split(out.detach().cpu(), counts, dim=0)
@@ -162,6 +166,7 @@ class GroupBatcher:
             raise ProtocolError("no joint forward to go backward through")
         inp, out, counts, sizes = self._pending
         self._pending = None
+        self.group.pending_bytes.clear()
         width = out.shape[1]
         parts = []
         for arrival, count, n in zip(arrivals, counts, sizes, strict=True):

@@ -4,6 +4,9 @@ A stream belongs to one of the client's training sessions and uses its trunk ada
 partition points. At the prefill the server admits the stream against the cache budget by
 reserving its worst case (rows x max_length x bytes per token); a request that would exceed
 the budget is refused with RESOURCE_EXHAUSTED instead of risking an out-of-memory crash.
+Fair share: a client holds at most ``max_generation_sessions_per_client`` streams and
+``max_cache_bytes_per_client`` of the budget, so that one client cannot lock the others out;
+a session that closes (or is reaped idle) closes its streams and frees their caches at once.
 Each decode step then runs the trunk on one hidden vector per row against the cached keys
 and values. Finished rows can be dropped (``keep_rows``) so they stop costing work, and the
 cache can be rewound to a shorter length (``rewind``, by the same rule as the client's caches).
@@ -64,6 +67,7 @@ class GenerationHost:
         cfg = host.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._kv_per_layer_token: int = 2 * cfg.num_key_value_heads * head_dim * host.model.dtype.itemsize
+        host.on_drop.append(self._session_closed)
 
     def bytes_per_row_token(self, stream: GenStream) -> int:
         """Cache bytes one row adds per token: 2 (K, V) x kv heads x head dim x dtype x trunk blocks."""
@@ -81,6 +85,12 @@ class GenerationHost:
                 f"max_length {max_length} exceeds the server's max_seq_len={self.limits.max_seq_len}"
             )
         with self._lock:
+            mine = sum(1 for s in self._streams.values() if s.owner == owner)
+            if mine >= self.limits.max_generation_sessions_per_client:
+                raise LimitExceededError(
+                    f"this client has {mine} open inference streams (max_generation_sessions_per_client="
+                    f"{self.limits.max_generation_sessions_per_client}); close one first"
+                )
             if len(self._streams) >= self.limits.max_generation_sessions:
                 raise LimitExceededError(
                     f"the server has {len(self._streams)} open inference streams "
@@ -99,9 +109,23 @@ class GenerationHost:
             stream.reserved = 0
             self._streams.pop(stream.id, None)
 
+    def _session_closed(self, session: Session) -> None:
+        """Close the streams of a session that closed (by its client or idle): their caches go now."""
+        with self._lock:
+            streams = [s for s in self._streams.values() if s.session is session]
+        for stream in streams:
+            self.close(stream)
+
     def _reserve(self, stream: GenStream, rows: int) -> None:
         need = rows * stream.max_length * self.bytes_per_row_token(stream)
         with self._lock:
+            mine = sum(s.reserved for s in self._streams.values() if s is not stream and s.owner == stream.owner)
+            if mine + need > self.limits.max_cache_bytes_per_client:
+                raise LimitExceededError(
+                    f"this client's KV-cache budget is exhausted: this stream needs {need:,} bytes ({rows} rows x "
+                    f"{stream.max_length} tokens), its other streams hold {mine:,} of max_cache_bytes_per_client="
+                    f"{self.limits.max_cache_bytes_per_client:,}; close a stream or ask for a shorter max_length"
+                )
             others = sum(s.reserved for s in self._streams.values() if s is not stream)
             if others + need > self.limits.max_cache_bytes:
                 raise LimitExceededError(
@@ -122,7 +146,7 @@ class GenerationHost:
     ) -> torch.Tensor:
         """Run the trunk for one step of ``stream``; returns (B, n, d) hidden states."""
         if stream.closed:
-            raise ProtocolError("the inference stream is closed")
+            raise ProtocolError("the inference stream is closed (or its session was)")
         if step != stream.step:
             raise ProtocolError(f"generation step {step}, but the stream expects step {stream.step}")
         self.host.check_hidden_shape(tuple(hidden.shape))
@@ -183,7 +207,7 @@ class GenerationHost:
         The reservation stays: it is the worst case of ``max_length``, which a rewind does not change.
         """
         if stream.closed:
-            raise ProtocolError("the inference stream is closed")
+            raise ProtocolError("the inference stream is closed (or its session was)")
         with self.host.computing():  # the cache may be in use by a batched step
             # No cache (before the prefill, or a naive stream) is refused like a bad length.
             stream.lengths = rewind_cache(stream.cache, stream.session.trunk.start, stream.lengths, length)

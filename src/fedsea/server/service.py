@@ -21,6 +21,7 @@ import grpc
 import torch
 
 from fedsea.errors import FedseaError, IdleTimeoutError, InvalidInputError, ProtocolError
+from fedsea.server.budget import InflightBudget, StreamTicket, receive_budgeted_state, receive_budgeted_tensor
 from fedsea.server.calls import abort_with, identify, sees_server, streaming, unary
 from fedsea.server.generation import GenerationHost, GenStream
 from fedsea.server.refusals import RefusalLog
@@ -31,11 +32,11 @@ from fedsea.version import __version__
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire import fedsea_pb2_grpc as pb_grpc
 from fedsea.wire.accounting import TrafficMeter
-from fedsea.wire.adapters import chunk_bytes_under, named_chunks, receive_state, round_messages
+from fedsea.wire.adapters import chunk_bytes_under, named_chunks, round_messages
 from fedsea.wire.auth import TokenStore
 from fedsea.wire.compress import check_session
 from fedsea.wire.convert import limits_to_pb, rpc_stats_to_pb, session_settings
-from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, TensorAssembler, encode_into, receive_tensor
+from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, TensorAssembler, encode_into
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,6 +69,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         self.chunk_bytes = chunk_bytes_under(host.limits.max_message_bytes, DEFAULT_CHUNK_BYTES)
         # A CUDA trunk gets its inputs from pinned buffers: a faster copy to the GPU.
         self._pin = host.model.device.type == "cuda"
+        # Partial request streams' bytes, budgeted; a session that closes frees its streams' buffers.
+        self.budget = InflightBudget(host.limits)
+        host.on_drop.append(lambda session: self.budget.session_closed(session.owner, session.id))
 
     # -- plumbing ------------------------------------------------------------------------------
     def _client(self, context: Context) -> str:
@@ -157,14 +161,16 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     @_streaming
     async def Forward(self, client: str, requests: AsyncIterator[pb.ForwardRequest], context: Context) -> Any:
         """A step's h~_p (B, n, d) in, h_{L-q} (B, n, d) out."""
-        limit, check = self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, "hidden")
-        first, hidden, dtype, received = await receive_tensor(
-            requests, "hidden", limit, check, pin_memory=self._pin, allow_compression=True
-        )
-        lengths = torch.tensor(list(first.lengths), dtype=torch.int64)
-        out, seconds = await self.steps.forward(
-            client, first.session_id, first.step, hidden, lengths, first.micro_batch, first.micro_batches
-        )
+        check = functools.partial(self._wire_dtype, client, field="hidden")
+        with self.budget.stream(client) as ticket:  # the request's bytes, until its step is computed
+            first, hidden, dtype, received = await receive_budgeted_tensor(
+                requests, "hidden", self.host.limits, ticket, check, self._pin
+            )
+            lengths = torch.tensor(list(first.lengths), dtype=torch.int64)
+            out, seconds = await self.steps.forward(
+                client, first.session_id, first.step, hidden, lengths, first.micro_batch, first.micro_batches
+            )
+            del hidden  # the graph keeps what it needs
 
         def forward_reply(head: bool) -> pb.ForwardResponse:
             return pb.ForwardResponse(step=first.step, compute_s=seconds, micro_batch=first.micro_batch)
@@ -178,13 +184,15 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     @_streaming
     async def Backward(self, client: str, requests: AsyncIterator[pb.BackwardRequest], context: Context) -> Any:
         """A step's dL/dh_{L-q} (B, n, d) in, dL/dh~_p (B, n, d) out; the trunk adapter steps if asked."""
-        limit, check = self.host.limits.max_tensor_bytes, lambda m, c: self._wire_dtype(client, m, c, "grad")
-        first, grad, dtype, received = await receive_tensor(
-            requests, "grad", limit, check, pin_memory=self._pin, allow_compression=True
-        )
-        grad_in, seconds = await self.steps.backward(
-            client, first.session_id, first.step, grad, first.update, first.micro_batch, first.micro_batches
-        )
+        check = functools.partial(self._wire_dtype, client, field="grad")
+        with self.budget.stream(client) as ticket:  # the request's bytes, until its step is computed
+            first, grad, dtype, received = await receive_budgeted_tensor(
+                requests, "grad", self.host.limits, ticket, check, self._pin
+            )
+            grad_in, seconds = await self.steps.backward(
+                client, first.session_id, first.step, grad, first.update, first.micro_batch, first.micro_batches
+            )
+            del grad
 
         def backward_reply(head: bool) -> pb.BackwardResponse:
             return pb.BackwardResponse(step=first.step, compute_s=seconds, micro_batch=first.micro_batch)
@@ -198,11 +206,12 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     @_unary
     async def PutTrunkAdapter(self, client: str, requests: AsyncIterator[pb.NamedTensorChunk], context: Any) -> Any:
         """Replace the session's trunk adapter."""
-        limit = self.host.limits.max_tensor_bytes
-        first, state, received = await receive_state(
-            requests, "adapter", limit, named=lambda m: m, on_first=lambda m: self.host.get(client, m.session_id)
-        )
-        count, seconds = await self._compute(self.host.put_adapter, client, first.session_id, state)
+        session = lambda m: self.host.get(client, m.session_id)  # noqa: E731  # NOT_FOUND before any bytes are kept
+        with self.budget.stream(client) as ticket:  # the state's bytes, as they arrive, until it is loaded
+            first, state, received = await receive_budgeted_state(
+                requests, "adapter", self.host.limits, ticket, named=lambda m: m, on_first=session
+            )
+            count, seconds = await self._compute(self.host.put_adapter, client, first.session_id, state)
         self._meter(client).record("put_adapter", received=received, compute_s=seconds)
         return pb.PutAdapterResponse(tensors=count)
 
@@ -218,20 +227,25 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     async def Generate(self, request_iterator: AsyncIterator[pb.GenerateRequest], context: Any) -> Any:
         """One inference stream: open, prefill, decode steps (and rewinds), close. The cache is freed on every exit."""
         stream: GenStream | None = None
+        ticket: StreamTicket | None = None
+        assembler: TensorAssembler | None = None
         try:
             client = self._client(context)
             requests = request_iterator.__aiter__()
-            idle = self.host.limits.idle_timeout_s
+            idle, gap = self.host.limits.idle_timeout_s, self.host.limits.stream_timeout_s
+            ticket = self.budget.open(client)  # a step's bytes, as they arrive, until it is computed
 
             async def next_request() -> pb.GenerateRequest | None:
+                # Between steps the client may think (idle_timeout_s); inside a step's chunks, stream_timeout_s.
+                wait = gap if assembler is not None else idle
                 try:
-                    return await asyncio.wait_for(requests.__anext__(), idle)
+                    return await asyncio.wait_for(requests.__anext__(), wait)
                 except StopAsyncIteration:
                     return None
                 except TimeoutError:
-                    raise IdleTimeoutError(
-                        f"inference stream idle for more than {idle:g} s; its cache was freed"
-                    ) from None
+                    what = "half-sent step" if assembler is not None else "cache"
+                    message = f"inference stream idle for more than {wait:g} s; its {what} was freed"
+                    raise IdleTimeoutError(message) from None
 
             first = await next_request()
             if first is None:
@@ -239,9 +253,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             if first.WhichOneof("kind") != "open":
                 raise InvalidInputError("open", "the first message of a stream must open it")
             stream = self.generation.open(client, first.open.session_id, first.open.max_length, first.open.naive)
+            ticket.session_id = stream.session.id
             dtype, codec = stream.session.spec.wire_dtype, stream.session.spec.wire_compression
             meter = self._meter(client)
-            assembler: TensorAssembler | None = None
             head: pb.GenerateStep | None = None
             received = 0
             while (request := await next_request()) is not None:
@@ -262,7 +276,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                     self.host.check_hidden_shape(tuple(head.hidden.shape))
                     check_session("hidden", head.hidden.compression, codec)
                     limit = self.host.limits.max_tensor_bytes
-                    assembler = TensorAssembler("hidden", limit, dtype, allow_compression=True)
+                    assembler = TensorAssembler("hidden", limit, dtype, allow_compression=True, charge=ticket)
+                    ticket.track(assembler)
                 assembler.add(request.step.hidden)
                 if not assembler.complete:
                     continue
@@ -282,9 +297,12 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                     yield response
                 meter.record("generate", sent=sent, received=received, compute_s=seconds)
                 assembler, head, received = None, None, 0
+                self.budget.settle(ticket)
         except Exception as exc:  # every error becomes a status
             await self._fail(context, exc)
         finally:
+            if ticket is not None:  # a half-sent step's buffer goes now, not with a garbage collection
+                self.budget.close(ticket)
             if stream is not None:
                 self.generation.close(stream)
 
@@ -320,21 +338,22 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     async def SubmitUpdate(self, client: str, requests: AsyncIterator[pb.SubmitChunk], context: Any) -> Any:
         """A selected client's head and tail update for the open round."""
         coordinator = self._coordinator()
-        limit = self.host.limits.max_tensor_bytes
         header: list[pb.SubmitChunk] = []  # its round, should a tensor be refused (NaN/Inf): the client's fault
-        try:
-            first, state, received = await receive_state(
-                requests,
-                "update",
-                limit,
-                named=lambda m: m.tensor if m.tensor.name else None,  # the header has none
-                on_first=header.append,
-            )
-        except InvalidInputError as exc:
-            if header:
-                await coordinator.refuse(client, int(header[0].round), str(exc))
-            raise
-        await coordinator.submit(client, int(first.round), int(first.num_samples), float(first.loss), state)
+        with self.budget.stream(client) as ticket:  # the update's bytes, as they arrive, until it is taken
+            try:
+                first, state, received = await receive_budgeted_state(
+                    requests,
+                    "update",
+                    self.host.limits,
+                    ticket,
+                    named=lambda m: m.tensor if m.tensor.name else None,  # the header carries no tensor
+                    on_first=header.append,
+                )
+            except InvalidInputError as exc:
+                if header:
+                    await coordinator.refuse(client, int(header[0].round), str(exc))
+                raise
+            await coordinator.submit(client, int(first.round), int(first.num_samples), float(first.loss), state)
         self._meter(client).record("submit", received=received)
         return pb.SubmitResponse(accepted=True)
 

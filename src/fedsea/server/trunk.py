@@ -11,6 +11,9 @@ Design decisions:
   closes or times out); a resent step is answered again without stepping twice. A step may
   come as m micro-batches (``fedsea.training.pipeline``): one graph per slice, the slices'
   gradients summed in slice order, one optimizer step after the last slice's backward.
+- Memory is bounded (issue 14): a trunk LoRA is checked against the limits before it is made;
+  a forward's saved activations are measured and budgeted until their backward, and dropped
+  ``pending_timeout_s`` after it if the backward never comes (``fedsea.server.memory``).
 - Everything a client sends is validated with ``if ... raise`` and typed errors that the
   servicer maps to gRPC status codes (``fedsea.errors`` and ``fedsea.server.service``).
 """
@@ -21,7 +24,7 @@ import secrets
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -43,6 +46,7 @@ from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.masks import check_finite
 from fedsea.model.seeding import seeded
 from fedsea.model.split import Trunk, check_partition, check_supported
+from fedsea.server.memory import ActivationMeter, check_lora, check_pending, within_pending
 from fedsea.training.pipeline import MicroStep
 from fedsea.training.step import PartOptimizer
 
@@ -75,6 +79,9 @@ class Session:
     next_step: int = 0
     pending: MicroStep | None = None  # the step in flight: its slices' graphs (one slice unless pipelined)
     answered: MicroStep | None = None  # the last finished step, its answers kept for resends
+    pending_bytes: dict[int, int] = field(default_factory=dict)  # saved activation bytes per pending slice
+    pending_at: float = 0.0  # when the pending step's last forward came (monotonic)
+    expired_step: int | None = None  # a step whose activations expired before its backward
 
     @property
     def adapter_name(self) -> str:
@@ -109,6 +116,9 @@ class TrunkHost:
         # (one token per row) would pay every time. None = unknown; adapter changes reset it.
         self._active: str | None = None
         self._training: bool | None = None
+        self.activations = ActivationMeter(model)  # forwards' saved tensors, measured
+        # Called with each session that closes (under the compute lock): frees its streams' buffers.
+        self.on_drop: list[Callable[[Session], None]] = []
 
     # -- sessions ---------------------------------------------------------------------------
     def open_session(self, owner: str, fingerprint: str, spec: SessionSpec) -> Session:
@@ -130,6 +140,7 @@ class TrunkHost:
                 raise LimitExceededError(f"the server is full (max_sessions={self.limits.max_sessions})")
             session_id = secrets.token_urlsafe(16)
             trunk = Trunk(self.model, spec.head_layers, self.num_layers - spec.tail_layers)
+            check_lora(trunk, spec.lora, self.limits)  # before peft allocates anything
             # Seed the adapter's initialisation without touching the process's global RNG.
             with seeded(spec.seed):
                 add_lora(trunk, spec.lora, adapter_name=f"s_{session_id}")
@@ -154,8 +165,10 @@ class TrunkHost:
             self._drop(self.get(owner, session_id))
 
     def _drop(self, session: Session) -> None:
-        session.pending = None
+        self._forget_pending(session)
         session.answered = None
+        for hook in self.on_drop:
+            hook(session)
         with warnings.catch_warnings():  # peft warns when the active adapter goes: expected here
             warnings.simplefilter("ignore", UserWarning)
             for layer in session.tuner_layers:
@@ -168,6 +181,7 @@ class TrunkHost:
         """Close sessions idle for longer than ``idle_timeout_s``; return their ids."""
         now = time.monotonic() if now is None else now
         with self._compute_lock:
+            self.expire_pending(now)
             idle = [s for s in self._sessions.values() if now - s.last_used > self.limits.idle_timeout_s]
             for session in idle:
                 self._drop(session)
@@ -209,6 +223,28 @@ class TrunkHost:
         LoRA modules start in training mode, and peft may move the active adapter)."""
         self._active = None
         self._training = None
+        self.activations.invalidate()
+
+    # -- pending activations (``fedsea.server.memory``) ------------------------------------------
+    def _forget_pending(self, session: Session) -> None:
+        session.pending = None
+        session.pending_bytes.clear()
+
+    def expire_pending(self, now: float | None = None) -> int:
+        """Drop the activations of forwards whose backward is ``pending_timeout_s`` late; return how many."""
+        now = time.monotonic() if now is None else now
+        with self._compute_lock, self._sessions_lock:
+            timeout = self.limits.pending_timeout_s
+            late = [s for s in self._sessions.values() if s.pending is not None and now - s.pending_at > timeout]
+            for session in late:
+                session.expired_step = session.pending.step if session.pending is not None else None
+                self._forget_pending(session)
+            return len(late)
+
+    def pending_bytes(self, owner: str | None = None) -> int:
+        """Saved activation bytes of forwards awaiting their backward, of one owner or in all."""
+        with self._sessions_lock:
+            return sum(sum(s.pending_bytes.values()) for s in self._sessions.values() if owner in (None, s.owner))
 
     # -- training ---------------------------------------------------------------------------
     def check_hidden_shape(self, shape: tuple[int, ...], field_name: str = "hidden") -> None:
@@ -243,6 +279,7 @@ class TrunkHost:
         self.check_hidden_shape(tuple(hidden.shape))
         count = self._check_micro(micro, micro_batches)
         with self._compute_lock:
+            self.expire_pending()
             session = self.get(owner, session_id)
             pending = session.pending
             retry = pending is not None and pending.step == step
@@ -267,10 +304,27 @@ class TrunkHost:
             self._activate(session, training=True)
             # NaN/Inf checked on the host tensor the wire gave (on an accelerator the check syncs).
             check_finite(hidden, "hidden")
+            # What this slice replaces is freed when it is stored; refuse before computing if
+            # the client is already at its budget, and after, with the exact bytes measured.
+            old = session.pending_bytes
+            old_bytes = old.get(micro, 0) if pending is session.pending else sum(old.values())
+            mine, total = self.pending_bytes(owner) - old_bytes, self.pending_bytes() - old_bytes
+            blocks, tokens = (session.trunk.start, session.trunk.end), hidden.shape[0] * hidden.shape[1]
+            expected = max(1, self.activations.estimate(blocks, tokens))
+            check_pending(self.limits, mine + expected, total + expected)
             inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
-            out: torch.Tensor = session.trunk(inp, lengths)  # (B, n, d); validates lengths
+            with self.activations.measure(blocks, tokens) as saved:
+                out: torch.Tensor = session.trunk(inp, lengths)  # (B, n, d); validates lengths
+            if not within_pending(self.limits, mine + saved.bytes, total + saved.bytes):
+                del out, inp  # the graph goes now, not with the traceback
+                check_pending(self.limits, mine + saved.bytes, total + saved.bytes)
+            if pending is not session.pending:
+                self._forget_pending(session)
             pending.add_forward(micro, inp, out)
             session.pending = pending
+            session.pending_bytes[micro] = saved.bytes
+            session.pending_at = time.monotonic()
+            session.expired_step = None
             return out.detach().cpu()
 
     def _check_micro(self, micro: int, micro_batches: int) -> int:
@@ -301,18 +355,26 @@ class TrunkHost:
             done = session.answered
             if done is not None and done.step == step and done.count == count and micro in done.answers:
                 return done.answers[micro].cpu()  # a resend: same answer, no second update
+            self.expire_pending()
             pending = session.pending
+            if pending is None and session.expired_step == step:
+                raise ProtocolError(
+                    f"the forward of step {step} waited more than pending_timeout_s="
+                    f"{self.limits.pending_timeout_s:g} s for its backward and its activations were "
+                    "freed; resend the forward"
+                )
             if pending is None or pending.step != step:
                 raise ProtocolError(f"backward for step {step} without its forward")
             pending.check_index(micro, count)
             self._activate(session)
             grad_in = pending.backward(micro, grad).cpu()  # checks the shape and NaN/Inf; (B_i, n_i, d)
+            session.pending_bytes.pop(micro, None)  # the slice's graph is gone
             if not pending.missing:  # the step's last slice: one update from the slices' summed gradients
                 pending.accumulate()
                 if update:
                     session.optimizer.step()
                 pending.release()
-                session.pending = None
+                self._forget_pending(session)
                 session.answered = pending
                 session.next_step = step + 1
             return grad_in

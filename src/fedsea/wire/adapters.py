@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import torch
 
-from fedsea.errors import InvalidInputError
+from fedsea.errors import InvalidInputError, LimitExceededError
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, TensorAssembler, encode
 
@@ -64,31 +64,71 @@ def submit_messages(
 class StateAssembler:
     """Rebuilds a state from its chunks, each tensor checked like any other (``TensorAssembler``).
 
+    Memory follows bytes: each tensor's buffer grows with what arrived, and the state's bytes
+    together are counted as they arrive against ``max_total_bytes`` (and told to ``charge``).
+
     Args:
         field: name in error messages; a tensor is ``field[name]``.
         max_bytes: largest tensor accepted.
+        max_total_bytes: most bytes of all the state's tensors together (RESOURCE_EXHAUSTED past it).
+        charge: called with each chunk's byte count before its bytes are kept; raises to refuse them.
     """
 
-    def __init__(self, field: str, max_bytes: int = UNLIMITED) -> None:
+    def __init__(
+        self,
+        field: str,
+        max_bytes: int = UNLIMITED,
+        max_total_bytes: int = UNLIMITED,
+        charge: Callable[[int], None] | None = None,
+    ) -> None:
         self.field = field
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
+        self._charge = charge
+        self._total = 0
+        self._released = False
         self._parts: dict[str, TensorAssembler] = {}
+
+    def _count(self, count: int) -> None:
+        if self._total + count > self.max_total_bytes:
+            raise LimitExceededError(
+                f"{self.field}: more than {self.max_total_bytes} bytes of tensors in one state (max_adapter_bytes)"
+            )
+        if self._charge is not None:
+            self._charge(count)
+        self._total += count
 
     def add(self, named: pb.NamedTensorChunk) -> None:
         """Take one chunk of the tensor ``named.name``."""
+        if self._released:
+            self._count(0)  # a budget that freed the buffers says why (its session closed)
+            raise InvalidInputError(self.field, "the stream's buffers were released")
         part = self._parts.get(named.name)
         if part is None:
             if len(self._parts) >= MAX_TENSORS:
                 raise InvalidInputError(self.field, "too many tensors")
-            part = self._parts[named.name] = TensorAssembler(f"{self.field}[{named.name}]", self.max_bytes)
+            field = f"{self.field}[{named.name[:200]}]"  # an unbounded name is not echoed whole
+            part = self._parts[named.name] = TensorAssembler(field, self.max_bytes, charge=self._count)
         part.add(named.tensor)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of tensor data held now (what arrived; 0 once released)."""
+        return sum(part.held_bytes for part in self._parts.values())
+
+    def release(self) -> None:
+        """Free every partial tensor now (a refused or abandoned stream); later chunks are refused."""
+        self._released = True
+        for part in self._parts.values():
+            part.release()
+        self._parts.clear()
 
     def state(self, check_finite: bool = True) -> dict[str, torch.Tensor]:
         """The float32 tensors by name; with ``check_finite``, NaN or Inf is refused."""
         state = {name: part.tensor().float() for name, part in self._parts.items()}
         for name, tensor in state.items() if check_finite else ():
             if not bool(torch.isfinite(tensor).all()):
-                raise InvalidInputError(f"{self.field}[{name}]", "contains NaN or Inf")
+                raise InvalidInputError(f"{self.field}[{name[:200]}]", "contains NaN or Inf")
         return state
 
 
@@ -107,24 +147,35 @@ async def receive_state(
     *,
     named: Callable[[M], pb.NamedTensorChunk | None],
     on_first: Callable[[M], object] | None = None,
+    max_total_bytes: int = UNLIMITED,
+    charge: Callable[[int], None] | None = None,
+    track: Callable[[StateAssembler], None] | None = None,
 ) -> tuple[M, dict[str, torch.Tensor], int]:
     """A client's state stream: (first message, checked float32 state, bytes received).
 
     ``named`` picks a message's chunk (None: it carries none, e.g. a header); ``on_first``
     sees the first message before any tensor is assembled (e.g. NOT_FOUND for its session).
+    ``max_total_bytes`` and ``charge`` bound the state's bytes as they arrive (``StateAssembler``;
+    ``track`` sees it, whose buffers a budget may free early, ``fedsea.server.budget``);
+    on any error the partial tensors are freed before the error leaves.
     """
     first: M | None = None
-    assembler = StateAssembler(field, max_bytes)
+    assembler = StateAssembler(field, max_bytes, max_total_bytes, charge)
+    if track is not None:
+        track(assembler)
     received = 0
-    async for message in requests:
-        received += message.ByteSize()  # type: ignore[attr-defined]
+    try:
+        async for message in requests:
+            received += message.ByteSize()  # type: ignore[attr-defined]
+            if first is None:
+                first = message
+                if on_first is not None:
+                    on_first(message)
+            chunk = named(message)
+            if chunk is not None:
+                assembler.add(chunk)
         if first is None:
-            first = message
-            if on_first is not None:
-                on_first(message)
-        chunk = named(message)
-        if chunk is not None:
-            assembler.add(chunk)
-    if first is None:
-        raise InvalidInputError("request", "empty request stream")
-    return first, assembler.state(), received
+            raise InvalidInputError("request", "empty request stream")
+        return first, assembler.state(), received
+    finally:
+        assembler.release()  # the state (if made) holds its tensors; the partial buffers go now

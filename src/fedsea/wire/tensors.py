@@ -1,8 +1,8 @@
 """Tensor <-> wire messages: raw little-endian bytes + dtype + shape, chunked.
 
-No pickle: a tensor is rebuilt from its bytes, as a view of one buffer of the declared size,
-after the byte count has been checked against dtype x shape. Every check failure raises
-``InvalidInputError`` naming the field, which the servicer turns into INVALID_ARGUMENT.
+No pickle: a tensor is rebuilt from its bytes, after the byte count has been checked against
+dtype x shape, in a buffer that grows with the bytes that arrive (never allocated from the
+declared size, issue 14). Every check failure raises ``InvalidInputError`` naming the field.
 
 Copies (issue 13, ``fedsea bench wire``): a chunk's bytes are copied once out of the tensor's
 memory (upb's bytes fields take only ``bytes``) and, with ``encode_into``, straight into the
@@ -170,18 +170,22 @@ def encode_into(
 class TensorAssembler:
     """Rebuilds one tensor from its chunks, checking each against the first.
 
-    The first chunk's declared size is checked against ``max_bytes`` before anything is
-    allocated; then one buffer of exactly that size is allocated and each chunk's bytes are
-    copied into it at their offset. The tensor returned is a view of that buffer.
+    Memory follows bytes (issue 14): the declared size is checked against ``max_bytes`` but
+    nothing is allocated from it. Chunks are appended to a ``bytearray`` as they arrive
+    (``charge`` sees their count first and may refuse them); realloc grows it in place or with
+    ``mremap``, over-allocating at most 1/8 of what arrived. The tensor is a zero-copy view of
+    it (``torch.frombuffer``), or with ``pin_memory`` one copy in pinned memory. ``release``
+    frees the buffer at once (a refused stream).
 
     Args:
         field: name used in error messages (e.g. ``"hidden"``).
         max_bytes: refuse a tensor whose declared size exceeds this (RESOURCE_EXHAUSTED).
         expect_dtype: if set, the only dtype accepted (the session's wire dtype).
-        pin_memory: allocate the buffer in pinned memory (for a fast copy to a GPU).
+        pin_memory: hand the tensor out in pinned memory (for a fast copy to a GPU).
         allow_compression: accept lossy-compressed chunks (``fedsea.wire.compress``); refused
             by default. Sessions that agreed on a compression (``OpenSessionRequest.wire_compression``)
             allow it and check each tensor's kind themselves (``compress.check_session``).
+        charge: told each chunk's byte count before it is kept; raises to refuse it (``fedsea.server.budget``).
     """
 
     field: str
@@ -189,18 +193,24 @@ class TensorAssembler:
     expect_dtype: int | None = None
     pin_memory: bool = False
     allow_compression: bool = False
+    charge: Callable[[int], None] | None = None
     _dtype: int | None = None
     _shape: tuple[int, ...] | None = None
     _total: int = 0
-    _buffer: torch.Tensor | None = None
-    _view: memoryview | None = None
+    _buffer: bytearray | None = None
     _received: int = 0
     _compression: int = NONE
     _scales: bytes = b""
+    _released: bool = False
+    _pinned: torch.Tensor | None = None  # the pinned copy, once made
 
     def add(self, chunk: pb.TensorChunk) -> int:
-        """Check one chunk against the first and copy its bytes in at its offset; return their count."""
-        if self._view is None:
+        """Check one chunk against the first and append its bytes; return their count."""
+        if self._released:
+            if self.charge is not None:
+                self.charge(0)  # a budget that freed the buffer says why (its session closed)
+            raise InvalidInputError(self.field, "the stream's buffer was released")
+        if self._buffer is None:
             self._start(chunk)
         elif (
             chunk.dtype != self._dtype
@@ -211,14 +221,16 @@ class TensorAssembler:
             raise InvalidInputError(self.field, "chunks disagree on dtype, shape, total_bytes or compression")
         elif chunk.scales:
             raise InvalidInputError(self.field, "scales in a chunk other than the first")
-        assert self._view is not None
+        buffer = self._buffer  # a local: ``release`` from another thread cannot pull it from under us
         if chunk.offset != self._received:
             raise InvalidInputError(self.field, f"chunk at offset {chunk.offset}, expected {self._received}")
         data = chunk.data  # each read of a bytes field copies it out of the message: read once
         end = self._received + len(data)
         if end > self._total:
             raise InvalidInputError(self.field, f"more bytes than total_bytes={self._total}")
-        self._view[self._received : end] = data
+        if self.charge is not None:
+            self.charge(len(data))
+        buffer += data  # type: ignore[operator]  # set by _start; grows by what arrived (realloc)
         self._received = end
         return len(data)
 
@@ -255,19 +267,38 @@ class TensorAssembler:
             raise InvalidInputError(self.field, f"{len(chunk.scales)} bytes of scales for shape {shape}")
         self._dtype, self._shape, self._total = chunk.dtype, shape, expected
         self._compression, self._scales = chunk.compression, chunk.scales
-        # Uninitialised: every byte is written by a chunk before tensor() hands it out.
-        self._buffer = torch.empty(expected, dtype=torch.uint8, pin_memory=self.pin_memory)
-        self._view = self._buffer.numpy().data  # a memoryview of the buffer
-
-    @property
-    def started(self) -> bool:
-        """True once the first chunk has arrived."""
-        return self._view is not None
+        self._buffer = bytearray()  # empty: it grows with the bytes that arrive
 
     @property
     def complete(self) -> bool:
         """All declared bytes have arrived."""
-        return self._view is not None and self._received == self._total
+        return self._buffer is not None and self._received == self._total
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the assembler holds now (what arrived; 0 once released)."""
+        if self._pinned is not None:
+            return int(self._pinned.numel())
+        return len(self._buffer) if self._buffer is not None else 0
+
+    def release(self) -> None:
+        """Free the buffer now (a refused or abandoned stream); later chunks are refused."""
+        self._released = True
+        self._buffer, self._pinned = None, None
+
+    def _flat(self) -> torch.Tensor:
+        """The bytes as a flat uint8 tensor (total,): a view of the buffer, or its pinned copy."""
+        if self._pinned is not None:
+            return self._pinned
+        buffer = self._buffer or bytearray()
+        # frombuffer refuses an empty buffer; a tensor with a zero dimension has no bytes.
+        flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+        if self.pin_memory:
+            pinned = torch.empty(len(buffer), dtype=torch.uint8, pin_memory=True)
+            pinned.copy_(flat)
+            self._pinned, self._buffer = pinned, bytearray()  # the pageable bytes go now
+            return pinned
+        return flat
 
     def tensor(self) -> torch.Tensor:
         """The assembled tensor, of the declared shape and wire dtype; raises if chunks are missing."""
@@ -275,9 +306,10 @@ class TensorAssembler:
             raise InvalidInputError(self.field, "missing")
         if self._received != self._total:
             raise InvalidInputError(self.field, f"received {self._received} of {self._total} bytes")
+        flat = self._flat()
         if self._compression == NONE:
-            return self._buffer.view(_TORCH[self._dtype]).reshape(self._shape)
-        codes = self._buffer.view(compress.code_dtype(self._compression)).reshape(self._shape)
+            return flat.view(_TORCH[self._dtype]).reshape(self._shape)
+        codes = flat.view(compress.code_dtype(self._compression)).reshape(self._shape)
         scales = torch.frombuffer(bytearray(self._scales), dtype=torch.float32) if self._scales else torch.empty(0)
         compress.check_codes(self.field, self._compression, codes, scales)
         return compress.dequantize(codes, scales, _TORCH[self._dtype])
@@ -321,30 +353,42 @@ async def receive_tensor(
     on_first: Callable[[M, pb.TensorChunk], int],
     pin_memory: bool = False,
     allow_compression: bool = False,
+    charge: Callable[[int], None] | None = None,
+    track: Callable[[TensorAssembler], None] | None = None,
 ) -> tuple[M, torch.Tensor, int, int]:
     """A chunked request stream's tensor: (first message, tensor, wire dtype, bytes received).
 
     ``on_first`` sees the first message and its chunk before any bytes are assembled (the
     session's NOT_FOUND, a shape over the limits) and returns the only dtype accepted. Each
     message's chunk data is dropped once copied into the tensor (the first message is returned
-    without it); bytes received still count it, as serialized.
+    without it); bytes received still count it, as serialized. ``charge`` is told each chunk's
+    byte count before it is kept, ``track`` sees the assembler (a budget may free it early). On
+    any error (a refused chunk, a deadline, a cancelled stream) its buffer is freed at once.
     """
     first: M | None = None
     assembler: TensorAssembler | None = None
     received = 0
     dtype = 0
-    async for message in requests:
-        chunk: pb.TensorChunk = getattr(message, field)
+    try:
+        async for message in requests:
+            chunk: pb.TensorChunk = getattr(message, field)
+            if first is None or assembler is None:
+                first = message
+                dtype = on_first(message, chunk)
+                assembler = TensorAssembler(field, max_bytes, dtype, pin_memory, allow_compression, charge)
+                if track is not None:
+                    track(assembler)
+            count = assembler.add(chunk)
+            chunk.ClearField("data")
+            received += _size_without_data(message, chunk, count)
         if first is None or assembler is None:
-            first = message
-            dtype = on_first(message, chunk)
-            assembler = TensorAssembler(field, max_bytes, dtype, pin_memory, allow_compression)
-        count = assembler.add(chunk)
-        chunk.ClearField("data")
-        received += _size_without_data(message, chunk, count)
-    if first is None or assembler is None:
-        raise InvalidInputError("request", "empty request stream")
-    return first, assembler.tensor(), dtype, received
+            raise InvalidInputError("request", "empty request stream")
+        return first, assembler.tensor(), dtype, received
+    except BaseException:
+        # Freed now, not when the traceback (which holds this frame) is collected.
+        if assembler is not None:
+            assembler.release()
+        raise
 
 
 def torch_dtype(dtype: int) -> torch.dtype:

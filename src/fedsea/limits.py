@@ -1,0 +1,111 @@
+"""``ServerLimits``: what the trunk server enforces on every client (re-exported by ``fedsea.config``).
+
+Issue 14 made memory follow bytes: nothing is allocated from a size a client declares, only
+for bytes that arrived, and every kind of memory a client can make the server hold has a
+budget per client and in all (in-flight request tensors, pending activations, adapters,
+generation streams and their KV caches), each refused with RESOURCE_EXHAUSTED naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def _check(cond: bool, name: str, value: object, need: str) -> None:
+    if not cond:
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Limits the trunk server enforces; going over one is RESOURCE_EXHAUSTED.
+
+    Args:
+        max_seq_len (`int`): longest padded sequence (tokens) in one request.
+        max_batch (`int`): most sequences in one request.
+        max_message_bytes (`int`): largest gRPC message (one chunk) accepted, in bytes.
+        max_tensor_bytes (`int`): largest tensor (all its chunks together), in bytes.
+        max_sessions_per_client (`int`): open sessions one client may hold at once.
+        max_sessions (`int`): open sessions on the server in all.
+        idle_timeout_s (`float`): a session unused this long is closed and its memory freed.
+        max_generation_sessions (`int`): open inference streams on the server in all.
+        max_cache_bytes (`int`): KV-cache memory budget of all inference streams together; a
+            stream reserves its worst case (batch x max_length) when it starts, or is refused.
+        stream_timeout_s (`float`): longest wait for the next message of a request stream that
+            carries a tensor or adapter (Forward, Backward, PutTrunkAdapter, SubmitUpdate, the
+            chunks of a Generate step); past it the stream is refused (DEADLINE_EXCEEDED) and
+            its buffers freed. A gap, not a whole-stream deadline: one 1 MiB chunk takes 8 s at 1 Mbit/s.
+        max_inflight_bytes_per_client (`int`): tensor bytes one client's partial request streams
+            may hold on the server at once (counted as they arrive).
+        max_inflight_bytes (`int`): tensor bytes all partial request streams may hold at once.
+        max_pending_bytes_per_client (`int`): activation bytes one client's forwards awaiting
+            their backward may hold (the autograd graph's saved tensors, measured; a forward
+            expected to pass it is refused before it computes).
+        max_pending_bytes (`int`): activation bytes all pending forwards may hold at once.
+        pending_timeout_s (`float`): a forward's activations are dropped when its backward has
+            not come this long after it; that backward is refused (FAILED_PRECONDITION: resend the forward).
+        max_lora_rank (`int`): largest trunk LoRA rank r a session may ask for.
+        max_lora_targets (`int`): most target module names in a session's trunk LoRA.
+        max_adapter_bytes (`int`): largest trunk adapter per session (float32 A and B of every
+            targeted layer, counted before it is made), and largest adapter state one
+            PutTrunkAdapter or SubmitUpdate stream may carry (counted as it arrives).
+        max_generation_sessions_per_client (`int`): open inference streams one client may hold.
+        max_cache_bytes_per_client (`int`): KV-cache bytes one client's streams may reserve.
+    """
+
+    max_seq_len: int = 4096
+    max_batch: int = 64
+    max_message_bytes: int = 4 * MIB
+    max_tensor_bytes: int = 512 * MIB
+    max_sessions_per_client: int = 8
+    max_sessions: int = 256
+    idle_timeout_s: float = 600.0
+    max_generation_sessions: int = 64
+    max_cache_bytes: int = 4 * GIB
+    stream_timeout_s: float = 30.0
+    max_inflight_bytes_per_client: int = 1 * GIB
+    max_inflight_bytes: int = 2 * GIB
+    # SmolLM2-135M (fp32, CPU, 26 trunk blocks, r=8 on q/k/v/o, dropout 0.05) saves 1.19 MB of
+    # activations per token: fedsea's fine-tuning default of 8 x 768 tokens is 7.3 GB, which
+    # one client must be able to hold. Lower both on a smaller server.
+    max_pending_bytes_per_client: int = 8 * GIB
+    max_pending_bytes: int = 16 * GIB
+    pending_timeout_s: float = 120.0
+    max_lora_rank: int = 256
+    max_lora_targets: int = 16
+    max_adapter_bytes: int = 1 * GIB
+    max_generation_sessions_per_client: int = 16
+    max_cache_bytes_per_client: int = 1 * GIB
+
+    def __post_init__(self) -> None:
+        counts = (
+            "max_seq_len",
+            "max_batch",
+            "max_sessions_per_client",
+            "max_sessions",
+            "max_generation_sessions",
+            "max_lora_rank",
+            "max_lora_targets",
+            "max_generation_sessions_per_client",
+        )
+        for name in counts:
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        _check(self.max_message_bytes >= 64 * 1024, "max_message_bytes", self.max_message_bytes, ">= 65536")
+        sizes = (
+            "max_tensor_bytes",
+            "max_cache_bytes",
+            "max_inflight_bytes_per_client",
+            "max_inflight_bytes",
+            "max_pending_bytes_per_client",
+            "max_pending_bytes",
+            "max_adapter_bytes",
+            "max_cache_bytes_per_client",
+        )
+        for name in sizes:
+            _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        for name in ("idle_timeout_s", "stream_timeout_s", "pending_timeout_s"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
