@@ -22,6 +22,7 @@ from typing import Any
 from fedsea.experiments.bench_server import wait_until_listening
 
 TINY_MODEL = "tiny-llama"
+_ALLOC_FAILURES = ("can't allocate memory", "Cannot allocate memory", "MemoryError", "std::bad_alloc")
 FEDSEA = [sys.executable, "-m", "fedsea.cli"]
 
 
@@ -51,6 +52,7 @@ class LogCounter:
     lines: int = 0
     bytes: int = 0
     tracebacks: int = 0
+    alloc_failures: int = 0  # allocations refused by the OS (a hard memory limit was hit)
     tail: list[str] = field(default_factory=list)
 
     def feed(self, line: str) -> None:
@@ -58,6 +60,8 @@ class LogCounter:
         self.bytes += len(line.encode("utf-8", "replace"))
         if line.startswith("Traceback (most recent call last)"):
             self.tracebacks += 1
+        if any(text in line for text in _ALLOC_FAILURES):
+            self.alloc_failures += 1
         self.tail.append(line)
         del self.tail[:-40]
 
