@@ -88,6 +88,7 @@ class Ceiling:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+            self.server = None
 
 
 @pytest.fixture(scope="module")
@@ -265,20 +266,32 @@ def test_an_adversarial_pattern_is_held_under_the_memory_ceiling(ceiling, refere
     fingerprint = model_fingerprint(_parts(TINY_MODEL)[0])
     hostile = Hostile(client, client.open_target(fingerprint, D).session_id, fingerprint)
     alloc_failures = server.log.alloc_failures
+    failures: list[str] = []
     try:
         PATTERNS[pattern](hostile)
         hostile.wait_complete(60)
         time.sleep(1.5)  # the server has received what was sent (and computed the complete calls)
-        assert server.alive(), server.log.tail[-10:]
-        result = good_run(server.address, token=ceiling.good_token, timeout_s=30)
-        assert result.same_as(reference)
-        time.sleep(IDLE_S + 2.0)  # the server's own deadlines pass; the hostile calls stay open
-        assert server.alive(), server.log.tail[-10:]
-        freed_mb = (server.rss() - start) / MB
-        peak = _status(server.pid, "VmHWM")
+        if server.alive():
+            try:
+                if not good_run(server.address, token=ceiling.good_token, timeout_s=30).same_as(reference):
+                    failures.append("the good client's results changed")
+            except Exception as exc:  # an honest client's request must succeed
+                failures.append(f"the good client failed: {exc}")
+            time.sleep(IDLE_S + 2.0)  # the server's own deadlines pass; the hostile calls stay open
+        alive = server.alive()
+        peak, held_mb = _status(server.pid, "VmHWM"), (server.rss() - start) / MB
     finally:
         hostile.close()
-    print(f"{pattern}: start {start / MB:.0f} MB, peak {peak / MB:.0f} MB, after the deadlines +{freed_mb:.0f} MB")
-    assert peak < start + MARGIN, f"peak RSS {peak / MB:.0f} MB over the ceiling {(start + MARGIN) / MB:.0f} MB"
-    assert server.log.alloc_failures == alloc_failures, "the server hit the hard memory limit"
-    assert freed_mb < FREED_WITHIN_MB, f"{freed_mb:.0f} MB still held after the server's deadlines"
+    if not alive:
+        failures.append("the server died: " + "".join(server.log.tail[-5:]))
+    else:
+        print(f"{pattern}: start {start / MB:.0f} MB, peak {peak / MB:.0f} MB, after the deadlines +{held_mb:.0f} MB")
+        if peak >= start + MARGIN:
+            failures.append(f"peak RSS {peak / MB:.0f} MB over the ceiling {(start + MARGIN) / MB:.0f} MB")
+        if held_mb >= FREED_WITHIN_MB:
+            failures.append(f"{held_mb:.0f} MB still held after the server's deadlines")
+    if server.log.alloc_failures != alloc_failures:
+        failures.append(f"the server hit the hard memory limit {server.log.alloc_failures - alloc_failures} times")
+    if failures:
+        ceiling.stop()  # the next pattern gets a fresh server, not this one's leftovers
+    assert not failures, failures
