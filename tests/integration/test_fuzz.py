@@ -49,3 +49,28 @@ def test_malformed_requests_get_statuses_never_internal_or_unknown(fuzzed):
 def test_memory_stays_put_and_a_good_client_is_still_bit_exact(fuzzed):
     assert fuzzed["rss_growth_mb"] is not None and fuzzed["rss_growth_mb"] < 200
     assert fuzzed["bit_exact"], fuzzed["good_client_error"]
+
+
+def test_hostile_ids_and_names_are_refused_without_echoing_them(fuzzed):
+    """A 16 KB session id or tensor name is INVALID_ARGUMENT/NOT_FOUND; echoed into the error's
+    details it trips gRPC's metadata limit, which the client sees as RESOURCE_EXHAUSTED."""
+    for edit in ("odd_session_id", "tensor_name"):
+        assert "RESOURCE_EXHAUSTED" not in fuzzed["by_edit"][edit], fuzzed["by_edit"][edit]
+
+
+def test_the_bench_commands_parse():
+    from fedsea.cli.main import build_parser
+
+    fuzz = build_parser().parse_args(["bench", "fuzz", "--requests", "5", "--seed", "3", "--serve-arg=--max-batch=8"])
+    assert (fuzz.requests, fuzz.seed, fuzz.server, fuzz.serve_args) == (5, 3, None, ["--max-batch=8"])
+    soak = build_parser().parse_args(["bench", "soak", "--clients", "2", "--minutes", "0.1"])
+    assert (soak.clients, soak.minutes) == (2, 0.1)
+
+
+def test_a_short_soak_has_no_errors_and_stays_bit_exact():
+    from fedsea.experiments.bench_soak import bench_soak
+
+    result = bench_soak(clients=2, minutes=0.1, sample_s=2.0)
+    assert result["errors"] == 0, result["error_examples"]
+    assert result["runs"] > 0 and result["bit_exact"] and result["server_alive"]
+    assert len(result["rss_samples_mb"]) >= 3

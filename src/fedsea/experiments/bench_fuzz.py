@@ -42,8 +42,10 @@ class _State:
         self.statuses: Counter[str] = Counter()
         self.by_rpc: dict[str, Counter[str]] = {}
         self.by_family: dict[str, Counter[str]] = {}
+        self.by_edit: dict[str, Counter[str]] = {}  # the hostile family's statuses by edit (fuzz_hostile)
         self.examples: list[dict[str, Any]] = []  # distinct INTERNAL/UNKNOWN (RPC, status, details)
         self.seen: set[tuple[str, str, str]] = set()
+        self.internal: Counter[str] = Counter()  # INTERNAL/UNKNOWN by "RPC/family[/edit]"
         self.hangs: list[dict[str, Any]] = []
         self.slowest_s = 0.0
         self.stop = threading.Event()
@@ -60,12 +62,23 @@ class _State:
             self.statuses[status] += 1
             self.by_rpc.setdefault(case.rpc, Counter())[status] += 1
             self.by_family.setdefault(case.family, Counter())[status] += 1
+            if case.edit:
+                self.by_edit.setdefault(case.edit, Counter())[status] += 1
             self.slowest_s = max(self.slowest_s, seconds)
-            key = (case.rpc, status, details[:40])
+            if status in ("INTERNAL", "UNKNOWN"):
+                self.internal[f"{case.rpc}/{case.family}{'/' + case.edit if case.edit else ''}"] += 1
+            key = (case.rpc, status, details[:40] + case.edit)
             if status in ("INTERNAL", "UNKNOWN") and key not in self.seen and len(self.examples) < 30:
                 self.seen.add(key)
                 self.examples.append(
-                    {"case": index, "rpc": case.rpc, "family": case.family, "status": status, "details": details[:200]}
+                    {
+                        "case": index,
+                        "rpc": case.rpc,
+                        "family": case.family,
+                        "edit": case.edit,
+                        "status": status,
+                        "details": details[:200],
+                    }
                 )
 
 
@@ -87,7 +100,8 @@ def _worker(
             state.record(index, case, status, details, seconds)
             if status == "DEADLINE_EXCEEDED" and not case.stall:
                 with state.lock:
-                    state.hangs.append({"case": index, "rpc": case.rpc, "family": case.family, "s": round(seconds, 2)})
+                    hang = {"case": index, "rpc": case.rpc, "family": case.family, "edit": case.edit}
+                    state.hangs.append({**hang, "s": round(seconds, 2)})
                 on_hang()
             if case.rpc == "OpenSession" and status == "OK" and reply is not None:
                 from fedsea.wire import fedsea_pb2 as pb
@@ -222,6 +236,7 @@ def _run(
         "seconds": round(seconds, 1),
         "statuses": dict(state.statuses.most_common()),
         "internal_unknown": state.statuses["INTERNAL"] + state.statuses["UNKNOWN"],
+        "internal_unknown_by_case": dict(state.internal.most_common()),
         "crashes": int(crashed),
         "hangs": len(state.hangs),
         "hang_cases": state.hangs[:20],
@@ -234,6 +249,7 @@ def _run(
         "good_client_error": good_error,
         "by_rpc": {rpc: dict(c.most_common()) for rpc, c in sorted(state.by_rpc.items())},
         "by_family": {f: dict(c.most_common()) for f, c in sorted(state.by_family.items())},
+        "by_edit": {e: dict(c.most_common()) for e, c in sorted(state.by_edit.items())},
         "examples": state.examples,
     }
     if proc is not None:

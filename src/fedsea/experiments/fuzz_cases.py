@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedsea.experiments.fuzz_hostile import hostile_edit
+from fedsea.experiments.fuzz_hostile import CLOSE_OWN_SESSION, hostile_edit
 from fedsea.wire import fedsea_pb2 as pb
 
 # RPC -> gRPC call kind (which multi-callable of the raw channel sends it).
@@ -80,6 +80,7 @@ class Case:
     auth: str = "fuzzer"
     prep_forward: tuple[int, list[int]] | None = None  # (step, shape) of a valid Forward to send first
     closes_session: bool = False
+    edit: str = ""  # the hostile edit's label (fuzz_hostile), e.g. "chunk.shape" or "open.rank"
 
 
 def chunk(rng: random.Random, shape: list[int], dtype: pb.DType = pb.FLOAT32) -> pb.TensorChunk:
@@ -201,7 +202,8 @@ def make_case(rng: random.Random, target: Target) -> Case:
         case.messages = [garbage(rng) for _ in range(count)]
         return case
     if family == "hostile":
-        case.closes_session = hostile_edit(rpc, messages, rng, target)
+        case.edit = hostile_edit(rpc, messages, rng, target)
+        case.closes_session = case.edit == CLOSE_OWN_SESSION
     raw = [m.SerializeToString() for m in messages]
     if family in ("truncated", "bitflip"):
         i = rng.randrange(len(raw))

@@ -23,6 +23,16 @@ ODD_TARGETS: tuple[list[str], ...] = (
     ["q_proj", "nonexistent"], ["\x00"], ["mlp"], ["layers"], [".*"],
 )  # fmt: skip
 ODD_IDS = ("", "\x00", "x" * 16 * 1024, "é" * 4000, "../", "s-" + "9" * 64, "\n\r", "null")
+CHUNK_EDITS = (
+    "shape", "dtype", "total_bytes", "offset", "extra_data", "short_data", "compression", "scales",
+    "declared_64x4096xd", "overflowing_shape", "nan", "inf", "zero_dim_consistent",
+)  # fmt: skip
+OPEN_EDITS = ("layers", "rank", "target_modules", "alpha_dropout", "optimizer", "wire_dtype", "compression",
+              "fingerprint", "seed")  # fmt: skip
+GENERATE_EDITS = ("max_length", "step_before_open", "open_twice", "rewind", "keep_rows", "close_then_step",
+                  "naive_step", "hidden")  # fmt: skip
+STEP_EDITS = ("step", "micro_batch", "lengths", "reorder", "step0")
+CLOSE_OWN_SESSION = "close_own_session"
 FLOATS = (float("nan"), float("inf"), -float("inf"), -1.0, 0.0, 1e308, -1e308, 5e-324, 2.0, 1e38)
 
 
@@ -40,9 +50,9 @@ def _chunks(messages: list[Any]) -> list[pb.TensorChunk]:
     return out
 
 
-def edit_chunk(c: pb.TensorChunk, rng: random.Random, d: int) -> None:
-    """One hostile change to a tensor chunk's header or data."""
-    what = rng.randrange(12)
+def edit_chunk(c: pb.TensorChunk, rng: random.Random, d: int) -> str:
+    """One hostile change to a tensor chunk's header or data; returns its label."""
+    what = rng.randrange(len(CHUNK_EDITS))
     if what == 0:
         del c.shape[:]
         c.shape.extend(rng.choice(HOSTILE_DIMS))
@@ -73,8 +83,13 @@ def edit_chunk(c: pb.TensorChunk, rng: random.Random, d: int) -> None:
         c.total_bytes = U64
     elif what == 10:
         c.data = b"\xff\xff\xff\x7f" * max(1, len(c.data) // 4)  # NaN bit patterns
-    else:
+    elif what == 11:
         c.data = b"\x00\x00\x80\x7f" * max(1, len(c.data) // 4)  # +inf
+    else:  # zero elements, header consistent: total_bytes 0, no data (issue 14: INTERNAL in Backward)
+        del c.shape[:]
+        c.shape.extend(rng.choice(([BIG, BIG, 0], [0, 1, d], [1, 0, d], [0])))
+        c.total_bytes, c.data = 0, b""
+    return "chunk." + CHUNK_EDITS[what]
 
 
 def _reorder(messages: list[Any], rng: random.Random) -> None:
@@ -94,28 +109,27 @@ def _reorder(messages: list[Any], rng: random.Random) -> None:
         messages[0], messages[-1] = messages[-1], messages[0]
 
 
-def hostile_edit(rpc: str, messages: list[Any], rng: random.Random, t: Any) -> bool:
-    """Apply one hostile edit to ``messages`` (in place); True when it may close the fuzzer's session."""
+def hostile_edit(rpc: str, messages: list[Any], rng: random.Random, t: Any) -> str:
+    """Apply one hostile edit to ``messages`` (in place); returns its label (``CLOSE_OWN_SESSION``:
+    the request closes the fuzzing client's own session)."""
     first = messages[0]
     roll = rng.random()
     if roll < 0.12 and first.DESCRIPTOR.fields_by_name.get("session_id") is not None:
         first.session_id = rng.choice(ODD_IDS)
-        return False
+        return "odd_session_id"
     if rpc == "CloseSession":
         first.session_id = t.session_id if roll < 0.5 else rng.choice(ODD_IDS)
-        return bool(first.session_id == t.session_id)
+        return CLOSE_OWN_SESSION if first.session_id == t.session_id else "odd_session_id"
     if rpc == "OpenSession":
-        _edit_open(first, rng)
-        return False
+        return _edit_open(first, rng)
     if rpc == "Generate":
-        _edit_generate(messages, rng, t.hidden_size)
-        return False
+        return _edit_generate(messages, rng, t.hidden_size)
     if rpc == "AwaitRound":
         first.after_round = rng.choice((U32, 0, 2**31))
-        return False
+        return "after_round"
     if rpc == "JoinRun":
         first.num_samples = rng.choice((U64, 0, 2**63))
-        return False
+        return "num_samples"
     if rpc in ("Forward", "Backward") and roll < 0.45:
         what = rng.randrange(5)
         if what == 0:
@@ -129,32 +143,30 @@ def hostile_edit(rpc: str, messages: list[Any], rng: random.Random, t: Any) -> b
             _reorder(messages, rng)
         else:
             first.step = 0
-        return False
+        return "step." + ("step0" if what == 2 and rpc != "Forward" else STEP_EDITS[what])
     if rpc == "SubmitUpdate" and roll < 0.4:
         first.round, first.loss = rng.choice((0, U32)), rng.choice(FLOATS)
         first.num_samples = rng.choice((0, U64))
-        return False
+        return "submit_header"
     if rpc in ("PutTrunkAdapter", "SubmitUpdate") and roll < 0.6:
         named = [m if isinstance(m, pb.NamedTensorChunk) else m.tensor for m in messages]
         target = rng.choice(named)
         target.name = rng.choice(("", "x" * 16 * 1024, "base_model.weight", "lm_head.weight", named[0].name, "é"))
         if rng.random() < 0.3:
             _reorder(messages, rng)
-        return False
+        return "tensor_name"
     chunks = _chunks(messages)
-    if chunks:
-        edit_chunk(rng.choice(chunks), rng, t.hidden_size)
-    return False
+    return edit_chunk(rng.choice(chunks), rng, t.hidden_size) if chunks else "none"
 
 
-def _edit_open(m: pb.OpenSessionRequest, rng: random.Random) -> None:
+def _edit_open(m: pb.OpenSessionRequest, rng: random.Random) -> str:
     what = rng.randrange(9)
     if what == 0:
         m.head_layers, m.tail_layers = rng.choice(((0, 1), (1, 0), (3, 3), (U32, 1), (1, U32), (4, 0), (2, 2), (0, 0)))
-    elif what == 1:  # huge LoRA ranks that allocate nothing real before a refusal (or overflow)
-        m.trunk_lora.r = rng.choice(
-            (0, U32, 2**31, 2**30)
-        )  # fail to allocate at once; ranks that fit: test_memory_ceiling
+    elif what == 1:
+        # Ranks whose (r, d) matrices cannot be allocated at all: they fail at once. A rank that
+        # fits but fills memory (r = 200,000) is test_memory_ceiling's, not the fuzz's.
+        m.trunk_lora.r = rng.choice((0, U32, 2**31, 2**30))
     elif what == 2:
         del m.trunk_lora.target_modules[:]
         m.trunk_lora.target_modules.extend(rng.choice(ODD_TARGETS))
@@ -171,9 +183,10 @@ def _edit_open(m: pb.OpenSessionRequest, rng: random.Random) -> None:
         m.base_fingerprint = rng.choice(("", "x" * 16 * 1024, "sha256:" + "0" * 64, "\x00"))
     else:
         m.seed = rng.choice((U64, 2**63))
+    return "open." + OPEN_EDITS[what]
 
 
-def _edit_generate(messages: list[Any], rng: random.Random, d: int) -> None:
+def _edit_generate(messages: list[Any], rng: random.Random, d: int) -> str:
     what = rng.randrange(8)
     opener = messages[0].open
     if what == 0:
@@ -193,7 +206,9 @@ def _edit_generate(messages: list[Any], rng: random.Random, d: int) -> None:
         messages[1].step.step = rng.choice((U64, 5))
     else:
         step = messages[rng.choice((1, 2))].step
-        edit_chunk(step.hidden, rng, d)
+        label = edit_chunk(step.hidden, rng, d)
         if rng.random() < 0.3:
             del step.lengths[:]
             step.lengths.extend(rng.choice(([], [0], [U32], [1] * 100)))
+        return "generate." + label
+    return "generate." + GENERATE_EDITS[what]
