@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -53,6 +54,9 @@ FREED_WITHIN_MB = 100  # RSS back within this much of the start once the server'
 # EXTRA_SERVE_ARGS when their defaults are not already tight enough for these patterns.
 SERVE_ARGS = ("--idle-timeout-s", str(IDLE_S), "--max-generation-sessions", "8")
 EXTRA_SERVE_ARGS: tuple[str, ...] = ()
+
+# /proc (RSS, peak RSS, clear_refs) and prlimit are Linux's.
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc and prlimit")
 
 
 def _status(pid: int, key: str) -> int:
