@@ -98,7 +98,8 @@ def bench_soak(
             "minutes": minutes,
             "seconds": round(seconds, 1),
             "runs": len(runs),
-            "steps": 2 * len(runs),
+            "steps": 2 * len(runs),  # training steps (two per run)
+            "generations": len(runs),
             "errors": len(errors),
             "error_examples": errors[:5],
             "mismatches": mismatches[0],

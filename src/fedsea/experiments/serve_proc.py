@@ -72,7 +72,9 @@ class ServeProcess:
     Args:
         model: model source (default: the tiny random model, loads in about a second).
         args: further ``fedsea serve`` flags (limits such as ``--idle-timeout-s``).
-        preexec_fn: run in the child before ``exec`` (e.g. ``resource.setrlimit``).
+        preexec_fn: run in the child before ``exec`` (e.g. ``resource.setrlimit``). A limit
+            sized from the running server's own figures is set afterwards instead, with
+            ``resource.prlimit(server.pid, ...)`` (tests/integration/test_memory_ceiling.py).
         env: extra environment variables.
     """
 
