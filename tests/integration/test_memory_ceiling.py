@@ -248,7 +248,14 @@ def every_generation_slot(h: Hostile) -> None:
         h.stream("Generate", [pb.GenerateRequest(open=pb.GenerateOpen(session_id=h.session_id, max_length=64))])
 
 
+def control(h: Hostile) -> None:
+    """No abuse: a complete, valid (2, 8, d) Forward. Shows that the checks themselves can pass."""
+    first = pb.ForwardRequest(session_id=h.session_id, step=0, lengths=[8, 8], hidden=_chunk([2, 8, D], 2 * 8 * D * 4))
+    h.stream("Forward", [first], stall=False)
+
+
 PATTERNS: dict[str, Callable[[Hostile], None]] = {
+    "control": control,
     "adapter_bomb": adapter_bomb,
     "forward_stalls": forward_stalls,
     "generate_prefill_stalls": generate_prefill_stalls,
