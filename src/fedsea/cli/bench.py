@@ -1,4 +1,6 @@
-"""``fedsea bench load | train | generate | federation | wire``: one JSON line each (BENCHMARKS.md).
+"""``fedsea bench load | train | generate | federation | wire | fuzz | soak``: one JSON line each.
+
+BENCHMARKS.md describes the speed benchmarks, RELIABILITY.md the fuzz and soak benchmarks.
 
 One subcommand per benchmark, so that each takes only the flags it uses.
 """
@@ -54,6 +56,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             tuple(args.sizes_mib), tuple(args.dtypes), args.repeats, args.device, args.chunk_kib[0] * 1024,
             args.compression, tuple(k * 1024 for k in args.chunk_kib[1:]),
         )  # fmt: skip
+    elif args.what == "fuzz":
+        from fedsea.experiments.bench_fuzz import bench_fuzz
+
+        result = bench_fuzz(
+            args.requests, args.seed, args.server, args.workers, args.deadline_s, token=args.token,
+            good_token=args.good_token, serve_args=tuple(args.serve_args),
+        )  # fmt: skip
+    elif args.what == "soak":
+        from fedsea.experiments.bench_soak import bench_soak
+
+        result = bench_soak(args.clients, args.minutes, args.sample_s, tuple(args.serve_args))
     elif args.what == "federation":
         from fedsea.experiments.bench_federation import bench_federation
 
@@ -114,6 +127,7 @@ def add_bench_commands(sub: Any) -> None:
         )
     parsers["load"].add_argument("--repeats", type=int, default=3, help="cached loads to time")
     _add_wire_flags(parsers["wire"])
+    _add_reliability_commands(kinds)
     train = parsers["train"]
     train.add_argument("--batch", type=int, default=4, help="sequences per step")
     train.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
@@ -151,3 +165,28 @@ def _add_wire_flags(p: argparse.ArgumentParser) -> None:
         "--chunk-kib", type=int, nargs="+", default=[chunk], help="KiB per message; more sizes add tensor/raw paths"
     )
     p.add_argument("--compression", default=None, choices=list(COMPRESSIONS), help="also time a lossy path")
+
+
+def _add_reliability_commands(kinds: Any) -> None:
+    """``fedsea bench fuzz`` and ``fedsea bench soak`` (RELIABILITY.md): the tiny model, a server subprocess."""
+    fuzz = kinds.add_parser("fuzz", help="malformed requests on every RPC: statuses, crashes, hangs, server RSS")
+    fuzz.add_argument("--requests", type=int, default=2000, help="malformed requests in all")
+    fuzz.add_argument("--seed", type=int, default=0, help="the cases' seed (same seed, same cases)")
+    fuzz.add_argument(
+        "--server", default=None, help="fuzz this running server (tiny-llama) instead of starting fedsea serve"
+    )
+    fuzz.add_argument("--token", default=None, help="with --server: the fuzzing client's token")
+    fuzz.add_argument("--good-token", default=None, help="with --server: the good client's token")
+    fuzz.add_argument("--workers", type=int, default=4, help="concurrent fuzzing clients")
+    fuzz.add_argument("--deadline-s", type=float, default=10.0, help="a request unanswered this long is a hang")
+    soak = kinds.add_parser("soak", help="N clients training and generating for T minutes: errors, RSS over time")
+    soak.add_argument("--clients", type=int, default=4, help="concurrent clients (threads)")
+    soak.add_argument("--minutes", type=float, default=0.5, help="how long they run")
+    soak.add_argument("--sample-s", type=float, default=10.0, help="seconds between RSS samples")
+    for p in (fuzz, soak):
+        p.add_argument(
+            "--serve-arg", dest="serve_args", action="append", default=[],
+            help="extra fedsea serve flag for the server subprocess (repeatable, e.g. --serve-arg=--max-batch=8)",
+        )  # fmt: skip
+        p.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
+        p.set_defaults(func=_cmd_bench)
