@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import queue
 import time
 
@@ -168,3 +169,45 @@ def test_a_half_sent_prefill_is_freed_at_the_stream_deadline():
             assert wait_for(lambda: servicer.budget.held() == 0 and servicer.generation.count() == 0, timeout=2)
         finally:
             more.put(None)
+
+
+def graph_tensors() -> int:
+    """Live tensors that belong to an autograd graph (a pending forward's activations)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+
+def test_a_refused_request_keeps_no_activations_alive():
+    """A refusal's error must not keep the frames it passed (one holds the session's pending step)
+    alive: grpc keeps an aborted call's error after the call ends."""
+    with serving(ServerLimits(**SMALL)) as (stub, servicer):
+        session = open_session(stub)
+        before = graph_tensors()
+        forward(stub, session)
+        code, _ = refused(lambda: forward(stub, session, step=1))  # out of order: its backward is due
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert graph_tensors() > before
+        servicer.host.close_session("anonymous", session)  # as the idle reaper would: no further call
+        assert servicer.host.pending_bytes() == 0
+        assert graph_tensors() == before
+
+
+@pytest.mark.parametrize("drop", ["expire", "close"])
+def test_activations_of_a_forward_never_followed_by_a_backward_are_freed(drop):
+    """No activation outlives its dropped forward (the measuring hook once kept each graph alive
+    in a reference cycle through C++ that no garbage collection frees)."""
+    host = TrunkHost(fedsea.tiny_llama(**TINY), ServerLimits(pending_timeout_s=0.01))
+    spec = SessionSpec(2, 1, LoraSpec(r=4, dropout=0.0), OptimConfig(), pb.FLOAT32)
+    session = host.open_session("a", host.fingerprint, spec)
+    gc.collect()
+    before = graph_tensors()
+    host.forward("a", session.id, 0, torch.randn(2, 16, TINY["hidden_size"]), torch.tensor([16, 9]))
+    assert host.pending_bytes("a") > 0 and graph_tensors() > before
+    if drop == "expire":
+        time.sleep(0.05)
+        assert host.expire_pending() == 1
+    else:
+        host.close_session("a", session.id)
+    gc.collect()
+    assert host.pending_bytes("a") == 0
+    assert graph_tensors() == before

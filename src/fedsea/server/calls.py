@@ -100,8 +100,29 @@ async def abort_with(refusals: RefusalLog, context: Context, exc: BaseException)
     code, rpc = status_code_name(exc), RPC.get()
     who = cap_detail(CLIENT.get() or context.peer(), MAX_NAME_CHARS)
     if code == "INTERNAL":
-        refusals.refused(code, rpc, who, f"internal error: {type(exc).__name__}", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-    detail = cap_detail(str(exc))
-    refusals.refused(code, rpc, who, detail)
+        detail = f"internal error: {type(exc).__name__}"
+        refusals.refused(code, rpc, who, detail, exc_info=exc)
+    else:
+        detail = cap_detail(str(exc))
+        refusals.refused(code, rpc, who, detail)
+    forget_frames(exc)
     await context.abort(grpc.StatusCode[code], detail)
+
+
+def forget_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and the exceptions it chains, once it has been logged.
+
+    grpc keeps the ``AbortError`` of an aborted call (its ``__context__`` is ``exc``) in the
+    call's state after the call ends; through the tracebacks it would keep every frame the
+    error passed, with their locals: a refused forward's frame holds the session's pending
+    step, i.e. a whole graph of activations (hundreds of MB), until grpc lets go of the state.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        err.__traceback__ = None
+        todo += [err.__cause__, err.__context__]

@@ -47,7 +47,12 @@ class SavedBytes:
         if ptr not in self.skip and ptr not in self._seen:
             self._seen.add(ptr)
             self.bytes += int(storage.nbytes())
-        return tensor  # saved as it is: the hook only counts
+        # The hook only counts. What it returns is what the graph keeps: the tensor itself would
+        # keep its own ``grad_fn`` (an output saved by the op that made it: exp, sigmoid, SDPA's
+        # output...) and so its graph alive in a cycle through C++ that Python's collector cannot
+        # see; the activations would never be freed. A detached view (same storage and version
+        # counter, no grad_fn) is what autograd's own SavedVariable keeps for an output.
+        return tensor.detach()
 
     @contextmanager
     def measure(self) -> Iterator[SavedBytes]:
