@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, ModelS
     if args.client not in names:
         raise ValueError(f"no client {args.client!r} in {args.run}; it has {', '.join(names)}")
     me = settings_from_flags(args, names[args.client], ["head_layers", "tail_layers"])
+    for key in ("batch_size", "max_length"):
+        if getattr(me, key) < 1:
+            raise ValueError(f"{args.client}.{key} in {args.run} must be >= 1, got {getattr(me, key)}")
     cut = plan.lora_cut
     if cut is not None and (me.head_layers, me.tail_layers) != cut:
         # The server would refuse the session: refuse before loading the model.
@@ -128,6 +132,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume and args.run_dir:
         raise ValueError("--resume RUN_DIR names the run folder: drop --run-dir")
     summary = simulate(config, overrides, run_dir=args.run_dir, centralized=args.centralized, resume=args.resume)
+    for name, how in summary.get("lost_clients", {}).items():
+        # The run finished with the others: a warning, not a failure (the report says so too).
+        print(f"fedsea: warning: {name} was lost ({how}); the run finished without it", file=sys.stderr)
     print(json.dumps(summary) if args.json else f"report: {summary['report']}")
     return 0
 
