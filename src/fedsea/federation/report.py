@@ -32,13 +32,27 @@ def _level(plan: RunPlan) -> str:
     return f"sigma {target.sigma:g} (std of the Gaussian on h_p)"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _parse_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        pass
+    # A record torn by a kill mid-write has no newline: the next process's first record was
+    # appended to it. Keep that record (the first "{" from which the rest of the line parses).
+    start = line.find("{", 1)
+    while start != -1:
+        try:
+            return json.loads(line[start:])
+        except ValueError:
+            start = line.find("{", start + 1)
+    return None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL log, one per line; torn records (a process killed mid-write) skipped."""
     records = []
     for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line torn by a kill mid-write
-            continue
+        record = _parse_line(line)
         if isinstance(record, dict):
             records.append(record)
     return records
@@ -57,7 +71,7 @@ def client_records(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
     traffic: dict[int, dict[str, Any]] = {}
     noise: dict[str, Any] | None = None
     moved, segment, closed = 0, 0, True
-    for record in _read_jsonl(path):
+    for record in read_jsonl(path):
         if "noise" in record:  # a new process
             moved += 0 if closed else segment
             noise, segment, closed = record["noise"], 0, False
@@ -142,7 +156,7 @@ def write_report(
     ``lost``: clients that died while the run went on without them (name: how), reported.
     """
     # One record per round: a round replayed after a resume was appended again.
-    rounds = list({int(r["round"]): r for r in _read_jsonl(run_dir / "server_rounds.jsonl")}.values())
+    rounds = list({int(r["round"]): r for r in read_jsonl(run_dir / "server_rounds.jsonl")}.values())
     steps, traffic = [], []
     noise: dict[str, dict[str, Any]] = {}
     moved = 0

@@ -19,10 +19,11 @@ import json
 import shutil
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fedsea.errors import FedseaError, InvalidInputError, PartitionError
 from fedsea.federation.checkpoint import CheckpointError, latest_round, load_round
+from fedsea.federation.report import read_jsonl
 from fedsea.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -68,18 +69,6 @@ def completed_round(run_dir: Path) -> int:
     return 0 if folder is None else load_round(folder)[0]
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line torn by a kill mid-write
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def drop_unfinished_steps(plan: RunPlan, run_dir: Path, completed: int) -> int:
     """Remove the step records of rounds after ``completed`` (and torn lines) from each client's
     ``steps.jsonl``; return how many went. Traffic records stay: those bytes were moved."""
@@ -89,8 +78,8 @@ def drop_unfinished_steps(plan: RunPlan, run_dir: Path, completed: int) -> int:
         if not path.exists():
             continue
         lines = path.read_text().splitlines()
-        records = _read_records(path)
-        keep = [r for r in records if not ("loss" in r and int(r.get("round", 0)) > completed)]
+        records = read_jsonl(path)
+        keep = [r for r in records if not ("loss" in r and isinstance(r.get("round"), int) and r["round"] > completed)]
         dropped += len(lines) - len(keep)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
     return dropped

@@ -145,8 +145,8 @@ def check_tls_files(
             continue
         try:
             loaded = x509.load_pem_x509_certificates(_read(flag, path))
-        except ValueError as exc:
-            raise InvalidInputError(flag, f"{path} is not a PEM certificate ({exc})") from exc
+        except ValueError as exc:  # cryptography's message is a FAQ link: ours names the file
+            raise InvalidInputError(flag, f"{path} is not a PEM certificate") from exc
         if flag == cert_flag:
             leaf = loaded[0]
     if key is None:
@@ -154,7 +154,7 @@ def check_tls_files(
     try:
         private = serialization.load_pem_private_key(_read(key_flag, key), password=None)
     except (ValueError, TypeError) as exc:  # TypeError: an encrypted key (gRPC takes none)
-        raise InvalidInputError(key_flag, f"{key} is not an unencrypted PEM private key ({exc})") from exc
+        raise InvalidInputError(key_flag, f"{key} is not an unencrypted PEM private key") from exc
     if leaf is not None:
         spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
