@@ -31,3 +31,12 @@ def test_a_killed_process_counts_its_rounds_and_a_replayed_round_counts_once(tmp
     assert [r["round"] for r in rounds] == [1, 2, 3] and last_noise == {"sigma": 0.1}
     # The killed process's finished round (200 bytes) and the resumed process's totals (60).
     assert moved == 200 + 60
+
+
+def test_a_killed_process_counts_its_running_totals_when_logged(tmp_path):
+    log = tmp_path / "steps.jsonl"
+    noise = {"client": "c", "noise": {"sigma": 0.1}}
+    record = {"client": "c", "round": 1, "samples": 4, "bytes_sent": 100, "bytes_received": 100}
+    _log(log, noise, {**record, "total_sent": 150, "total_received": 170}, noise)
+    _log(log, {"client": "c", "final": True, "bytes_sent": 30, "bytes_received": 30})
+    assert client_records(log)[3] == 150 + 170 + 60

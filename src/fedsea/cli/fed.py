@@ -97,6 +97,9 @@ def _cmd_join(args: argparse.Namespace) -> int:
                 with log.open("a") as f:
                     record = {"client": me.name, "round": result.round, "samples": result.samples}
                     record.update(bytes_sent=result.bytes_sent, bytes_received=result.bytes_received)
+                    meter = client.connection.meter if client.connection is not None else None
+                    if meter is not None:  # this process's totals so far: its bytes if it is killed later
+                        record.update(total_sent=meter.bytes_sent, total_received=meter.bytes_received)
                     f.write(json.dumps(record) + "\n")
 
         secret = load_noise_secret(args.noise_secret_file) if args.noise_secret_file else None

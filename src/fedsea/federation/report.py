@@ -64,8 +64,9 @@ def client_records(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
     The log is appended by every ``fedsea join`` process of the run (one more per ``--resume``),
     each starting with its noise record. A step or round played again after a resume counts once
     (the last record of each (round, step) and each round wins). The bytes are those of every
-    process: its final record's totals, or for a process killed before writing it, the sum of
-    its finished rounds' traffic (what it moved after its last finished round is not known).
+    process: its final record's totals, or for a process killed before writing it, its totals
+    as of its last finished round (``total_sent``/``total_received``; older logs: the sum of
+    its rounds' traffic). What a killed process moved after its last finished round is not known.
     """
     steps: dict[tuple[int, int], dict[str, Any]] = {}
     traffic: dict[int, dict[str, Any]] = {}
@@ -82,7 +83,10 @@ def client_records(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
             steps[(int(record["round"]), int(record["step"]))] = record
         elif "bytes_sent" in record:
             traffic[int(record["round"])] = record
-            segment += int(record["bytes_sent"]) + int(record.get("bytes_received", 0))
+            if "total_sent" in record:  # the process's running totals (join, downloads included)
+                segment = int(record["total_sent"]) + int(record.get("total_received", 0))
+            else:
+                segment += int(record["bytes_sent"]) + int(record.get("bytes_received", 0))
     moved += 0 if closed else segment
     return [steps[k] for k in sorted(steps)], [traffic[k] for k in sorted(traffic)], noise, moved
 

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,9 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
         server_log.close()
         server.wait()
         raise RunStoppedError(f"the server did not start ({said or exit_reason(server.returncode)}); see {logs}")
+    # Copy the server's output from here on as it comes: a full pipe would block the server.
+    drain = threading.Thread(target=server_log.writelines, args=(server.stdout,), daemon=True)
+    drain.start()
     clients = []
     for c in plan.clients:
         cmd = [
@@ -198,11 +202,11 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
         try:
-            rest, _ = server.communicate(timeout=60)
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-            rest, _ = server.communicate()
-        server_log.write(rest or "")
+            server.wait()
+        drain.join(timeout=10)
         server_log.close()
         (run_dir / "pids.json").unlink(missing_ok=True)
     completed = completed_round(run_dir)
