@@ -234,3 +234,11 @@ def test_simulate_checks_each_clients_own_split(tmp_path, capsys):
     argv = ["simulate", str(tmp_path / "run.toml"), "--run-dir", str(tmp_path / "out")]
     one_line_error(capsys, argv, "client-1", "3 + 1 = 4")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ['{"a": 1}', '{"task": "sst2", "split": "train"}', "[1, 2]"])
+def test_join_names_a_shard_that_is_not_one(tmp_path, capsys, run_folder, content):
+    shard = tmp_path / "shard.json"
+    shard.write_text(content)
+    argv = ["join", "--server", "127.0.0.1:1", "--run", str(run_folder / "config.toml"), "--client", "client-0"]
+    one_line_error(capsys, [*argv, "--shard", str(shard)], str(shard))

@@ -64,7 +64,10 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
     plan, me, model, wire = join_settings(args)
     tokenizer = load_tokenizer(model.source)
-    examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
+    try:
+        examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
+    except (KeyError, TypeError) as exc:  # a shard without its fields: name the file, not a traceback
+        raise ValueError(f"--shard {args.shard} is not a task shard (task, split, ids): missing {exc}") from exc
     split = split_model(load_placed(model), me.head_layers, me.tail_layers).add_lora(plan.lora)
     log = Path(args.log) if args.log else None
     if log is not None:
