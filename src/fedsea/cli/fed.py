@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, ModelS
     if args.client not in names:
         raise ValueError(f"no client {args.client!r} in {args.run}; it has {', '.join(names)}")
     me = settings_from_flags(args, names[args.client], ["head_layers", "tail_layers"])
+    for key in ("batch_size", "max_length"):
+        if getattr(me, key) < 1:
+            raise ValueError(f"{args.client}.{key} in {args.run} must be >= 1, got {getattr(me, key)}")
     cut = plan.lora_cut
     if cut is not None and (me.head_layers, me.tail_layers) != cut:
         # The server would refuse the session: refuse before loading the model.
@@ -60,7 +64,10 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
     plan, me, model, wire = join_settings(args)
     tokenizer = load_tokenizer(model.source)
-    examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
+    try:
+        examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
+    except (KeyError, TypeError) as exc:  # a shard without its fields: name the file, not a traceback
+        raise ValueError(f"--shard {args.shard} is not a task shard (task, split, ids): missing {exc}") from exc
     split = split_model(load_placed(model), me.head_layers, me.tail_layers).add_lora(plan.lora)
     log = Path(args.log) if args.log else None
     if log is not None:
@@ -93,6 +100,9 @@ def _cmd_join(args: argparse.Namespace) -> int:
                 with log.open("a") as f:
                     record = {"client": me.name, "round": result.round, "samples": result.samples}
                     record.update(bytes_sent=result.bytes_sent, bytes_received=result.bytes_received)
+                    meter = client.connection.meter if client.connection is not None else None
+                    if meter is not None:  # this process's totals so far: its bytes if it is killed later
+                        record.update(total_sent=meter.bytes_sent, total_received=meter.bytes_received)
                     f.write(json.dumps(record) + "\n")
 
         secret = load_noise_secret(args.noise_secret_file) if args.noise_secret_file else None
@@ -128,6 +138,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume and args.run_dir:
         raise ValueError("--resume RUN_DIR names the run folder: drop --run-dir")
     summary = simulate(config, overrides, run_dir=args.run_dir, centralized=args.centralized, resume=args.resume)
+    for name, how in summary.get("lost_clients", {}).items():
+        # The run finished with the others: a warning, not a failure (the report says so too).
+        print(f"fedsea: warning: {name} was lost ({how}); the run finished without it", file=sys.stderr)
     print(json.dumps(summary) if args.json else f"report: {summary['report']}")
     return 0
 

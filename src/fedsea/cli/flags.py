@@ -107,3 +107,12 @@ def settings_from_flags(
         if value is not None:
             given[name] = value
     return build(type(base), given, base=base) if given else base
+
+
+def require_positive(args: argparse.Namespace, *dests: str) -> None:
+    """Raise ``ValueError`` (the CLI's one-line error) unless each integer flag in ``dests`` is >= 1
+    (``--batch-size 0`` would divide by zero far from the flag)."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= 1, got {value}")

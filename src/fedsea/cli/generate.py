@@ -112,6 +112,10 @@ def client_tls(args: argparse.Namespace) -> Any:
 
     if not (args.tls_ca or args.tls_cert):
         return None
+    from fedsea.wire.certs import check_tls_files
+
+    # A bad PEM would surface as an UNAVAILABLE that blames the network: name the file instead.
+    check_tls_files(args.tls_cert, args.tls_key, args.tls_ca)
     return ClientTls(
         Path(args.tls_ca) if args.tls_ca else None,
         Path(args.tls_cert) if args.tls_cert else None,
@@ -125,6 +129,11 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
     g = GenerationConfig()
     parser.add_argument(
         "--adapters", help="folder with head/, trunk/ and tail/ adapters (fedsea train --save-adapters)"
+    )
+    parser.add_argument(
+        "--base-trunk",
+        action="store_true",
+        help="with --adapters: the folder may lack trunk/ and the server's trunk runs without an adapter",
     )
     parser.add_argument("--max-new-tokens", type=int, default=g.max_new_tokens)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -153,6 +162,7 @@ def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     noise = resolve_noise(noise_target(args, 1), split.head, tokenizer)
     print(f"noise on h_p (p={args.head_layers}): {noise.summary()}", file=sys.stderr)
     if args.adapters:
+        check_adapter_parts(args.adapters, args.base_trunk)
         split.load_adapters(args.adapters)  # the trunk adapter goes to the server on connect
     client = SplitClient(
         args.server,
@@ -177,6 +187,21 @@ def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         "use_cache": not args.no_cache,
     }
     return client, options
+
+
+def check_adapter_parts(directory: str, base_trunk: bool) -> None:
+    """Refuse an ``--adapters`` folder that lacks a part: the split would quietly run that part's
+    base weights (the server keeps its base trunk when no trunk adapter is sent). A missing
+    ``trunk/`` is allowed with ``--base-trunk`` (adapters trained on head and tail only)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--adapters {directory}: no such folder")
+    missing = [p for p in ("head", "trunk", "tail") if not (folder / p).is_dir()]
+    if base_trunk and "trunk" in missing:
+        missing.remove("trunk")
+    if missing:
+        hint = " (or --base-trunk to run the trunk without an adapter)" if missing == ["trunk"] else ""
+        raise ValueError(f"--adapters {directory} has no {'/, '.join(missing)}/ adapter folder{hint}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -60,6 +60,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     run, limits, model = serve_settings(args)
     tls = None
     if args.tls_cert:
+        from fedsea.wire.certs import check_tls_files
+
+        # A bad PEM would surface as gRPC's "Failed to bind": name the file instead.
+        flags = ("--tls-cert", "--tls-key", "--tls-client-ca")
+        check_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca, flags=flags)
         client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
         tls = ServerTls(Path(args.tls_cert), Path(args.tls_key), client_ca)
     tokens = TokenStore.load(args.tokens) if args.tokens else None
@@ -73,6 +78,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     }
     TrunkServer.check_bind(args.host, tls, args.insecure)
     TrunkServer.check_identity(args.host, tls, tokens, args.allow_anonymous)
+    if args.run and args.resume:
+        from fedsea.federation.runstate import completed_round
+
+        # A broken checkpoint is refused now (CheckpointError naming the file), not after the model loads.
+        completed_round(Path(args.run_dir or Path(args.run).parent))
     print(f"loading {model.source} (device {model.device}, dtype {model.dtype}) ...", flush=True)
     host = TrunkHost(load_placed(model, spread=True), limits)
     print(f"trunk on {describe_placement(host.model)}; base model fingerprint {host.fingerprint}", flush=True)
@@ -94,6 +104,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from fedsea.cli.flags import require_positive
     from fedsea.client.split_client import SplitClient
     from fedsea.model.load import load_tokenizer
     from fedsea.model.split import split_model
@@ -102,6 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fedsea.training.data import iterate_batches, load_jsonl
     from fedsea.wire.shaper import NetShaper
 
+    require_positive(args, "batch_size", "micro_batches", "epochs", "max_length")
     tokenizer = load_tokenizer(args.model)
     examples = load_jsonl(args.data, tokenizer, args.max_length)
     # fedsea train starts from the library's LoraSpec and OptimConfig (not a run file's defaults).

@@ -32,8 +32,63 @@ def _level(plan: RunPlan) -> str:
     return f"sigma {target.sigma:g} (std of the Gaussian on h_p)"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+def _parse_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        pass
+    # A record torn by a kill mid-write has no newline: the next process's first record was
+    # appended to it. Keep that record (the first "{" from which the rest of the line parses).
+    start = line.find("{", 1)
+    while start != -1:
+        try:
+            return json.loads(line[start:])
+        except ValueError:
+            start = line.find("{", start + 1)
+    return None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL log, one per line; torn records (a process killed mid-write) skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = _parse_line(line)
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def client_records(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None, int]:
+    """One client's ``steps.jsonl`` as (steps, traffic per round, last noise record, bytes moved).
+
+    The log is appended by every ``fedsea join`` process of the run (one more per ``--resume``),
+    each starting with its noise record. A step or round played again after a resume counts once
+    (the last record of each (round, step) and each round wins). The bytes are those of every
+    process: its final record's totals, or for a process killed before writing it, its totals
+    as of its last finished round (``total_sent``/``total_received``; older logs: the sum of
+    its rounds' traffic). What a killed process moved after its last finished round is not known.
+    """
+    steps: dict[tuple[int, int], dict[str, Any]] = {}
+    traffic: dict[int, dict[str, Any]] = {}
+    noise: dict[str, Any] | None = None
+    moved, segment, closed = 0, 0, True
+    for record in read_jsonl(path):
+        if "noise" in record:  # a new process
+            moved += 0 if closed else segment
+            noise, segment, closed = record["noise"], 0, False
+        elif record.get("final"):
+            moved += int(record["bytes_sent"]) + int(record["bytes_received"])
+            segment, closed = 0, True
+        elif "loss" in record:
+            steps[(int(record["round"]), int(record["step"]))] = record
+        elif "bytes_sent" in record:
+            traffic[int(record["round"])] = record
+            if "total_sent" in record:  # the process's running totals (join, downloads included)
+                segment = int(record["total_sent"]) + int(record.get("total_received", 0))
+            else:
+                segment += int(record["bytes_sent"]) + int(record.get("bytes_received", 0))
+    moved += 0 if closed else segment
+    return [steps[k] for k in sorted(steps)], [traffic[k] for k in sorted(traffic)], noise, moved
 
 
 def _main_metric(record: dict[str, Any]) -> tuple[str, float]:
@@ -98,21 +153,24 @@ def write_report(
     central: dict[str, Any] | None,
     info: dict[str, Any],
     seconds: float,
+    lost: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Merge the logs into ``metrics.jsonl``, draw the plots, write ``report.md``; return a summary."""
-    rounds = _read_jsonl(run_dir / "server_rounds.jsonl")
-    steps, traffic, finals = [], [], []
+    """Merge the logs into ``metrics.jsonl``, draw the plots, write ``report.md``; return a summary.
+
+    ``lost``: clients that died while the run went on without them (name: how), reported.
+    """
+    # One record per round: a round replayed after a resume was appended again.
+    rounds = list({int(r["round"]): r for r in read_jsonl(run_dir / "server_rounds.jsonl")}.values())
+    steps, traffic = [], []
     noise: dict[str, dict[str, Any]] = {}
+    moved = 0
     for client in plan.clients:
-        for record in _read_jsonl(run_dir / "clients" / client.name / "steps.jsonl"):
-            if "noise" in record:
-                noise[client.name] = record["noise"]
-            elif record.get("final"):
-                finals.append(record)
-            elif "loss" in record:
-                steps.append(record)
-            elif "bytes_sent" in record:
-                traffic.append(record)
+        mine = client_records(run_dir / "clients" / client.name / "steps.jsonl")
+        steps += mine[0]
+        traffic += mine[1]
+        if mine[2] is not None:
+            noise[client.name] = mine[2]
+        moved += mine[3]
     lines = [json.dumps({"type": "round", **r}) for r in rounds]
     lines += [json.dumps({"type": "step", **s}) for s in steps]
     lines += [json.dumps({"type": "traffic", **t}) for t in traffic]
@@ -125,7 +183,6 @@ def write_report(
 
     name, before = _main_metric(evals[0]) if evals else ("metric", float("nan"))
     after = _main_metric(evals[-1])[1] if evals else float("nan")
-    moved = sum(f["bytes_sent"] + f["bytes_received"] for f in finals)
     fed = plan.fed
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -142,6 +199,7 @@ def write_report(
         "sigma": max((n["sigma"] for n in noise.values()), default=plan.noise.sigma or 0.0),
         "noise": noise,
         "seconds": round(seconds, 1),
+        "lost_clients": dict(lost or {}),
     }
     md = [
         f"# fedsea run: {summary['task']}, {fed.mode}, {len(plan.clients)} clients",
@@ -193,6 +251,9 @@ def write_report(
         dropped = ", ".join(r["dropped"]) or "-"
         md.append(f"| {r['round']} | {len(r['submitted'])} | {dropped} | {mean:.4f} | {r['seconds']:.1f} |")
     md += ["", f"Bytes moved by all clients, both ways: {moved / 2**20:.1f} MiB.", ""]
+    if lost:
+        who = ", ".join(f"{name} ({how})" for name, how in lost.items())
+        md += [f"**Lost during the run:** {who}; the run finished with the other clients.", ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write_text(run_dir / "report.md", "\n".join(md) + "\n")
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

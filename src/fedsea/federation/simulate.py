@@ -4,6 +4,13 @@ Everything goes over real loopback gRPC with TLS and per-client tokens, exactly 
 machines: the parent only prepares the run folder (resolved config, certificates, tokens,
 data shards), starts ``fedsea serve --run`` and N ``fedsea join`` processes, follows the
 rounds, and afterwards evaluates each round's global adapter and writes the report.
+
+Faults: a client lost while the others finish every round is reported (a warning, and
+``lost_clients`` in the summary and report), not an error; a server lost, or clients lost before
+the last round, stop the run with a one-line ``RunStoppedError`` that says how to ``--resume``.
+The run folder then keeps its checkpoints, or is removed when this invocation made it and no
+round was checkpointed (``fedsea.federation.runstate``). ``pids.json`` in the run folder lists
+the server's and each client's process id while the run goes.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +29,17 @@ import torch
 from tqdm import tqdm
 
 from fedsea.config import Placement
-from fedsea.federation.checkpoint import latest_round, load_round
+from fedsea.federation.checkpoint import CheckpointError, latest_round, load_round
 from fedsea.federation.data import encode_task_examples, task_examples, write_shard
+from fedsea.federation.runstate import (
+    RunStoppedError,
+    after_failure,
+    check_plan,
+    clear_failed,
+    completed_round,
+    drop_unfinished_steps,
+    exit_reason,
+)
 from fedsea.federation.simconfig import RunPlan, dump_tree, load_config, load_plan
 from fedsea.io import atomic_write_text
 from fedsea.wire.ports import free_loopback_port
@@ -79,8 +96,16 @@ def _tls_args(run_dir: Path, server: bool) -> list[str]:
     return ["--tls-ca", str(s / "ca.pem"), "--tls-cert", str(s / "client.pem"), "--tls-key", str(s / "client.key")]
 
 
-def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = True) -> None:
-    """Start the server and the clients, follow the rounds, stop the server when the clients are done."""
+def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = True) -> dict[str, str]:
+    """Start the server and the clients, follow the rounds, stop the server when the clients are done.
+
+    Returns:
+        The clients lost on the way (name: how they ended) in a run that still finished every round.
+
+    Raises:
+        RunStoppedError: the server did not start or died, or clients were lost and the run
+            stopped before its last round.
+    """
     port = free_loopback_port()
     tokens = json.loads((run_dir / "secrets" / "client_tokens.json").read_text())
     logs = run_dir / "logs"
@@ -104,12 +129,19 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
     server_log = (logs / "server.log").open("a")
     server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert server.stdout is not None
+    said = ""
     for line in server.stdout:
         server_log.write(line)
+        said = line.strip() or said
         if "listening on" in line:
             break
     else:
-        raise RuntimeError(f"the server did not start; see {logs / 'server.log'}")
+        server_log.close()
+        server.wait()
+        raise RunStoppedError(f"the server did not start ({said or exit_reason(server.returncode)}); see {logs}")
+    # Copy the server's output from here on as it comes: a full pipe would block the server.
+    drain = threading.Thread(target=server_log.writelines, args=(server.stdout,), daemon=True)
+    drain.start()
     clients = []
     for c in plan.clients:
         cmd = [
@@ -141,11 +173,17 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         log = (logs / f"{c.name}.log").open("a")
         clients.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+    pids = {"server": server.pid, **{c.name: p.pid for c, p in zip(plan.clients, clients, strict=True)}}
+    atomic_write_text(run_dir / "pids.json", json.dumps(pids))
     rounds_file = run_dir / "server_rounds.jsonl"
     bar = tqdm(total=plan.fed.rounds, desc="rounds", unit="round", disable=not progress)
     seen = 0
+    server_code: int | None = None
     try:
         while any(p.poll() is None for p in clients):
+            server_code = server.poll()
+            if server_code is not None:  # the server exits only when told: it died
+                break
             records = rounds_file.read_text().splitlines() if rounds_file.exists() else []
             for line in records[seen:]:
                 r = json.loads(line)
@@ -154,18 +192,32 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
                 bar.update(r["round"] - bar.n)
             seen = len(records)
             time.sleep(0.5)
-        failed = [c.name for c, p in zip(plan.clients, clients, strict=True) if p.returncode != 0]
-        if failed:
-            raise RuntimeError(f"client(s) {failed} failed; see {logs}")
+        server_code = server.poll() if server_code is None else server_code
     finally:
         bar.close()
         for p in clients:
             if p.poll() is None:
                 p.kill()
-        server.send_signal(signal.SIGTERM)
-        rest, _ = server.communicate(timeout=60)
-        server_log.write(rest or "")
+                p.wait()
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        drain.join(timeout=10)
         server_log.close()
+        (run_dir / "pids.json").unlink(missing_ok=True)
+    completed = completed_round(run_dir)
+    total = plan.fed.rounds
+    if server_code is not None and completed < total:
+        raise RunStoppedError(f"the server was lost ({exit_reason(server_code)}) after round {completed} of {total}")
+    lost = {c.name: exit_reason(p.returncode) for c, p in zip(plan.clients, clients, strict=True) if p.returncode}
+    if lost and completed < total:
+        who = ", ".join(f"{name} ({how})" for name, how in lost.items())
+        raise RunStoppedError(f"client(s) {who} failed and the run stopped after round {completed} of {total}")
+    return lost
 
 
 def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None, placement: Placement | None = None) -> Any:
@@ -249,8 +301,9 @@ def simulate(
     started = time.time()
     if resume:
         folder = Path(resume)
+        if not (folder / "config.toml").is_file():
+            raise FileNotFoundError(f"--resume {folder}: not a run folder (no config.toml)")
         plan = load_plan(folder / "config.toml", overrides)
-        info: dict[str, Any] = {"partition": "(resumed)"}
     else:
         if config is None:
             raise ValueError("give a run file, or --resume RUN_DIR")
@@ -258,10 +311,26 @@ def simulate(
         folder = Path(run_dir or f"runs/{plan.config.task.name}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (folder / "checkpoints").exists():
             raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
-        info = prepare_run(plan, folder)
-        if progress and info.get("partition"):
-            print(info["partition"])
-    run_processes(plan, folder, resume=bool(resume), progress=progress)
+    check_plan(plan)  # before any folder or process: a bad run file is a one-line error
+    created = not folder.exists()
+    try:
+        if resume:
+            # The checkpoint is read in full here: a broken one is refused before the server starts.
+            drop_unfinished_steps(plan, folder, completed_round(folder))
+            info: dict[str, Any] = {"partition": "(resumed)"}
+        else:
+            info = prepare_run(plan, folder)
+            if progress and info.get("partition"):
+                print(info["partition"])
+        lost = run_processes(plan, folder, resume=bool(resume), progress=progress)
+    except RunStoppedError as exc:
+        raise RunStoppedError(f"{exc}; {after_failure(folder, created, exc)}") from exc
+    except CheckpointError:
+        raise  # the folder is the user's run: leave it as it is
+    except BaseException as exc:
+        after_failure(folder, created, exc)
+        raise
+    clear_failed(folder)
     tokenizer = load_tokenizer(plan.model)
     metrics: list[dict[str, Any]] = [{"type": "eval", "round": 0, **evaluate_state(plan, None, tokenizer)}]
     for r in range(1, plan.fed.rounds + 1):
@@ -272,7 +341,7 @@ def simulate(
             _, state, _, _ = load_round(path)
             metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
     central = centralized_baseline(plan, tokenizer) if centralized else None
-    summary = write_report(plan, folder, metrics, central, info, time.time() - started)
+    summary = write_report(plan, folder, metrics, central, info, time.time() - started, lost)
     return summary
 
 

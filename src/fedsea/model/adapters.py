@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -192,7 +193,11 @@ def read_adapter(directory: str | os.PathLike[str]) -> tuple[LoraSpec, dict[str,
         spec = LoraSpec.from_dict(meta["lora"])
     except (ValueError, KeyError, TypeError) as exc:
         raise AdapterError(f"{folder / CONFIG_FILE} is malformed: {exc}") from exc
-    return spec, load_file(str(folder / WEIGHTS_FILE)), meta
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{folder / WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
+    return spec, state, meta
 
 
 def load_adapter(part: SplitPart, directory: str | os.PathLike[str]) -> None:

@@ -41,6 +41,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -52,7 +53,7 @@ from fedsea.model.sources import ResolvedSource as ResolvedSource
 from fedsea.model.sources import cache_dir as cache_dir
 from fedsea.model.split import SUPPORTED_ARCHITECTURES, check_supported
 from fedsea.model.synthetic import build_random_model, is_random_source, parse_random_source, random_config
-from fedsea.model.tiny import tiny_llama, tiny_tokenizer
+from fedsea.model.tiny import tiny_llama, tiny_llama_config, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def load_model(
             # cast_and_place fingerprints them before a rounding cast.
             stored = "auto" if resolved.kind == "hub" else dtype
             model = AutoModelForCausalLM.from_pretrained(location, dtype=stored)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # missing files, or a corrupt safetensors file
             raise ModelLoadError(f"cannot load the model at {location}: {exc}") from exc
         finally:
             if bars:
@@ -238,6 +239,30 @@ def load_model(
     model._fedsea_source = origin  # type: ignore[assignment]  # a plain attribute, not a tensor or module
     cast_and_place(model, dtype, place)  # also eval mode
     return model
+
+
+def model_num_layers(source: str | os.PathLike[str] = DEFAULT_MODEL) -> int:
+    """The number of decoder blocks of ``source``'s model, from its config alone (no weights read).
+
+    ``fedsea simulate`` checks every client's (p, q) against it before it starts any process.
+
+    Raises:
+        ModelNotFoundError: nothing at ``source``.
+        ModelLoadError: its config cannot be read.
+        UnsupportedModelError: an architecture fedsea cannot split.
+    """
+    resolved = resolve_source(source)
+    if resolved.kind == "tiny":
+        return int(tiny_llama_config().num_hidden_layers)
+    if resolved.kind == "random":
+        return int(random_config(parse_random_source(resolved.location)).num_hidden_layers)
+    location = _local_folder(resolved)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the model config at {location}: {exc}") from exc
+    _check_model_type(config.model_type, location)
+    return int(config.num_hidden_layers)
 
 
 def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsea.errors import InvalidInputError
 from fedsea.io import atomic_write_bytes
 
 
@@ -109,3 +110,52 @@ def make_test_certs(
         atomic_write_bytes(path, _key_pem(key))
         os.chmod(path, 0o600)
     return paths
+
+
+def _read(flag: str, path: str | os.PathLike[str]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(flag, f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def check_tls_files(
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    flags: tuple[str, str, str] = ("--tls-cert", "--tls-key", "--tls-ca"),
+) -> None:
+    """Check TLS files before gRPC reads them: it logs C++ errors and raises an unrelated
+    ``RuntimeError`` (server: "Failed to bind") or ``UNAVAILABLE`` (client) on a bad PEM.
+
+    Args:
+        cert: a PEM certificate (chain): the server's, or the client's for mutual TLS.
+        key: the PEM private key of ``cert`` (unencrypted, as gRPC reads it).
+        ca: one or more PEM CA certificates.
+        flags: the command-line names of the three, used in the messages.
+
+    Raises:
+        InvalidInputError: naming the flag, for a file that is missing, not PEM of its kind,
+            or (``key``) not the key of ``cert``.
+    """
+    cert_flag, key_flag, ca_flag = flags
+    leaf: x509.Certificate | None = None
+    for flag, path in ((cert_flag, cert), (ca_flag, ca)):
+        if path is None:
+            continue
+        try:
+            loaded = x509.load_pem_x509_certificates(_read(flag, path))
+        except ValueError as exc:  # cryptography's message is a FAQ link: ours names the file
+            raise InvalidInputError(flag, f"{path} is not a PEM certificate") from exc
+        if flag == cert_flag:
+            leaf = loaded[0]
+    if key is None:
+        return
+    try:
+        private = serialization.load_pem_private_key(_read(key_flag, key), password=None)
+    except (ValueError, TypeError) as exc:  # TypeError: an encrypted key (gRPC takes none)
+        raise InvalidInputError(key_flag, f"{key} is not an unencrypted PEM private key") from exc
+    if leaf is not None:
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+            raise InvalidInputError(key_flag, f"{key} is not the private key of {cert_flag} {cert}")
