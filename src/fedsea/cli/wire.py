@@ -18,6 +18,7 @@ from fedsea.cli.generate import (
     add_connection_args,
     add_model_flags,
     add_noise_args,
+    client_timeouts,
     client_tls,
     load_placed,
     model_settings,
@@ -129,6 +130,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         shaper=NetShaper(args.net_latency_ms, args.net_mbps or 0.0),  # unset mbps: unlimited (0)
         seed=args.seed,
         micro_batches=args.micro_batches,
+        timeouts=client_timeouts(args),
     )
     losses: list[float] = []
     start = time.perf_counter()

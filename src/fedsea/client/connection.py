@@ -1,4 +1,10 @@
-"""The client's channel to the trunk server: TLS, token, deadlines, retries, shaping, accounting."""
+"""The client's channel to the trunk server: TLS, token, deadlines, keepalive, retries, shaping, accounting.
+
+Every call has a deadline, by kind (``ClientTimeouts``: a training step, a decode step, a round
+wait, ...); its retries share it, so a call ends by its deadline whatever happens, with
+``ServerNotAnsweringError`` when the server did not answer in time. gRPC keepalive
+(``fedsea.wire.keepalive``) closes the transport to a peer that stops answering pings.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,15 @@ from fedsea.errors import RemoteError
 from fedsea.wire import fedsea_pb2_grpc as pb_grpc
 from fedsea.wire.accounting import TrafficMeter
 from fedsea.wire.auth import METADATA_KEY
+from fedsea.wire.keepalive import CLIENT_KEEPALIVE_MS, CLIENT_KEEPALIVE_TIMEOUT_MS, client_options
 from fedsea.wire.shaper import NetShaper
 
+from .deadlines import CallKind, ClientTimeouts, ServerNotAnsweringError
+
 T = TypeVar("T")
-# Transient failures worth resending the same message for.
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Transient failures worth resending the same message for (within the call's deadline). A
+# DEADLINE_EXCEEDED is not: the call's budget is spent (see ``Connection.retrying``).
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 
 @dataclass(frozen=True)
@@ -50,53 +60,77 @@ class ConnectionConfig:
         address: ``host:port``.
         tls: TLS files; ``None`` is plaintext (only sensible on loopback).
         token: this client's bearer token (``fedsea token add``).
-        timeout_s: deadline of each RPC, in seconds.
-        retries: resends of the same message on UNAVAILABLE or DEADLINE_EXCEEDED.
+        timeouts: the deadline of each kind of call (``ClientTimeouts``), retries included.
+        retries: resends of the same message on UNAVAILABLE, within the call's deadline.
         max_message_bytes: largest message this client accepts.
         shaper: emulated latency and bandwidth (benchmarks).
+        keepalive_ms: ping the server every this many milliseconds (``fedsea.wire.keepalive``).
+        keepalive_timeout_ms: a ping unanswered this long closes the transport (UNAVAILABLE).
     """
 
     address: str
     tls: ClientTls | None = None
     token: str | None = None
-    timeout_s: float = 300.0
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
     retries: int = 3
     max_message_bytes: int = 64 * 1024 * 1024
     shaper: NetShaper = field(default_factory=NetShaper)
+    keepalive_ms: int = CLIENT_KEEPALIVE_MS
+    keepalive_timeout_ms: int = CLIENT_KEEPALIVE_TIMEOUT_MS
 
 
 class Connection:
-    """One gRPC channel with the trunk stub, metering every call."""
+    """One gRPC channel with the trunk stub, metering every call.
 
-    def __init__(self, config: ConnectionConfig) -> None:
+    ``meter``: the counters to add to (a reconnection keeps the old connection's), else new ones.
+    """
+
+    def __init__(self, config: ConnectionConfig, meter: TrafficMeter | None = None) -> None:
         self.config = config
-        options = [
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            *client_options(config.keepalive_ms, config.keepalive_timeout_ms),
         ]
         if config.tls is not None:
             self.channel = grpc.secure_channel(config.address, config.tls.credentials(), options=options)
         else:
             self.channel = grpc.insecure_channel(config.address, options=options)
         self.stub = pb_grpc.TrunkStub(self.channel)
-        self.meter = TrafficMeter()
+        self.meter = meter if meter is not None else TrafficMeter()
         self.metadata = ((METADATA_KEY, f"Bearer {config.token}"),) if config.token else ()
 
     def close(self) -> None:
         """Close the channel (open sessions on the server end by their idle timeout)."""
         self.channel.close()
 
-    def retrying(self, attempt: Callable[[], T]) -> T:
-        """Run ``attempt``, again on UNAVAILABLE or DEADLINE_EXCEEDED (up to ``retries`` times, backing
-        off); any other failure, or the last, becomes ``RemoteError``. A retry must resend the same
-        messages: ``attempt`` rebuilds them from the same payload, never from fresh noise."""
+    def deadline_s(self, kind: CallKind) -> float:
+        """The deadline of a call of ``kind``, in seconds."""
+        return self.config.timeouts.seconds(kind)
+
+    def not_answering(self, waited_s: float, kind: CallKind) -> ServerNotAnsweringError:
+        """The error for a call of ``kind`` that got no answer in ``waited_s`` seconds."""
+        return ServerNotAnsweringError(self.config.address, waited_s, kind)
+
+    def retrying(self, attempt: Callable[[float], T], kind: CallKind = "call") -> T:
+        """Run ``attempt(seconds_left)``, again on UNAVAILABLE (up to ``retries`` times, backing
+        off), all within the deadline of ``kind``; running out of it is ``ServerNotAnsweringError``,
+        any other failure, or the last, ``RemoteError``. A retry must resend the same messages:
+        ``attempt`` rebuilds them from the same payload, never from fresh noise."""
+        budget = self.deadline_s(kind)
+        start = time.monotonic()
+        end = start + budget
         delay = 0.2
         for tries in range(self.config.retries + 1):
             try:
-                return attempt()
+                return attempt(max(0.001, end - time.monotonic()))
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-                if code in RETRYABLE and tries < self.config.retries:
+                left = end - time.monotonic()
+                # Ours, not the server's (which says DEADLINE_EXCEEDED for its own idle timeout).
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and left <= 0.05 * budget:
+                    raise self.not_answering(time.monotonic() - start, kind) from None
+                if code in RETRYABLE and tries < self.config.retries and left > delay:
                     time.sleep(delay)
                     delay *= 2
                     continue
@@ -104,33 +138,35 @@ class Connection:
                 raise RemoteError(code.name, details or "") from None
         raise AssertionError("unreachable")
 
-    def unary(self, rpc: str, method: Callable[..., Any], request: Any) -> Any:
+    def unary(self, rpc: str, method: Callable[..., Any], request: Any, kind: CallKind = "call") -> Any:
         """Call a unary RPC; the same request is resent on transient failures."""
 
-        def attempt() -> Any:
+        def attempt(timeout: float) -> Any:
             start = time.perf_counter()
             self.config.shaper.wait(request.ByteSize())
-            response = method(request, timeout=self.config.timeout_s, metadata=self.metadata)
+            response = method(request, timeout=timeout, metadata=self.metadata)
             self.config.shaper.wait(response.ByteSize(), downlink=True)
             wall = time.perf_counter() - start
             self.meter.record(rpc, sent=request.ByteSize(), received=response.ByteSize(), network_s=wall)
             return response
 
-        return self.retrying(attempt)
+        return self.retrying(attempt, kind)
 
-    def stream(self, rpc: str, method: Callable[..., Any], requests: Callable[[], Iterator[Any]]) -> list[Any]:
+    def stream(
+        self, rpc: str, method: Callable[..., Any], requests: Callable[[], Iterator[Any]], kind: CallKind = "step"
+    ) -> list[Any]:
         """Call a stream-stream (or stream-unary) RPC; ``requests()`` rebuilds the same messages on a retry.
 
         Returns the responses as a list. The server's reported compute time (``compute_s`` of
         the responses) is subtracted from the wall time to give the time spent on the network.
         """
 
-        def attempt() -> list[Any]:
+        def attempt(timeout: float) -> list[Any]:
             messages = list(requests())
             sent = sum(m.ByteSize() for m in messages)
             start = time.perf_counter()
             self.config.shaper.wait(sent)
-            result = method(iter(messages), timeout=self.config.timeout_s, metadata=self.metadata)
+            result = method(iter(messages), timeout=timeout, metadata=self.metadata)
             responses = list(result) if hasattr(result, "__iter__") and not hasattr(result, "ByteSize") else [result]
             received = sum(r.ByteSize() for r in responses)
             self.config.shaper.wait(received, downlink=True)
@@ -139,19 +175,14 @@ class Connection:
             self.meter.record(rpc, sent=sent, received=received, network_s=max(0.0, wall - compute), compute_s=compute)
             return responses
 
-        return self.retrying(attempt)
+        return self.retrying(attempt, kind)
 
-    def collect(self, rpc: str, method: Callable[..., Any], request: Any, deadline: bool = True) -> list[Any]:
-        """Call a response-streaming RPC and read all its messages (resent on transient failures).
+    def collect(self, rpc: str, method: Callable[..., Any], request: Any, kind: CallKind = "adapter") -> list[Any]:
+        """Call a response-streaming RPC and read all its messages (resent on transient failures)."""
 
-        ``deadline=False`` waits without the per-RPC deadline (e.g. for a round that may be long in coming).
-        """
+        def attempt(timeout: float) -> list[Any]:
+            return list(method(request, timeout=timeout, metadata=self.metadata))
 
-        def attempt() -> list[Any]:
-            if deadline:
-                return list(method(request, timeout=self.config.timeout_s, metadata=self.metadata))
-            return list(method(request, metadata=self.metadata))
-
-        messages = self.retrying(attempt)
+        messages = self.retrying(attempt, kind)
         self.meter.record(rpc, sent=request.ByteSize(), received=sum(m.ByteSize() for m in messages))
         return messages

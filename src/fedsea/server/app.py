@@ -21,6 +21,7 @@ from fedsea.server.rounds import RoundServiceFactory
 from fedsea.server.service import TrunkServicer
 from fedsea.server.trunk import TrunkHost
 from fedsea.wire import fedsea_pb2_grpc as pb_grpc
+from fedsea.wire import keepalive
 from fedsea.wire.auth import TokenStore
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ class TrunkServer:
         """Bind, register the servicer (and round coordinator), start serving and reaping; return the port."""
         limit = self.trunk_host.limits.max_message_bytes
         self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            options=keepalive.server_options(
+                ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)
+            )
         )
         pb_grpc.add_TrunkServicer_to_server(self.servicer, self._server)
         if self.rounds is not None:
