@@ -29,6 +29,11 @@ T = TypeVar("T")
 # Transient failures worth resending the same message for (within the call's deadline). A
 # DEADLINE_EXCEEDED is not: the call's budget is spent (see ``Connection.retrying``).
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# An UNAVAILABLE this long after the try began came from a peer that took the connection and
+# then did not answer (no HTTP/2 SETTINGS, a keepalive ping unanswered), not from a refusal.
+STALLED_S = 1.0
+# gRPC's words for the same (the connection attempt's own timeout, keepalive's).
+STALL_MARKS = ("before receiving SETTINGS frame", "ping timeout", "keepalive watchdog")
 
 
 @dataclass(frozen=True)
@@ -113,30 +118,44 @@ class Connection:
         return ServerNotAnsweringError(self.config.address, waited_s, kind)
 
     def retrying(self, attempt: Callable[[float], T], kind: CallKind = "call") -> T:
-        """Run ``attempt(seconds_left)``, again on UNAVAILABLE (up to ``retries`` times, backing
-        off), all within the deadline of ``kind``; running out of it is ``ServerNotAnsweringError``,
-        any other failure, or the last, ``RemoteError``. A retry must resend the same messages:
-        ``attempt`` rebuilds them from the same payload, never from fresh noise."""
+        """Run ``attempt(seconds_left)`` within the deadline of ``kind``, again on UNAVAILABLE.
+
+        A refusal (nothing listening, a TLS mismatch: UNAVAILABLE at once) is retried up to
+        ``retries`` times, backing off, then is ``RemoteError``. A stall (a server that took the
+        connection and never answered, or that keepalive found frozen: UNAVAILABLE after a
+        wait) is retried until the deadline, since a restarted server may take the call. Running
+        out of the deadline is ``ServerNotAnsweringError``; any other failure ``RemoteError``.
+        A retry must resend the same messages: ``attempt`` rebuilds them from the same payload,
+        never from fresh noise.
+        """
         budget = self.deadline_s(kind)
         start = time.monotonic()
         end = start + budget
         delay = 0.2
-        for tries in range(self.config.retries + 1):
+        tries = 0
+        while True:
+            began = time.monotonic()
             try:
-                return attempt(max(0.001, end - time.monotonic()))
+                return attempt(max(0.001, end - began))
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-                left = end - time.monotonic()
+                details = (err.details() if hasattr(err, "details") else str(err)) or ""
+                now = time.monotonic()
+                left = end - now
                 # Ours, not the server's (which says DEADLINE_EXCEEDED for its own idle timeout).
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and left <= 0.05 * budget:
-                    raise self.not_answering(time.monotonic() - start, kind) from None
-                if code in RETRYABLE and tries < self.config.retries and left > delay:
-                    time.sleep(delay)
-                    delay *= 2
+                    raise self.not_answering(now - start, kind) from None
+                if code not in RETRYABLE:
+                    raise RemoteError(code.name, details) from None
+                stalled = now - began >= STALLED_S or any(mark in details for mark in STALL_MARKS)
+                if left > 0.01 and (stalled or tries < self.config.retries):
+                    tries += 1
+                    time.sleep(min(delay, left))
+                    delay = min(2 * delay, 2.0)
                     continue
-                details = err.details() if hasattr(err, "details") else str(err)
-                raise RemoteError(code.name, details or "") from None
-        raise AssertionError("unreachable")
+                if left <= 0.05 * budget:
+                    raise self.not_answering(time.monotonic() - start, kind) from None
+                raise RemoteError(code.name, details) from None
 
     def unary(self, rpc: str, method: Callable[..., Any], request: Any, kind: CallKind = "call") -> Any:
         """Call a unary RPC; the same request is resent on transient failures."""

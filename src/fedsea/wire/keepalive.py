@@ -16,6 +16,9 @@ Defaults (why):
 - client ping every ``CLIENT_KEEPALIVE_MS`` = 20 s, dead after ``CLIENT_KEEPALIVE_TIMEOUT_MS`` =
   10 s without the answer: a frozen server is noticed within about 30 s even in a long wait
   (a round, a slow step) that has a longer deadline; a ping is 17 bytes every 20 s.
+- every ping's timeout (``grpc.http2.ping_timeout_ms``) is the keepalive timeout: gRPC sends
+  no keepalive ping while another ping (e.g. its bandwidth probe) is unanswered, and that one
+  would otherwise wait 60 s (measured: a SIGSTOPped server went unnoticed for the whole deadline).
 - pings also without calls in flight and without data (``max_pings_without_data`` = 0): a
   client waiting for a round sends no data for minutes and must still be able to ping.
 - server ping every ``SERVER_KEEPALIVE_MS`` = 60 s, dead after 20 s: a vanished client's
@@ -52,6 +55,9 @@ def client_options(
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # Any ping in flight (keepalive's, or gRPC's own bandwidth probe) times out as fast: a
+        # keepalive ping is not sent while another is unanswered, whose timeout is 60 s by default.
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.min_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
@@ -66,6 +72,7 @@ def server_options(*base: Option) -> list[Option]:
         ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.ping_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 2),
