@@ -7,11 +7,16 @@ enough that another draw changes the tokens, so a replay of fresh noise would be
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import pytest
+import torch
 
 import fedsea
 from fedsea.client.deadlines import ClientTimeouts
 from fedsea.config import NoiseConfig
+from fedsea.errors import RemoteError
 from tests.integration.test_cli_wire import _free_port
 from tests.integration.test_deadlines import end, packaged_split, serve
 
@@ -59,3 +64,63 @@ def test_generation_survives_a_server_restart_token_identical(tiny_tokenizer):
     assert "generate_replay" not in clean["rpcs"]
     assert stats["rpcs"]["generate_replay"]["calls"] == 1
     assert stats["rpcs"]["generate_replay"]["bytes_sent"] > 0
+
+
+def _drive(client: fedsea.SplitClient, cut: bool) -> list[torch.Tensor]:
+    """Prefill two rows, decode, rewind, drop a row (keep_rows), decode: the trunk's answers.
+
+    ``cut``: kill -9 and restart the server before the last step, which must then replay the
+    prefill, the decode step, the rewind and the keep_rows step, in that order.
+    """
+    gen = torch.Generator().manual_seed(5)
+    d = client.split.model.config.hidden_size
+    stepper = client.stepper(max_length=16)
+    outs = [stepper.step(0, torch.randn(2, 5, d, generator=gen), torch.tensor([5, 3]), None)]
+    outs.append(stepper.step(1, torch.randn(2, 1, d, generator=gen), None, None))
+    stepper.rewind(5)  # drop the decode step's slot: the next step writes slot 5 again
+    outs.append(stepper.step(2, torch.randn(2, 1, d, generator=gen), None, None))
+    outs.append(stepper.step(3, torch.randn(1, 1, d, generator=gen), None, [1]))
+    if cut:
+        _restart()
+    outs.append(stepper.step(4, torch.randn(1, 1, d, generator=gen), None, None))
+    assert stepper.resumes == int(cut)
+    stepper.close()
+    return outs
+
+
+def test_the_replay_keeps_rewinds_and_dropped_rows_in_order():
+    port = _free_port()
+    _SERVER["port"] = port
+    _SERVER["proc"] = serve(port)
+    address = f"127.0.0.1:{port}"
+    try:
+        with fedsea.SplitClient(address, packaged_split()) as client:
+            whole = _drive(client, cut=False)
+        with fedsea.SplitClient(address, packaged_split()) as client:
+            resumed = _drive(client, cut=True)
+    finally:
+        end(_SERVER["proc"])
+    for a, b in zip(whole, resumed, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_server_that_does_not_come_back_is_a_clear_unavailable(tiny_tokenizer):
+    port = _free_port()
+    proc = serve(port)
+    address = f"127.0.0.1:{port}"
+    timeouts = ClientTimeouts(reconnect_timeout_s=2)
+    try:
+        with fedsea.SplitClient(address, packaged_split(), tokenizer=tiny_tokenizer, timeouts=timeouts) as client:
+            pieces = client.stream(PROMPT, max_new_tokens=NEW_TOKENS, eos_token_id=(), chat=False)
+            next(pieces)
+            proc.kill()
+            proc.wait(timeout=30)
+            start = time.monotonic()
+            with pytest.raises(RemoteError) as caught:
+                list(pieces)
+            took = time.monotonic() - start
+    finally:
+        end(proc)
+    assert caught.value.code == "UNAVAILABLE"
+    assert f"server {address} lost mid-generation and not back within 2 s" in str(caught.value)
+    assert took <= 2 + 2.0
