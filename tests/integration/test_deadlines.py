@@ -20,7 +20,6 @@ import pytest
 import fedsea
 from fedsea.cli.main import build_parser
 from fedsea.client.deadlines import ClientTimeouts, ServerNotAnsweringError
-from fedsea.errors import RemoteError
 from fedsea.federation.client import FederatedClient
 from fedsea.federation.config import FedConfig
 from fedsea.federation.coordinator import coordinator_factory
@@ -149,7 +148,22 @@ def test_keepalive_notices_a_frozen_server_before_a_long_deadline(frozen_able, t
         next(pieces)
         with frozen(proc):
             error, took = within(30, lambda: list(pieces))
-    assert isinstance(error, RemoteError) and error.code == "UNAVAILABLE", error
+    assert isinstance(error, ServerNotAnsweringError), error
+    assert "(a decode step in flight, keepalive pings unanswered)" in str(error)
+    assert took <= 2 + 2 * SLACK_S
+
+
+def test_keepalive_ends_a_training_step_to_a_frozen_server_before_its_deadline(frozen_able, tiny_tokenizer):
+    address, proc = frozen_able
+    batch = fedsea.make_batch([tiny_tokenizer("A short text to train on.")["input_ids"]], tiny_tokenizer.pad_token_id)
+    client = fedsea.SplitClient(address, packaged_split(), timeouts=ClientTimeouts(step_timeout_s=120))
+    client.config = dataclasses.replace(client.config, keepalive_ms=1000, keepalive_timeout_ms=1000)
+    with client:
+        client.train_step(batch)
+        with frozen(proc):
+            error, took = within(30, lambda: client.train_step(batch))
+    assert isinstance(error, ServerNotAnsweringError), error
+    assert "(a training step in flight, keepalive pings unanswered)" in str(error)
     assert took <= 2 + 2 * SLACK_S
 
 

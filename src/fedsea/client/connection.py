@@ -23,7 +23,7 @@ from fedsea.wire.auth import METADATA_KEY
 from fedsea.wire.keepalive import CLIENT_KEEPALIVE_MS, CLIENT_KEEPALIVE_TIMEOUT_MS, client_options
 from fedsea.wire.shaper import NetShaper
 
-from .deadlines import CallKind, ClientTimeouts, ServerNotAnsweringError
+from .deadlines import CallKind, ClientTimeouts, ServerNotAnsweringError, keepalive_failed
 
 T = TypeVar("T")
 # Transient failures worth resending the same message for (within the call's deadline). A
@@ -32,8 +32,8 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 # An UNAVAILABLE this long after the try began came from a peer that took the connection and
 # then did not answer (no HTTP/2 SETTINGS, a keepalive ping unanswered), not from a refusal.
 STALLED_S = 1.0
-# gRPC's words for the same (the connection attempt's own timeout, keepalive's).
-STALL_MARKS = ("before receiving SETTINGS frame", "ping timeout", "keepalive watchdog")
+# gRPC's words for the same: the connection attempt's own timeout.
+STALL_MARK = "before receiving SETTINGS frame"
 
 
 @dataclass(frozen=True)
@@ -113,18 +113,20 @@ class Connection:
         """The deadline of a call of ``kind``, in seconds."""
         return self.config.timeouts.seconds(kind)
 
-    def not_answering(self, waited_s: float, kind: CallKind) -> ServerNotAnsweringError:
-        """The error for a call of ``kind`` that got no answer in ``waited_s`` seconds."""
-        return ServerNotAnsweringError(self.config.address, waited_s, kind)
+    def not_answering(self, waited_s: float, kind: CallKind, keepalive: bool = False) -> ServerNotAnsweringError:
+        """The error for a call of ``kind`` that got no answer in ``waited_s`` seconds (``keepalive``:
+        its pings went unanswered)."""
+        return ServerNotAnsweringError(self.config.address, waited_s, kind, keepalive)
 
     def retrying(self, attempt: Callable[[float], T], kind: CallKind = "call") -> T:
         """Run ``attempt(seconds_left)`` within the deadline of ``kind``, again on UNAVAILABLE.
 
         A refusal (nothing listening, a TLS mismatch: UNAVAILABLE at once) is retried up to
         ``retries`` times, backing off, then is ``RemoteError``. A stall (a server that took the
-        connection and never answered, or that keepalive found frozen: UNAVAILABLE after a
-        wait) is retried until the deadline, since a restarted server may take the call. Running
-        out of the deadline is ``ServerNotAnsweringError``; any other failure ``RemoteError``.
+        connection and never answered: UNAVAILABLE after a wait) is retried until the deadline,
+        since a restarted server may take the call. Running out of the deadline, or keepalive
+        finding the server frozen mid-call, is ``ServerNotAnsweringError``; any other failure
+        ``RemoteError``.
         A retry must resend the same messages: ``attempt`` rebuilds them from the same payload,
         never from fresh noise.
         """
@@ -147,7 +149,9 @@ class Connection:
                     raise self.not_answering(now - start, kind) from None
                 if code not in RETRYABLE:
                     raise RemoteError(code.name, details) from None
-                stalled = now - began >= STALLED_S or any(mark in details for mark in STALL_MARKS)
+                if keepalive_failed(details):  # frozen or gone: its session with it, no use retrying
+                    raise self.not_answering(now - start, kind, keepalive=True) from None
+                stalled = now - began >= STALLED_S or STALL_MARK in details
                 if left > 0.01 and (stalled or tries < self.config.retries):
                     tries += 1
                     time.sleep(min(delay, left))

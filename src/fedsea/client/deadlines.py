@@ -73,21 +73,34 @@ class ClientTimeouts:
 
 
 class ServerNotAnsweringError(RemoteError):
-    """The server did not answer a call within its deadline (frozen, overloaded or cut off).
+    """The server did not answer a call within its deadline (frozen, overloaded or cut off), or
+    left gRPC's keepalive pings unanswered (``keepalive``: frozen or gone, not merely slow).
 
     The code is ``DEADLINE_EXCEEDED``; the message names the address, the wait, and the fix.
     """
 
-    def __init__(self, address: str, waited_s: float, kind: CallKind) -> None:
-        flag = f"--{kind}-timeout-s"
+    def __init__(self, address: str, waited_s: float, kind: CallKind, keepalive: bool = False) -> None:
+        if keepalive:
+            why, fix = f"{_WHAT[kind]} in flight, keepalive pings unanswered", ""
+        else:
+            why, fix = f"waiting for {_WHAT[kind]}", f", or raise --{kind}-timeout-s if it is only slow"
         super().__init__(
             "DEADLINE_EXCEEDED",
-            f"server {address} not answering for {waited_s:.0f} s (waiting for {_WHAT[kind]}): check that "
-            f"`fedsea serve` is running there and reachable, or raise {flag} if it is only slow",
+            f"server {address} not answering for {waited_s:.0f} s ({why}): check that "
+            f"`fedsea serve` is running there and reachable{fix}",
         )
         self.address = address
         self.waited_s = waited_s
         self.kind = kind
 
 
-__all__ = ["CallKind", "ClientTimeouts", "ServerNotAnsweringError"]
+# gRPC's words for a transport closed by keepalive: the peer is frozen or gone, not slow.
+KEEPALIVE_MARKS = ("ping timeout", "keepalive watchdog")
+
+
+def keepalive_failed(details: str) -> bool:
+    """Whether an UNAVAILABLE's ``details`` say keepalive closed the transport."""
+    return any(mark in details for mark in KEEPALIVE_MARKS)
+
+
+__all__ = ["CallKind", "ClientTimeouts", "ServerNotAnsweringError", "keepalive_failed"]

@@ -39,7 +39,7 @@ from fedsea.wire.adapters import UNLIMITED
 from fedsea.wire.tensors import NONE, TensorAssembler, encode_into
 
 from .connection import Connection
-from .deadlines import CallKind
+from .deadlines import CallKind, keepalive_failed
 
 _END = object()
 # A new connection and session id on the server, after a loss (``SplitClient.reopen_session``).
@@ -195,6 +195,8 @@ class RemoteStepper:
                 details = (item.details() if hasattr(item, "details") else str(item)) or ""
                 if code == grpc.StatusCode.UNAVAILABLE and self._resumable():
                     raise _Lost(details)
+                if code == grpc.StatusCode.UNAVAILABLE and keepalive_failed(details):
+                    raise self.connection.not_answering(budget - (end - time.monotonic()), kind, keepalive=True)
                 raise RemoteError(code.name, details)
             received += item.ByteSize()
             assembler.add(item.hidden)
