@@ -124,3 +124,21 @@ def test_a_server_that_does_not_come_back_is_a_clear_unavailable(tiny_tokenizer)
     assert caught.value.code == "UNAVAILABLE"
     assert f"server {address} lost mid-generation and not back within 2 s" in str(caught.value)
     assert took <= 2 + 2.0
+
+
+def test_a_trunk_adapter_trained_on_the_lost_server_is_a_clear_refusal_to_resume(tiny_tokenizer):
+    port = _free_port()
+    proc = serve(port)
+    batch = fedsea.make_batch([tiny_tokenizer("A short text to train on.")["input_ids"]], tiny_tokenizer.pad_token_id)
+    try:
+        with fedsea.SplitClient(f"127.0.0.1:{port}", packaged_split(), tokenizer=tiny_tokenizer) as client:
+            client.train_step(batch)  # the server's trunk adapter is now one this client does not hold
+            pieces = client.stream(PROMPT, max_new_tokens=NEW_TOKENS, eos_token_id=(), chat=False)
+            next(pieces)
+            proc.kill()
+            proc.wait(timeout=30)
+            with pytest.raises(RemoteError, match=r"lost mid-generation .* cannot resume: .*trunk adapter") as caught:
+                list(pieces)
+    finally:
+        end(proc)
+    assert caught.value.code == "UNAVAILABLE"

@@ -244,6 +244,10 @@ class RemoteStepper:
                 if err.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
                     raise
                 reason = err.message
+            except ProtocolError as err:  # e.g. the trunk adapter the server had trained is gone
+                raise RemoteError(
+                    "UNAVAILABLE", f"server {address} lost mid-generation ({reason}) and it cannot resume: {err}"
+                ) from None
             if time.monotonic() + delay > end:
                 raise RemoteError(
                     "UNAVAILABLE",
