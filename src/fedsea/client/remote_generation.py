@@ -17,8 +17,10 @@ change the output): the answer, and so the generated tokens, are those of an uni
 The replay log's memory: the wire messages of the prefill (B, n, d) plus one (B_t, 1, d)
 vector per row still running per decode step, in the wire dtype (with compression, 1 byte an
 element and a scale per row): at most B x max_length x d x itemsize, which the server's
-``max_seq_len`` bounds; e.g. 8 rows x 2048 slots x 576 (SmolLM2-135M) in bf16 is 18.9 MB. A
-naive stream (no cache) resends everything each step: it logs only the current step.
+``max_seq_len`` bounds; e.g. 8 rows x 2048 slots x 576 (SmolLM2-135M) in bf16 is 18.9 MB.
+Rewinds (speculative decoding) keep the rejected drafts in the log, since the replay must
+send them too: at most (draft length + 1) times that. A naive stream (no cache) resends
+everything each step: it logs only the current step. The log is freed when the stream ends.
 """
 
 from __future__ import annotations
