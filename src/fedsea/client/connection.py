@@ -118,7 +118,7 @@ class Connection:
         its pings went unanswered)."""
         return ServerNotAnsweringError(self.config.address, waited_s, kind, keepalive)
 
-    def retrying(self, attempt: Callable[[float], T], kind: CallKind = "call") -> T:
+    def retrying(self, attempt: Callable[[float], T], kind: CallKind = "call", cap_s: float | None = None) -> T:
         """Run ``attempt(seconds_left)`` within the deadline of ``kind``, again on UNAVAILABLE.
 
         A refusal (nothing listening, a TLS mismatch: UNAVAILABLE at once) is retried up to
@@ -128,9 +128,9 @@ class Connection:
         finding the server frozen mid-call, is ``ServerNotAnsweringError``; any other failure
         ``RemoteError``.
         A retry must resend the same messages: ``attempt`` rebuilds them from the same payload,
-        never from fresh noise.
+        never from fresh noise. ``cap_s``: a shorter deadline for this call (a courtesy call).
         """
-        budget = self.deadline_s(kind)
+        budget = self.deadline_s(kind) if cap_s is None else min(cap_s, self.deadline_s(kind))
         start = time.monotonic()
         end = start + budget
         delay = 0.2
@@ -161,7 +161,9 @@ class Connection:
                     raise self.not_answering(time.monotonic() - start, kind) from None
                 raise RemoteError(code.name, details) from None
 
-    def unary(self, rpc: str, method: Callable[..., Any], request: Any, kind: CallKind = "call") -> Any:
+    def unary(
+        self, rpc: str, method: Callable[..., Any], request: Any, kind: CallKind = "call", cap_s: float | None = None
+    ) -> Any:
         """Call a unary RPC; the same request is resent on transient failures."""
 
         def attempt(timeout: float) -> Any:
@@ -173,7 +175,7 @@ class Connection:
             self.meter.record(rpc, sent=request.ByteSize(), received=response.ByteSize(), network_s=wall)
             return response
 
-        return self.retrying(attempt, kind)
+        return self.retrying(attempt, kind, cap_s)
 
     def stream(
         self, rpc: str, method: Callable[..., Any], requests: Callable[[], Iterator[Any]], kind: CallKind = "step"

@@ -20,6 +20,10 @@ from fedsea.errors import RemoteError
 # The kinds of call, each with its own deadline (a field ``<kind>_timeout_s`` of ``ClientTimeouts``).
 CallKind = Literal["call", "step", "decode", "adapter", "round"]
 
+# Closing a session is a courtesy (the server's idle timeout closes it anyway): a server that
+# does not answer must not keep a client that is exiting (after an error, say) waiting long.
+CLOSE_TIMEOUT_S = 5.0
+
 # What each kind is, for the error message.
 _WHAT: dict[str, str] = {
     "call": "a control call",
@@ -103,4 +107,4 @@ def keepalive_failed(details: str) -> bool:
     return any(mark in details for mark in KEEPALIVE_MARKS)
 
 
-__all__ = ["CallKind", "ClientTimeouts", "ServerNotAnsweringError", "keepalive_failed"]
+__all__ = ["CLOSE_TIMEOUT_S", "CallKind", "ClientTimeouts", "ServerNotAnsweringError", "keepalive_failed"]

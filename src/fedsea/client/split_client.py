@@ -43,7 +43,7 @@ from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, torch_dtype
 from fedsea.wire.tensors import wire_dtype as wire_dtype_enum
 
 from .connection import ClientTls, Connection, ConnectionConfig
-from .deadlines import ClientTimeouts
+from .deadlines import CLOSE_TIMEOUT_S, ClientTimeouts
 from .generation import GenerationConfig, GenerationOutput, generate, stream_text
 from .prompts import encode_prompts
 from .remote_generation import RemoteStepper
@@ -222,6 +222,7 @@ class SplitClient:
                     "close_session",
                     self.connection.stub.CloseSession,
                     pb.CloseSessionRequest(session_id=self.session_id),
+                    cap_s=CLOSE_TIMEOUT_S,
                 )
         except Exception:  # closing must not mask the original error
             pass
