@@ -136,14 +136,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with client:
         batches = iterate_batches(examples, args.batch_size, tokenizer.pad_token_id, args.epochs, args.seed)
-        bar = tqdm(total=total, desc="training", unit="step", disable=args.quiet)
-        for step, batch in enumerate(batches):
-            if step >= total:
-                break
-            losses.append(client.train_step(batch).loss)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            bar.update()
-        bar.close()
+        # Closed on an error too, so that the one-line error is not followed by the bar again.
+        with tqdm(total=total, desc="training", unit="step", disable=args.quiet) as bar:
+            for step, batch in enumerate(batches):
+                if step >= total:
+                    break
+                losses.append(client.train_step(batch).loss)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.update()
         stats = client.stats()
         if args.save_adapters:
             client.save_adapters(args.save_adapters)

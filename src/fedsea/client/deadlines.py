@@ -55,7 +55,7 @@ class ClientTimeouts:
             on; 0: fail at once.
     """
 
-    call_timeout_s: float = 60.0
+    call_timeout_s: float = 30.0
     step_timeout_s: float = 300.0
     decode_timeout_s: float = 60.0
     adapter_timeout_s: float = 300.0

@@ -156,21 +156,21 @@ class FederatedClient:
             before = (meter.bytes_sent, meter.bytes_received) if meter else (0, 0)
             self._start_round(message.round, state)
             result = RoundResult(message.round, True)
-            bar = tqdm(
+            # Closed on an error too (a server not answering): the error is then the last line.
+            with tqdm(
                 total=message.local_steps,
                 desc=f"{self.name} round {message.round}",
                 disable=not self.progress,
                 leave=False,
-            )
-            for step, batch in enumerate(self._batches(message.round, message.local_steps)):
-                loss = self.client.train_step(batch).loss
-                result.losses.append(loss)
-                result.samples += int(batch.input_ids.shape[0])
-                if self.on_step is not None:
-                    self.on_step(message.round, step, loss)
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}")
-            bar.close()
+            ) as bar:
+                for step, batch in enumerate(self._batches(message.round, message.local_steps)):
+                    loss = self.client.train_step(batch).loss
+                    result.losses.append(loss)
+                    result.samples += int(batch.input_ids.shape[0])
+                    if self.on_step is not None:
+                        self.on_step(message.round, step, loss)
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss:.4f}")
             mean = sum(result.losses) / len(result.losses)
             try:
                 self._submit(message.round, result.samples, mean)
