@@ -187,12 +187,16 @@ def test_the_cli_reports_a_server_not_answering_and_exits_2(frozen_able, tmp_pat
     address, proc = frozen_able
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "The council approved a new park near the river."}\n')
+    run = tmp_path / "run.toml"
+    run.write_text('[model]\nsource = "tiny-llama"\n[federation]\nclients = 1\n[client]\nhead_layers = 1\n')
     common = ["--server", address, "--model", "tiny-llama", "--head-layers", "1", "--tail-layers", "1"]
     commands = {
         "train": ["train", *common, "--data", str(data), "--quiet", "--call-timeout-s", "3"],
         "generate": ["generate", *common, "--prompt", "Hi", "--sigma", "0", "--call-timeout-s", "3"],
         "chat": ["chat", *common, "--sigma", "0", "--call-timeout-s", "3"],
-    }
+        "join": ["join", "--server", address, "--run", str(run), "--client", "client-0", "--data", str(data),
+                 "--quiet", "--call-timeout-s", "3"],
+    }  # fmt: skip
     with frozen(proc):
         runs = {
             name: subprocess.Popen(
