@@ -44,8 +44,9 @@ from .connection import Connection
 from .deadlines import CallKind, keepalive_failed
 
 _END = object()
-# A new connection and session id on the server, after a loss (``SplitClient.reopen_session``).
-Reopen = Callable[[], tuple[Connection, str]]
+# A new connection and session id on the server, after a loss (``SplitClient.reopen_session``),
+# the session's opening given at most the seconds passed.
+Reopen = Callable[[float], tuple[Connection, str]]
 
 
 class _Lost(Exception):
@@ -227,7 +228,7 @@ class RemoteStepper:
         while True:
             self._drop()
             try:
-                self.connection, session_id = self.reopen()
+                self.connection, session_id = self.reopen(max(0.1, end - time.monotonic()))
                 self._open(session_id)
                 sent = 0
                 for request in self._log:

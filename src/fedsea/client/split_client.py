@@ -131,9 +131,8 @@ class SplitClient:
         self.trainer: SplitTrainer | None = None
         self._link: RemoteTrunk | None = None
         self.session_info: pb.OpenSessionResponse | None = None
-        # The trunk adapter the server holds for the session, as far as this client knows: put
-        # back after a server restart (``reopen_session``). None: the seed's initial adapter;
-        # unknown (``_trunk_known`` False) once the server trained it (``train_step``).
+        # The server's trunk adapter, put back after a restart (``reopen_session``). None: the seed's
+        # initial one; unknown (``_trunk_known`` False) once the server trained it (``train_step``).
         self._server_trunk: dict[str, torch.Tensor] | None = None
         self._trunk_known = True
 
@@ -167,8 +166,9 @@ class SplitClient:
             raise
         return self
 
-    def _open_session(self) -> pb.OpenSessionResponse:
-        """Open a training session on the server: this client's spec, optimizer, wire and seed."""
+    def _open_session(self, cap_s: float | None = None) -> pb.OpenSessionResponse:
+        """Open a training session on the server: this client's spec, optimizer, wire and seed
+        (``cap_s``: a shorter deadline than a control call's)."""
         connection = self.connection
         assert connection is not None
         request = pb.OpenSessionRequest(
@@ -181,19 +181,20 @@ class SplitClient:
             seed=self.seed,
             wire_compression=cast("pb.TensorChunk.Compression", self._compression),
         )
-        info: pb.OpenSessionResponse = connection.unary("open_session", connection.stub.OpenSession, request)
+        info: pb.OpenSessionResponse = connection.unary(
+            "open_session", connection.stub.OpenSession, request, cap_s=cap_s
+        )
         self.session_info = info
         self.session_id = info.session_id
         self._chunk_bytes = chunk_bytes_under(int(info.limits.max_message_bytes), DEFAULT_CHUNK_BYTES)
         return info
 
-    def reopen_session(self) -> tuple[Connection, str]:
-        """After the server was lost: a new channel, a new session (same spec and seed) and the
-        same trunk adapter put back; returns the connection and the session id.
+    def reopen_session(self, cap_s: float | None = None) -> tuple[Connection, str]:
+        """After the server was lost: a new channel, a new session (same spec and seed; opened
+        within ``cap_s``) and the same trunk adapter put back; returns the connection and session id.
 
-        Raises ``ProtocolError`` when the server had trained the trunk adapter since this
-        client last put or fetched it (``train_step``): that adapter died with the server.
-        The traffic counters carry over; the head and tail, their optimizers and the trainer stay.
+        Raises ``ProtocolError`` when the server had trained the trunk adapter since this client
+        last put or fetched it (``train_step``): it died with the server. Counters and trainer stay.
         """
         if not self._trunk_known:
             raise ProtocolError(
@@ -205,7 +206,7 @@ class SplitClient:
         if old is not None:
             old.close()
         self.session_id = None
-        self._open_session()
+        self._open_session(cap_s)
         if self._server_trunk is not None:
             self.put_trunk_adapter(self._server_trunk)
         if self._link is not None:  # later training steps go to the new session
