@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedsea.cli.flags import add_settings_flags, settings_from_flags
-from fedsea.cli.generate import WIRE_FLAGS, add_connection_args, client_tls, load_placed, model_settings
+from fedsea.cli.generate import (
+    WIRE_FLAGS,
+    add_connection_args,
+    client_timeouts,
+    client_tls,
+    load_placed,
+    model_settings,
+)
 from fedsea.config import DTYPE_SPECS, Placement, WireConfig
 
 if TYPE_CHECKING:
@@ -92,6 +99,8 @@ def _cmd_join(args: argparse.Namespace) -> int:
         head_regularizer=regularizer,
         token=args.token or os.environ.get("FEDSEA_TOKEN"), seed=plan.fed.seed,
         shaper=NetShaper(wire.latency_ms, wire.mbps or 0.0),
+        # A round wait lasts up to the run's join timeout (the first) or round timeout, plus aggregation.
+        timeouts=client_timeouts(args, plan.fed.join_timeout_s + plan.fed.round_timeout_s + 600.0),
     )  # fmt: skip
     with client:
 

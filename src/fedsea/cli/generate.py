@@ -70,6 +70,33 @@ def add_connection_args(parser: argparse.ArgumentParser, keep: str | None = None
     parser.add_argument("--tls-cert", help="client certificate, for mutual TLS")
     parser.add_argument("--tls-key", help="client key, for mutual TLS")
     parser.add_argument("--token", help="bearer token (default: $FEDSEA_TOKEN)")
+    add_timeout_args(parser)
+
+
+def add_timeout_args(parser: argparse.ArgumentParser) -> None:
+    """--call-timeout-s, --step-timeout-s, ...: the deadlines of ``ClientTimeouts`` (None when not given)."""
+    from fedsea.cli.flags import add_settings_flags
+    from fedsea.client.deadlines import ClientTimeouts
+
+    group = parser.add_argument_group("deadlines (a server that does not answer in time is an error, exit 2)")
+    add_settings_flags(group, ClientTimeouts(), keep="{default}")
+
+
+def client_timeouts(args: argparse.Namespace, round_wait_s: float | None = None) -> Any:
+    """The ``ClientTimeouts`` of the flags given over the defaults.
+
+    ``round_wait_s``: the longest a run may keep a client waiting for a round (``fedsea join``,
+    from the run file): the round deadline is raised to it unless ``--round-timeout-s`` is given.
+    """
+    import dataclasses
+
+    from fedsea.cli.flags import settings_from_flags
+    from fedsea.client.deadlines import ClientTimeouts
+
+    base = ClientTimeouts()
+    if round_wait_s is not None and args.round_timeout_s is None:
+        base = dataclasses.replace(base, round_timeout_s=max(base.round_timeout_s, round_wait_s))
+    return settings_from_flags(args, base)
 
 
 def add_noise_args(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +201,7 @@ def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         token=args.token or os.environ.get("FEDSEA_TOKEN"),
         shaper=NetShaper(args.net_latency_ms, args.net_mbps or 0.0),  # unset mbps: unlimited (0)
         tokenizer=tokenizer,
+        timeouts=client_timeouts(args),
     )
     options = {
         "max_new_tokens": args.max_new_tokens,
@@ -277,6 +305,8 @@ __all__ = [
     "add_model_flags",
     "add_model_split_wire_args",
     "add_noise_args",
+    "add_timeout_args",
+    "client_timeouts",
     "client_tls",
     "load_placed",
     "model_settings",

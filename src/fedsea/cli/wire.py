@@ -18,6 +18,7 @@ from fedsea.cli.generate import (
     add_connection_args,
     add_model_flags,
     add_noise_args,
+    client_timeouts,
     client_tls,
     load_placed,
     model_settings,
@@ -143,19 +144,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         shaper=NetShaper(args.net_latency_ms, args.net_mbps or 0.0),  # unset mbps: unlimited (0)
         seed=args.seed,
         micro_batches=args.micro_batches,
+        timeouts=client_timeouts(args),
     )
     losses: list[float] = []
     start = time.perf_counter()
     with client:
         batches = iterate_batches(examples, args.batch_size, tokenizer.pad_token_id, args.epochs, args.seed)
-        bar = tqdm(total=total, desc="training", unit="step", disable=args.quiet)
-        for step, batch in enumerate(batches):
-            if step >= total:
-                break
-            losses.append(client.train_step(batch).loss)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            bar.update()
-        bar.close()
+        # Closed on an error too, so that the one-line error is not followed by the bar again.
+        with tqdm(total=total, desc="training", unit="step", disable=args.quiet) as bar:
+            for step, batch in enumerate(batches):
+                if step >= total:
+                    break
+                losses.append(client.train_step(batch).loss)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.update()
         stats = client.stats()
         if args.save_adapters:
             client.save_adapters(args.save_adapters)

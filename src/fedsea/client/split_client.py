@@ -43,7 +43,9 @@ from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, torch_dtype
 from fedsea.wire.tensors import wire_dtype as wire_dtype_enum
 
 from .connection import ClientTls, Connection, ConnectionConfig
+from .deadlines import CLOSE_TIMEOUT_S, ClientTimeouts
 from .generation import GenerationConfig, GenerationOutput, generate, stream_text
+from .prompts import encode_prompts
 from .remote_generation import RemoteStepper
 from .remote_trunk import RemoteTrunk
 
@@ -65,6 +67,9 @@ class SplitClient:
             tensors, both ways (``fedsea.wire.compress``; ``WireConfig.compression``).
         tls: CA (and for mutual TLS the client certificate and key); ``None`` is plaintext.
         token: the client's bearer token.
+        timeouts: the deadline of each kind of call (``ClientTimeouts``: training step, decode
+            step, round wait, ...) and how long a generation tries to get a lost server back.
+        retries: resends of a call on UNAVAILABLE, within its deadline.
         shaper: emulated network (benchmarks); see ``fedsea.wire.shaper.NetShaper``.
         seed: seeds the server's trunk adapter if the client's trunk has no LoRA.
         tokenizer: needed to ``generate`` from text (chat template, stop strings, decoding).
@@ -88,7 +93,7 @@ class SplitClient:
         wire_compression: str = "none",
         tls: ClientTls | None = None,
         token: str | None = None,
-        timeout_s: float = 300.0,
+        timeouts: ClientTimeouts | None = None,
         retries: int = 3,
         shaper: NetShaper | None = None,
         trunk_lora: LoraSpec | None = None,
@@ -114,13 +119,22 @@ class SplitClient:
         self._generations = 0
         self._chunk_bytes = DEFAULT_CHUNK_BYTES
         self.config = ConnectionConfig(
-            server, tls=tls, token=token, timeout_s=timeout_s, retries=retries, shaper=shaper or NetShaper()
+            server,
+            tls=tls,
+            token=token,
+            timeouts=timeouts or ClientTimeouts(),
+            retries=retries,
+            shaper=shaper or NetShaper(),
         )
         self.connection: Connection | None = None
         self.session_id: str | None = None
         self.trainer: SplitTrainer | None = None
         self._link: RemoteTrunk | None = None
         self.session_info: pb.OpenSessionResponse | None = None
+        # The server's trunk adapter, put back after a restart (``reopen_session``). None: the seed's
+        # initial one; unknown (``_trunk_known`` False) once the server trained it (``train_step``).
+        self._server_trunk: dict[str, torch.Tensor] | None = None
+        self._trunk_known = True
 
     # -- lifecycle -------------------------------------------------------------------------
     def connect(self) -> SplitClient:
@@ -129,23 +143,10 @@ class SplitClient:
             return self
         self.connection = Connection(self.config)
         try:
-            request = pb.OpenSessionRequest(
-                base_fingerprint=model_fingerprint(self.split.model),
-                head_layers=self.split.head_layers,
-                tail_layers=self.split.tail_layers,
-                trunk_lora=lora_to_pb(self.trunk_lora),
-                optimizer=optim_to_pb(self.optim),
-                wire_dtype=self._dtype,
-                seed=self.seed,
-                wire_compression=cast("pb.TensorChunk.Compression", self._compression),
-            )
-            info = self.connection.unary("open_session", self.connection.stub.OpenSession, request)
-            self.session_info = info
-            self.session_id = info.session_id
+            info = self._open_session()
             if getattr(self.split.trunk, "lora_spec", None) is not None:
                 self.put_trunk_adapter(adapter_state_dict(self.split.trunk))
-            chunk = chunk_bytes_under(int(info.limits.max_message_bytes), DEFAULT_CHUNK_BYTES)
-            self._chunk_bytes = chunk
+            chunk = self._chunk_bytes
             model = self.split.model
             link = RemoteTrunk(
                 self.connection, info.session_id, self._dtype, chunk, model.dtype, model.device, self._compression
@@ -165,6 +166,53 @@ class SplitClient:
             raise
         return self
 
+    def _open_session(self, cap_s: float | None = None) -> pb.OpenSessionResponse:
+        """Open a training session on the server: this client's spec, optimizer, wire and seed
+        (``cap_s``: a shorter deadline than a control call's)."""
+        connection = self.connection
+        assert connection is not None
+        request = pb.OpenSessionRequest(
+            base_fingerprint=model_fingerprint(self.split.model),
+            head_layers=self.split.head_layers,
+            tail_layers=self.split.tail_layers,
+            trunk_lora=lora_to_pb(self.trunk_lora),
+            optimizer=optim_to_pb(self.optim),
+            wire_dtype=self._dtype,
+            seed=self.seed,
+            wire_compression=cast("pb.TensorChunk.Compression", self._compression),
+        )
+        info: pb.OpenSessionResponse = connection.unary(
+            "open_session", connection.stub.OpenSession, request, cap_s=cap_s
+        )
+        self.session_info = info
+        self.session_id = info.session_id
+        self._chunk_bytes = chunk_bytes_under(int(info.limits.max_message_bytes), DEFAULT_CHUNK_BYTES)
+        return info
+
+    def reopen_session(self, cap_s: float | None = None) -> tuple[Connection, str]:
+        """After the server was lost: a new channel, a new session (same spec and seed; opened
+        within ``cap_s``) and the same trunk adapter put back; returns the connection and session id.
+
+        Raises ``ProtocolError`` when the server had trained the trunk adapter since this client
+        last put or fetched it (``train_step``): it died with the server. Counters and trainer stay.
+        """
+        if not self._trunk_known:
+            raise ProtocolError(
+                "the server was lost, and with it the trunk adapter it trained in this session: cannot resume "
+                "(fetch it with sync_trunk_adapter() or save_adapters() before generating to make that possible)"
+            )
+        old = self.connection
+        self.connection = Connection(self.config, meter=old.meter if old is not None else None)
+        if old is not None:
+            old.close()
+        self.session_id = None
+        self._open_session(cap_s)
+        if self._server_trunk is not None:
+            self.put_trunk_adapter(self._server_trunk)
+        if self._link is not None:  # later training steps go to the new session
+            self._link.connection, self._link.session_id = self.connection, str(self.session_id)
+        return self.require_connection()
+
     def close(self) -> None:
         """Close the session (freeing the server's memory) and the channel."""
         if self.connection is None:
@@ -175,6 +223,7 @@ class SplitClient:
                     "close_session",
                     self.connection.stub.CloseSession,
                     pb.CloseSessionRequest(session_id=self.session_id),
+                    cap_s=CLOSE_TIMEOUT_S,
                 )
         except Exception:  # closing must not mask the original error
             pass
@@ -218,6 +267,7 @@ class SplitClient:
         connection, trainer = self._require()
         start = time.perf_counter()
         before = connection.meter.as_dict()
+        self._trunk_known = False  # the server's trunk adapter now differs from anything kept here
         result = trainer.train_step(batch)
         after = connection.meter.as_dict()
         waited = float(after["network_s"]) - float(before["network_s"])  # type: ignore[arg-type]
@@ -228,34 +278,6 @@ class SplitClient:
         return result
 
     # -- generation ----------------------------------------------------------------------------
-    def _prompts(
-        self, prompts: str | list[str] | list[dict[str, str]], chat: bool | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenize prompts, or one conversation (a list of {"role", "content"} messages)."""
-        if self.tokenizer is None:
-            raise ValueError("generate needs a tokenizer: SplitClient(..., tokenizer=fedsea.load_tokenizer(...))")
-        items = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not items:
-            raise ValueError("no prompts")
-        use_chat = getattr(self.tokenizer, "chat_template", None) is not None if chat is None else chat
-        if all(isinstance(m, dict) for m in items):
-            if not use_chat:
-                raise ValueError("a conversation needs a tokenizer with a chat template")
-            conversations: list[list[Any]] = [items]
-        else:
-            conversations = [[{"role": "user", "content": t}] for t in items]
-        if use_chat:
-            texts = [
-                self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
-            ]
-        else:
-            texts = [str(c[0]["content"]) for c in conversations]
-        self.tokenizer.padding_side = "left"
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat)
-        device = self.split.model.device  # the head's (the tokenizer makes CPU tensors)
-        check_token_ids(enc["input_ids"], self.split.head.embed_tokens.num_embeddings)  # before the move
-        return enc["input_ids"].to(device), enc["attention_mask"].sum(dim=1).to(device)
-
     def _config(self, config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
         config = dataclasses.replace(config, **kwargs) if config is not None else GenerationConfig(**kwargs)
         if config.eos_token_id is None and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -275,6 +297,7 @@ class SplitClient:
             use_cache,
             self.split.model.device,
             self._compression,
+            reopen=self.reopen_session,
         )
 
     def generate_ids(
@@ -296,7 +319,7 @@ class SplitClient:
         Keyword arguments are ``GenerationConfig`` fields: ``max_new_tokens``, ``do_sample``,
         ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ``repetition_penalty``, ...
         """
-        input_ids, lengths = self._prompts(prompts, chat)
+        input_ids, lengths = encode_prompts(self.tokenizer, self.split, prompts, chat)
         return self.generate_ids(input_ids, lengths, config, **kwargs).texts
 
     def stream(
@@ -307,7 +330,7 @@ class SplitClient:
         **kwargs: Any,
     ) -> Iterator[str]:
         """Yield the answer to one prompt (or conversation) piece by piece, as it is generated."""
-        input_ids, lengths = self._prompts(prompt, chat)
+        input_ids, lengths = encode_prompts(self.tokenizer, self.split, prompt, chat)
         config = self._config(config, kwargs)
         stepper = self.stepper(int(input_ids.shape[1]) + config.max_new_tokens, config.use_cache)
         return stream_text(
@@ -330,15 +353,21 @@ class SplitClient:
         def requests() -> Iterator[pb.NamedTensorChunk]:
             return named_chunks(state, session_id=session_id)
 
-        responses = connection.stream("put_adapter", connection.stub.PutTrunkAdapter, requests)
+        responses = connection.stream("put_adapter", connection.stub.PutTrunkAdapter, requests, kind="adapter")
+        # Kept to put back after a server restart: a LoRA adapter, small next to the model.
+        self._server_trunk = {name: tensor.detach().clone() for name, tensor in state.items()}
+        self._trunk_known = True
         return int(responses[0].tensors)
 
     def trunk_adapter(self) -> dict[str, torch.Tensor]:
         """The server's current trunk adapter for this session (float32 tensors)."""
         connection, session_id = self.require_connection()
         request = pb.AdapterRequest(session_id=session_id)
-        chunks = connection.collect("get_adapter", connection.stub.GetTrunkAdapter, request)
-        return assemble_state(chunks, "adapter")
+        chunks = connection.collect("get_adapter", connection.stub.GetTrunkAdapter, request, kind="adapter")
+        state = assemble_state(chunks, "adapter")
+        self._server_trunk = {name: tensor.clone() for name, tensor in state.items()}
+        self._trunk_known = True
+        return state
 
     def sync_trunk_adapter(self) -> None:
         """Copy the server's trunk adapter into the local trunk view (for saving or export)."""

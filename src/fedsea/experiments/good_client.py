@@ -84,6 +84,7 @@ def good_run(
         fedsea.errors.RemoteError: the server refused or failed a call (an honest client's
             request must always succeed: the callers count this as an error).
     """
+    from fedsea.client.deadlines import ClientTimeouts
     from fedsea.client.split_client import SplitClient
     from fedsea.config import OptimConfig
     from fedsea.training import make_batch
@@ -93,8 +94,10 @@ def good_run(
         split = _fresh_split(model, seed)
         batch = make_batch([tokenizer(t)["input_ids"] for t in TEXTS], tokenizer.pad_token_id)
     start = time.perf_counter()
+    each = {f"{kind}_timeout_s": timeout_s for kind in ("call", "step", "decode", "adapter", "round")}
+    timeouts = ClientTimeouts(**each, reconnect_timeout_s=0.0)  # a lost server is an error here
     with SplitClient(
-        address, split, optim=OptimConfig(lr=1e-2), timeout_s=timeout_s, retries=0, token=token, seed=seed
+        address, split, optim=OptimConfig(lr=1e-2), timeouts=timeouts, retries=0, token=token, seed=seed
     ) as client:
         losses = tuple(float(client.train_step(batch).loss) for _ in range(steps))
         state = client.trunk_adapter()

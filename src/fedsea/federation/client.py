@@ -104,8 +104,9 @@ class FederatedClient:
     def _await(self, after: int) -> tuple[pb.RoundMessage, dict[str, torch.Tensor]]:
         connection, _ = self.client.require_connection()
         request = pb.RoundRequest(after_round=after)
-        # A round may be long in coming: no deadline on this wait.
-        messages = connection.collect("await_round", connection.stub.AwaitRound, request, deadline=False)
+        # A round may be long in coming: this wait has its own deadline (``round_timeout_s`` of
+        # ``ClientTimeouts``), and keepalive notices a dead server sooner.
+        messages = connection.collect("await_round", connection.stub.AwaitRound, request, kind="round")
         return messages[0], assemble_state((m.tensor for m in messages[1:]), "global")
 
     def _submit(self, round_number: int, samples: int, loss: float) -> None:
@@ -115,7 +116,7 @@ class FederatedClient:
         def requests() -> Iterator[pb.SubmitChunk]:
             return submit_messages(round_number, samples, loss, state)
 
-        connection.stream("submit", connection.stub.SubmitUpdate, requests)
+        connection.stream("submit", connection.stub.SubmitUpdate, requests, kind="adapter")
 
     def _batches(self, round_number: int, steps: int) -> Iterator[Batch]:
         seed = derived_seed(self.info.seed if self.info else 0, self.name, round_number)
@@ -155,21 +156,21 @@ class FederatedClient:
             before = (meter.bytes_sent, meter.bytes_received) if meter else (0, 0)
             self._start_round(message.round, state)
             result = RoundResult(message.round, True)
-            bar = tqdm(
+            # Closed on an error too (a server not answering): the error is then the last line.
+            with tqdm(
                 total=message.local_steps,
                 desc=f"{self.name} round {message.round}",
                 disable=not self.progress,
                 leave=False,
-            )
-            for step, batch in enumerate(self._batches(message.round, message.local_steps)):
-                loss = self.client.train_step(batch).loss
-                result.losses.append(loss)
-                result.samples += int(batch.input_ids.shape[0])
-                if self.on_step is not None:
-                    self.on_step(message.round, step, loss)
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}")
-            bar.close()
+            ) as bar:
+                for step, batch in enumerate(self._batches(message.round, message.local_steps)):
+                    loss = self.client.train_step(batch).loss
+                    result.losses.append(loss)
+                    result.samples += int(batch.input_ids.shape[0])
+                    if self.on_step is not None:
+                        self.on_step(message.round, step, loss)
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss:.4f}")
             mean = sum(result.losses) / len(result.losses)
             try:
                 self._submit(message.round, result.samples, mean)

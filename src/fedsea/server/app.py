@@ -24,6 +24,7 @@ from fedsea.server.handlers import add_trunk_service
 from fedsea.server.rounds import RoundServiceFactory
 from fedsea.server.service import TrunkServicer
 from fedsea.server.trunk import TrunkHost
+from fedsea.wire import keepalive
 from fedsea.wire.auth import TokenStore
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,9 @@ class TrunkServer:
         """Bind, register the servicer (and round coordinator), start serving and reaping; return the port."""
         limit = self.trunk_host.limits.max_message_bytes
         self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            options=keepalive.server_options(
+                ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)
+            )
         )
         add_trunk_service(self.servicer, self._server)  # requests parsed by fedsea: INVALID_ARGUMENT if undecodable
         if self.rounds is not None:
