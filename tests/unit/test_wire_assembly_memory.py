@@ -14,7 +14,8 @@ from fedsea.limits import ServerLimits
 from fedsea.server.budget import InflightBudget, gapped
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.adapters import StateAssembler
-from fedsea.wire.tensors import TensorAssembler, decode, encode, receive_tensor
+from fedsea.wire.receive import receive_tensor
+from fedsea.wire.tensors import TensorAssembler, decode, encode
 
 GIB = 1024**3
 

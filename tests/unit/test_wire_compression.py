@@ -12,7 +12,8 @@ from fedsea.errors import InvalidInputError, LimitExceededError
 from fedsea.training.step import LocalTrunk
 from fedsea.wire import compress
 from fedsea.wire import fedsea_pb2 as pb
-from fedsea.wire.tensors import TensorAssembler, decode, encode, encode_into, receive_tensor
+from fedsea.wire.receive import receive_tensor
+from fedsea.wire.tensors import TensorAssembler, decode, encode, encode_into
 from tests.conftest import assert_close_to_scale, randomize_lora
 
 KINDS = sorted(compress.COMPRESSIONS.keys() - {"none"})

@@ -39,7 +39,8 @@ from fedsea.wire import compress
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.memory import keep_freed_memory
 from fedsea.wire.ports import free_loopback_port
-from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, encode, encode_into, receive_tensor, torch_dtype, wire_dtype
+from fedsea.wire.receive import receive_tensor
+from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES, encode, encode_into, torch_dtype, wire_dtype
 
 from . import bench_wire_legacy as legacy
 

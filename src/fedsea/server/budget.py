@@ -23,7 +23,7 @@ from fedsea.errors import IdleTimeoutError, LimitExceededError, SessionNotFoundE
 from fedsea.limits import ServerLimits
 from fedsea.wire import fedsea_pb2 as pb
 from fedsea.wire.adapters import receive_state
-from fedsea.wire.tensors import receive_tensor
+from fedsea.wire.receive import receive_tensor
 
 M = TypeVar("M")
 
