@@ -16,6 +16,7 @@ import fedsea
 from fedsea.federation.config import FedConfig
 from fedsea.federation.coordinator import coordinator_factory
 from fedsea.server.app import ServerThread, TrunkServer
+from fedsea.server.handlers import rpc_kinds
 from fedsea.server.refusals import RefusalLog
 from fedsea.server.trunk import TrunkHost
 from fedsea.wire import fedsea_pb2 as pb
@@ -26,20 +27,8 @@ from tests.integration.test_wire_security import _forward, _open
 
 # A length-delimited field 1 that promises 5 bytes and brings 2: no message type decodes it.
 UNDECODABLE = b"\x0a\x05ab"
-# Each RPC and whether its requests and replies stream.
-RPCS = {
-    "OpenSession": "unary_unary",
-    "CloseSession": "unary_unary",
-    "Forward": "stream_stream",
-    "Backward": "stream_stream",
-    "PutTrunkAdapter": "stream_unary",
-    "GetTrunkAdapter": "unary_stream",
-    "Generate": "stream_stream",
-    "JoinRun": "unary_unary",
-    "AwaitRound": "unary_stream",
-    "SubmitUpdate": "stream_unary",
-    "GetStats": "unary_unary",
-}
+# Each RPC and whether its requests and replies stream (from the proto).
+RPCS = rpc_kinds()
 
 
 @contextmanager

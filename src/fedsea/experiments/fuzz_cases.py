@@ -26,22 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedsea.experiments.fuzz_hostile import CLOSE_OWN_SESSION, hostile_edit
+from fedsea.server.handlers import rpc_kinds
 from fedsea.wire import fedsea_pb2 as pb
 
-# RPC -> gRPC call kind (which multi-callable of the raw channel sends it).
-RPCS: dict[str, str] = {
-    "OpenSession": "unary_unary",
-    "CloseSession": "unary_unary",
-    "Forward": "stream_stream",
-    "Backward": "stream_stream",
-    "PutTrunkAdapter": "stream_unary",
-    "GetTrunkAdapter": "unary_stream",
-    "Generate": "stream_stream",
-    "JoinRun": "unary_unary",
-    "AwaitRound": "unary_stream",
-    "SubmitUpdate": "stream_unary",
-    "GetStats": "unary_unary",
-}
+# RPC -> gRPC call kind (which multi-callable of the raw channel sends it), from the proto.
+RPCS: dict[str, str] = rpc_kinds()
 STREAMING_REQUESTS = {rpc for rpc, kind in RPCS.items() if kind.startswith("stream")}
 FAMILIES = ("garbage", "truncated", "bitflip", "hostile", "halfstream", "stall")
 _FAMILY_WEIGHTS = (20, 15, 15, 44, 4, 2)

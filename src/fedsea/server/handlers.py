@@ -83,13 +83,24 @@ def _handler(servicer: Failing, name: str, request_cls: type[Message], reply_cls
     return make(body, request_deserializer=None, response_serializer=reply_cls.SerializeToString)
 
 
+def rpc_kinds() -> dict[str, str]:
+    """Every RPC of the Trunk service, in the proto's order -> its grpc call kind (``unary_unary``,
+    ``unary_stream``, ``stream_unary`` or ``stream_stream``: which multi-callable sends it)."""
+    return {
+        method.name: f"{'stream' if method.client_streaming else 'unary'}_"
+        f"{'stream' if method.server_streaming else 'unary'}"
+        for method in pb.DESCRIPTOR.services_by_name["Trunk"].methods
+    }
+
+
 def trunk_handlers(servicer: Failing) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """Every RPC of the Trunk service (from the proto's descriptor) -> its raw-bytes handler."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in pb.DESCRIPTOR.services_by_name["Trunk"].methods:
-        kind = f"{'stream' if method.client_streaming else 'unary'}_{'stream' if method.server_streaming else 'unary'}"
+    methods = pb.DESCRIPTOR.services_by_name["Trunk"].methods_by_name
+    for name, kind in rpc_kinds().items():
+        method = methods[name]
         request_cls, reply_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        handlers[method.name] = _handler(servicer, method.name, request_cls, reply_cls, kind)
+        handlers[name] = _handler(servicer, name, request_cls, reply_cls, kind)
     return handlers
 
 
