@@ -73,7 +73,7 @@ class ServerLimits:
     # one client must be able to hold. Lower both on a smaller server.
     max_pending_bytes_per_client: int = 8 * GIB
     max_pending_bytes: int = 16 * GIB
-    pending_timeout_s: float = 120.0
+    pending_timeout_s: float = 300.0
     max_lora_rank: int = 256
     max_lora_targets: int = 16
     max_adapter_bytes: int = 1 * GIB

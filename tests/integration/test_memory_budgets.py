@@ -82,6 +82,9 @@ def test_pending_activations_expire_and_their_backward_asks_for_the_forward_agai
         forward(stub, session)
         assert servicer.host.pending_bytes() > 0
         time.sleep(0.6)
+        # Expired by the server's reaper (or another session's step), never by its own backward:
+        # a backward that has arrived is answered however long it queued for the compute thread.
+        assert servicer.host.expire_pending() == 1
         code, details = refused(lambda: backward(stub, session))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "resend the forward" in details
         assert servicer.host.pending_bytes() == 0

@@ -156,3 +156,42 @@ def test_faults_are_replayed_from_the_round_records_on_resume(tmp_path):
     book = FaultBook(max_faults=2)
     book.replay(read_records(tmp_path))
     assert book.faults == {"bad": 2} and book.banned == {"bad"}  # a group's adapter is no client's fault
+
+
+def _coordinator(mode: str = "hierarchical"):  # type: ignore[no-untyped-def]
+    import fedsea
+    from fedsea.federation.config import FedConfig
+    from fedsea.federation.coordinator import Coordinator
+    from fedsea.server.trunk import TrunkHost
+
+    async def compute(fn, *args):  # type: ignore[no-untyped-def]  # the servicer's executor, inline
+        return fn(*args)
+
+    host = TrunkHost(fedsea.tiny_llama(num_layers=4, hidden_size=32, num_heads=2, num_kv_heads=1, vocab_size=64))
+    return Coordinator(host, FedConfig(rounds=1, local_steps=1, mode=mode), None, compute)
+
+
+def test_a_refusal_after_an_accepted_update_changes_nothing():
+    """A second, bad SubmitUpdate from a client whose update was taken neither unseats it nor counts a fault."""
+    import asyncio
+
+    from fedsea.federation.coordinator import Member
+
+    coordinator = _coordinator()
+    coordinator.members["a"] = Member("a", "s", 1, 0.0)
+    coordinator.current, coordinator.allowed = 1, {"a"}
+    coordinator.submitted["a"] = Update("a", 1.0, {})
+    asyncio.run(coordinator.refuse("a", 1, "update[x]: contains NaN or Inf"))
+    assert coordinator.refused == {} and "a" in coordinator.members and "a" in coordinator.allowed
+
+
+def test_a_session_gone_before_its_trunk_is_loaded_leaves_only_that_client_out():
+    """A client whose session closed after the round began (its process exited) is left out; no exception."""
+    import asyncio
+
+    from fedsea.federation.coordinator import Member
+
+    coordinator = _coordinator()
+    coordinator.members["a"] = Member("a", "no-such-session", 1, 0.0)
+    assert asyncio.run(coordinator._load_trunk("a", coordinator.global_state)) is False
+    assert "a" in coordinator._gone and "a" not in coordinator.members

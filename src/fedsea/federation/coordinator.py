@@ -12,13 +12,12 @@ Design decisions:
   ``sequential``: clients take turns; the trunk adapter passes from one to the next, and is
   taken as it is at the end. Local optimizers restart every round (the FedAvg convention),
   so a round's checkpoint (global adapter, round, RNG states) is all a resume needs.
-- A client that has not submitted when the round times out is left out of the average and
-  can join again later; late submissions are refused.
+- A client that has not submitted when the round times out (or whose session is gone) is
+  left out of the average and can join again later; late submissions are refused.
 - Every update is checked before it is averaged (``fedsea.federation.validation``): the
-  head/tail a client sends, and the trunk adapter the server reads from its session (the
-  client drives that one's training too). A bad one is refused (INVALID_ARGUMENT), the client
-  is left out of the round, which goes on with the others, and ``max_faults`` refusals ban it.
-  No client's update, nor a failing round, ends the run for the others.
+  head/tail a client sends and the trunk adapter read from its session. A bad one is refused
+  (INVALID_ARGUMENT), its client left out of the round and banned after ``max_faults``
+  refusals; no client's update, nor a failing round, ends the run for the others.
 """
 
 from __future__ import annotations
@@ -31,14 +30,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-from fedsea.errors import FedseaError, InvalidInputError, ModelMismatchError, ProtocolError
+from fedsea.errors import FedseaError, InvalidInputError, ModelMismatchError, ProtocolError, SessionNotFoundError
 from fedsea.federation.checkpoint import latest_round, load_round, save_round
 from fedsea.federation.config import FedConfig
-from fedsea.federation.groups import close_group, open_groups, trunk_part
+from fedsea.federation.groups import close_group, discard_groups, open_groups, trunk_part
 from fedsea.federation.initial import initial_global_state
 from fedsea.federation.strategy import Update, make_strategy
 from fedsea.federation.validation import FaultBook, check_update, read_records
@@ -48,7 +47,6 @@ from fedsea.server.trunk import Session, TrunkHost
 
 __all__ = ["Coordinator", "Member", "coordinator_factory", "initial_global_state"]
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass
@@ -84,10 +82,8 @@ class Coordinator:
         self.config = config
         self.run_dir = run_dir
         self._compute = compute
-        self.strategy = make_strategy(
-            config.strategy, config.fraction, config.min_clients, config.clip_norm, config.trim_fraction,
-            config.max_update_rms,
-        )  # fmt: skip
+        self.strategy = make_strategy(config.strategy, config.fraction, config.min_clients, config.clip_norm,
+                                      config.trim_fraction, config.max_update_rms)  # fmt: skip
         self.faults = FaultBook(config.max_faults)
         self.members: dict[str, Member] = {}
         self.completed = 0
@@ -97,8 +93,7 @@ class Coordinator:
             torch.random.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
             logger.info("resuming after round %d from %s", self.completed, folder)
             self.faults.replay(r for r in read_records(run_dir) if r.get("round", 0) <= self.completed)
-        if not self.global_state:
-            self.global_state = initial_global_state(host, config)
+        self.global_state = self.global_state or initial_global_state(host, config)
         self.current: int | None = None  # the open round
         self.allowed: set[str] = set()  # who may fetch the open round now (sequential: one at a time)
         self.selected: list[str] = []
@@ -210,8 +205,8 @@ class Coordinator:
         anyway (closed, not selected, refused) is no fault: refused all the same, and no log line.
         """
         async with self._changed:
-            if self.current != round_number or client_id not in self.allowed:
-                return
+            if self.current != round_number or client_id not in self.allowed or client_id in self.submitted:
+                return  # not the open round's to take (an accepted update stays accepted)
             self.refused[client_id] = reason
             self.allowed.discard(client_id)
             self.members.pop(client_id, None)  # now: a rejoin during the round must not be undone
@@ -237,12 +232,16 @@ class Coordinator:
     def _trunk_keys(self, session: Session) -> dict[str, torch.Tensor]:
         return trunk_part(self.global_state, session)
 
-    async def _load_trunk(self, client_id: str, state: dict[str, torch.Tensor]) -> None:
-        member = self.members[client_id]
-        session = self.host.get(client_id, member.session_id)
-        part = trunk_part(state, session)
-        self._trunk_start[client_id] = part
-        await self._compute(self.host.put_adapter, client_id, member.session_id, part)
+    async def _load_trunk(self, client_id: str, state: dict[str, torch.Tensor]) -> bool:
+        """Load the client's trunk blocks of ``state``; False (the client left out) if its session is gone."""
+        try:
+            member = self.members[client_id]
+            part = self._trunk_start[client_id] = trunk_part(state, self.host.get(client_id, member.session_id))
+            await self._compute(self.host.put_adapter, client_id, member.session_id, part)
+            return True
+        except (SessionNotFoundError, KeyError):  # closed (its client exited) since the round began
+            self._alive([client_id])
+            return False
 
     def _alive(self, selected: list[str]) -> None:
         """Leave out the selected clients whose session is gone (closed or expired since they joined)."""
@@ -311,9 +310,8 @@ class Coordinator:
             shared = dict(self.global_state)
             await self._open(round_number, selected, set())
             for client_id in selected:
-                if client_id not in self.members:  # gone since
-                    continue
-                await self._load_trunk(client_id, shared)
+                if client_id not in self.members or not await self._load_trunk(client_id, shared):
+                    continue  # gone since the round began
                 async with self._changed:
                     self.allowed = {client_id}
                     self._changed.notify_all()
@@ -329,21 +327,23 @@ class Coordinator:
             sessions = {c: self.members[c].session_id for c in selected}
             groups = await open_groups(self.host, sessions, self.global_state, self._compute, cfg.round_timeout_s)
             self.batchers = [g[0] for g in groups]
-            await self._open(round_number, selected, set(selected))
-            await self._wait_submitted(set(selected), deadline)
-            for _, clients, group_id in groups:
-                done = [c for c in clients if c in self.submitted]
-                bound = self.strategy.max_update_rms
-                state, why = await close_group(self.host, group_id, self.global_state, self._compute, bound)
-                if why is not None and done:  # trained by several clients: refused as a whole, no one's fault
-                    self.refused[f"trunk:group-{group_id}"] = why
-                elif state is not None and done:
-                    weight = float(sum(self.submitted[c].weight for c in done))
-                    updates.append(Update(f"trunk:group-{group_id}", weight, state))
-            self.batchers = []
+            try:
+                await self._open(round_number, selected, set(selected))
+                await self._wait_submitted(set(selected), deadline)
+                for _, clients, group_id in groups:
+                    done = [c for c in clients if c in self.submitted]
+                    bound = self.strategy.max_update_rms
+                    state, why = await close_group(self.host, group_id, self.global_state, self._compute, bound)
+                    if why is not None and done:  # trained by several clients: refused as a whole, no one's fault
+                        self.refused[f"trunk:group-{group_id}"] = why
+                    elif state is not None and done:
+                        weight = float(sum(self.submitted[c].weight for c in done))
+                        updates.append(Update(f"trunk:group-{group_id}", weight, state))
+            finally:  # a failed round must not leave the groups' sessions (a trunk LoRA each) open
+                self.batchers = []
+                await discard_groups(self.host, [g[2] for g in groups], self._compute)
         else:
-            for client_id in selected:
-                await self._load_trunk(client_id, self.global_state)
+            selected = [c for c in selected if await self._load_trunk(c, self.global_state)]
             await self._open(round_number, selected, set(selected))
             await self._wait_submitted(set(selected), deadline)
             done = [c for c in selected if c in self.submitted]

@@ -7,13 +7,14 @@ of the average, and it is no single client's fault.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from fedsea.errors import InvalidInputError
+from fedsea.errors import InvalidInputError, SessionNotFoundError
 from fedsea.federation.validation import check_update
 from fedsea.server.batching import GroupBatcher
 from fedsea.server.trunk import Session, TrunkHost
@@ -75,3 +76,10 @@ async def close_group(
         return None, str(exc)
     finally:
         await compute(host.close_session, GROUP_OWNER, group_id)
+
+
+async def discard_groups(host: TrunkHost, group_ids: list[str], compute: Callable[..., Any]) -> None:
+    """Close the groups' sessions that are still open (after a round that failed half-way)."""
+    for group_id in group_ids:
+        with contextlib.suppress(SessionNotFoundError):  # closed already, the usual case
+            await compute(host.close_session, GROUP_OWNER, group_id)

@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from fedsea.config import LoraSpec
-from fedsea.errors import InvalidInputError, LimitExceededError
+from fedsea.errors import InvalidInputError, LimitExceededError, shown
 from fedsea.limits import ServerLimits
 from fedsea.model.adapters import family_targets
 from fedsea.model.split import SplitPart
@@ -169,3 +169,18 @@ def check_pending(limits: ServerLimits, mine: int, total: int) -> None:
 def within_pending(limits: ServerLimits, mine: int, total: int) -> bool:
     """Whether ``check_pending`` would let activations of ``mine`` and ``total`` bytes through."""
     return mine <= limits.max_pending_bytes_per_client and total <= limits.max_pending_bytes
+
+
+def check_hidden(shape: tuple[int, ...], hidden_size: int, limits: ServerLimits, field_name: str = "hidden") -> None:
+    """A (B, n, d) tensor's shape against the model's width and the limits, before its bytes are assembled."""
+    if len(shape) != 3:
+        raise InvalidInputError(field_name, f"expected shape (batch, tokens, {hidden_size}), got {shown(shape)}")
+    batch, tokens, width = shape
+    if width != hidden_size:
+        raise InvalidInputError(field_name, f"width {width} does not match the model's hidden size {hidden_size}")
+    if batch < 1 or tokens < 1:
+        raise InvalidInputError(field_name, f"empty tensor of shape {shape}")
+    if batch > limits.max_batch:
+        raise LimitExceededError(f"{field_name}: batch {batch} exceeds max_batch={limits.max_batch}")
+    if tokens > limits.max_seq_len:
+        raise LimitExceededError(f"{field_name}: {tokens} tokens exceed max_seq_len={limits.max_seq_len}")

@@ -46,7 +46,7 @@ from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.masks import check_finite
 from fedsea.model.seeding import seeded
 from fedsea.model.split import Trunk, check_partition, check_supported
-from fedsea.server.memory import ActivationMeter, check_lora, check_pending, within_pending
+from fedsea.server.memory import ActivationMeter, check_hidden, check_lora, check_pending, within_pending
 from fedsea.training.pipeline import MicroStep
 from fedsea.training.step import PartOptimizer
 
@@ -230,12 +230,17 @@ class TrunkHost:
         session.pending = None
         session.pending_bytes.clear()
 
-    def expire_pending(self, now: float | None = None) -> int:
-        """Drop the activations of forwards whose backward is ``pending_timeout_s`` late; return how many."""
+    def expire_pending(self, now: float | None = None, keep: Session | None = None) -> int:
+        """Drop the activations of forwards whose backward is ``pending_timeout_s`` late; return how many.
+
+        ``keep``: the session whose request is being computed (its backward or next slice has
+        arrived, however long it then queued for the compute thread: never expired by it).
+        """
         now = time.monotonic() if now is None else now
         with self._compute_lock, self._sessions_lock:
             timeout = self.limits.pending_timeout_s
-            late = [s for s in self._sessions.values() if s.pending is not None and now - s.pending_at > timeout]
+            waiting = [s for s in self._sessions.values() if s.pending is not None and s is not keep]
+            late = [s for s in waiting if now - s.pending_at > timeout]
             for session in late:
                 session.expired_step = session.pending.step if session.pending is not None else None
                 self._forget_pending(session)
@@ -249,21 +254,7 @@ class TrunkHost:
     # -- training ---------------------------------------------------------------------------
     def check_hidden_shape(self, shape: tuple[int, ...], field_name: str = "hidden") -> None:
         """Limits and width of a (B, n, d) tensor, checked before its bytes are assembled."""
-        if len(shape) != 3:
-            raise InvalidInputError(
-                field_name, f"expected shape (batch, tokens, {self.hidden_size}), got {shown(shape)}"
-            )
-        batch, tokens, width = shape
-        if width != self.hidden_size:
-            raise InvalidInputError(
-                field_name, f"width {width} does not match the model's hidden size {self.hidden_size}"
-            )
-        if batch < 1 or tokens < 1:
-            raise InvalidInputError(field_name, f"empty tensor of shape {shape}")
-        if batch > self.limits.max_batch:
-            raise LimitExceededError(f"{field_name}: batch {batch} exceeds max_batch={self.limits.max_batch}")
-        if tokens > self.limits.max_seq_len:
-            raise LimitExceededError(f"{field_name}: {tokens} tokens exceed max_seq_len={self.limits.max_seq_len}")
+        check_hidden(shape, self.hidden_size, self.limits, field_name)
 
     def forward(
         self,
@@ -279,8 +270,8 @@ class TrunkHost:
         self.check_hidden_shape(tuple(hidden.shape))
         count = self._check_micro(micro, micro_batches)
         with self._compute_lock:
-            self.expire_pending()
             session = self.get(owner, session_id)
+            self.expire_pending(keep=session)
             pending = session.pending
             retry = pending is not None and pending.step == step
             if step != session.next_step and not retry:
@@ -355,7 +346,7 @@ class TrunkHost:
             done = session.answered
             if done is not None and done.step == step and done.count == count and micro in done.answers:
                 return done.answers[micro].cpu()  # a resend: same answer, no second update
-            self.expire_pending()
+            self.expire_pending(keep=session)
             pending = session.pending
             if pending is None and session.expired_step == step:
                 raise ProtocolError(
