@@ -3,9 +3,9 @@
 #   1. the CUDA tests (tests/gpu, marker `gpu`): random weights equal on CPU and CUDA bit for bit,
 #      float32 split == Hugging Face to 1e-4 of scale, bfloat16 split as close to float32 as HF's
 #      own bfloat16 run (within 2x + 1e-3 of scale), a CUDA server training a CPU client;
-#   2. fedsea bench train    --model random:llama-2-7b --device cuda --dtype bfloat16 --batch 4 --tokens 512 --head-layers 2 --tail-layers 2
+#   2. fedsea bench train    --model random:llama-2-7b --device cuda --dtype bfloat16 --batch 4 --tokens 512 --head-layers 2 --tail-layers 2 --micro-batches 1 2
 #   3. fedsea bench generate --model random:llama-2-7b --device cuda --dtype bfloat16 --prompt-tokens 512 --new-tokens 64 --batches 1 8
-# and prints the two benchmarks' JSON lines.
+# and prints the two benchmarks' JSON lines. Every step runs even after one fails; the check fails at the end.
 #
 # Usage:
 #   scripts/gpu_check.sh [run]          the check, with $PYTHON (default .venv-gpu/bin/python)
@@ -85,11 +85,13 @@ run() {
     local python=${PYTHON:-$VENV/bin/python} dry=${1:-}
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
     local model=random:llama-2-7b device=cuda
-    local train=(--batch 4 --tokens 512 --head-layers 2 --tail-layers 2)
+    # Micro-batches 1 and 2: the step whole, then pipelined (the server starts the first half
+    # while the second is in flight).
+    local train=(--batch 4 --tokens 512 --head-layers 2 --tail-layers 2 --micro-batches 1 2)
     local generate=(--prompt-tokens 512 --new-tokens 64 --batches 1 8)
     if [[ "$dry" == "--dry-run" ]]; then
         model="random:llama-tiny?layers=4" device=cpu
-        train=(--batch 2 --tokens 16 --head-layers 1 --tail-layers 1 --steps 2 --warmup 1)
+        train=(--batch 2 --tokens 16 --head-layers 1 --tail-layers 1 --steps 2 --warmup 1 --micro-batches 1 2)
         generate=(--prompt-tokens 16 --new-tokens 4 --batches 1 2 --naive-tokens 2 --head-layers 1 --tail-layers 1 --net-latency-ms 1)
         export FEDSEA_GPU_TEST_DEVICE=cpu FEDSEA_GPU_TEST_SHAPE=random:llama-tiny
     else
@@ -98,12 +100,31 @@ run() {
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     fi
     "$python" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
-    echo "== 1/3 CUDA tests (pytest -m gpu tests/gpu)"
-    timeout 180 "$python" -m pytest -q -m gpu tests/gpu
-    echo "== 2/3 fedsea bench train --model $model --device $device --dtype bfloat16 ${train[*]}"
-    timeout 150 "$python" -m fedsea.cli bench train --model "$model" --device "$device" --dtype bfloat16 "${train[@]}"
-    echo "== 3/3 fedsea bench generate --model $model --device $device --dtype bfloat16 ${generate[*]}"
-    timeout 150 "$python" -m fedsea.cli bench generate --model "$model" --device "$device" --dtype bfloat16 "${generate[@]}"
+    # Every step runs even when one before it failed (a GPU is often lent for minutes only: one
+    # run must report everything); the check fails at the end, naming the steps that failed.
+    local failed=()
+    step "1/3 CUDA tests" 180 "$python" -m pytest -q -m gpu tests/gpu || failed+=("CUDA tests")
+    step "2/3 bench train" 150 "$python" -m fedsea.cli bench train --model "$model" --device "$device" \
+        --dtype bfloat16 "${train[@]}" || failed+=("bench train")
+    step "3/3 bench generate" 150 "$python" -m fedsea.cli bench generate --model "$model" --device "$device" \
+        --dtype bfloat16 "${generate[@]}" || failed+=("bench generate")
+    if ((${#failed[@]})); then
+        echo "gpu check FAILED: ${failed[*]}" >&2
+        return 1
+    fi
+    echo "gpu check passed"
+}
+
+# step NAME SECONDS CMD...: run CMD under a time limit, printing its name, command and duration.
+step() {
+    local name=$1 limit=$2 start=$SECONDS rc=0
+    shift 2
+    echo "== $name: ${*:2}"
+    timeout "$limit" "$@" || rc=$?
+    local over=""
+    if ((rc == 124)); then over=" (over its $limit s limit)"; fi
+    echo "== $name: exit $rc after $((SECONDS - start)) s$over"
+    return "$rc"
 }
 
 case "${1:-run}" in

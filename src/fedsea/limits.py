@@ -8,10 +8,23 @@ generation streams and their KV caches), each refused with RESOURCE_EXHAUSTED na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GIB = 1024**3
 MIB = 1024**2
+
+# The memory budgets left at 0 ("auto") are these shares of the memory free for them when the
+# trunk server starts (``ServerLimits.sized``): what the trunk's devices have beside its weights.
+# Fixed byte defaults cannot fit both a CPU server of SmolLM2-135M and an 80 GB GPU serving a 7B
+# trunk (whose batch of 4 x 512 tokens saves 11.3 GB of activations). On the 24 GiB CPU machine
+# the shares give about what the fixed defaults were (8 / 16 GiB pending, 1 / 4 GiB KV cache).
+# Pending activations and KV caches together take 5/6; the rest is left for transient buffers.
+AUTO_SHARES = {
+    "max_pending_bytes_per_client": 1 / 3,
+    "max_pending_bytes": 2 / 3,
+    "max_cache_bytes": 1 / 6,
+    "max_cache_bytes_per_client": 1 / 24,
+}
 
 
 def _check(cond: bool, name: str, value: object, need: str) -> None:
@@ -34,6 +47,7 @@ class ServerLimits:
         max_generation_sessions (`int`): open inference streams on the server in all.
         max_cache_bytes (`int`): KV-cache memory budget of all inference streams together; a
             stream reserves its worst case (batch x max_length) when it starts, or is refused.
+            0 (the default) = auto: 1/6 of the memory free beside the trunk's weights.
         stream_timeout_s (`float`): longest wait for the next message of a request stream that
             carries a tensor or adapter (Forward, Backward, PutTrunkAdapter, SubmitUpdate, the
             chunks of a Generate step); past it the stream is refused (DEADLINE_EXCEEDED) and
@@ -43,8 +57,10 @@ class ServerLimits:
         max_inflight_bytes (`int`): tensor bytes all partial request streams may hold at once.
         max_pending_bytes_per_client (`int`): activation bytes one client's forwards awaiting
             their backward may hold (the autograd graph's saved tensors, measured; a forward
-            expected to pass it is refused before it computes).
+            expected to pass it is refused before it computes). 0 (the default) = auto: 1/3 of the
+            memory free beside the trunk's weights.
         max_pending_bytes (`int`): activation bytes all pending forwards may hold at once.
+            0 (the default) = auto: 2/3 of the memory free beside the trunk's weights.
         pending_timeout_s (`float`): a forward's activations are dropped when its backward has
             not come this long after it; that backward is refused (FAILED_PRECONDITION: resend the forward).
         max_lora_rank (`int`): largest trunk LoRA rank r a session may ask for.
@@ -54,6 +70,12 @@ class ServerLimits:
             PutTrunkAdapter or SubmitUpdate stream may carry (counted as it arrives).
         max_generation_sessions_per_client (`int`): open inference streams one client may hold.
         max_cache_bytes_per_client (`int`): KV-cache bytes one client's streams may reserve.
+            0 (the default) = auto: 1/24 of the memory free beside the trunk's weights (a
+            quarter of the auto ``max_cache_bytes``).
+
+    The memory free beside the weights is measured when the server starts (``sized``): on CUDA
+    what ``torch.cuda.mem_get_info`` reports free on the trunk's GPUs after loading it, on the CPU
+    the machine's RAM less the weights. The server logs the budgets it resolved.
     """
 
     max_seq_len: int = 4096
@@ -64,21 +86,21 @@ class ServerLimits:
     max_sessions: int = 256
     idle_timeout_s: float = 600.0
     max_generation_sessions: int = 64
-    max_cache_bytes: int = 4 * GIB
+    max_cache_bytes: int = 0  # auto (AUTO_SHARES)
     stream_timeout_s: float = 30.0
     max_inflight_bytes_per_client: int = 1 * GIB
     max_inflight_bytes: int = 2 * GIB
-    # SmolLM2-135M (fp32, CPU, 26 trunk blocks, r=8 on q/k/v/o, dropout 0.05) saves 1.19 MB of
-    # activations per token: fedsea's fine-tuning default of 8 x 768 tokens is 7.3 GB, which
-    # one client must be able to hold. Lower both on a smaller server.
-    max_pending_bytes_per_client: int = 8 * GIB
-    max_pending_bytes: int = 16 * GIB
+    # Auto (AUTO_SHARES). SmolLM2-135M (fp32, CPU, 26 trunk blocks, r=8 on q/k/v/o, dropout 0.05)
+    # saves 1.19 MB of activations per token: fedsea's fine-tuning default of 8 x 768 tokens is
+    # 7.3 GB, which one client must be able to hold (1/3 of a 24 GiB machine is 7.8 GiB).
+    max_pending_bytes_per_client: int = 0
+    max_pending_bytes: int = 0
     pending_timeout_s: float = 300.0
     max_lora_rank: int = 256
     max_lora_targets: int = 16
     max_adapter_bytes: int = 1 * GIB
     max_generation_sessions_per_client: int = 16
-    max_cache_bytes_per_client: int = 1 * GIB
+    max_cache_bytes_per_client: int = 0  # auto (AUTO_SHARES)
 
     def __post_init__(self) -> None:
         counts = (
@@ -106,6 +128,20 @@ class ServerLimits:
             "max_cache_bytes_per_client",
         )
         for name in sizes:
-            _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+            low, need = (0, ">= 0 (0 = auto)") if name in AUTO_SHARES else (1, ">= 1")
+            _check(getattr(self, name) >= low, name, getattr(self, name), need)
         for name in ("idle_timeout_s", "stream_timeout_s", "pending_timeout_s"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
+
+    def sized(self, free_bytes: int) -> ServerLimits:
+        """These limits with every memory budget left at 0 (auto) set to its share of ``free_bytes``."""
+        _check(free_bytes >= 1, "free_bytes", free_bytes, ">= 1")
+        auto = {
+            name: max(MIB, int(share * free_bytes)) for name, share in AUTO_SHARES.items() if getattr(self, name) == 0
+        }
+        return replace(self, **auto)
+
+    @property
+    def is_sized(self) -> bool:
+        """Whether no memory budget is left at 0 (auto)."""
+        return all(getattr(self, name) > 0 for name in AUTO_SHARES)

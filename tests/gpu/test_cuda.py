@@ -107,3 +107,17 @@ def test_a_cuda_server_trains_with_a_cpu_client_as_in_process_training_does(tiny
                 assert remote_loss == pytest.approx(local_loss, rel=1e-4)
     finally:
         thread.stop()
+
+
+def test_a_cuda_trunk_sizes_its_auto_memory_budgets_from_the_gpus_free_memory():
+    from fedsea.config import ServerLimits
+    from fedsea.server.trunk import TrunkHost
+
+    model = load_model("random:llama-tiny?layers=2", device=CUDA)
+    host = TrunkHost(model, ServerLimits())
+    if CUDA.type == "cuda":
+        free, total = torch.cuda.mem_get_info(CUDA)
+        # Sized from what the GPU has free (not the host's RAM): within what was free then and now.
+        assert host.limits.max_pending_bytes <= int(total * 2 / 3)
+        assert abs(host.limits.max_pending_bytes - int(free * 2 / 3)) < 256 * 1024**2
+    assert host.limits.is_sized

@@ -47,7 +47,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _reexec_for_colocation(args)
         result = bench_generate(
             args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers, args.tail_layers,
-            args.naive_tokens, args.net_latency_ms, args.wire_dtype, args.device, args.dtype,
+            args.naive_tokens, args.net_latency_ms, args.wire_dtype, args.device, args.dtype, args.rounds,
         )  # fmt: skip
     elif args.what == "wire":
         from fedsea.experiments.bench_wire import bench_wire
@@ -143,6 +143,9 @@ def add_bench_commands(sub: Any) -> None:
     generate.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
     generate.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
     generate.add_argument("--naive-tokens", type=int, default=8, help="new tokens timed for the naive split")
+    generate.add_argument(
+        "--rounds", type=int, default=1, help="times split and generate run per batch; the last is reported as warm_*"
+    )
     add_settings_flags(generate, SplitConfig())
     wire = WireConfig(latency_ms=GENERATE_LATENCY_MS)  # the round trip the generation figures assume
     add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices=wire_choices())

@@ -15,6 +15,19 @@ from fedsea.model.load import DEFAULT_MODEL, load_model
 from fedsea.wire.ports import free_loopback_port
 
 
+def _split_round(
+    client: Any, ids: torch.Tensor, lengths: torch.Tensor, config: Any
+) -> tuple[Any, float, int, int, float]:
+    """One split generation: (output, seconds, generate RPCs, bytes both ways, seconds inside those RPCs)."""
+    before = client.connection.meter.rpc("generate")
+    t0 = time.perf_counter()
+    out = client.generate_ids(ids, lengths, config)
+    seconds = time.perf_counter() - t0
+    after = client.connection.meter.rpc("generate")
+    moved = (after.bytes_sent + after.bytes_received) - (before.bytes_sent + before.bytes_received)
+    return out, seconds, after.calls - before.calls, moved, after.network_s - before.network_s
+
+
 def _hf_generate(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
     """Greedy Hugging Face ``generate`` of exactly ``new_tokens``; returns (sequences, seconds)."""
     t0 = time.perf_counter()
@@ -49,6 +62,7 @@ def bench_generate(
     wire_dtype: str = WireConfig.dtype,
     device: str = "cpu",
     dtype: str = "float32",
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """Tokens per second of greedy generation: split over loopback gRPC (server in its own
     process), Hugging Face ``generate`` on the unsplit model, and the naive split without
@@ -58,6 +72,13 @@ def bench_generate(
     adapters as the split (a random non-trivial trunk adapter, set on the server and copied
     into the local blocks), so that both sides run the same fine-tuned model; the plain base
     model, without adapters, is reported too (``central_base_tok_s``).
+
+    With ``rounds`` > 1 the split and ``generate`` run again on the same prompts: the first
+    round is the headline (a server's first request of that shape, as a user meets it), the last
+    is reported as ``warm_*`` (every kernel loaded and tuned for those shapes). Each row also
+    splits the split's seconds per decode step into the generate RPC's wall time as the client
+    sees it (``rpc_ms_per_step``: wire and the server's trunk) and the rest (``local_ms_per_step``:
+    head, tail, sampling).
 
     The naive split is timed over its first ``naive_tokens`` new tokens only (its cost per
     token grows with the sequence, so this overstates its speed, which is the conservative
@@ -119,17 +140,12 @@ def bench_generate(
                 ids = prompts[batch]
                 lengths = torch.full((batch,), prompt_tokens, device=where)
                 assert client.connection is not None
-                before = client.connection.meter.rpc("generate")
-                t0 = time.perf_counter()
-                out = client.generate_ids(ids, lengths, greedy)
-                split_s = time.perf_counter() - t0
-                after = client.connection.meter.rpc("generate")
-                decode_steps = after.calls - before.calls - 1
+                timed = [_split_round(client, ids, lengths, greedy) for _ in range(rounds)]
+                central = [_hf_generate(base, ids, new_tokens) for _ in range(rounds)]
+                (out, split_s, steps, moved, rpc_s), (ref, central_s) = timed[0], central[0]
                 # Bytes of the decode steps only: total minus the prefill's (one B x n x d tensor each way).
                 prefill = 2 * batch * prompt_tokens * hidden * itemsize
-                moved = (after.bytes_sent + after.bytes_received) - (before.bytes_sent + before.bytes_received)
-                bytes_per_step = (moved - prefill) / decode_steps
-                ref, central_s = _hf_generate(base, ids, new_tokens)
+                bytes_per_step = (moved - prefill) / (steps - 1)
                 t0 = time.perf_counter()
                 client.generate_ids(ids, lengths, naive)
                 naive_s = time.perf_counter() - t0
@@ -148,7 +164,16 @@ def bench_generate(
                     "bytes_per_step": round(bytes_per_step, 1),
                     "theoretical_bytes_per_step": 2 * batch * hidden * itemsize,
                     "identical_to_central": same,
+                    "rpc_ms_per_step": round(1000 * rpc_s / steps, 2),
+                    "local_ms_per_step": round(1000 * (split_s - rpc_s) / steps, 2),
                 }
+                if rounds > 1:
+                    (_, warm_split_s, _, _, warm_rpc_s), warm_central_s = timed[-1], central[-1][1]
+                    row["warm_split_tok_s"] = round(batch * new_tokens / warm_split_s, 2)
+                    row["warm_central_tok_s"] = round(batch * new_tokens / warm_central_s, 2)
+                    row["warm_split_vs_central"] = round(warm_central_s / warm_split_s, 3)
+                    row["warm_rpc_ms_per_step"] = round(1000 * warm_rpc_s / steps, 2)
+                    row["warm_local_ms_per_step"] = round(1000 * (warm_split_s - warm_rpc_s) / steps, 2)
                 results[f"batch{batch}"] = row
         # The same under an emulated WAN: each token costs at least one round trip.
         shaper = NetShaper(latency_ms=latency_ms)

@@ -182,6 +182,20 @@ def bench_train(
             for r in ("forward", "backward")
         )
 
+    def seconds(stats: dict[str, Any], key: str) -> float:
+        return float(sum(stats["rpcs"].get(r, {}).get(key, 0.0) for r in ("forward", "backward")))
+
+    # Where a whole split step's time goes (first client's timed steps, means): the trunk's
+    # compute as the server reports it, the rest of the RPCs' wall time (encode, gRPC, decode,
+    # device copies), and the client's own head/tail compute and optimizer steps.
+    server_s = (seconds(after, "compute_s") - seconds(before, "compute_s")) / steps
+    rpc_rest_s = (seconds(after, "network_s") - seconds(before, "network_s")) / steps
+    mean_split_s = statistics.fmean(split_times[0])
+    breakdown = {
+        "server_compute_s": round(server_s, 4),
+        "wire_s": round(rpc_rest_s, 4),
+        "client_s": round(mean_split_s - server_s - rpc_rest_s, 4),
+    }
     hidden = int(client_split.model.config.hidden_size)
     bytes_per_step = (moved(after) - moved(before)) / steps
     theoretical = 4 * batch * tokens * hidden * itemsize
@@ -215,6 +229,7 @@ def bench_train(
         "central_step_s": round(central_s, 4),
         "central_step_min_s": round(min(central_times), 4),
         "ratio": round(split_s / central_s, 3),
+        "split_step_breakdown": breakdown,
         "bytes_per_step": int(bytes_per_step),
         "theoretical_bytes_per_step": theoretical,
         "bytes_ratio": round(bytes_per_step / theoretical, 4),

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,9 +21,11 @@ from torch import nn
 
 from fedsea.config import LoraSpec
 from fedsea.errors import InvalidInputError, LimitExceededError, shown
-from fedsea.limits import ServerLimits
+from fedsea.limits import AUTO_SHARES, GIB, ServerLimits
 from fedsea.model.adapters import family_targets
 from fedsea.model.split import SplitPart
+
+log = logging.getLogger(__name__)
 
 # Longest target module name accepted (a real one is ~10 characters; error messages echo names).
 MAX_TARGET_NAME = 128
@@ -184,3 +188,32 @@ def check_hidden(shape: tuple[int, ...], hidden_size: int, limits: ServerLimits,
         raise LimitExceededError(f"{field_name}: batch {batch} exceeds max_batch={limits.max_batch}")
     if tokens > limits.max_seq_len:
         raise LimitExceededError(f"{field_name}: {tokens} tokens exceed max_seq_len={limits.max_seq_len}")
+
+
+def free_memory_beside(model: nn.Module) -> int:
+    """Bytes free for a loaded trunk's activations and KV caches, where its weights are.
+
+    On CUDA: free memory on the trunk's GPUs now, after its weights loaded (``mem_get_info``, so
+    a process sharing the GPU is counted out). On the CPU (and MPS, whose memory is the host's):
+    the machine's RAM less the weights held there.
+    """
+    cuda = {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+    if cuda:
+        return sum(int(torch.cuda.mem_get_info(index)[0]) for index in sorted(cuda))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(GIB, ram - weights)
+
+
+def sized_limits(limits: ServerLimits, model: nn.Module) -> ServerLimits:
+    """``limits`` with its auto (0) memory budgets sized to the memory free beside ``model``; logged."""
+    if limits.is_sized:
+        return limits
+    free = free_memory_beside(model)
+    sized = limits.sized(free)
+    budgets = ", ".join(
+        f"{name}={getattr(sized, name) / GIB:.1f} GiB" + ("" if getattr(limits, name) else " (auto)")
+        for name in AUTO_SHARES
+    )
+    log.info("memory budgets, %.1f GiB free beside the trunk's weights: %s", free / GIB, budgets)
+    return sized

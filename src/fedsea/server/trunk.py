@@ -46,7 +46,14 @@ from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.masks import check_finite
 from fedsea.model.seeding import seeded
 from fedsea.model.split import Trunk, check_partition, check_supported
-from fedsea.server.memory import ActivationMeter, check_hidden, check_lora, check_pending, within_pending
+from fedsea.server.memory import (
+    ActivationMeter,
+    check_hidden,
+    check_lora,
+    check_pending,
+    sized_limits,
+    within_pending,
+)
 from fedsea.training.pipeline import MicroStep
 from fedsea.training.step import PartOptimizer
 
@@ -94,14 +101,15 @@ class TrunkHost:
 
     Args:
         model: the frozen base model (its fingerprint is what clients must match).
-        limits: what every request is checked against.
+        limits: what every request is checked against; memory budgets left at 0 (auto) are
+            sized to the memory free beside the trunk's weights (``ServerLimits``).
     """
 
     def __init__(self, model: PreTrainedModel, limits: ServerLimits | None = None) -> None:
         check_supported(model)
         model.requires_grad_(False)
         self.model = model
-        self.limits = limits or ServerLimits()
+        self.limits = sized_limits(limits or ServerLimits(), model)
         self.fingerprint = model_fingerprint(model)
         self.num_layers = int(model.config.num_hidden_layers)
         self.hidden_size = int(model.config.hidden_size)
