@@ -176,7 +176,7 @@ class BackwardRequest(_message.Message):
     grad: TensorChunk
     micro_batch: int
     micro_batches: int
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., update: _Optional[bool] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., update: bool = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("step", "grad", "compute_s", "micro_batch")
@@ -220,7 +220,7 @@ class GenerateOpen(_message.Message):
     session_id: str
     max_length: int
     naive: bool
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., naive: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., naive: bool = ...) -> None: ...
 
 class GenerateStep(_message.Message):
     __slots__ = ("step", "lengths", "keep_rows", "hidden")
@@ -306,7 +306,7 @@ class RoundMessage(_message.Message):
     finished: bool
     local_steps: int
     tensor: NamedTensorChunk
-    def __init__(self, round: _Optional[int] = ..., selected: _Optional[bool] = ..., finished: _Optional[bool] = ..., local_steps: _Optional[int] = ..., tensor: _Optional[_Union[NamedTensorChunk, _Mapping]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., selected: bool = ..., finished: bool = ..., local_steps: _Optional[int] = ..., tensor: _Optional[_Union[NamedTensorChunk, _Mapping]] = ...) -> None: ...
 
 class SubmitChunk(_message.Message):
     __slots__ = ("round", "num_samples", "loss", "tensor")
@@ -324,7 +324,7 @@ class SubmitResponse(_message.Message):
     __slots__ = ("accepted",)
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
-    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+    def __init__(self, accepted: bool = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

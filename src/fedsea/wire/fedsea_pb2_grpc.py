@@ -5,7 +5,7 @@ import warnings
 
 from fedsea.wire import fedsea_pb2 as fedsea_dot_wire_dot_fedsea__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class TrunkStub:
+class TrunkStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -91,7 +91,7 @@ class TrunkStub:
                 _registered_method=True)
 
 
-class TrunkServicer:
+class TrunkServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def OpenSession(self, request, context):
@@ -226,7 +226,7 @@ def add_TrunkServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Trunk:
+class Trunk(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
