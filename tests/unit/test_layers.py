@@ -28,6 +28,7 @@ ORDER: tuple[str, ...] = (
     "server",
     "client",
     "federation",
+    "flower",  # fedsea on Flower: the ServerApp/ClientApp over the federation's round logic
     "api",  # the root package ``fedsea``: re-exports the public API of the layers above
     "experiments",
     "cli",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -16,7 +15,6 @@ from fedsea.cli.generate import (
     add_connection_args,
     client_timeouts,
     client_tls,
-    load_placed,
     model_settings,
 )
 from fedsea.config import DTYPE_SPECS, Placement, WireConfig
@@ -58,16 +56,11 @@ def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, ModelS
 
 
 def _cmd_join(args: argparse.Namespace) -> int:
-    from fedsea.client.split_client import SplitClient
-    from fedsea.federation.client import FederatedClient, load_noise_secret
+    from fedsea.federation.client import load_noise_secret
     from fedsea.federation.data import load_client_data
+    from fedsea.federation.participant import build_participant
     from fedsea.federation.report import noise_record
-    from fedsea.federation.simconfig import releases_per_token
     from fedsea.model.load import load_tokenizer
-    from fedsea.model.split import split_model
-    from fedsea.privacy.calibration import resolve_noise
-    from fedsea.privacy.regularizers import make_head_regularizer
-    from fedsea.wire.shaper import NetShaper
 
     plan, me, model, wire = join_settings(args)
     tokenizer = load_tokenizer(model.source)
@@ -75,57 +68,44 @@ def _cmd_join(args: argparse.Namespace) -> int:
         examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
     except (KeyError, TypeError) as exc:  # a shard without its fields: name the file, not a traceback
         raise ValueError(f"--shard {args.shard} is not a task shard (task, split, ids): missing {exc}") from exc
-    split = split_model(load_placed(model), me.head_layers, me.tail_layers).add_lora(plan.lora)
     log = Path(args.log) if args.log else None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-    releases = releases_per_token(plan.fed.rounds, plan.fed.local_steps, me.batch_size, len(examples))
-    noise = resolve_noise(dataclasses.replace(plan.noise, releases=releases), split.head, tokenizer)
-    print(f"{me.name}: noise on h_p (p={me.head_layers}): {noise.summary()}", flush=True)
-    embedding = split.head.embed_tokens.weight.detach()  # (V, d) the public embedding
-    regularizer = make_head_regularizer(plan.head_regularizer, plan.regularizer_weight, embedding, noise.noise)
-    if log is not None:
-        with log.open("a") as f:
-            f.write(json.dumps({"client": me.name, "noise": noise_record(noise, me.head_layers)}) + "\n")
 
-    def on_step(round_number: int, step: int, loss: float) -> None:
+    def write(record: dict[str, Any]) -> None:
         if log is not None:
             with log.open("a") as f:
-                f.write(json.dumps({"client": me.name, "round": round_number, "step": step, "loss": loss}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
-    client = SplitClient(
-        args.server, split, noise=noise.noise, grad_noise=plan.grad_noise,
-        optim=plan.optim, wire_dtype=wire.dtype, wire_compression=wire.compression, tls=client_tls(args),
-        head_regularizer=regularizer,
-        token=args.token or os.environ.get("FEDSEA_TOKEN"), seed=plan.fed.seed,
-        shaper=NetShaper(wire.latency_ms, wire.mbps or 0.0),
+    def on_step(round_number: int, step: int, loss: float) -> None:
+        write({"client": me.name, "round": round_number, "step": step, "loss": loss})
+
+    def on_round(result: Any) -> None:
+        record = {"client": me.name, "round": result.round, "samples": result.samples}
+        record.update(bytes_sent=result.bytes_sent, bytes_received=result.bytes_received)
+        meter = participant.client.connection.meter if participant.client.connection is not None else None
+        if meter is not None:  # this process's totals so far: its bytes if it is killed later
+            record.update(total_sent=meter.bytes_sent, total_received=meter.bytes_received)
+        write(record)
+
+    secret = load_noise_secret(args.noise_secret_file) if args.noise_secret_file else None
+    participant = build_participant(
+        plan, me, model, examples, tokenizer, args.server, wire=wire, tls=client_tls(args),
+        token=args.token or os.environ.get("FEDSEA_TOKEN"),
         # A round wait lasts up to the run's join timeout (the first) or round timeout, plus aggregation.
         timeouts=client_timeouts(args, plan.fed.join_timeout_s + plan.fed.round_timeout_s + 600.0),
+        noise_secret=secret, on_step=on_step, on_round=on_round, progress=not args.quiet,
     )  # fmt: skip
-    with client:
-
-        def on_round(result: Any) -> None:
-            if log is not None:
-                with log.open("a") as f:
-                    record = {"client": me.name, "round": result.round, "samples": result.samples}
-                    record.update(bytes_sent=result.bytes_sent, bytes_received=result.bytes_received)
-                    meter = client.connection.meter if client.connection is not None else None
-                    if meter is not None:  # this process's totals so far: its bytes if it is killed later
-                        record.update(total_sent=meter.bytes_sent, total_received=meter.bytes_received)
-                    f.write(json.dumps(record) + "\n")
-
-        secret = load_noise_secret(args.noise_secret_file) if args.noise_secret_file else None
-        fed = FederatedClient(
-            client, examples, me.batch_size, me.name, on_step=on_step, progress=not args.quiet, on_round=on_round,
-            noise_secret=secret,
-        )  # fmt: skip
-        history = fed.run()
-        stats = client.stats()
-    if log is not None:
-        with log.open("a") as f:
-            final = {"client": me.name, "final": True, "bytes_sent": stats["bytes_sent"]}
-            final.update(bytes_received=stats["bytes_received"], rpcs=stats["rpcs"])
-            f.write(json.dumps(final) + "\n")
+    print(f"{me.name}: noise on h_p (p={me.head_layers}): {participant.noise.summary()}", flush=True)
+    write({"client": me.name, "noise": noise_record(participant.noise, me.head_layers)})
+    try:
+        history = participant.fed.run()
+        stats = participant.client.stats()
+    finally:
+        participant.close()
+    final = {"client": me.name, "final": True, "bytes_sent": stats["bytes_sent"]}
+    final.update(bytes_received=stats["bytes_received"], rpcs=stats["rpcs"])
+    write(final)
     trained = [h for h in history if h.selected]
     steps = sum(len(h.losses) for h in trained)
     mib_sent, mib_received = stats["bytes_sent"] / 2**20, stats["bytes_received"] / 2**20

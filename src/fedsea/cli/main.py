@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsea.cli.fed import add_fed_commands
 
     add_fed_commands(sub)
+    from fedsea.cli.flower import add_flower_commands
+
+    add_flower_commands(sub)
     from fedsea.cli.attack import add_attack_commands
 
     add_attack_commands(sub)

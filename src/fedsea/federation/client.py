@@ -68,6 +68,7 @@ class FederatedClient:
             and subtracted there. ``None`` draws a fresh secret (a resumed run then draws other
             noise); pass the same secret again, e.g. from ``load_noise_secret``, for a
             bit-identical resume.
+        seed: the run's seed, used until ``join`` returns the server's (a Flower run never joins).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class FederatedClient:
         progress: bool = False,
         on_round: Callable[[RoundResult], None] | None = None,
         noise_secret: str | None = None,
+        seed: int = 0,
     ) -> None:
         if client.connection is None or client.trainer is None:
             raise ValueError("connect the SplitClient first")
@@ -93,6 +95,12 @@ class FederatedClient:
         self.noise_secret = noise_secret if noise_secret is not None else secrets.token_hex(32)
         self.info: pb.JoinResponse | None = None
         self.history: list[RoundResult] = []
+        self.seed = seed  # the run's seed before a join tells it (a Flower run sets it from its config)
+
+    @property
+    def run_seed(self) -> int:
+        """The run's seed: the server's (``join``), else the one given."""
+        return int(self.info.seed) if self.info is not None else self.seed
 
     def join(self) -> pb.JoinResponse:
         """Join the server's run with this client's training session; returns the run's shape."""
@@ -119,7 +127,7 @@ class FederatedClient:
         connection.stream("submit", connection.stub.SubmitUpdate, requests, kind="adapter")
 
     def _batches(self, round_number: int, steps: int) -> Iterator[Batch]:
-        seed = derived_seed(self.info.seed if self.info else 0, self.name, round_number)
+        seed = derived_seed(self.run_seed, self.name, round_number)
         epochs = math.ceil(steps * self.batch_size / max(1, len(self.examples))) + 1
         pad = self.client.split.model.config.pad_token_id or 0
         batches = iterate_batches(self.examples, self.batch_size, pad, epochs=epochs, seed=seed)
@@ -133,12 +141,33 @@ class FederatedClient:
         # Local optimizers restart every round; the noise and data order are seeded per round,
         # the noise also by the secret (the server knows the run seed, the name and the round).
         self.client.reset_optimizers()
-        run_seed = self.info.seed if self.info else 0
+        run_seed = self.run_seed
         self.client.reseed_noise(self.noise_secret, run_seed, self.name, round_number)
         generator = getattr(self.client.head_regularizer, "generator", None)
         if isinstance(generator, torch.Generator):  # NoPeek's subsampling
             generator.manual_seed(derived_seed(run_seed, self.name, round_number, "regularizer"))
         torch.manual_seed(derived_seed(run_seed, self.name, round_number, "torch"))
+
+    def train_round(self, round_number: int, local_steps: int, state: dict[str, torch.Tensor]) -> RoundResult:
+        """One round's local work: load the global head/tail ``state``, reseed, take ``local_steps`` steps.
+
+        The same for the native run (``run``) and a Flower ClientApp (``fedsea.flower``): the
+        trunk's adapter is the server's business (loaded into this client's session before).
+        """
+        self._start_round(round_number, state)
+        result = RoundResult(round_number, True)
+        # Closed on an error too (a server not answering): the error is then the last line.
+        with tqdm(total=local_steps, desc=f"{self.name} round {round_number}", disable=not self.progress,
+                  leave=False) as bar:  # fmt: skip
+            for step, batch in enumerate(self._batches(round_number, local_steps)):
+                loss = self.client.train_step(batch).loss
+                result.losses.append(loss)
+                result.samples += int(batch.input_ids.shape[0])
+                if self.on_step is not None:
+                    self.on_step(round_number, step, loss)
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.4f}")
+        return result
 
     def run(self) -> list[RoundResult]:
         """Join (if not yet) and take part in rounds until the run is over."""
@@ -154,23 +183,7 @@ class FederatedClient:
                 continue
             meter = self.client.connection.meter if self.client.connection else None
             before = (meter.bytes_sent, meter.bytes_received) if meter else (0, 0)
-            self._start_round(message.round, state)
-            result = RoundResult(message.round, True)
-            # Closed on an error too (a server not answering): the error is then the last line.
-            with tqdm(
-                total=message.local_steps,
-                desc=f"{self.name} round {message.round}",
-                disable=not self.progress,
-                leave=False,
-            ) as bar:
-                for step, batch in enumerate(self._batches(message.round, message.local_steps)):
-                    loss = self.client.train_step(batch).loss
-                    result.losses.append(loss)
-                    result.samples += int(batch.input_ids.shape[0])
-                    if self.on_step is not None:
-                        self.on_step(message.round, step, loss)
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss:.4f}")
+            result = self.train_round(message.round, message.local_steps, state)
             mean = sum(result.losses) / len(result.losses)
             try:
                 self._submit(message.round, result.samples, mean)

@@ -1,0 +1,152 @@
+"""fedsea's Flower ``ClientApp``: ``fedsea.flower.client_app:app`` (see ``fedsea.flower``).
+
+A SuperNode's node config says who the data owner is (all optional in a simulation, where the
+run folder holds each simulated client's shard, token and certificates, by ``partition-id``):
+
+- ``name``: the client's name in the run file (``[[clients]]``) and on the trunk server (its token's);
+- ``data`` (a JSONL file) or ``shard`` (a task shard): the local training data;
+- ``token-file``: the file holding the client's trunk-server token;
+- ``tls-ca`` (and ``tls-cert``, ``tls-key`` for mutual TLS): the trunk server's CA;
+- ``trunk-address``: overrides the address the ServerApp sends (another route to the same server);
+- ``log``: a JSONL file for this client's steps (a simulation writes the run folder's).
+
+Participants (the model split, its noise and the trunk session) are kept between messages in
+this process, the last ``FEDSEA_FLOWER_CLIENTS`` (default 4) of them: Flower's simulation runs
+many virtual clients in a few worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsea.flower.records import arrays_of, config_of, scalar, to_record, to_state
+from fedsea.flower.settings import FlowerRun
+
+app = ClientApp()
+_PARTICIPANTS: OrderedDict[tuple[int, str], Any] = OrderedDict()
+
+
+def _me(context: Context) -> tuple[FlowerRun, Any, Any, Path]:
+    """This node's run, its ``ClientPlan`` and the plan, and the run folder."""
+    run = FlowerRun.from_config(dict(context.run_config))
+    plan = run.plan()
+    node = dict(context.node_config)
+    names = {c.name: c for c in plan.clients}
+    if "name" in node:
+        name = str(node["name"])
+        if name not in names:
+            raise ValueError(f"node config name {name!r} is not a client of the run file; it has {', '.join(names)}")
+    elif "partition-id" in node:
+        pid = int(node["partition-id"])
+        if not 0 <= pid < len(plan.clients):
+            raise ValueError(f"partition-id {pid}: the run file has {len(plan.clients)} clients (federation.clients)")
+        name = plan.clients[pid].name
+    else:
+        raise ValueError("the node config names no client: give name=... (or run in a simulation)")
+    return run, names[name], plan, Path(run.run_dir)
+
+
+def _participant(context: Context, address: str) -> Any:
+    from fedsea.client.connection import ClientTls
+    from fedsea.federation.client import load_noise_secret
+    from fedsea.federation.data import load_client_data
+    from fedsea.federation.participant import build_participant
+    from fedsea.federation.report import noise_record
+    from fedsea.flower.trunk import client_tls, client_token
+    from fedsea.model.load import load_tokenizer
+
+    _, me, plan, run_dir = _me(context)
+    cache_key = (int(context.run_id), me.name)
+    if cache_key in _PARTICIPANTS:
+        _PARTICIPANTS.move_to_end(cache_key)
+        return _PARTICIPANTS[cache_key]
+    node = dict(context.node_config)
+    mine = run_dir / "clients" / me.name
+    model = plan.config.model.placed(me.device, me.dtype)
+    tokenizer = load_tokenizer(model.source)
+    data = str(node["data"]) if "data" in node else None
+    shard = str(node["shard"]) if "shard" in node else (None if data else str(mine / "shard.json"))
+    examples = load_client_data(tokenizer, shard, data, me.max_length)
+    token = (
+        Path(str(node["token-file"])).read_text().strip() if "token-file" in node else client_token(run_dir, me.name)
+    )
+    tls: ClientTls | None
+    if "tls-ca" in node:
+        cert, key = (Path(str(node[k])) if k in node else None for k in ("tls-cert", "tls-key"))
+        tls = ClientTls(Path(str(node["tls-ca"])), cert, key)
+    else:
+        tls = client_tls(run_dir)
+    log = Path(str(node["log"])) if "log" in node else mine / "steps.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_step(round_number: int, step: int, loss: float) -> None:
+        with log.open("a") as f:
+            f.write(json.dumps({"client": me.name, "round": round_number, "step": step, "loss": loss}) + "\n")
+
+    participant = build_participant(
+        plan, me, model, examples, tokenizer, str(node.get("trunk-address", address)), wire=plan.config.wire,
+        token=token, tls=tls, noise_secret=load_noise_secret(mine / "noise.secret"), on_step=on_step,
+    )  # fmt: skip
+    participant.log = log
+    with log.open("a") as f:  # the report's noise record, as fedsea join writes it
+        f.write(json.dumps({"client": me.name, "noise": noise_record(participant.noise, me.head_layers)}) + "\n")
+    _PARTICIPANTS[cache_key] = participant
+    while len(_PARTICIPANTS) > int(os.environ.get("FEDSEA_FLOWER_CLIENTS", "4")):
+        _PARTICIPANTS.popitem(last=False)[1].close()
+    return participant
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who this node is: client name, cut (p, q) and number of examples."""
+    participant = _participant(context, str(scalar(config_of(msg), "trunk-address")))
+    split = participant.client.split
+    info = ConfigRecord(
+        {
+            "name": participant.fed.name,
+            "head-layers": split.head_layers,
+            "tail-layers": split.tail_layers,
+            "num-examples": len(participant.fed.examples),
+        }
+    )
+    return Message(RecordDict({"client": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round: load the trunk blocks from the stage, train locally, publish the trunk, reply head and tail."""
+    from fedsea.client.staging import load_staged_trunk, publish_trunk
+    from fedsea.model.adapters import adapter_state_dict
+
+    config = config_of(msg)
+    participant = _participant(context, str(scalar(config, "trunk-address")))
+    client, fed = participant.client, participant.fed
+    key, round_number = str(scalar(config, "stage-key")), int(scalar(config, "server-round"))
+    meter = client.connection.meter
+    before = (meter.bytes_sent, meter.bytes_received)
+    load_staged_trunk(client, key)
+    result = fed.train_round(round_number, int(scalar(config, "local-steps")), to_state(arrays_of(msg)))
+    publish_trunk(client, key)
+    state = {**adapter_state_dict(client.split.head), **adapter_state_dict(client.split.tail)}
+    sent, received = meter.bytes_sent - before[0], meter.bytes_received - before[1]
+    with participant.log.open("a") as f:
+        record = {"client": fed.name, "round": round_number, "samples": result.samples}
+        record.update(
+            bytes_sent=sent, bytes_received=received, total_sent=meter.bytes_sent, total_received=meter.bytes_received
+        )
+        f.write(json.dumps(record) + "\n")
+    metrics = MetricRecord(
+        {"num-examples": result.samples, "loss": sum(result.losses) / len(result.losses), "bytes-sent": sent,
+         "bytes-received": received}
+    )  # fmt: skip
+    return Message(
+        RecordDict({"arrays": to_record(state), "metrics": metrics, "client": ConfigRecord({"name": fed.name})}),
+        reply_to=msg,
+    )

@@ -1,0 +1,268 @@
+"""The ServerApp's rounds: fedsea's round logic with Flower sampling, messaging and aggregation.
+
+Per round: every connected SuperNode not yet known is asked (a QUERY message) for its client
+name and cut; the round's global adapter is staged on the trunk server; the strategy samples
+the nodes, and each gets its head and tail slice of the global adapter and the stage key; each
+ClientApp loads its trunk blocks from the stage into its session, trains, publishes its trunk
+adapter and replies with its head and tail; the trunk adapters are collected from the trunk
+server and merged into the replies, each reply is checked (``check_update``) and clipped as the
+native run does, and the Flower strategy aggregates the whole-model records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedsea.errors import InvalidInputError
+from fedsea.federation.checkpoint import latest_round, load_round, save_round
+from fedsea.federation.simconfig import RunPlan
+from fedsea.federation.strategy import Update, clip_update
+from fedsea.federation.validation import check_update
+from fedsea.flower.records import (
+    arrays_of,
+    block_of,
+    config_of,
+    head_tail_slice,
+    metrics_of,
+    scalar,
+    to_record,
+    to_state,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a SuperNode's ClientApp told the ServerApp: its client name, cut and sample count."""
+
+    name: str
+    head_layers: int
+    tail_layers: int
+    num_examples: int
+
+
+class FlowerRounds:
+    """Runs a fedsea federation's rounds over a Flower ``Grid``.
+
+    Args:
+        plan: the run plan (rounds, local steps, mode, checks).
+        grid: Flower's grid of SuperNodes.
+        operator: a ``TrunkOperator`` on the trunk server.
+        trunk_address: told to the ClientApps (where the data plane is).
+        num_layers: the model's blocks.
+        strategy: a Flower strategy (``fedsea.flower.strategies.make_strategy``).
+        run_dir: checkpoints and ``server_rounds.jsonl``; None: none written.
+        run_id: names the stages (distinct runs may share a trunk server).
+    """
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        grid: Grid,
+        operator: Any,
+        trunk_address: str,
+        num_layers: int,
+        strategy: Any,
+        run_dir: Path | None,
+        run_id: str,
+    ) -> None:
+        self.plan, self.fed = plan, plan.fed
+        if self.fed.mode == "client-batch":
+            raise ValueError(
+                "mode client-batch is not available on Flower yet (its clients' batches are joined on the "
+                "trunk server step by step): use hierarchical or sequential, or fedsea simulate"
+            )
+        self.grid, self.operator, self.strategy = grid, operator, strategy
+        self.trunk_address, self.num_layers = trunk_address, num_layers
+        self.run_dir, self.run_id = run_dir, run_id
+        self.nodes: dict[int, NodeInfo] = {}
+
+    # -- nodes --------------------------------------------------------------------------------
+    def discover(self, timeout_s: float) -> None:
+        """Ask every connected node not yet known for its name, cut and samples (QUERY messages)."""
+        deadline = time.monotonic() + timeout_s
+        while len(list(self.grid.get_node_ids())) < self.fed.expected_clients and time.monotonic() < deadline:
+            time.sleep(0.5)  # the first round waits for the expected nodes, as the native run does
+        new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
+        if not new:
+            return
+        config = ConfigRecord({"trunk-address": self.trunk_address})
+        messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+        for reply in self.grid.send_and_receive(messages, timeout=timeout_s):
+            if reply.has_error():
+                logger.warning("node %d did not answer the query: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            c = config_of(reply, "client")
+            info = NodeInfo(str(scalar(c, "name")), int(scalar(c, "head-layers")), int(scalar(c, "tail-layers")),
+                            int(scalar(c, "num-examples")))  # fmt: skip
+            self.nodes[reply.metadata.src_node_id] = info
+            logger.info("node %d is client %s (p, q) = (%d, %d), %d examples", reply.metadata.src_node_id,
+                        info.name, info.head_layers, info.tail_layers, info.num_examples)  # fmt: skip
+
+    # -- one round ------------------------------------------------------------------------------
+    def _message(self, template: Message, state: dict[str, torch.Tensor], key: str, round_number: int) -> Message:
+        node = template.metadata.dst_node_id
+        info = self.nodes[node]
+        config = config_of(template)
+        config.update({"stage-key": key, "trunk-address": self.trunk_address, "local-steps": self.fed.local_steps})
+        config["server-round"] = round_number
+        arrays = to_record(head_tail_slice(state, self.num_layers, info.head_layers, info.tail_layers))
+        return Message(
+            RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=MessageType.TRAIN
+        )
+
+    def _train(self, messages: list[Message], state: dict[str, torch.Tensor], key: str) -> list[Message]:
+        """Stage ``state``, send ``messages``, collect the trunk adapters of those who replied."""
+        self.operator.stage(key, state)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
+        ok = [r for r in replies if not r.has_error()]
+        for r in replies:
+            if r.has_error():
+                logger.warning("node %d failed its round: %s", r.metadata.src_node_id, r.error.reason)
+        names = [str(scalar(config_of(r, "client"), "name")) for r in ok]
+        trunks = self.operator.collect(key, names, drop=True)
+        for reply, name in zip(ok, names, strict=True):
+            config_of(reply, "client")["trunk"] = name in trunks
+            if name in trunks:
+                merged = {**to_state(arrays_of(reply)), **trunks[name]}
+                reply.content["arrays"] = to_record(merged)
+        return [r for r in ok if bool(scalar(config_of(r, "client"), "trunk"))]
+
+    def _checked(
+        self, replies: list[Message], start: dict[str, torch.Tensor], refused: dict[str, str]
+    ) -> list[Message]:
+        """The replies whose update passes ``check_update`` against ``start`` (clipped if the run says so)."""
+        kept = []
+        for reply in replies:
+            name = str(scalar(config_of(reply, "client"), "name"))
+            state = to_state(arrays_of(reply))
+            try:
+                missing = sorted(set(start) - set(state))
+                if missing:
+                    raise InvalidInputError(
+                        "update", f"misses {len(missing)} tensors of the global adapter, e.g. {missing[0]}"
+                    )
+                check_update(state, start, "update", self.fed.max_update_rms)
+            except InvalidInputError as exc:
+                refused[name] = str(exc)
+                logger.warning("refused the update of %s: %s", name, exc)
+                continue
+            if self.fed.clip_norm is not None:
+                weight = float(scalar(metrics_of(reply), "num-examples"))
+                state = dict(clip_update(Update(name, weight, state), start, self.fed.clip_norm).state)
+                reply.content["arrays"] = to_record(state)
+            kept.append(reply)
+        return kept
+
+    def _sequential(
+        self,
+        templates: list[Message],
+        state: dict[str, torch.Tensor],
+        key: str,
+        round_number: int,
+        refused: dict[str, str],
+    ) -> tuple[list[Message], dict[str, torch.Tensor]]:
+        """One client after the other, each starting from the trunk adapter the one before left."""
+        replies: list[Message] = []
+        current = dict(state)  # the global, its trunk blocks updated by each client in turn
+        for i, template in enumerate(templates):
+            turn = f"{key}/{i}"
+            got = self._checked(self._train([self._message(template, current, turn, round_number)], current, turn),
+                                current, refused)  # fmt: skip
+            if not got:
+                continue
+            info = self.nodes[template.metadata.dst_node_id]
+            trained = to_state(arrays_of(got[0]))
+            current.update(
+                {
+                    k: v
+                    for k, v in trained.items()
+                    if info.head_layers <= block_of(k) < self.num_layers - info.tail_layers
+                }
+            )
+            replies += got
+        return replies, current
+
+    def _in_a_trunk(self, key: str, names: list[str]) -> bool:
+        block = block_of(key)
+        return any(
+            n.head_layers <= block < self.num_layers - n.tail_layers for n in self.nodes.values() if n.name in names
+        )
+
+    def play(self, round_number: int, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Play one round from the global ``state``; returns the new global state and the round's record."""
+        started = time.monotonic()
+        self.discover(self.fed.join_timeout_s if round_number == 1 else 10.0)
+        templates = [
+            m for m in self.strategy.configure_train(round_number, to_record(state), ConfigRecord(), self.grid)
+            if m.metadata.dst_node_id in self.nodes
+        ]  # fmt: skip
+        selected = [self.nodes[m.metadata.dst_node_id].name for m in templates]
+        key = f"{self.run_id}/round-{round_number}"
+        refused: dict[str, str] = {}
+        if self.fed.mode == "sequential":
+            replies, current = self._sequential(templates, state, key, round_number, refused)
+        else:
+            messages = [self._message(t, state, key, round_number) for t in templates]
+            replies, current = self._checked(self._train(messages, state, key), state, refused), state
+        done = [str(scalar(config_of(r, "client"), "name")) for r in replies]
+        new_state = state
+        if len(done) < self.fed.min_clients:
+            logger.warning("round %d: %d of %d clients submitted (< min_clients); global unchanged",
+                           round_number, len(done), len(selected))  # fmt: skip
+        else:
+            arrays, _ = self.strategy.aggregate_train(round_number, replies)
+            if arrays is not None:
+                new_state = {k: v.to(state[k].dtype) for k, v in to_state(arrays).items()}
+            if self.fed.mode == "sequential":
+                # The blocks trained as trunk are the chain's: as the last client left them.
+                new_state.update({k: v for k, v in current.items() if self._in_a_trunk(k, done)})
+        record = {
+            "round": round_number,
+            "selected": selected,
+            "submitted": done,
+            "dropped": sorted(set(selected) - set(done) - set(refused)),
+            "losses": {
+                str(scalar(config_of(r, "client"), "name")): float(scalar(metrics_of(r), "loss")) for r in replies
+            },
+            "samples": {
+                str(scalar(config_of(r, "client"), "name")): float(scalar(metrics_of(r), "num-examples"))
+                for r in replies
+            },
+            "refused": refused,
+            "banned": [],
+            "seconds": time.monotonic() - started,
+            "mode": self.fed.mode,
+            "engine": "flower",
+        }
+        return new_state, record
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self, state: dict[str, torch.Tensor], resume: bool = False) -> dict[str, torch.Tensor]:
+        """Play the rounds (from the last checkpoint with ``resume``); returns the final global state."""
+        import json
+
+        first = 1
+        if resume and self.run_dir is not None and (folder := latest_round(self.run_dir)) is not None:
+            completed, state, _, _ = load_round(folder)
+            first = completed + 1
+            logger.info("resuming after round %d", completed)
+        for round_number in range(first, self.fed.rounds + 1):
+            state, record = self.play(round_number, state)
+            if self.run_dir is not None:
+                save_round(self.run_dir, round_number, state, None, {"record": record})
+                with (self.run_dir / "server_rounds.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            logger.info(
+                "round %d closed: %d/%d clients", round_number, len(record["submitted"]), len(record["selected"])
+            )
+        return state

@@ -1,0 +1,63 @@
+"""fedsea's Flower ``ServerApp``: ``fedsea.flower.server_app:app`` (see ``fedsea.flower``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsea.flower.settings import FlowerRun
+
+logger = logging.getLogger("fedsea.flower")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation the run config describes (``fedsea.flower.settings``)."""
+    if not logging.getLogger("fedsea").handlers:  # Flower logs its own lines; show fedsea's beside them
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    serve_run(FlowerRun.from_config(dict(context.run_config)), grid, str(context.run_id))
+
+
+def serve_run(run: FlowerRun, grid: Grid, run_id: str) -> dict[str, Any]:
+    """Prepare the run folder, find or start the trunk server, play the rounds; returns the final global state."""
+    from fedsea.client.staging import TrunkOperator
+    from fedsea.federation.initial import initial_global_state
+    from fedsea.federation.simconfig import dump_tree
+    from fedsea.federation.simulate import prepare_run
+    from fedsea.flower.rounds import FlowerRounds
+    from fedsea.flower.strategies import make_strategy
+    from fedsea.flower.trunk import find_or_start_trunk
+    from fedsea.io import atomic_write_text
+    from fedsea.model.load import load_model
+    from fedsea.server.trunk import TrunkHost
+
+    plan = run.plan()
+    run_dir = Path(run.run_dir or f"runs/flower-{plan.config.task.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not (run_dir / "config.toml").exists():
+        if run.trunk_address:  # the clients bring their own data and tokens
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.toml", dump_tree(plan.tree))
+        else:  # one machine: shards, tokens and certificates for the simulated clients
+            info = prepare_run(plan, run_dir)
+            if info.get("partition"):
+                logger.info("data partition:\n%s", info["partition"])
+    endpoint = find_or_start_trunk(run, plan, run_dir)
+    try:
+        host = endpoint.host
+        if host is None:  # the initial adapter needs the model's shapes (peft draws it with the run's seed)
+            model = plan.config.server_model()
+            host = TrunkHost(load_model(model.source, dtype=model.dtype, device="cpu"))
+        state = initial_global_state(host, plan.fed)
+        strategy = make_strategy(run.strategy_name(plan), plan.fed)
+        with TrunkOperator(endpoint.address, endpoint.operator_token, tls=endpoint.tls) as operator:
+            rounds = FlowerRounds(plan, grid, operator, endpoint.address, host.num_layers, strategy, run_dir, run_id)
+            return rounds.run(state, resume=run.resume)
+    finally:
+        endpoint.close()
