@@ -26,6 +26,8 @@ from fedsea.server.calls import abort_with, identify, sees_server, streaming, un
 from fedsea.server.generation import GenerationHost, GenStream
 from fedsea.server.refusals import RefusalLog
 from fedsea.server.rounds import RoundService
+from fedsea.server.staging import TrunkStaging
+from fedsea.server.staging_service import StagingRpcs
 from fedsea.server.steps import StepRouter
 from fedsea.server.trunk import Session, SessionSpec, TrunkHost
 from fedsea.version import __version__
@@ -46,7 +48,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _unary, _streaming = unary, streaming  # every RPC's wrapper: the caller identified, every error a status
 
 
-class TrunkServicer(pb_grpc.TrunkServicer):
+class TrunkServicer(StagingRpcs, pb_grpc.TrunkServicer):
     """gRPC face of a ``TrunkHost``.
 
     Args:
@@ -59,6 +61,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         self.host = host
         self.coordinator: RoundService | None = None  # set when the server runs a federated run
         self.generation = GenerationHost(host)
+        self.staging = TrunkStaging(host)  # Flower runs' trunk adapters (``StagingRpcs``)
         self.steps = StepRouter(host, self._compute, lambda: self.coordinator)
         self.tokens = tokens
         self.meters: dict[str, TrafficMeter] = {}
