@@ -76,9 +76,9 @@ class ServerLimits:
             adapter per key) the server holds at once; a new key past it is refused. 16 leaves
             room for a few runs with a round or two in flight each.
         max_staged_bytes (`int`): bytes of all staged and published trunk adapters together
-            (``fedsea.server.staging``; each state also at most ``max_adapter_bytes``). 4 GiB:
-            SmolLM2-135M's whole trunk adapter (r=8 on q/k/v/o) is ~5 MB, a 7B model's ~80 MB,
-            so a round of dozens of clients fits; the states are CPU tensors, not the model's.
+            (``fedsea.server.staging``; each state also at most ``max_adapter_bytes``). 4 GiB: a
+            whole float32 adapter with r=8 on q/k/v/o is 3.7 MB for SmolLM2-135M and 34 MB for
+            LLaMA-7B, so a round of dozens of clients fits; the states are in CPU memory.
         Stages and published states unused for ``idle_timeout_s`` are freed (a stage is kept
         while a session that loaded it is open).
 

@@ -196,22 +196,24 @@ def test_limits_max_stages_and_max_staged_bytes(tokens):
 def test_stages_and_published_states_expire_when_idle(tokens):
     store, token = tokens
     stage = global_trunk()
-    with serving(store, ServerLimits(idle_timeout_s=1.0)) as (address, staging):
-        with TrunkOperator(address, token=token["ops"]) as op:
-            op.stage("unused", stage)
-            with SplitClient(address, tiny_split(1, 1), token=token["alice"]) as client:
-                op.stage(KEY, stage)
-                load_staged_trunk(client, KEY)
-                publish_trunk(client, KEY)
-                # An open session that loaded the stage keeps it past the idle timeout (a long round).
-                end = time.monotonic() + 2.0
-                while time.monotonic() < end:
-                    client.trunk_adapter()  # keeps the session in use
-                    time.sleep(0.2)
-                assert staging.counts() == (1, 0)  # "unused" and the published state went, the loaded stage stayed
-                publish_trunk(client, KEY)
-            deadline = time.monotonic() + 10
-            while staging.counts() != (0, 0) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert staging.counts() == (0, 0) and staging.held_bytes() == 0
-            assert op.collect(KEY) == {}
+    with (
+        serving(store, ServerLimits(idle_timeout_s=1.0)) as (address, staging),
+        TrunkOperator(address, token=token["ops"]) as op,
+    ):
+        op.stage("unused", stage)
+        with SplitClient(address, tiny_split(1, 1), token=token["alice"]) as client:
+            op.stage(KEY, stage)
+            load_staged_trunk(client, KEY)
+            publish_trunk(client, KEY)
+            # An open session that loaded the stage keeps it past the idle timeout (a long round).
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                client.trunk_adapter()  # keeps the session in use
+                time.sleep(0.2)
+            assert staging.counts() == (1, 0)  # "unused" and the published state went, the loaded stage stayed
+            publish_trunk(client, KEY)
+        deadline = time.monotonic() + 10
+        while staging.counts() != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert staging.counts() == (0, 0) and staging.held_bytes() == 0
+        assert op.collect(KEY) == {}

@@ -1,10 +1,11 @@
 """The gRPC servicer: each RPC decodes its request, makes one call, encodes the answer.
 
 The calls go to the transport-free ``TrunkHost`` (sessions, adapters), the ``StepRouter``
-(training steps), the ``GenerationHost`` (inference streams) and a federated run's
-``RoundService``; ``fedsea.wire`` converts messages; errors become status codes here. Compute
-runs in a one-thread executor so the event loop keeps serving other clients (and their
-errors) while a forward or backward is computing.
+(training steps), the ``GenerationHost`` (inference streams), a federated run's
+``RoundService`` and, for Flower runs, the ``TrunkStaging`` store (its RPCs are the
+``StagingRpcs`` mixin, ``fedsea.server.staging_service``); ``fedsea.wire`` converts messages;
+errors become status codes here. Compute runs in a one-thread executor so the event loop keeps
+serving other clients (and their errors) while a forward or backward is computing.
 """
 
 from __future__ import annotations
