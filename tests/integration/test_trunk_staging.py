@@ -65,7 +65,7 @@ def test_stage_load_train_publish_collect_and_drop(tokens, tmp_path, tiny_tokeni
     stage = global_trunk()
     with serving(store, tls=ServerTls(certs.server_cert, certs.server_key)) as (address, staging):
         staging: TrunkStaging
-        with TrunkOperator(address, token=token["ops"], tls=tls) as op:
+        with TrunkOperator(address, token=token["ops"], tls=tls, chunk_bytes=512) as op:  # 2 chunks a tensor
             op.stage(KEY, stage)
             assert staging.counts() == (1, 0)
             clients = {

@@ -71,6 +71,8 @@ class TrunkOperator:
         tls: CA (and for mutual TLS the certificate and key); ``None`` is plaintext.
         timeouts: deadlines (``ClientTimeouts``: staging and collecting are ``adapter`` calls).
         retries: resends of a call on UNAVAILABLE, within its deadline.
+        chunk_bytes: tensor bytes per message of a stage (1 MiB; the server's message limit,
+            ``max_message_bytes``, must exceed it by 64 KiB: give less to a server started with less).
     """
 
     def __init__(
@@ -80,10 +82,11 @@ class TrunkOperator:
         tls: ClientTls | None = None,
         timeouts: ClientTimeouts | None = None,
         retries: int = 3,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         config = ConnectionConfig(address, tls=tls, token=token, timeouts=timeouts or ClientTimeouts(), retries=retries)
         self.connection: Connection | None = Connection(config)
-        self.chunk_bytes = DEFAULT_CHUNK_BYTES  # 1 MiB: under any server's message limit (>= 64 KiB + headroom)
+        self.chunk_bytes = chunk_bytes
 
     def _require(self) -> Connection:
         if self.connection is None:
