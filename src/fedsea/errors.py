@@ -103,6 +103,17 @@ class BannedError(FedseaError):
     """A client banned from a federated run (too many refused updates)."""
 
 
+class PermissionDeniedError(FedseaError):
+    """An authenticated caller whose role may not make this request (e.g. a client staging a trunk adapter)."""
+
+
+class StageNotFoundError(FedseaError, KeyError):
+    """No trunk adapter stage under this key (never staged, dropped or expired)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "stage not found"
+
+
 class IdleTimeoutError(FedseaError):
     """A stream waited longer than the idle timeout for the client's next message."""
 
@@ -113,6 +124,7 @@ class IdleTimeoutError(FedseaError):
 STATUS_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (AuthenticationError, "UNAUTHENTICATED"),
     (SessionNotFoundError, "NOT_FOUND"),
+    (StageNotFoundError, "NOT_FOUND"),
     (LimitExceededError, "RESOURCE_EXHAUSTED"),
     (InvalidInputError, "INVALID_ARGUMENT"),
     (PartitionError, "INVALID_ARGUMENT"),
@@ -121,6 +133,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (ProtocolError, "FAILED_PRECONDITION"),
     (IdleTimeoutError, "DEADLINE_EXCEEDED"),
     (BannedError, "PERMISSION_DENIED"),
+    (PermissionDeniedError, "PERMISSION_DENIED"),
 )
 
 

@@ -72,6 +72,15 @@ class ServerLimits:
         max_cache_bytes_per_client (`int`): KV-cache bytes one client's streams may reserve.
             0 (the default) = auto: 1/24 of the memory free beside the trunk's weights (a
             quarter of the auto ``max_cache_bytes``).
+        max_stages (`int`): trunk adapter stages (``StageTrunk``, Flower runs: one global trunk
+            adapter per key) the server holds at once; a new key past it is refused. 16 leaves
+            room for a few runs with a round or two in flight each.
+        max_staged_bytes (`int`): bytes of all staged and published trunk adapters together
+            (``fedsea.server.staging``; each state also at most ``max_adapter_bytes``). 4 GiB: a
+            whole float32 adapter with r=8 on q/k/v/o is 3.7 MB for SmolLM2-135M and 34 MB for
+            LLaMA-7B, so a round of dozens of clients fits; the states are in CPU memory.
+        Stages and published states unused for ``idle_timeout_s`` are freed (a stage is kept
+        while a session that loaded it is open).
 
     The memory free beside the weights is measured when the server starts (``sized``): on CUDA
     what ``torch.cuda.mem_get_info`` reports free on the trunk's GPUs after loading it, on the CPU
@@ -101,6 +110,8 @@ class ServerLimits:
     max_adapter_bytes: int = 1 * GIB
     max_generation_sessions_per_client: int = 16
     max_cache_bytes_per_client: int = 0  # auto (AUTO_SHARES)
+    max_stages: int = 16
+    max_staged_bytes: int = 4 * GIB
 
     def __post_init__(self) -> None:
         counts = (
@@ -112,6 +123,7 @@ class ServerLimits:
             "max_lora_rank",
             "max_lora_targets",
             "max_generation_sessions_per_client",
+            "max_stages",
         )
         for name in counts:
             value = getattr(self, name)
@@ -126,6 +138,7 @@ class ServerLimits:
             "max_pending_bytes",
             "max_adapter_bytes",
             "max_cache_bytes_per_client",
+            "max_staged_bytes",
         )
         for name in sizes:
             low, need = (0, ">= 0 (0 = auto)") if name in AUTO_SHARES else (1, ">= 1")

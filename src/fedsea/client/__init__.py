@@ -2,7 +2,18 @@
 
 from fedsea.client.connection import ClientTls
 from fedsea.client.split_client import SplitClient
+from fedsea.client.staging import TrunkOperator, load_staged_trunk, publish_trunk
 from fedsea.training.generation import GenerationConfig, GenerationOutput, generate
 from fedsea.training.stepper import LocalStepper
 
-__all__ = ["ClientTls", "GenerationConfig", "GenerationOutput", "LocalStepper", "SplitClient", "generate"]
+__all__ = [
+    "ClientTls",
+    "GenerationConfig",
+    "GenerationOutput",
+    "LocalStepper",
+    "SplitClient",
+    "TrunkOperator",
+    "generate",
+    "load_staged_trunk",
+    "publish_trunk",
+]

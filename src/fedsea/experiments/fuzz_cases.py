@@ -1,4 +1,4 @@
-"""Malformed requests for the 11 RPCs of ``fedsea.v1.Trunk``: the fuzz harness's case generator.
+"""Malformed requests for the 15 RPCs of ``fedsea.v1.Trunk``: the fuzz harness's case generator.
 
 ``make_case(rng, target)`` draws one case: an RPC, a family and its request messages as raw
 bytes (sent through a raw channel with no serializer, so that undecodable bytes reach the
@@ -34,6 +34,7 @@ RPCS: dict[str, str] = rpc_kinds()
 STREAMING_REQUESTS = {rpc for rpc, kind in RPCS.items() if kind.startswith("stream")}
 FAMILIES = ("garbage", "truncated", "bitflip", "hostile", "halfstream", "stall")
 _FAMILY_WEIGHTS = (20, 15, 15, 44, 4, 2)
+STAGE_KEY = "fuzz/round-1"  # trunk staging's key (no such stage: the fuzzer is no operator)
 
 
 @dataclass
@@ -122,12 +123,13 @@ def valid_messages(rpc: str, rng: random.Random, t: Target) -> list[Any]:
             return [head, *(pb.ForwardRequest(hidden=p) for p in parts[1:])]
         grad = pb.BackwardRequest(session_id=sid, step=step, update=rng.random() < 0.5, grad=parts[0])
         return [grad, *(pb.BackwardRequest(grad=p) for p in parts[1:])]
-    if rpc in ("PutTrunkAdapter", "SubmitUpdate"):
+    if rpc in ("PutTrunkAdapter", "SubmitUpdate", "StageTrunk"):
+        first = STAGE_KEY if rpc == "StageTrunk" else sid  # a stage's key travels in the first session_id
         named = [
-            pb.NamedTensorChunk(session_id=sid if i == 0 else "", name=name, tensor=chunk(rng, shape))
+            pb.NamedTensorChunk(session_id=first if i == 0 else "", name=name, tensor=chunk(rng, shape))
             for i, (name, shape) in enumerate(t.adapter or [("x.lora_A.weight", [4, d])])
         ]
-        if rpc == "PutTrunkAdapter":
+        if rpc in ("PutTrunkAdapter", "StageTrunk"):
             return named
         return [
             pb.SubmitChunk(round=1, num_samples=3, loss=1.0, tensor=m) if i == 0 else pb.SubmitChunk(tensor=m)
@@ -150,6 +152,10 @@ def valid_messages(rpc: str, rng: random.Random, t: Target) -> list[Any]:
         return [pb.RoundRequest(after_round=rng.randrange(3))]
     if rpc == "GetStats":
         return [pb.StatsRequest()]
+    if rpc in ("LoadStagedTrunk", "PublishTrunk"):
+        return [pb.StagedRequest(session_id=sid, key=STAGE_KEY)]
+    if rpc == "CollectTrunk":
+        return [pb.CollectRequest(key=STAGE_KEY, client_ids=["fuzzer"][: rng.randrange(2)], drop=rng.random() < 0.5)]
     raise KeyError(rpc)
 
 

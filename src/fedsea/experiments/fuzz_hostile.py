@@ -148,7 +148,10 @@ def hostile_edit(rpc: str, messages: list[Any], rng: random.Random, t: Any) -> s
         first.round, first.loss = rng.choice((0, U32)), rng.choice(FLOATS)
         first.num_samples = rng.choice((0, U64))
         return "submit_header"
-    if rpc in ("PutTrunkAdapter", "SubmitUpdate") and roll < 0.6:
+    if rpc in ("LoadStagedTrunk", "PublishTrunk", "CollectTrunk") and roll < 0.6:
+        first.key = rng.choice((*ODD_IDS, "a" * 129, "run/../x", "k" * 128))
+        return "stage_key"
+    if rpc in ("PutTrunkAdapter", "SubmitUpdate", "StageTrunk") and roll < 0.6:
         named = [m if isinstance(m, pb.NamedTensorChunk) else m.tensor for m in messages]
         target = rng.choice(named)
         target.name = rng.choice(("", "x" * 16 * 1024, "base_model.weight", "lm_head.weight", named[0].name, "é"))

@@ -1,10 +1,11 @@
 """The gRPC servicer: each RPC decodes its request, makes one call, encodes the answer.
 
 The calls go to the transport-free ``TrunkHost`` (sessions, adapters), the ``StepRouter``
-(training steps), the ``GenerationHost`` (inference streams) and a federated run's
-``RoundService``; ``fedsea.wire`` converts messages; errors become status codes here. Compute
-runs in a one-thread executor so the event loop keeps serving other clients (and their
-errors) while a forward or backward is computing.
+(training steps), the ``GenerationHost`` (inference streams), a federated run's
+``RoundService`` and, for Flower runs, the ``TrunkStaging`` store (its RPCs are the
+``StagingRpcs`` mixin, ``fedsea.server.staging_service``); ``fedsea.wire`` converts messages;
+errors become status codes here. Compute runs in a one-thread executor so the event loop keeps
+serving other clients (and their errors) while a forward or backward is computing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from fedsea.server.calls import abort_with, identify, sees_server, streaming, un
 from fedsea.server.generation import GenerationHost, GenStream
 from fedsea.server.refusals import RefusalLog
 from fedsea.server.rounds import RoundService
+from fedsea.server.staging import TrunkStaging
+from fedsea.server.staging_service import StagingRpcs
 from fedsea.server.steps import StepRouter
 from fedsea.server.trunk import Session, SessionSpec, TrunkHost
 from fedsea.version import __version__
@@ -46,7 +49,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _unary, _streaming = unary, streaming  # every RPC's wrapper: the caller identified, every error a status
 
 
-class TrunkServicer(pb_grpc.TrunkServicer):
+class TrunkServicer(StagingRpcs, pb_grpc.TrunkServicer):
     """gRPC face of a ``TrunkHost``.
 
     Args:
@@ -59,6 +62,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         self.host = host
         self.coordinator: RoundService | None = None  # set when the server runs a federated run
         self.generation = GenerationHost(host)
+        self.staging = TrunkStaging(host)  # Flower runs' trunk adapters (``StagingRpcs``)
         self.steps = StepRouter(host, self._compute, lambda: self.coordinator)
         self.tokens = tokens
         self.meters: dict[str, TrafficMeter] = {}

@@ -359,3 +359,21 @@ class StatsResponse(_message.Message):
     server_cache_bytes: int
     server_reserved_bytes: int
     def __init__(self, rpcs: _Optional[_Iterable[_Union[RpcStats, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., generation_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., server_cache_bytes: _Optional[int] = ..., server_reserved_bytes: _Optional[int] = ...) -> None: ...
+
+class StagedRequest(_message.Message):
+    __slots__ = ("session_id", "key")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    key: str
+    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class CollectRequest(_message.Message):
+    __slots__ = ("key", "client_ids", "drop")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    client_ids: _containers.RepeatedScalarFieldContainer[str]
+    drop: bool
+    def __init__(self, key: _Optional[str] = ..., client_ids: _Optional[_Iterable[str]] = ..., drop: bool = ...) -> None: ...

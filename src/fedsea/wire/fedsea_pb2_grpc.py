@@ -89,6 +89,26 @@ class TrunkStub(object):
                 request_serializer=fedsea_dot_wire_dot_fedsea__pb2.StatsRequest.SerializeToString,
                 response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.StageTrunk = channel.stream_unary(
+                '/fedsea.v1.Trunk/StageTrunk',
+                request_serializer=fedsea_dot_wire_dot_fedsea__pb2.NamedTensorChunk.SerializeToString,
+                response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.PutAdapterResponse.FromString,
+                _registered_method=True)
+        self.LoadStagedTrunk = channel.unary_unary(
+                '/fedsea.v1.Trunk/LoadStagedTrunk',
+                request_serializer=fedsea_dot_wire_dot_fedsea__pb2.StagedRequest.SerializeToString,
+                response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.PutAdapterResponse.FromString,
+                _registered_method=True)
+        self.PublishTrunk = channel.unary_unary(
+                '/fedsea.v1.Trunk/PublishTrunk',
+                request_serializer=fedsea_dot_wire_dot_fedsea__pb2.StagedRequest.SerializeToString,
+                response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.PutAdapterResponse.FromString,
+                _registered_method=True)
+        self.CollectTrunk = channel.unary_stream(
+                '/fedsea.v1.Trunk/CollectTrunk',
+                request_serializer=fedsea_dot_wire_dot_fedsea__pb2.CollectRequest.SerializeToString,
+                response_deserializer=fedsea_dot_wire_dot_fedsea__pb2.NamedTensorChunk.FromString,
+                _registered_method=True)
 
 
 class TrunkServicer(object):
@@ -160,6 +180,34 @@ class TrunkServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageTrunk(self, request_iterator, context):
+        """operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadStagedTrunk(self, request, context):
+        """client, own session
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishTrunk(self, request, context):
+        """client, own session
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectTrunk(self, request, context):
+        """operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrunkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +265,26 @@ def add_TrunkServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.StatsRequest.FromString,
                     response_serializer=fedsea_dot_wire_dot_fedsea__pb2.StatsResponse.SerializeToString,
+            ),
+            'StageTrunk': grpc.stream_unary_rpc_method_handler(
+                    servicer.StageTrunk,
+                    request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.NamedTensorChunk.FromString,
+                    response_serializer=fedsea_dot_wire_dot_fedsea__pb2.PutAdapterResponse.SerializeToString,
+            ),
+            'LoadStagedTrunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadStagedTrunk,
+                    request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.StagedRequest.FromString,
+                    response_serializer=fedsea_dot_wire_dot_fedsea__pb2.PutAdapterResponse.SerializeToString,
+            ),
+            'PublishTrunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishTrunk,
+                    request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.StagedRequest.FromString,
+                    response_serializer=fedsea_dot_wire_dot_fedsea__pb2.PutAdapterResponse.SerializeToString,
+            ),
+            'CollectTrunk': grpc.unary_stream_rpc_method_handler(
+                    servicer.CollectTrunk,
+                    request_deserializer=fedsea_dot_wire_dot_fedsea__pb2.CollectRequest.FromString,
+                    response_serializer=fedsea_dot_wire_dot_fedsea__pb2.NamedTensorChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +584,114 @@ class Trunk(object):
             '/fedsea.v1.Trunk/GetStats',
             fedsea_dot_wire_dot_fedsea__pb2.StatsRequest.SerializeToString,
             fedsea_dot_wire_dot_fedsea__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageTrunk(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedsea.v1.Trunk/StageTrunk',
+            fedsea_dot_wire_dot_fedsea__pb2.NamedTensorChunk.SerializeToString,
+            fedsea_dot_wire_dot_fedsea__pb2.PutAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadStagedTrunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsea.v1.Trunk/LoadStagedTrunk',
+            fedsea_dot_wire_dot_fedsea__pb2.StagedRequest.SerializeToString,
+            fedsea_dot_wire_dot_fedsea__pb2.PutAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishTrunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsea.v1.Trunk/PublishTrunk',
+            fedsea_dot_wire_dot_fedsea__pb2.StagedRequest.SerializeToString,
+            fedsea_dot_wire_dot_fedsea__pb2.PutAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectTrunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedsea.v1.Trunk/CollectTrunk',
+            fedsea_dot_wire_dot_fedsea__pb2.CollectRequest.SerializeToString,
+            fedsea_dot_wire_dot_fedsea__pb2.NamedTensorChunk.FromString,
             options,
             channel_credentials,
             insecure,
