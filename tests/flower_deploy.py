@@ -43,7 +43,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +149,9 @@ class Deployment:
             no_proxy="127.0.0.1,localhost",
             PYTHONUNBUFFERED="1",
         )
+        # SuperExec polls for ServerApp/ClientApp tasks every 1 s by default; 0.2 s shortens each
+        # round (the SuperNode's own 3 s pull interval is fixed in 1.42).
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
         return env
 
     def log(self, name: str) -> str:
@@ -232,19 +235,32 @@ class Deployment:
         return int(str(reply["node-id"]))
 
     def start_supernode(
-        self, name: str, node_config: Mapping[str, ConfigValue], keys: NodeKeys | None
+        self,
+        name: str,
+        node_config: Mapping[str, ConfigValue],
+        keys: NodeKeys | None,
+        root_ca: Path | None = None,
+        extra: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start ``flower-supernode`` ``name`` (TLS as the SuperLink; ``keys``: authenticate with them)."""
+        """Start ``flower-supernode`` ``name``.
+
+        Args:
+            name: its name here (log ``tmp/logs/NAME.log``, its own ``FLWR_HOME``).
+            node_config: its ``--node-config`` (the ClientApp reads it as ``context.node_config``).
+            keys: authenticate with this key pair (``--auth-supernode-private-key``); None: none.
+            root_ca: the CA it trusts for the SuperLink's certificate (default: the deployment's).
+            extra: more ``flower-supernode`` flags (e.g. ``--max-retries 1``).
+        """
         argv = [str(BIN / "flower-supernode"), "--superlink", self.address, "--port", str(free_loopback_port())]
         if self.certs is None:
             argv.append("--insecure")
         else:
-            argv += ["--root-certificates", str(self.certs.ca_cert)]
+            argv += ["--root-certificates", str(root_ca or self.certs.ca_cert)]
         if keys is not None:
             argv += ["--auth-supernode-private-key", str(keys.private)]
         if node_config:
             argv += ["--node-config", _config_arg(node_config)]
-        return self._spawn(name, argv)
+        return self._spawn(name, [*argv, *extra])
 
     def wait_exit(self, name: str, timeout: float = 30.0) -> int | None:
         """Wait up to ``timeout`` s for process ``name`` to exit; its exit code, or None if it still runs."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fedsea.wire.certs import make_test_certs
 from tests.flower_deploy import deployment, make_node_keys
 
 APP = Path(__file__).resolve().parents[1] / "fixtures" / "flower_minimal"
@@ -34,10 +35,18 @@ def test_deployment_with_tls_and_node_auth_runs_fedavg_and_refuses_an_unregister
         # its activation with ApiError 2004 (HTTP 412) and the SuperNode exits (exit code 305 in its log).
         rogue = make_node_keys(tmp_path / "keys", "rogue")
         dep.start_supernode("rogue", {"partition-id": 5, "num-partitions": 2}, rogue)
-        code = dep.wait_exit("rogue", timeout=60)
-        assert code not in (None, 0), dep.logs()
+        # A SuperNode with a registered key that trusts another CA: TLS verification fails, it never joins.
+        stranger = make_node_keys(tmp_path / "keys", "stranger")
+        stranger_id = dep.register(stranger)
+        other_ca = make_test_certs(tmp_path / "other_ca").ca_cert
+        dep.start_supernode("stranger", {"partition-id": 6}, stranger, root_ca=other_ca, extra=["--max-retries", "1"])
+        assert dep.wait_exit("rogue", timeout=60) not in (None, 0), dep.logs()
         assert "Failed to activate SuperNode" in dep.log("rogue"), dep.log("rogue")
         assert "No SuperNode found with the given public key" in dep.log("superlink"), dep.log("superlink")
+        assert dep.wait_exit("stranger", timeout=60) not in (None, 0), dep.logs()
+        assert "CERTIFICATE_VERIFY_FAILED" in dep.log("stranger"), dep.log("stranger")
+        statuses = {int(str(n["node-id"])): n["status"] for n in dep.nodes()}
+        assert statuses[stranger_id] == "registered"  # registered, never online
         online = {int(str(n["node-id"])) for n in dep.nodes() if n["status"] == "online"}
         assert online == set(dep.node_ids.values())
 
