@@ -351,7 +351,7 @@ class Deployment:
 def deployment(
     app_dir: Path,
     tmp: Path,
-    nodes: list[dict[str, ConfigValue]],
+    nodes: Sequence[Mapping[str, ConfigValue]],
     tls: bool = True,
     node_auth: bool = True,
     start_timeout_s: float = 60.0,

@@ -65,6 +65,8 @@ def test_deployment_with_tls_and_node_auth_runs_fedavg_and_refuses_an_unregister
         assert len(processes) >= 6  # SuperLink, 2 SuperNodes, their SuperExecs; the apps while running
     for proc in processes:
         assert not proc.is_running(), f"orphan {proc.pid}: {proc.cmdline() if proc.is_running() else ''}"
-    assert (tmp_path / "logs" / "superlink.log").exists()
-    assert not (tmp_path / "flwr_home" / "cli" / "config.toml").read_text().count("insecure")
+    # Every API over TLS: the SuperLink serves https and the CLI's connection trusts the test CA.
+    assert f"Uvicorn running on https://{dep.address}" in dep.log("superlink")
+    connection = (tmp_path / "flwr_home" / "cli" / "config.toml").read_text()
+    assert "insecure" not in connection and "root-certificates" in connection
     print(f"up {t_up:.1f} s, run {t_run:.1f} s, total {time.monotonic() - t0:.1f} s")
