@@ -28,6 +28,13 @@ one port):
   ``FLWR_DISABLE_UPDATE_CHECK=1`` (both would reach the network), and the venv's ``bin`` first
   on ``PATH`` (SuperLink and SuperNode start ``flower-superexec`` by name).
 
+Usage (any app directory with a ``[tool.flwr.app]`` pyproject; its modules, fedsea included,
+must be importable in this environment: the processes inherit ``os.environ``, ``PYTHONPATH`` too)::
+
+    with deployment(app_dir, tmp_path, [{"partition-id": 0}, {"partition-id": 1}]) as dep:
+        result = dep.run(app_dir, {"num-server-rounds": 2, "out-path": str(tmp_path / "out.json")})
+        assert result.status == "finished:completed", result.output + dep.logs()
+
 Timeouts (defaults): ``start_timeout_s`` 60 s for the SuperLink to answer and the SuperNodes to
 come online, ``run_timeout_s`` 120 s for a run, ``stop_grace_s`` 5 s between SIGTERM and SIGKILL.
 """
