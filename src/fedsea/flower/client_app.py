@@ -8,7 +8,9 @@ run folder holds each simulated client's shard, token and certificates, by ``par
 - ``token-file``: the file holding the client's trunk-server token;
 - ``tls-ca`` (and ``tls-cert``, ``tls-key`` for mutual TLS): the trunk server's CA;
 - ``trunk-address``: overrides the address the ServerApp sends (another route to the same server);
-- ``log``: a JSONL file for this client's steps (a simulation writes the run folder's).
+- ``state-dir``: this client's folder for its noise secret and its log (``steps.jsonl``); a
+  simulation uses the run folder's ``clients/<name>``;
+- ``log``: a JSONL file for this client's steps instead of ``state-dir``'s.
 
 Participants (the model split, its noise and the trunk session) are kept between messages in
 this process, the last ``FEDSEA_FLOWER_CLIENTS`` (default 4) of them: Flower's simulation runs
@@ -68,7 +70,7 @@ def _participant(context: Context, address: str) -> Any:
         _PARTICIPANTS.move_to_end(cache_key)
         return _PARTICIPANTS[cache_key]
     node = dict(context.node_config)
-    mine = run_dir / "clients" / me.name
+    mine = Path(str(node["state-dir"])) if "state-dir" in node else run_dir / "clients" / me.name
     model = plan.config.model.placed(me.device, me.dtype)
     tokenizer = load_tokenizer(model.source)
     data = str(node["data"]) if "data" in node else None

@@ -26,9 +26,12 @@ def run_simulation(run_config: dict[str, Any], num_nodes: int, cpus: int | None 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline: no usage events
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
     from fedsea.flower.client_app import app as client_app
@@ -36,8 +39,11 @@ def run_simulation(run_config: dict[str, Any], num_nodes: int, cpus: int | None 
 
     config = {**DEFAULT_CONFIG, **run_config}
     app_dir = write_app(Path(str(config["run-dir"])) / "app", config, run_file=False)
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(8))
-    run.primary_task_id = generate_rand_int_from_bytes(8)
+    # What Flower's run_simulation sets on the Run it makes (one federation, no SuperLink).
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config)
     cpus = cpus or os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": cpus}}
@@ -50,6 +56,7 @@ def run_simulation(run_config: dict[str, Any], num_nodes: int, cpus: int | None 
         server_app_context=context,
         app_dir=str(app_dir),
         run=run,
+        is_app=True,  # the nodes' contexts take the app folder's run config (else an empty one)
     )
     if not getattr(result, "success", True):
         raise RuntimeError(f"the Flower simulation failed; see the log above (run folder {config['run-dir']})")
