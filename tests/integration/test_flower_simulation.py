@@ -48,7 +48,7 @@ def _simulate(tmp_path, mode: str, *extra: str) -> tuple[dict, list[dict]]:
     (tmp_path / "run.toml").write_text(RUN.format(mode=mode))
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [*FEDSEA, "flower", "simulate", str(tmp_path / "run.toml"), "--run-dir", str(run_dir), "--json", *extra],
+        [*FEDSEA, "flower", "simulate", str(tmp_path / "run.toml"), *extra, "--run-dir", str(run_dir), "--json"],
         env=ENV, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
@@ -79,3 +79,31 @@ def test_a_flower_simulation_trains_in_each_mode(tmp_path, mode):
     assert number == 3
     moved = {int(k.split(".")[1]) for k in last if "lora_B" in k and not torch.equal(last[k], first[k])}
     assert moved == {int(k.split(".")[1]) for k in last}, moved  # every block, whichever part trained it
+
+
+def test_a_resumed_flower_run_repeats_an_uninterrupted_one_and_goes_on_without_a_lost_client(tmp_path):
+    # Uninterrupted: 2 rounds. Interrupted: 1 round, then --resume for the second.
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    _simulate(whole, "hierarchical", "federation.rounds=2")
+    part = tmp_path / "part"
+    part.mkdir()
+    _simulate(part, "hierarchical", "federation.rounds=1")
+    resumed = subprocess.run(
+        [*FEDSEA, "flower", "simulate", "federation.rounds=2", "--resume", str(part / "run"), "--json"],
+        env=ENV, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    a = load_round(whole / "run" / "checkpoints" / "round-0002")[1]
+    b = load_round(part / "run" / "checkpoints" / "round-0002")[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    # A client lost on the way (its data gone): the next resumed round goes on with the other.
+    (part / "run" / "clients" / "client-1" / "shard.json").unlink()
+    lost = subprocess.run(
+        [*FEDSEA, "flower", "simulate", "federation.rounds=3", "--resume", str(part / "run"), "--json"],
+        env=ENV, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert lost.returncode == 0, lost.stderr[-5000:]
+    third = json.loads((part / "run" / "server_rounds.jsonl").read_text().splitlines()[-1])
+    assert third["round"] == 3 and third["submitted"] == ["client-0"]
+    assert any("shard.json" in why for why in third["failed"].values()), third["failed"]

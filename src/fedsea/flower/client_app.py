@@ -100,7 +100,7 @@ def _participant(context: Context, address: str) -> Any:
     with log.open("a") as f:  # the report's noise record, as fedsea join writes it
         f.write(json.dumps({"client": me.name, "noise": noise_record(participant.noise, me.head_layers)}) + "\n")
     _PARTICIPANTS[cache_key] = participant
-    while len(_PARTICIPANTS) > int(os.environ.get("FEDSEA_FLOWER_CLIENTS", "4")):
+    while len(_PARTICIPANTS) > max(1, int(os.environ.get("FEDSEA_FLOWER_CLIENTS", "4"))):
         _PARTICIPANTS.popitem(last=False)[1].close()
     return participant
 

@@ -85,11 +85,16 @@ class FlowerRounds:
         self.trunk_address, self.num_layers = trunk_address, num_layers
         self.run_dir, self.run_id = run_dir, run_id
         self.nodes: dict[int, NodeInfo] = {}
+        self.failures: dict[str, str] = {}  # this round's: client (or node) -> what Flower reported
 
     # -- nodes --------------------------------------------------------------------------------
-    def discover(self, timeout_s: float) -> None:
-        """Ask every connected node not yet known for its name, cut and samples (QUERY messages)."""
-        deadline = time.monotonic() + timeout_s
+    def discover(self, wait_s: float) -> None:
+        """Ask every connected node not yet known for its name, cut and samples (QUERY messages).
+
+        Waits up to ``wait_s`` for ``expected_clients`` nodes first. A node answers once its
+        ClientApp has loaded its model and data, so the query has the round's deadline.
+        """
+        deadline = time.monotonic() + wait_s
         while len(list(self.grid.get_node_ids())) < self.fed.expected_clients and time.monotonic() < deadline:
             time.sleep(0.5)  # the first round waits for the expected nodes, as the native run does
         new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
@@ -97,9 +102,10 @@ class FlowerRounds:
             return
         config = ConfigRecord({"trunk-address": self.trunk_address})
         messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-        for reply in self.grid.send_and_receive(messages, timeout=timeout_s):
+        for reply in self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s):
             if reply.has_error():
                 logger.warning("node %d did not answer the query: %s", reply.metadata.src_node_id, reply.error.reason)
+                self.failures[f"node {reply.metadata.src_node_id}"] = f"query: {_last_line(reply.error.reason)}"
                 continue
             c = config_of(reply, "client")
             info = NodeInfo(str(scalar(c, "name")), int(scalar(c, "head-layers")), int(scalar(c, "tail-layers")),
@@ -128,6 +134,8 @@ class FlowerRounds:
         for r in replies:
             if r.has_error():
                 logger.warning("node %d failed its round: %s", r.metadata.src_node_id, r.error.reason)
+                info = self.nodes.get(r.metadata.src_node_id)
+                self.failures[info.name if info else f"node {r.metadata.src_node_id}"] = _last_line(r.error.reason)
         names = [str(scalar(config_of(r, "client"), "name")) for r in ok]
         trunks = self.operator.collect(key, names, drop=True)
         for reply, name in zip(ok, names, strict=True):
@@ -201,7 +209,9 @@ class FlowerRounds:
     def play(self, round_number: int, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Play one round from the global ``state``; returns the new global state and the round's record."""
         started = time.monotonic()
-        self.discover(self.fed.join_timeout_s if round_number == 1 else 10.0)
+        self.failures = {}
+        # The first round this process plays (a resumed run's too) waits for the expected nodes.
+        self.discover(self.fed.join_timeout_s if not self.nodes else 0.0)
         templates = [
             m for m in self.strategy.configure_train(round_number, to_record(state), ConfigRecord(), self.grid)
             if m.metadata.dst_node_id in self.nodes
@@ -220,6 +230,9 @@ class FlowerRounds:
             logger.warning("round %d: %d of %d clients submitted (< min_clients); global unchanged",
                            round_number, len(done), len(selected))  # fmt: skip
         else:
+            # In a fixed order: the float sums do not depend on who replied first (a resumed run
+            # repeats an uninterrupted one bit for bit).
+            replies.sort(key=lambda r: str(scalar(config_of(r, "client"), "name")))
             arrays, _ = self.strategy.aggregate_train(round_number, replies)
             if arrays is not None:
                 new_state = {k: v.to(state[k].dtype) for k, v in to_state(arrays).items()}
@@ -239,6 +252,7 @@ class FlowerRounds:
                 for r in replies
             },
             "refused": refused,
+            "failed": dict(self.failures),
             "banned": [],
             "seconds": time.monotonic() - started,
             "mode": self.fed.mode,
@@ -266,3 +280,10 @@ class FlowerRounds:
                 "round %d closed: %d/%d clients", round_number, len(record["submitted"]), len(record["selected"])
             )
         return state
+
+
+def _last_line(reason: str) -> str:
+    """The gist of a failure Flower relays (a remote traceback): its last line naming an error (300 chars)."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    named = [line for line in lines if "Error" in line or "Exception" in line]
+    return (named[-1] if named else lines[-1] if lines else "unknown")[:300]

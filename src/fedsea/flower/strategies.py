@@ -11,7 +11,10 @@ from fedsea.federation.config import FedConfig
 
 def make_strategy(name: str, fed: FedConfig) -> Any:
     """The Flower strategy ``name`` with the run's sampling: ``fraction`` of the connected nodes
-    each round, the first round waiting for ``expected_clients`` of them.
+    each round (at least one).
+
+    The wait for ``expected_clients`` is fedsea's (``FlowerRounds.discover``, bounded by
+    ``join_timeout_s``): Flower's ``min_available_nodes`` would wait for them without end.
 
     Flower's strategies aggregate whole records, so fedsea's per-update checks (``max_update_rms``,
     ``clip_norm``) run before them (``fedsea.flower.rounds``); no client evaluation round is run
@@ -22,7 +25,7 @@ def make_strategy(name: str, fed: FedConfig) -> Any:
         "fraction_evaluate": 0.0,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 0,
-        "min_available_nodes": fed.expected_clients,
+        "min_available_nodes": 1,
     }
     if name == "fedavg":
         return FedAvg(**common)
