@@ -95,6 +95,9 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
             token = _secret(owner / "trunk.token", tokens[name])
             nodes.append({"name": name, "data": str(owner / "train.jsonl"), "state-dir": str(owner / "state"),
                           "token-file": str(token), "tls-ca": str(ca)})  # fmt: skip
+        # A third data owner whose node config names no client of the run file: its ClientApp
+        # fails the query, the ServerApp says so in one line, and the run goes on without it.
+        nodes.append({**nodes[1], "name": "client-9", "state-dir": str(tmp_path / "owner-9" / "state")})
         with deployment(app, tmp_path / "flower", nodes, tls=True, node_auth=True) as dep:
             t_up = time.monotonic() - t0
             config: dict[str, str | int | float | bool] = {
@@ -115,6 +118,8 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
             t_run = time.monotonic() - t_run
             assert result.returncode == 0, result.output + dep.logs()
             assert result.status == "finished:completed", result.output + dep.logs()
+            refused = [x for x in result.output.splitlines() if "did not answer the query" in x]
+            assert refused and all("'client-9' is not a client of the run file" in x for x in refused), result.output
             processes = dep.track()
         assert trunk.alive(), trunk.log.tail  # the trunk server outlives the run: it is the operator's
     finally:
@@ -122,7 +127,8 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
 
     rounds = [json.loads(line) for line in (run_dir / "server_rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(sorted(r["submitted"]) == ["client-0", "client-1"] and r["engine"] == "flower" for r in rounds)
+    assert all(sorted(r["selected"]) == sorted(r["submitted"]) == ["client-0", "client-1"] for r in rounds)
+    assert all(r["engine"] == "flower" for r in rounds)
     mean = [sum(r["losses"].values()) / len(r["losses"]) for r in rounds]
     assert mean[1] < mean[0], mean
     # Every block's LoRA B moved: head and tail by the data owners (through Flower), the trunk's on
