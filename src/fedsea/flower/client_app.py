@@ -14,11 +14,17 @@ run folder holds each simulated client's shard, token and certificates, by ``par
 
 Participants (the model split, its noise and the trunk session) are kept between messages in
 this process, the last ``FEDSEA_FLOWER_CLIENTS`` (default 4) of them: Flower's simulation runs
-many virtual clients in a few worker processes.
+many virtual clients in a few worker processes. Nothing of a round depends on that cache: a
+participant rebuilt in a fresh process (the Deployment Engine starts one ``flwr-clientapp``
+process per message) trains from the global head and tail it is sent, the trunk blocks staged
+on the trunk server, the run's seeds and the noise secret in ``state-dir``. Their trunk sessions
+are closed when the process exits: the trunk server allows each client only
+``max_sessions_per_client`` (default 8) open sessions, which leaked ones would use up.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from collections import OrderedDict
@@ -33,6 +39,13 @@ from fedsea.flower.settings import FlowerRun
 
 app = ClientApp()
 _PARTICIPANTS: OrderedDict[tuple[int, str], Any] = OrderedDict()
+
+
+@atexit.register
+def _close_participants() -> None:
+    """Close the trunk sessions of this process's participants (the process ends with its message)."""
+    while _PARTICIPANTS:
+        _PARTICIPANTS.popitem()[1].close()  # SplitClient.close never raises (a server gone is fine)
 
 
 def _me(context: Context) -> tuple[FlowerRun, Any, Any, Path]:

@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsea.errors import InvalidInputError
+from fedsea.errors import FedseaError, InvalidInputError
 from fedsea.federation.checkpoint import latest_round, load_round, save_round
 from fedsea.federation.simconfig import RunPlan
 from fedsea.federation.strategy import Update, clip_update
@@ -99,13 +99,18 @@ class FlowerRounds:
             time.sleep(0.5)  # the first round waits for the expected nodes, as the native run does
         new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
         if not new:
+            if not self.nodes:  # else the rounds would "complete" with nobody training
+                raise FedseaError(f"no SuperNode connected within {wait_s:.0f} s (federation.join_timeout_s)")
             return
         config = ConfigRecord({"trunk-address": self.trunk_address})
         messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+        failed: list[str] = []
         for reply in self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s):
             if reply.has_error():
-                logger.warning("node %d did not answer the query: %s", reply.metadata.src_node_id, reply.error.reason)
-                self.failures[f"node {reply.metadata.src_node_id}"] = f"query: {_last_line(reply.error.reason)}"
+                reason = _last_line(reply.error.reason)
+                logger.warning("node %d did not answer the query: %s", reply.metadata.src_node_id, reason)
+                self.failures[f"node {reply.metadata.src_node_id}"] = f"query: {reason}"
+                failed.append(f"node {reply.metadata.src_node_id}: {reason}")
                 continue
             c = config_of(reply, "client")
             info = NodeInfo(str(scalar(c, "name")), int(scalar(c, "head-layers")), int(scalar(c, "tail-layers")),
@@ -113,6 +118,8 @@ class FlowerRounds:
             self.nodes[reply.metadata.src_node_id] = info
             logger.info("node %d is client %s (p, q) = (%d, %d), %d examples", reply.metadata.src_node_id,
                         info.name, info.head_layers, info.tail_layers, info.num_examples)  # fmt: skip
+        if not self.nodes:
+            raise FedseaError(f"no SuperNode could join the run: {'; '.join(failed) or 'none answered the query'}")
 
     # -- one round ------------------------------------------------------------------------------
     def _message(self, template: Message, state: dict[str, torch.Tensor], key: str, round_number: int) -> Message:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedsea.errors import FedseaError
 from fedsea.flower.settings import FlowerRun
 
 logger = logging.getLogger("fedsea.flower")
@@ -17,12 +19,31 @@ logger = logging.getLogger("fedsea.flower")
 app = ServerApp()
 
 
+class FlowerRunError(FedseaError):
+    """The run cannot go on (a bad setting, a missing file, a trunk server refusing): one line, no traceback."""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation the run config describes (``fedsea.flower.settings``)."""
-    if not logging.getLogger("fedsea").handlers:  # Flower logs its own lines; show fedsea's beside them
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    serve_run(FlowerRun.from_config(dict(context.run_config)), grid, str(context.run_id))
+    """Run the federation the run config describes (``fedsea.flower.settings``).
+
+    An error a user can act on (``FedseaError``, ``ValueError``, ``OSError``: a setting, a file,
+    the trunk server) fails the run with one line in the ``flwr run`` output, ``FlowerRunError:
+    fedsea: error: ...`` as the CLI prints it: Flower logs the exception with its traceback, so
+    this process's traceback limit is set to 0 first (the process ends with the run).
+    """
+    fedsea_logger = logging.getLogger("fedsea")
+    if not fedsea_logger.handlers and not logging.getLogger().handlers:
+        # Flower logs its own lines; show fedsea's beside them (a root handler would repeat Flower's).
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        fedsea_logger.addHandler(handler)
+        fedsea_logger.setLevel(logging.INFO)
+    try:
+        serve_run(FlowerRun.from_config(dict(context.run_config)), grid, str(context.run_id))
+    except (FedseaError, ValueError, OSError) as exc:
+        sys.tracebacklimit = 0
+        raise FlowerRunError(f"fedsea: error: {exc}") from None
 
 
 def serve_run(run: FlowerRun, grid: Grid, run_id: str) -> dict[str, Any]:
@@ -40,6 +61,10 @@ def serve_run(run: FlowerRun, grid: Grid, run_id: str) -> dict[str, Any]:
 
     plan = run.plan()
     run_dir = Path(run.run_dir or f"runs/flower-{plan.config.task.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # A relative run-dir is taken from this process's folder: on the Deployment Engine the
+    # SuperLink's (where it was started), not the app's; say where the run folder is.
+    run_dir = run_dir.resolve()
+    logger.info("run folder %s", run_dir)
     if not (run_dir / "config.toml").exists():
         if run.trunk_address:  # the clients bring their own data and tokens
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,10 @@
 Keys (all optional):
 
 - ``run-file``: the fedsea run file (the TOML of ``fedsea simulate``: task, model, federation,
-  LoRA, noise, clients); relative paths are taken from the app's folder. Empty: the defaults.
+  LoRA, noise, clients); relative paths are taken from the app's folder: on the Deployment
+  Engine the installed FAB's (``$FLWR_HOME/apps/...``), which ``flwr run`` ships to the SuperLink
+  and every SuperNode, so ServerApp and ClientApps read the same file on every machine (an
+  absolute path must exist on each machine). Empty: the defaults.
 - ``fedsea.<section>.<key>``: an override of that run-file setting, e.g.
   ``fedsea.federation.rounds = 3`` (``--run-config "fedsea.federation.rounds=3"``).
 - ``set``: more overrides in one string, ``;``-separated: ``"federation.rounds=3;lora.r=16"``
@@ -23,6 +26,7 @@ Keys (all optional):
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,26 @@ from typing import Any
 from fedsea.federation.simconfig import RunPlan, load_plan
 
 OVERRIDE_PREFIX = "fedsea."
+_APP_REFS = ("fedsea.flower.server_app:app", "fedsea.flower.client_app:app")
 FLOWER_STRATEGIES = ("fedavg", "fedadam", "median", "trimmed-mean")
+
+
+def installed_app_dir() -> Path | None:
+    """The folder of the Flower app running in this process (the installed FAB), if any.
+
+    Flower puts the app's folder first on ``sys.path`` before it imports the app's components
+    (``flwr.supercore.object_ref.load_app``); fedsea's components live in the fedsea package, so
+    the folder is the ``sys.path`` entry whose ``pyproject.toml`` names them. None outside Flower.
+    """
+    for entry in sys.path:
+        pyproject = Path(entry or ".") / "pyproject.toml"
+        try:
+            text = pyproject.read_text()
+        except OSError:
+            continue
+        if "[tool.flwr.app.components]" in text and any(ref in text for ref in _APP_REFS):
+            return pyproject.parent.resolve()
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,8 +85,10 @@ class FlowerRun:
                 )
         overrides += [a.strip() for a in str(config.get("set", "")).split(";") if a.strip()]
         run_file = str(config.get("run-file", ""))
-        if run_file and app_dir is not None and not Path(run_file).is_absolute():
-            run_file = str(Path(app_dir) / run_file)
+        if run_file and not Path(run_file).is_absolute():
+            folder = Path(app_dir) if app_dir is not None else installed_app_dir()
+            if folder is not None:
+                run_file = str(folder / run_file)
         strategy = str(config.get("strategy", "")).lower()
         if strategy and strategy not in FLOWER_STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(FLOWER_STRATEGIES)}, got {strategy!r}")

@@ -49,7 +49,10 @@ def client_tls(run_dir: Path) -> ClientTls | None:
 def find_or_start_trunk(run: FlowerRun, plan: RunPlan, run_dir: Path) -> TrunkEndpoint:
     """The trunk of ``run``: the server at ``trunk-address``, else one started here on loopback."""
     if run.trunk_address:
-        token = Path(run.operator_token_file).read_text().strip() if run.operator_token_file else None
+        try:
+            token = Path(run.operator_token_file).read_text().strip() if run.operator_token_file else None
+        except OSError as exc:
+            raise ValueError(f"operator-token-file {run.operator_token_file}: {exc.strerror or exc}") from None
         if not token:
             raise ValueError(
                 "trunk-address needs operator-token-file: a file holding an operator token of that server "
