@@ -289,8 +289,8 @@ class FlowerRounds:
         return state
 
 
-def _last_line(reason: str) -> str:
+def _last_line(reason: str | None) -> str:
     """The gist of a failure Flower relays (a remote traceback): its last line naming an error (300 chars)."""
-    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    lines = [line.strip() for line in str(reason or "").splitlines() if line.strip()]
     named = [line for line in lines if "Error" in line or "Exception" in line]
     return (named[-1] if named else lines[-1] if lines else "unknown")[:300]
