@@ -276,6 +276,8 @@ def add_wire_commands(sub: Any) -> None:
     add.add_argument("file", help="tokens file (created if missing)")
     add.add_argument("client_id")
     add.add_argument(
-        "--operator", action="store_true", help="an operator token: GetStats also shows server-wide figures"
+        "--operator",
+        action="store_true",
+        help="an operator token: server-wide GetStats; stages and collects trunk adapters (a Flower ServerApp)",
     )
     add.set_defaults(func=_cmd_token)
