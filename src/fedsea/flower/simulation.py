@@ -69,6 +69,7 @@ def simulate_on_flower(
     strategy: str = "",
     resume: str | None = None,
     centralized: bool = False,
+    secure_aggregation: bool = False,
 ) -> dict[str, Any]:
     """``fedsea simulate`` on Flower: the run file's clients as virtual SuperNodes; returns the summary."""
     from fedsea.federation.checkpoint import load_round
@@ -97,6 +98,7 @@ def simulate_on_flower(
         "run-dir": str(folder),
         "strategy": strategy,
         "resume": bool(resume),
+        "secure-aggregation": secure_aggregation,
     }
     run_simulation(run_config, num_nodes=len(plan.clients))
     tokenizer = load_tokenizer(plan.model)
