@@ -93,6 +93,23 @@ def one_cut(cuts: dict[str, tuple[int, int]]) -> tuple[int, int]:
     return first
 
 
+def check_plan(plan: Any, strategy: str) -> None:
+    """Refuse, before anything starts, a run secure aggregation cannot serve (a ValueError saying why).
+
+    Args:
+        plan: the fedsea run plan (its clients' cuts, its mode).
+        strategy: the Flower strategy's name.
+    """
+    if plan.fed.mode != "hierarchical" or strategy != "fedavg":
+        raise ValueError(
+            "secure aggregation runs in mode hierarchical with the fedavg strategy (the server sees only the "
+            f"clients' sum); got mode {plan.fed.mode} and strategy {strategy}"
+        )
+    if len(plan.clients) < 2:
+        raise ValueError("secure aggregation needs at least two clients a round (one client's sum is its update)")
+    one_cut({c.name: (c.head_layers, c.tail_layers) for c in plan.clients})
+
+
 # -- client ---------------------------------------------------------------------------------------
 def _from_fitins(msg: Message) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Make ``msg`` (the workflow's ``fitins`` content) fedsea's plain TRAIN message; its keys and start."""

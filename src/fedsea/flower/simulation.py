@@ -92,6 +92,10 @@ def simulate_on_flower(
         if (folder / "checkpoints").exists():
             raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
     folder = folder.resolve()
+    if secure_aggregation:  # a clear error now rather than a failed ServerApp under Ray
+        from fedsea.flower.secagg import check_plan
+
+        check_plan(plan, strategy or plan.fed.strategy.lower())
     run_config = {
         "run-file": str(Path(config).resolve()),
         "set": ";".join(overrides),
