@@ -34,8 +34,8 @@ def task_identity():
 class MemoryGrid:
     """Delivers messages to each node's ClientApp train function (mod + train), keeps what came back."""
 
-    def __init__(self, train, mod=secure_aggregation_mod) -> None:
-        self.train, self.mod = train, mod
+    def __init__(self, train, mod=secure_aggregation_mod, lost: int | None = None) -> None:
+        self.train, self.mod, self.lost = train, mod, lost  # lost: a node whose training reply never comes
         self.contexts: dict[int, Context] = {}
         self.received: list[Message] = []
 
@@ -45,6 +45,8 @@ class MemoryGrid:
             msg = copy.deepcopy(msg)  # as on the wire: the workflow shares one content among its messages
             node = msg.metadata.dst_node_id
             ctx = self.contexts.setdefault(node, Context(node, node, {}, RecordDict(), {}))
+            if node == self.lost and "fitins.parameters" in msg.content.array_records:
+                continue  # it went away while training: the server times out on it
             replies.append(self.mod(msg, ctx, self.train) if self.mod else self.train(msg, ctx))
         self.received += replies
         return replies
@@ -108,6 +110,21 @@ def test_the_secure_mean_is_fedavg_and_the_server_sees_masked_vectors_only(weigh
         node = m.metadata.src_node_id
         update = (trained[node][KEYS[0]] - start[KEYS[0]]).numpy()
         assert vec[1].shape == update.shape and not np.allclose(vec[1], update, atol=1.0)  # [0]: the weight factor
+
+
+def test_a_client_lost_while_training_leaves_the_mean_of_the_others():
+    # Three clients (threshold 2 of 3 shares): the lost one's pairwise masks are rebuilt from its
+    # neighbours' shares of its key, and the mean is over the two that answered.
+    weights = {11: 12, 22: 12, 33: 6}
+    start, trained, _, train, messages = _round(weights, seed=1)
+    result = secure_train(MemoryGrid(train, lost=22), messages, KEYS, 1, 12.0, timeout=10.0)
+    assert result.mean is not None
+    assert sorted(c["name"] for c in result.clients) == ["client-11", "client-33"]
+    alive = {11: 12, 33: 6}
+    for k in KEYS:
+        expected = sum(w / 18 * trained[n][k].double() for n, w in alive.items()).float()
+        err = (start[k] + result.mean[k] - expected).abs().max().item()
+        assert err <= error_bound(list(alive.values()), 12.0), (k, err)
 
 
 def test_a_client_without_the_mod_is_refused_before_its_update_is_read():
