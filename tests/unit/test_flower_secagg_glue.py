@@ -146,3 +146,21 @@ def test_one_cut_names_both_cuts():
 def test_the_bound_is_a_few_quantization_steps():
     # Two equal clients: values within one step 2c/T of the mean, weights rounded exactly.
     assert error_bound([12, 12], 12.0) == pytest.approx(4 * CLIPPING_RANGE / 2**22 + 1e-6)
+
+
+def test_the_run_config_key_and_the_plan_checks():
+    from fedsea.flower.secagg import check_plan
+    from fedsea.flower.settings import FlowerRun
+    from fedsea.flower.template import DEFAULT_CONFIG, pyproject
+
+    assert FlowerRun.from_config({"secure-aggregation": True}).secure_aggregation
+    assert not FlowerRun.from_config({}).secure_aggregation
+    assert '"secure-aggregation" = false' in pyproject(DEFAULT_CONFIG)  # flwr run overrides only declared keys
+    plan = FlowerRun(overrides=("federation.clients=2", "federation.mode=hierarchical")).plan()
+    check_plan(plan, "fedavg")
+    with pytest.raises(ValueError, match="fedavg strategy"):
+        check_plan(plan, "fedmedian")
+    with pytest.raises(ValueError, match="mode hierarchical"):
+        check_plan(FlowerRun(overrides=("federation.clients=2", "federation.mode=sequential")).plan(), "fedavg")
+    with pytest.raises(ValueError, match="at least two clients"):
+        check_plan(FlowerRun(overrides=("federation.clients=1", "federation.mode=hierarchical")).plan(), "fedavg")

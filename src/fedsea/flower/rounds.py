@@ -89,11 +89,10 @@ class FlowerRounds:
         self.run_dir, self.run_id = run_dir, run_id
         self.nodes: dict[int, NodeInfo] = {}
         self.secure = secure_aggregation
-        if secure_aggregation and (self.fed.mode != "hierarchical" or type(strategy).__name__ != "FedAvg"):
-            raise ValueError(
-                "secure aggregation runs in mode hierarchical with the fedavg strategy (the server sees only "
-                f"the clients' sum); got mode {self.fed.mode} and {type(strategy).__name__}"
-            )
+        if secure_aggregation:  # mode hierarchical, FedAvg, one cut, two clients (else a ValueError)
+            from fedsea.flower.secagg import check_plan
+
+            check_plan(plan, type(strategy).__name__.lower())
 
     # -- nodes --------------------------------------------------------------------------------
     def discover(self, timeout_s: float) -> None:
