@@ -22,12 +22,12 @@ RUN = """
 source = "tiny-llama"
 [task]
 name = "sst2"
-train_limit = 32
-eval_limit = 8
+train_limit = 16
+eval_limit = 4
 [federation]
 clients = 2
 rounds = 1
-local_steps = 3
+local_steps = 2
 mode = "hierarchical"
 round_timeout_s = 300
 [optim]
@@ -72,7 +72,7 @@ def test_secure_aggregation_equals_fedavg_within_the_quantization_error(tmp_path
     assert (sa["clipping-range"], sa["quantization-range"]) == (CLIPPING_RANGE, QUANTIZATION_RANGE)
     # Tolerance: each client's weighted update is within one quantization step 2c/T of its value,
     # the weights n_i/W are rounded to 1/T: |secure - FedAvg| <= 2 * 2c n W / (T sum n) (+1e-6 of
-    # float32 rounding); two clients of 12 samples, W = 12, c = 1, T = 2**22: about 3e-6.
+    # float32 rounding); two clients of 8 samples, W = 8, c = 1, T = 2**22: about 3e-6.
     weights = list(record["samples"].values())
     bound = error_bound(weights, sa["max-weight"])
     assert bound == sa["error-bound"] and bound < 1e-5
