@@ -30,7 +30,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]
     summary = simulate_on_flower(
         config, overrides, run_dir=args.run_dir, strategy=args.strategy or "", resume=args.resume,
-        centralized=args.centralized,
+        centralized=args.centralized, secure_aggregation=args.secure_aggregation,
     )  # fmt: skip
     print(json.dumps(summary) if args.json else f"report: {summary['report']}")
     return 0
@@ -54,5 +54,9 @@ def add_flower_commands(sub: Any) -> None:
     sim.add_argument("--strategy", choices=FLOWER_STRATEGIES, help="Flower strategy (default: the run file's)")
     sim.add_argument("--resume", help="continue the stopped run in this folder from its last round")
     sim.add_argument("--centralized", action="store_true", help="also train the unsplit model, same budget")
+    sim.add_argument(
+        "--secure-aggregation", action="store_true",
+        help="SecAgg+: the ServerApp learns only the sum of the clients' head/tail adapters (one cut for all)",
+    )  # fmt: skip
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(func=_cmd_simulate)

@@ -35,6 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsea.flower.records import arrays_of, config_of, scalar, to_record, to_state
+from fedsea.flower.secagg import secure_aggregation_mod
 from fedsea.flower.settings import FlowerRun
 
 app = ClientApp()
@@ -134,7 +135,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"client": info}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])  # SecAgg+ when the ServerApp runs it; a no-op otherwise
 def train(msg: Message, context: Context) -> Message:
     """One round: load the trunk blocks from the stage, train locally, publish the trunk, reply head and tail."""
     from fedsea.client.staging import load_staged_trunk, publish_trunk

@@ -62,6 +62,8 @@ class FlowerRounds:
         strategy: a Flower strategy (``fedsea.flower.strategies.make_strategy``).
         run_dir: checkpoints and ``server_rounds.jsonl``; None: none written.
         run_id: names the stages (distinct runs may share a trunk server).
+        secure_aggregation: aggregate the head/tail adapters with SecAgg+ (``fedsea.flower.secagg``):
+            hierarchical mode, FedAvg and one cut (p, q) for all clients.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class FlowerRounds:
         strategy: Any,
         run_dir: Path | None,
         run_id: str,
+        secure_aggregation: bool = False,
     ) -> None:
         self.plan, self.fed = plan, plan.fed
         if self.fed.mode == "client-batch":
@@ -86,6 +89,11 @@ class FlowerRounds:
         self.run_dir, self.run_id = run_dir, run_id
         self.nodes: dict[int, NodeInfo] = {}
         self.failures: dict[str, str] = {}  # this round's: client (or node) -> what Flower reported
+        self.secure = secure_aggregation
+        if secure_aggregation:  # mode hierarchical, FedAvg, one cut, two clients (else a ValueError)
+            from fedsea.flower.secagg import check_plan
+
+            check_plan(plan, type(strategy).__name__.lower())
 
     # -- nodes --------------------------------------------------------------------------------
     def discover(self, wait_s: float) -> None:
@@ -226,6 +234,8 @@ class FlowerRounds:
         selected = [self.nodes[m.metadata.dst_node_id].name for m in templates]
         key = f"{self.run_id}/round-{round_number}"
         refused: dict[str, str] = {}
+        if self.secure:
+            return self._play_secure(round_number, templates, state, key, selected, started)
         if self.fed.mode == "sequential":
             replies, current = self._sequential(templates, state, key, round_number, refused)
         else:
@@ -265,6 +275,29 @@ class FlowerRounds:
             "mode": self.fed.mode,
             "engine": "flower",
         }
+        return new_state, record
+
+    def _play_secure(
+        self, round_number: int, templates: list[Message], state: dict[str, torch.Tensor], key: str,
+        selected: list[str], started: float,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+        from fedsea.flower.secagg import play_secure
+
+        new_state, clients, secure = play_secure(self, templates, state, key, round_number)
+        done = [str(c["name"]) for c in clients]
+        if new_state is None or len(done) < self.fed.min_clients:
+            logger.warning("round %d: secure aggregation of %d of %d clients failed or too few; global unchanged",
+                           round_number, len(done), len(selected))  # fmt: skip
+            new_state = state
+        record = {
+            "round": round_number, "selected": selected, "submitted": done,
+            "dropped": sorted(set(selected) - set(done)),
+            "losses": {str(c["name"]): float(c["loss"]) for c in clients},
+            "samples": {str(c["name"]): float(c["num-examples"]) for c in clients},
+            "refused": {}, "failed": dict(self.failures), "banned": [], "seconds": time.monotonic() - started,
+            "mode": self.fed.mode,
+            "engine": "flower", "secure-aggregation": secure,
+        }  # fmt: skip
         return new_state, record
 
     # -- the run ----------------------------------------------------------------------------------

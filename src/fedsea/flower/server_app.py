@@ -82,7 +82,8 @@ def serve_run(run: FlowerRun, grid: Grid, run_id: str) -> dict[str, Any]:
         state = initial_global_state(host, plan.fed)
         strategy = make_strategy(run.strategy_name(plan), plan.fed)
         with TrunkOperator(endpoint.address, endpoint.operator_token, tls=endpoint.tls) as operator:
-            rounds = FlowerRounds(plan, grid, operator, endpoint.address, host.num_layers, strategy, run_dir, run_id)
+            rounds = FlowerRounds(plan, grid, operator, endpoint.address, host.num_layers, strategy, run_dir, run_id,
+                                  secure_aggregation=run.secure_aggregation)  # fmt: skip
             return rounds.run(state, resume=run.resume)
     finally:
         endpoint.close()

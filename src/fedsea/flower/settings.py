@@ -21,6 +21,9 @@ Keys (all optional):
 - ``strategy``: the Flower strategy: ``fedavg``, ``fedadam``, ``median`` or ``trimmed-mean``;
   empty: the run file's ``federation.strategy``.
 - ``resume``: continue the run in ``run-dir`` from its last checkpoint.
+- ``secure-aggregation``: aggregate the clients' head/tail adapters with Flower's SecAgg+, so the
+  ServerApp learns only their weighted sum (``fedsea.flower.secagg``; mode hierarchical, strategy
+  fedavg, one cut (p, q) for all clients, at least two clients a round).
 """
 
 from __future__ import annotations
@@ -68,11 +71,13 @@ class FlowerRun:
     tls_ca: str = ""
     strategy: str = ""
     resume: bool = False
+    secure_aggregation: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any], app_dir: str | Path | None = None) -> FlowerRun:
         """Read a Flower run config; unknown keys are an error naming them."""
-        known = {"run-file", "set", "run-dir", "trunk-address", "operator-token-file", "tls-ca", "strategy", "resume"}
+        known = {"run-file", "set", "run-dir", "trunk-address", "operator-token-file", "tls-ca", "strategy", "resume",
+                 "secure-aggregation"}  # fmt: skip
         overrides = []
         for key in sorted(config):
             if key.startswith(OVERRIDE_PREFIX):
@@ -101,6 +106,7 @@ class FlowerRun:
             tls_ca=str(config.get("tls-ca", "")),
             strategy=strategy,
             resume=bool(config.get("resume", False)),
+            secure_aggregation=bool(config.get("secure-aggregation", False)),
         )
 
     def plan(self) -> RunPlan:

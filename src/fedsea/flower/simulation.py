@@ -69,6 +69,7 @@ def simulate_on_flower(
     strategy: str = "",
     resume: str | None = None,
     centralized: bool = False,
+    secure_aggregation: bool = False,
 ) -> dict[str, Any]:
     """``fedsea simulate`` on Flower: the run file's clients as virtual SuperNodes; returns the summary."""
     from fedsea.federation.checkpoint import load_round
@@ -91,12 +92,17 @@ def simulate_on_flower(
         if (folder / "checkpoints").exists():
             raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
     folder = folder.resolve()
+    if secure_aggregation:  # a clear error now rather than a failed ServerApp under Ray
+        from fedsea.flower.secagg import check_plan
+
+        check_plan(plan, strategy or plan.fed.strategy.lower())
     run_config = {
         "run-file": str(Path(config).resolve()),
         "set": ";".join(overrides),
         "run-dir": str(folder),
         "strategy": strategy,
         "resume": bool(resume),
+        "secure-aggregation": secure_aggregation,
     }
     run_simulation(run_config, num_nodes=len(plan.clients))
     tokenizer = load_tokenizer(plan.model)

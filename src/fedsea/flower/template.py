@@ -23,6 +23,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "tls-ca": "",
     "strategy": "",
     "resume": False,
+    "secure-aggregation": False,
 }
 
 
