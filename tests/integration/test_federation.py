@@ -152,6 +152,7 @@ def test_one_client_follows_the_centralized_loss_curve(tmp_path, tiny_tokenizer,
     trainer = fedsea.CentralTrainer(central, optim=OPTIM)
     probe = FederatedClient.__new__(FederatedClient)  # reuse its seeded batch order, no connection needed
     probe.examples, probe.batch_size, probe.name, probe.info = _examples(tiny_tokenizer, 0), 2, "c0", None
+    probe.seed = 0  # the run seed a FederatedClient holds before its join (FedConfig.seed)
     probe.client = type("C", (), {"split": central})()
     losses = [trainer.train_step(b).loss for b in FederatedClient._batches(probe, 1, 5)]
     assert federated == pytest.approx(losses, rel=1e-4)
