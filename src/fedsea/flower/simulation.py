@@ -8,12 +8,46 @@ checkpoints, logs, ``metrics.jsonl`` and ``report.md`` as a ``fedsea simulate`` 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from fedsea.flower.settings import FlowerRun
 from fedsea.flower.template import DEFAULT_CONFIG, write_app
+
+
+def _start_ray(cpus: int, attempts: int = 3) -> str:
+    """Start Ray for Flower's simulation backend, in a folder of its own; retried when it fails to start.
+
+    Why not leave it to Flower: on a busy 2-core machine Ray's node sometimes fails to start
+    ("The current node timed out during startup"), and Flower's runtime then stops while its
+    ServerApp thread waits out the round's deadline. Started here, a failed start is retried and
+    a last failure is an error at once. A fresh temp folder per run keeps a cluster that is
+    still shutting down (the previous run's) out of the way.
+    """
+    import logging
+    import sys
+    import tempfile
+
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)  # the workers import fedsea as this process does
+    last: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        folder = tempfile.mkdtemp(prefix="fedsea-ray-")
+        try:
+            ray.init(
+                num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=folder,
+                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            )  # fmt: skip
+            return folder
+        except Exception as exc:  # Ray raises plain Exceptions for a node that did not start
+            last = exc
+            ray.shutdown()
+            shutil.rmtree(folder, ignore_errors=True)
+            logging.getLogger(__name__).warning("Ray did not start (attempt %d of %d): %s", attempt, attempts, exc)
+    raise RuntimeError(f"Ray did not start after {attempts} attempts: {last}")
 
 
 def run_simulation(run_config: dict[str, Any], num_nodes: int, cpus: int | None = None) -> None:
@@ -47,17 +81,24 @@ def run_simulation(run_config: dict[str, Any], num_nodes: int, cpus: int | None 
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config)
     cpus = cpus or os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": cpus}}
-    result = _run_simulation(
-        num_supernodes=num_nodes,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_config=backend,  # type: ignore[arg-type]
-        server_app_context=context,
-        app_dir=str(app_dir),
-        run=run,
-        is_app=True,  # the nodes' contexts take the app folder's run config (else an empty one)
-    )
+    ray_dir = _start_ray(cpus)  # Flower's backend uses a Ray already started
+    try:
+        result = _run_simulation(
+            num_supernodes=num_nodes,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_config=backend,  # type: ignore[arg-type]
+            server_app_context=context,
+            app_dir=str(app_dir),
+            run=run,
+            is_app=True,  # the nodes' contexts take the app folder's run config (else an empty one)
+        )
+    finally:
+        import ray
+
+        ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
     if not getattr(result, "success", True):
         raise RuntimeError(f"the Flower simulation failed; see the log above (run folder {config['run-dir']})")
 
