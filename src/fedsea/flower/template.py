@@ -34,7 +34,12 @@ def _toml_value(value: Any) -> str:
 
 
 def pyproject(config: dict[str, Any], name: str = "fedsea-federation") -> str:
-    """The app's ``pyproject.toml`` with ``config`` as the run config's defaults."""
+    """The app's ``pyproject.toml`` with ``config`` as the run config's defaults.
+
+    No ``[tool.flwr.federations]``: flwr 1.42 keeps SuperLink connections in its own config
+    (``$FLWR_HOME/config.toml``) and sizes a local simulation with ``flwr run ...
+    --federation-config "num-supernodes=N"``.
+    """
     lines = [
         "[build-system]",
         'requires = ["hatchling"]',
@@ -44,6 +49,7 @@ def pyproject(config: dict[str, Any], name: str = "fedsea-federation") -> str:
         f'name = "{name}"',
         'version = "1.0.0"',
         'description = "A fedsea federation: split fine-tuning on Flower"',
+        'license = "MIT"',
         'dependencies = ["fedsea"]',
         "",
         "[tool.hatch.build.targets.wheel]",
@@ -58,12 +64,6 @@ def pyproject(config: dict[str, Any], name: str = "fedsea-federation") -> str:
         "",
         "[tool.flwr.app.config]",
         *(f'"{k}" = {_toml_value(v)}' for k, v in config.items()),
-        "",
-        "[tool.flwr.federations]",
-        'default = "local-simulation"',
-        "",
-        "[tool.flwr.federations.local-simulation]",
-        "options.num-supernodes = 3",
         "",
     ]
     return "\n".join(lines)
