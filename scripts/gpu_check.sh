@@ -4,7 +4,7 @@
 #      float32 split == Hugging Face to 1e-4 of scale, bfloat16 split as close to float32 as HF's
 #      own bfloat16 run (within 2x + 1e-3 of scale), a CUDA server training a CPU client;
 #   2. fedsea bench train    --model random:llama-2-7b --device cuda --dtype bfloat16 --batch 4 --tokens 512 --head-layers 2 --tail-layers 2 --micro-batches 1 2
-#   3. fedsea bench generate --model random:llama-2-7b --device cuda --dtype bfloat16 --prompt-tokens 512 --new-tokens 64 --batches 1 8
+#   3. fedsea bench generate --model random:llama-2-7b --device cuda --dtype bfloat16 --prompt-tokens 512 --new-tokens 64 --batches 1 8 --rounds 2
 # and prints the two benchmarks' JSON lines. Every step runs even after one fails; the check fails at the end.
 #
 # Usage:
@@ -88,7 +88,7 @@ run() {
     # Micro-batches 1 and 2: the step whole, then pipelined (the server starts the first half
     # while the second is in flight).
     local train=(--batch 4 --tokens 512 --head-layers 2 --tail-layers 2 --micro-batches 1 2)
-    local generate=(--prompt-tokens 512 --new-tokens 64 --batches 1 8)
+    local generate=(--prompt-tokens 512 --new-tokens 64 --batches 1 8 --rounds 2)
     if [[ "$dry" == "--dry-run" ]]; then
         model="random:llama-tiny?layers=4" device=cpu
         train=(--batch 2 --tokens 16 --head-layers 1 --tail-layers 1 --steps 2 --warmup 1 --micro-batches 1 2)

@@ -121,3 +121,39 @@ def test_a_cuda_trunk_sizes_its_auto_memory_budgets_from_the_gpus_free_memory():
         assert host.limits.max_pending_bytes <= int(total * 2 / 3)
         assert abs(host.limits.max_pending_bytes - int(free * 2 / 3)) < 256 * 1024**2
     assert host.limits.is_sized
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_split_generation_with_cuda_on_both_sides_equals_hugging_face_generate(dtype, tiny_tokenizer):
+    """The decode path on a GPU (attention kernels, checks on the device, pinned copies): a padded
+    and an unpadded batch, greedy, token for token as ``generate`` on the same model and adapters."""
+    from fedsea.model.attention import attention_kernels
+    from fedsea.server.app import ServerThread, TrunkServer
+    from fedsea.server.trunk import TrunkHost
+
+    source = "random:llama-tiny?seed=3"
+    thread = ServerThread(TrunkServer(TrunkHost(load_model(source, dtype=dtype, device=CUDA))))
+    port = thread.start()
+    split = fedsea.split_model(load_model(source, dtype=dtype, device=CUDA), 1, 1)
+    split.add_lora(fedsea.LoraSpec(r=4, dropout=0.0))
+    randomize_lora(split.model, seed=1, scale=0.2)
+    padded = tiny_tokenizer(["The movie was a delight from start", "Hi"], return_tensors="pt", padding=True)
+    ids = torch.randint(3, split.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    unpadded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    try:
+        with fedsea.SplitClient(f"localhost:{port}", split, tokenizer=tiny_tokenizer) as client:
+            for enc in (padded, unpadded):
+                ids, mask = enc["input_ids"].to(CUDA), enc["attention_mask"].to(CUDA)
+                ours = client.generate_ids(ids, mask.sum(dim=1), max_new_tokens=10, eos_token_id=())
+                with torch.no_grad(), attention_kernels(CUDA):
+                    theirs = split.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=10,
+                        do_sample=False,
+                        pad_token_id=tiny_tokenizer.pad_token_id,
+                        eos_token_id=None,
+                    )
+                assert ours.token_ids == theirs[:, ids.shape[1] :].tolist(), dtype
+    finally:
+        thread.stop()

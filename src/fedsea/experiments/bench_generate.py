@@ -15,23 +15,36 @@ from fedsea.model.load import DEFAULT_MODEL, load_model
 from fedsea.wire.ports import free_loopback_port
 
 
+def _server_generate_s(client: Any) -> float:
+    """Seconds the server spent computing this client's generate steps so far, as it reports them."""
+    return float(client.stats()["server"].get("generate", {}).get("compute_s", 0.0))
+
+
 def _split_round(
     client: Any, ids: torch.Tensor, lengths: torch.Tensor, config: Any
-) -> tuple[Any, float, int, int, float]:
-    """One split generation: (output, seconds, generate RPCs, bytes both ways, seconds inside those RPCs)."""
-    before = client.connection.meter.rpc("generate")
+) -> tuple[Any, float, int, int, float, float]:
+    """One split generation: (output, seconds, generate RPCs, bytes both ways, seconds inside
+    those RPCs, seconds of them the server spent computing)."""
+    before, server_before = client.connection.meter.rpc("generate"), _server_generate_s(client)
     t0 = time.perf_counter()
     out = client.generate_ids(ids, lengths, config)
     seconds = time.perf_counter() - t0
     after = client.connection.meter.rpc("generate")
     moved = (after.bytes_sent + after.bytes_received) - (before.bytes_sent + before.bytes_received)
-    return out, seconds, after.calls - before.calls, moved, after.network_s - before.network_s
+    server_s = _server_generate_s(client) - server_before
+    return out, seconds, after.calls - before.calls, moved, after.network_s - before.network_s, server_s
 
 
 def _hf_generate(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
-    """Greedy Hugging Face ``generate`` of exactly ``new_tokens``; returns (sequences, seconds)."""
+    """Greedy Hugging Face ``generate`` of exactly ``new_tokens``; returns (sequences, seconds).
+
+    Under the attention kernels fedsea's parts use (``fedsea.model.attention``): the baseline
+    and the split then differ by the split alone, not by which SDPA kernel each picked.
+    """
+    from fedsea.model.attention import attention_kernels
+
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), attention_kernels(ids.device):
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -77,8 +90,9 @@ def bench_generate(
     round is the headline (a server's first request of that shape, as a user meets it), the last
     is reported as ``warm_*`` (every kernel loaded and tuned for those shapes). Each row also
     splits the split's seconds per decode step into the generate RPC's wall time as the client
-    sees it (``rpc_ms_per_step``: wire and the server's trunk) and the rest (``local_ms_per_step``:
-    head, tail, sampling).
+    sees it (``rpc_ms_per_step``: wire and the server's trunk), the part of it the server reports
+    computing (``server_ms_per_step``: its checks, copies and trunk) and the rest
+    (``local_ms_per_step``: head, tail, sampling).
 
     The naive split is timed over its first ``naive_tokens`` new tokens only (its cost per
     token grows with the sequence, so this overstates its speed, which is the conservative
@@ -142,7 +156,7 @@ def bench_generate(
                 assert client.connection is not None
                 timed = [_split_round(client, ids, lengths, greedy) for _ in range(rounds)]
                 central = [_hf_generate(base, ids, new_tokens) for _ in range(rounds)]
-                (out, split_s, steps, moved, rpc_s), (ref, central_s) = timed[0], central[0]
+                (out, split_s, steps, moved, rpc_s, server_s), (ref, central_s) = timed[0], central[0]
                 # Bytes of the decode steps only: total minus the prefill's (one B x n x d tensor each way).
                 prefill = 2 * batch * prompt_tokens * hidden * itemsize
                 bytes_per_step = (moved - prefill) / (steps - 1)
@@ -165,14 +179,16 @@ def bench_generate(
                     "theoretical_bytes_per_step": 2 * batch * hidden * itemsize,
                     "identical_to_central": same,
                     "rpc_ms_per_step": round(1000 * rpc_s / steps, 2),
+                    "server_ms_per_step": round(1000 * server_s / steps, 2),
                     "local_ms_per_step": round(1000 * (split_s - rpc_s) / steps, 2),
                 }
                 if rounds > 1:
-                    (_, warm_split_s, _, _, warm_rpc_s), warm_central_s = timed[-1], central[-1][1]
+                    (_, warm_split_s, _, _, warm_rpc_s, warm_server_s), warm_central_s = timed[-1], central[-1][1]
                     row["warm_split_tok_s"] = round(batch * new_tokens / warm_split_s, 2)
                     row["warm_central_tok_s"] = round(batch * new_tokens / warm_central_s, 2)
                     row["warm_split_vs_central"] = round(warm_central_s / warm_split_s, 3)
                     row["warm_rpc_ms_per_step"] = round(1000 * warm_rpc_s / steps, 2)
+                    row["warm_server_ms_per_step"] = round(1000 * warm_server_s / steps, 2)
                     row["warm_local_ms_per_step"] = round(1000 * (warm_split_s - warm_rpc_s) / steps, 2)
                 results[f"batch{batch}"] = row
         # The same under an emulated WAN: each token costs at least one round trip.

@@ -40,6 +40,7 @@ from fedsea.config import LoraSpec, SplitLora
 from fedsea.errors import InvalidInputError, PartitionError
 from fedsea.io import atomic_directory
 from fedsea.model import adapters
+from fedsea.model.attention import attention_kernels
 from fedsea.model.families import FAMILIES, SLIDING_ATTENTION, Family, family_of, layer_types
 from fedsea.model.masks import check_finite, check_lengths, padding_mask, position_ids
 
@@ -172,16 +173,17 @@ class SplitPart(nn.Module):
         else:
             rope = self.rotary_emb(hidden, position_ids=pos)
             ropes = dict.fromkeys(self.layer_types.values(), rope)
-        for key, layer in self.layers.items():
-            kind = self.layer_types[key]
-            hidden = layer(
-                hidden,
-                attention_mask=masks[kind],
-                position_ids=pos,
-                cache=cache,
-                use_cache=cache is not None,
-                position_embeddings=ropes[kind],
-            )
+        with attention_kernels(hidden.device):  # no per-shape kernel setup on a GPU (``fedsea.model.attention``)
+            for key, layer in self.layers.items():
+                kind = self.layer_types[key]
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks[kind],
+                    position_ids=pos,
+                    cache=cache,
+                    use_cache=cache is not None,
+                    position_embeddings=ropes[kind],
+                )
         return hidden
 
 
@@ -358,11 +360,12 @@ def central_forward(model: PreTrainedModel, input_ids: torch.Tensor, lengths: to
     check_lengths(lengths, input_ids.shape[0], total)
     unpadded = no_padding(lengths, total)  # then no mask: the same SDPA path as the split's
     lengths = lengths.to(device=input_ids.device, dtype=torch.int64)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=None if unpadded else padding_mask(lengths, total),
-        position_ids=position_ids(lengths, total, total),
-        use_cache=False,
-    )
+    with attention_kernels(input_ids.device):  # the split's attention kernels (``fedsea.model.attention``)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=None if unpadded else padding_mask(lengths, total),
+            position_ids=position_ids(lengths, total, total),
+            use_cache=False,
+        )
     logits: torch.Tensor = out.logits
     return logits

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from fedsea.errors import InvalidInputError, LimitExceededError, ProtocolError
+from fedsea.model.device import to_host
 from fedsea.model.masks import check_finite
 from fedsea.server.trunk import Session, TrunkHost
 from fedsea.training.stepper import rewind_cache
@@ -222,7 +223,7 @@ class GenerationHost:
                 out: torch.Tensor = session.trunk(
                     hidden.to(device=host.model.device, dtype=host.model.dtype), lengths, cache=stream.cache
                 )  # (B, n, d)
-                return out.cpu()
+                return to_host(out)
 
     # -- metrics ---------------------------------------------------------------------------------
     def count(self, owner: str | None = None) -> int:

@@ -42,6 +42,7 @@ from fedsea.errors import (
     shown,
 )
 from fedsea.model.adapters import adapter_state_dict, add_lora, load_adapter_state_dict
+from fedsea.model.device import to_host
 from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.masks import check_finite
 from fedsea.model.seeding import seeded
@@ -301,8 +302,11 @@ class TrunkHost:
                     f"max_batch={self.limits.max_batch} rows"
                 )
             self._activate(session, training=True)
-            # NaN/Inf checked on the host tensor the wire gave (on an accelerator the check syncs).
-            check_finite(hidden, "hidden")
+            # NaN/Inf checked where the model computes: on a GPU a reduction of microseconds and a
+            # sync on an idle stream, where the same check on the host costs ~30 ms for a 4 x 512
+            # x 4096 bf16 tensor (measured on an H100 server: BENCHMARKS.md, issue 13).
+            inp = hidden.to(device=self.model.device, dtype=self.model.dtype)
+            check_finite(inp, "hidden")
             # What this slice replaces is freed when it is stored; refuse before computing if
             # the client is already at its budget, and after, with the exact bytes measured.
             old = session.pending_bytes
@@ -311,7 +315,7 @@ class TrunkHost:
             blocks, tokens = (session.trunk.start, session.trunk.end), hidden.shape[0] * hidden.shape[1]
             expected = max(1, self.activations.estimate(blocks, tokens))
             check_pending(self.limits, mine + expected, total + expected)
-            inp = hidden.to(device=self.model.device, dtype=self.model.dtype).requires_grad_(True)
+            inp = inp.detach().requires_grad_(True)  # a leaf of its own even when ``hidden`` was already there
             with self.activations.measure(blocks, tokens) as saved:
                 out: torch.Tensor = session.trunk(inp, lengths)  # (B, n, d); validates lengths
             if not within_pending(self.limits, mine + saved.bytes, total + saved.bytes):
@@ -324,7 +328,7 @@ class TrunkHost:
             session.pending_bytes[micro] = saved.bytes
             session.pending_at = time.monotonic()
             session.expired_step = None
-            return out.detach().cpu()
+            return to_host(out.detach())
 
     def _check_micro(self, micro: int, micro_batches: int) -> int:
         """The slice count (0 on the wire: an unsplit step), its index in range, at most ``max_batch`` slices."""
@@ -353,7 +357,7 @@ class TrunkHost:
             session = self.get(owner, session_id)
             done = session.answered
             if done is not None and done.step == step and done.count == count and micro in done.answers:
-                return done.answers[micro].cpu()  # a resend: same answer, no second update
+                return to_host(done.answers[micro])  # a resend: same answer, no second update
             self.expire_pending(keep=session)
             pending = session.pending
             if pending is None and session.expired_step == step:
@@ -366,7 +370,7 @@ class TrunkHost:
                 raise ProtocolError(f"backward for step {step} without its forward")
             pending.check_index(micro, count)
             self._activate(session)
-            grad_in = pending.backward(micro, grad).cpu()  # checks the shape and NaN/Inf; (B_i, n_i, d)
+            grad_in = to_host(pending.backward(micro, grad))  # checks the shape and NaN/Inf; (B_i, n_i, d)
             session.pending_bytes.pop(micro, None)  # the slice's graph is gone
             if not pending.missing:  # the step's last slice: one update from the slices' summed gradients
                 pending.accumulate()

@@ -36,8 +36,13 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     def to(self, device: str | torch.device) -> Batch:
-        """The same batch with its three (B, n)/(B,) tensors moved to ``device``."""
-        return Batch(self.input_ids.to(device), self.lengths.to(device), self.labels.to(device))
+        """The same batch with its (B, n) ids and labels moved to ``device``; the (B,) lengths stay on the host.
+
+        The parts read the lengths on the host to build masks and positions (an unpadded batch
+        then takes SDPA's no-mask path, ``fedsea.model.split.no_padding``); on an accelerator that
+        read would be a device sync per part, and an unpadded batch would get an explicit mask.
+        """
+        return Batch(self.input_ids.to(device), self.lengths.cpu(), self.labels.to(device))
 
 
 def make_batch(

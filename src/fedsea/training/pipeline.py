@@ -154,11 +154,13 @@ class MicroStep:
             )
         if tuple(grad.shape) != tuple(graph.out.shape):
             raise InvalidInputError("grad", f"expected shape {tuple(graph.out.shape)}, got {tuple(grad.shape)}")
+        # Checked where the graph is (on a GPU: cheap, on an idle stream; see ``TrunkHost.forward``).
+        grad = grad.to(device=graph.out.device, dtype=graph.out.dtype)
         check_finite(grad, "grad")
         # Each slice's gradients alone (another slice's stay aside): summed later in slice order.
         for p in self.params:
             p.grad = None
-        graph.out.backward(grad.to(device=graph.out.device, dtype=graph.out.dtype))
+        graph.out.backward(grad)
         if graph.inp.grad is None:
             raise ProtocolError("no gradient reached the trunk's input")
         self.grads[micro] = [p.grad for p in self.params]
