@@ -83,7 +83,7 @@ def test_serve_train_and_graceful_shutdown(setup):
         summary = json.loads(done.stdout.strip().splitlines()[-1])
         assert summary["steps"] == 12 and summary["loss_last"] < summary["loss_first"]
         assert summary["rpcs"]["forward"]["calls"] == 12 and summary["bytes_sent"] > 0
-        assert {p.name for p in (root / "adapters").iterdir()} == {"head", "trunk", "tail"}
+        assert {p.name for p in (root / "adapters").iterdir()} == {"head", "trunk", "tail", "peft"}
         # No noise flag: the recommended relative level, measured on public text, 4 releases (epochs).
         noise = summary["noise"]
         assert noise["mode"] == "relative" and noise["releases"] == 4 and noise["epsilon"] is None

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 import fedsea
 from fedsea.federation.simconfig import releases_per_token
@@ -88,3 +89,14 @@ def test_simulate_writes_a_complete_run_folder_and_exports(tmp_path):
     base = fedsea.load_model("tiny-llama")
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.state_dict()[n])]
     assert changed and all("self_attn" in n for n in changed)
+    # Its model card (huggingface_hub reads it) says how: the clients' cuts, rounds, clients, noise, data.
+    card = ModelCard.load(tmp_path / "merged" / "README.md")
+    assert "fedsea" in card.data.tags and "federated-learning" in card.data.tags
+    for fact in (
+        "| Cut (p, q) | (1, 1), (2, 1) (mixed across clients) |",
+        "| Rounds | 2 |",
+        "| Clients | 2 |",
+        "relative_sigma 0.1",
+        "task sst2",
+    ):
+        assert fact in card.text, fact

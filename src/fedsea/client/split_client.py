@@ -24,8 +24,7 @@ import torch
 
 from fedsea.config import LoraSpec, NoiseConfig, OptimConfig
 from fedsea.errors import ProtocolError
-from fedsea.io import atomic_directory
-from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
+from fedsea.model.adapters import adapter_state_dict, load_adapter_state_dict
 from fedsea.model.device import resolve_wire_dtype
 from fedsea.model.fingerprint import model_fingerprint
 from fedsea.model.split import SplitModel, check_token_ids
@@ -378,13 +377,10 @@ class SplitClient:
         load_adapter_state_dict(self.split.trunk, self.trunk_adapter())
 
     def save_adapters(self, directory: str | os.PathLike[str]) -> Path:
-        """Write head, trunk (fetched from the server) and tail adapters under ``directory``."""
+        """Write head, trunk (fetched from the server) and tail adapters under ``directory``, and in
+        peft's format under ``directory/peft`` (``SplitModel.save_adapters``)."""
         self.sync_trunk_adapter()
-        with atomic_directory(directory) as tmp:
-            for name, part in self.split.parts().items():
-                if getattr(part, "lora_spec", None) is not None:
-                    save_adapter(part, tmp / name)
-        return Path(directory)
+        return self.split.save_adapters(directory)
 
     # -- accounting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def _regularizer(plan: RunPlan) -> str:
     return f"{plan.head_regularizer} (weight {plan.regularizer_weight:g})"
 
 
-def _level(plan: RunPlan) -> str:
+def noise_level(plan: RunPlan) -> str:
     """The run file's noise level in words."""
     target = plan.noise
     if target.mode == "relative":
@@ -206,7 +206,7 @@ def write_report(
         "",
         f"- model `{plan.model}`, LoRA {plan.lora.summary()}",
         f"- {fed.rounds} rounds x {fed.local_steps} local steps, lr {plan.optim.lr}, strategy {fed.strategy}",
-        f"- noise {_level(plan)}, clip norm {plan.noise.clip_norm or 'none'}; head regularizer "
+        f"- noise {noise_level(plan)}, clip norm {plan.noise.clip_norm or 'none'}; head regularizer "
         f"{plan.head_regularizer}"
         + (f" (weight {plan.regularizer_weight:g})" if plan.head_regularizer != "none" else ""),
         f"- wire {plan.wire_dtype} (compression {plan.config.wire.compression}), TLS {'on' if plan.tls else 'off'}; "

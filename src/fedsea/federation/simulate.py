@@ -355,10 +355,33 @@ def export_run(run_dir: str, out: str, placement: Placement | None = None) -> Pa
     checkpoint = latest_round(folder)
     if checkpoint is None:
         raise ValueError(f"{folder} has no checkpoint yet")
-    _, state, _, _ = load_round(checkpoint)
+    round_number, state, _, _ = load_round(checkpoint)
     placement = placement or Placement(device="cpu", dtype="float32")
-    exported: Path = global_model(plan, state, placement).export(out, load_tokenizer(plan.model))
+    exported: Path = global_model(plan, state, placement).export(
+        out, load_tokenizer(plan.model), run_record(plan, round_number)
+    )
     return exported
+
+
+def run_record(plan: RunPlan, rounds: int) -> Any:
+    """What the exported model's card says about the run (``fedsea.model.model_card``)."""
+    from fedsea.federation.report import noise_level
+    from fedsea.model.model_card import TrainingRecord
+
+    cuts = sorted({(c.head_layers, c.tail_layers) for c in plan.clients})
+    cut = ", ".join(f"({p}, {q})" for p, q in cuts) + (" (mixed across clients)" if len(cuts) > 1 else "")
+    task = plan.config.task
+    return TrainingRecord(
+        base_model=plan.model,
+        cut=cut,
+        lora=plan.lora.summary(),
+        rounds=rounds,
+        clients=len(plan.clients),
+        mode=plan.config.federation.mode,
+        noise=noise_level(plan),
+        epsilon=plan.noise.epsilon if plan.noise.mode == "dp" else None,
+        data=f"task {task.name} ({task.train_split} split), partitioned {task.partition} across the clients",
+    )
 
 
 __all__ = ["export_run", "load_config", "simulate"]

@@ -32,6 +32,7 @@ from fedsea.errors import AdapterError
 
 __all__ = ["AdapterError", "adapter_state_dict", "add_lora", "add_split_lora", "load_adapter", "save_adapter"]
 from fedsea.io import atomic_directory
+from fedsea.model.model_card import TrainingRecord
 
 if TYPE_CHECKING:
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -183,6 +184,22 @@ def save_adapter(part: SplitPart, directory: str | os.PathLike[str]) -> Path:
     return Path(directory)
 
 
+def save_split_adapters(split: SplitModel, directory: str | os.PathLike[str]) -> Path:
+    """Each adapted part under ``directory/{head,trunk,tail}``, and the same in peft's format under
+    ``directory/peft`` (``fedsea.model.peft_format``); written atomically, as one folder."""
+    from fedsea.model.peft_format import save_peft
+
+    parts = {name: part for name, part in split.parts().items() if getattr(part, "lora_spec", None) is not None}
+    with atomic_directory(directory) as tmp:
+        for name, part in parts.items():
+            save_adapter(part, tmp / name)
+        if parts:
+            base = str(getattr(split.model.config, "_name_or_path", "") or "") or None
+            specs = {name: cast(LoraSpec, part.lora_spec) for name, part in parts.items()}
+            save_peft(tmp, {name: (specs[name], adapter_state_dict(part)) for name, part in parts.items()}, base)
+    return Path(directory)
+
+
 def read_adapter(directory: str | os.PathLike[str]) -> tuple[LoraSpec, dict[str, torch.Tensor], dict[str, object]]:
     """Read an adapter folder: its LoRA spec, tensors and metadata."""
     folder = Path(directory)
@@ -233,11 +250,23 @@ def export_merged(
     split: SplitModel,
     directory: str | os.PathLike[str],
     tokenizer: PreTrainedTokenizerBase | None = None,
+    record: TrainingRecord | None = None,
 ) -> Path:
-    """Merge all three parts' adapters and write a plain Hugging Face checkpoint (atomic)."""
+    """Merge all three parts' adapters and write a plain Hugging Face checkpoint (atomic), with a
+    model card (``README.md``) from ``record``; without one, from what the split itself knows."""
+    from fedsea.model.model_card import write_card
+
     merged = merged_model(split.model)
+    if record is None:
+        specs = {name: getattr(part, "lora_spec", None) for name, part in split.parts().items()}
+        record = TrainingRecord(
+            base_model=str(getattr(split.model.config, "_name_or_path", "") or "") or None,
+            cut=f"({split.head_layers}, {split.tail_layers})",
+            lora=SplitLora(**specs).summary(),
+        )
     with atomic_directory(directory) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_card(tmp, record)
     return Path(directory)

@@ -38,11 +38,11 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from fedsea.config import LoraSpec, SplitLora
 from fedsea.errors import InvalidInputError, PartitionError
-from fedsea.io import atomic_directory
 from fedsea.model import adapters
 from fedsea.model.attention import attention_kernels
 from fedsea.model.families import FAMILIES, SLIDING_ATTENTION, Family, family_of, layer_types
 from fedsea.model.masks import check_finite, check_lengths, padding_mask, position_ids
+from fedsea.model.model_card import TrainingRecord
 
 if TYPE_CHECKING:
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -306,12 +306,9 @@ class SplitModel:
         return self
 
     def save_adapters(self, directory: str | os.PathLike[str]) -> Path:
-        """Write each adapted part's adapter under ``directory/{head,trunk,tail}`` (atomic)."""
-        with atomic_directory(directory) as tmp:
-            for name, part in self.parts().items():
-                if getattr(part, "lora_spec", None) is not None:
-                    adapters.save_adapter(part, tmp / name)
-        return Path(directory)
+        """Write each adapted part's adapter under ``directory/{head,trunk,tail}``, and all of them in
+        peft's format under ``directory/peft`` (``PeftModel.from_pretrained(base, directory/peft)``); atomic."""
+        return adapters.save_split_adapters(self, directory)
 
     def load_adapters(self, directory: str | os.PathLike[str]) -> SplitModel:
         """Load the adapters written by ``save_adapters`` (parts without a folder are left alone)."""
@@ -324,9 +321,15 @@ class SplitModel:
             raise adapters.AdapterError(f"no head/, trunk/ or tail/ adapter folder in {directory}")
         return self
 
-    def export(self, directory: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-        """Merge all adapters into the base weights and write a plain Hugging Face checkpoint."""
-        return adapters.export_merged(self, directory, tokenizer)
+    def export(
+        self,
+        directory: str | os.PathLike[str],
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        record: TrainingRecord | None = None,
+    ) -> Path:
+        """Merge all adapters into the base weights and write a plain Hugging Face checkpoint, with a
+        model card from ``record`` (``fedsea.model.model_card``; default: the base model, cut and LoRA)."""
+        return adapters.export_merged(self, directory, tokenizer, record)
 
     def __repr__(self) -> str:
         return (
