@@ -1,32 +1,31 @@
-"""``fedsea simulate``: a trunk server and N clients as separate processes on this machine.
+"""``fedsea simulate``: a federation of N clients and a trunk server on this machine.
 
-Everything goes over real loopback gRPC with TLS and per-client tokens, exactly as across
-machines: the parent only prepares the run folder (resolved config, certificates, tokens,
-data shards), starts ``fedsea serve --run`` and N ``fedsea join`` processes, follows the
-rounds, and afterwards evaluates each round's global adapter and writes the report.
+One orchestration: the rounds run on Flower's Simulation Engine (``fedsea.flower``: the
+ServerApp starts the trunk server in this process, the clients are virtual SuperNodes), the
+same code as ``fedsea flower simulate`` and ``flwr run``. The native engine
+(``fedsea.federation.native``: a ``fedsea serve --run`` process and N ``fedsea join`` processes)
+runs only what Flower cannot do yet, ``federation.mode = "client-batch"`` (said on stderr), or
+when asked (``engine="native"``, ``fedsea simulate --engine native``). Either way the data plane
+is real loopback gRPC with TLS and per-client tokens, this process prepares the run folder
+(resolved config, certificates, tokens, data shards) and afterwards evaluates each round's global
+adapter and writes the same report, ``metrics.jsonl`` and plots.
 
 Faults: a client lost while the others finish every round is reported (a warning, and
 ``lost_clients`` in the summary and report), not an error; a server lost, or clients lost before
 the last round, stop the run with a one-line ``RunStoppedError`` that says how to ``--resume``.
 The run folder then keeps its checkpoints, or is removed when this invocation made it and no
-round was checkpointed (``fedsea.federation.runstate``). ``pids.json`` in the run folder lists
-the server's and each client's process id while the run goes.
+round was checkpointed (``fedsea.federation.runstate``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from fedsea.config import Placement
 from fedsea.federation.checkpoint import CheckpointError, latest_round, load_round
@@ -38,13 +37,50 @@ from fedsea.federation.runstate import (
     clear_failed,
     completed_round,
     drop_unfinished_steps,
-    exit_reason,
 )
 from fedsea.federation.simconfig import RunPlan, dump_tree, load_config, load_plan
 from fedsea.io import atomic_write_text
-from fedsea.wire.ports import free_loopback_port
 
-FEDSEA = [sys.executable, "-m", "fedsea.cli"]
+ENGINES = ("auto", "flower", "native")
+NATIVE_ONLY_MODES = ("client-batch",)  # what Flower's rounds (fedsea.flower.rounds) cannot run yet
+ENGINE_FILE = "engine"  # in the run folder: the engine that runs it (a resume goes on with the same)
+
+
+def run_engine(run_dir: Path) -> str | None:
+    """The engine the run in ``run_dir`` ran on: its ``engine`` file, else its rounds' records (a
+    record without ``engine`` is the native coordinator's); None for a run without either."""
+    path = run_dir / ENGINE_FILE
+    if path.is_file():
+        return path.read_text().strip() or None
+    from fedsea.federation.report import read_jsonl
+
+    records = read_jsonl(run_dir / "server_rounds.jsonl") if (run_dir / "server_rounds.jsonl").exists() else []
+    return str(records[-1].get("engine", "native")) if records else None
+
+
+def pick_engine(plan: RunPlan, engine: str = "auto") -> str:
+    """The engine that runs ``plan``: ``"flower"``, or ``"native"`` where Flower cannot run it yet.
+
+    ``auto`` picks Flower and falls back to the native engine for a mode only it runs, saying so
+    on stderr (never silently); ``flower`` refuses such a mode; ``native`` is always the native.
+    Flower-only settings (a Flower strategy, secure aggregation) are checked by the caller.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    native_only = plan.fed.mode in NATIVE_ONLY_MODES
+    if engine == "flower" and native_only:
+        raise ValueError(
+            f"federation.mode = {plan.fed.mode!r} does not run on Flower yet (its clients' steps are joined "
+            "into one trunk batch on the server): use --engine native, or mode hierarchical or sequential"
+        )
+    if engine == "auto" and native_only:
+        print(
+            f"fedsea: note: federation.mode = {plan.fed.mode!r} runs on the native engine (fedsea serve --run and "
+            "fedsea join processes): Flower cannot batch the clients' steps on the trunk server yet",
+            file=sys.stderr,
+        )
+        return "native"
+    return "native" if engine == "native" else "flower"
 
 
 def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
@@ -78,146 +114,6 @@ def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
     choices = list(examples[0].choices) if examples and examples[0].choices else None
     table = part.table(labels, choices) if choices else ""
     return {"tokens": tokens, "partition": table, "sizes": part.sizes}
-
-
-def _tls_args(run_dir: Path, server: bool) -> list[str]:
-    s = run_dir / "secrets"
-    if not (s / "ca.pem").exists():
-        return []
-    if server:
-        return [
-            "--tls-cert",
-            str(s / "server.pem"),
-            "--tls-key",
-            str(s / "server.key"),
-            "--tls-client-ca",
-            str(s / "ca.pem"),
-        ]
-    return ["--tls-ca", str(s / "ca.pem"), "--tls-cert", str(s / "client.pem"), "--tls-key", str(s / "client.key")]
-
-
-def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = True) -> dict[str, str]:
-    """Start the server and the clients, follow the rounds, stop the server when the clients are done.
-
-    Returns:
-        The clients lost on the way (name: how they ended) in a run that still finished every round.
-
-    Raises:
-        RunStoppedError: the server did not start or died, or clients were lost and the run
-            stopped before its last round.
-    """
-    port = free_loopback_port()
-    tokens = json.loads((run_dir / "secrets" / "client_tokens.json").read_text())
-    logs = run_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    server_cmd = [
-        *FEDSEA,
-        "serve",
-        "--model",
-        plan.model,
-        "--port",
-        str(port),
-        "--run",
-        str(run_dir / "config.toml"),
-        "--run-dir",
-        str(run_dir),
-        "--tokens",
-        str(run_dir / "secrets" / "tokens.json"),
-        *_tls_args(run_dir, True),
-        *(["--resume"] if resume else []),
-    ]
-    server_log = (logs / "server.log").open("a")
-    server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert server.stdout is not None
-    said = ""
-    for line in server.stdout:
-        server_log.write(line)
-        said = line.strip() or said
-        if "listening on" in line:
-            break
-    else:
-        server_log.close()
-        server.wait()
-        raise RunStoppedError(f"the server did not start ({said or exit_reason(server.returncode)}); see {logs}")
-    # Copy the server's output from here on as it comes: a full pipe would block the server.
-    drain = threading.Thread(target=server_log.writelines, args=(server.stdout,), daemon=True)
-    drain.start()
-    clients = []
-    for c in plan.clients:
-        cmd = [
-            *FEDSEA,
-            "join",
-            "--server",
-            f"localhost:{port}",
-            "--model",
-            plan.model,
-            "--run",
-            str(run_dir / "config.toml"),
-            "--client",
-            c.name,
-            "--shard",
-            str(run_dir / "clients" / c.name / "shard.json"),
-            "--token",
-            tokens[c.name],
-            "--log",
-            str(run_dir / "clients" / c.name / "steps.jsonl"),
-            "--noise-secret-file",
-            str(run_dir / "clients" / c.name / "noise.secret"),
-            "--net-latency-ms",  # the run file's WAN emulation (join takes it from flags only)
-            str(plan.config.wire.latency_ms),
-            *(["--net-mbps", str(plan.config.wire.mbps)] if plan.config.wire.mbps else []),
-            "--quiet",
-            *_tls_args(run_dir, False),
-        ]
-        # Clients compute only their head and tail: one thread each leaves the cores to the trunk.
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        log = (logs / f"{c.name}.log").open("a")
-        clients.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    pids = {"server": server.pid, **{c.name: p.pid for c, p in zip(plan.clients, clients, strict=True)}}
-    atomic_write_text(run_dir / "pids.json", json.dumps(pids))
-    rounds_file = run_dir / "server_rounds.jsonl"
-    bar = tqdm(total=plan.fed.rounds, desc="rounds", unit="round", disable=not progress)
-    seen = 0
-    server_code: int | None = None
-    try:
-        while any(p.poll() is None for p in clients):
-            server_code = server.poll()
-            if server_code is not None:  # the server exits only when told: it died
-                break
-            records = rounds_file.read_text().splitlines() if rounds_file.exists() else []
-            for line in records[seen:]:
-                r = json.loads(line)
-                losses = [v for v in r["losses"].values() if v is not None]
-                bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.4f}", clients=len(r["submitted"]))
-                bar.update(r["round"] - bar.n)
-            seen = len(records)
-            time.sleep(0.5)
-        server_code = server.poll() if server_code is None else server_code
-    finally:
-        bar.close()
-        for p in clients:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        drain.join(timeout=10)
-        server_log.close()
-        (run_dir / "pids.json").unlink(missing_ok=True)
-    completed = completed_round(run_dir)
-    total = plan.fed.rounds
-    if server_code is not None and completed < total:
-        raise RunStoppedError(f"the server was lost ({exit_reason(server_code)}) after round {completed} of {total}")
-    lost = {c.name: exit_reason(p.returncode) for c, p in zip(plan.clients, clients, strict=True) if p.returncode}
-    if lost and completed < total:
-        who = ", ".join(f"{name} ({how})" for name, how in lost.items())
-        raise RunStoppedError(f"client(s) {who} failed and the run stopped after round {completed} of {total}")
-    return lost
 
 
 def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None, placement: Placement | None = None) -> Any:
@@ -290,10 +186,28 @@ def simulate(
     resume: str | None = None,
     progress: bool = True,
     eval_every_round: bool = True,
+    engine: str = "auto",
+    strategy: str = "",
+    secure_aggregation: bool = False,
 ) -> dict[str, Any]:
     """Run a federated simulation end to end; returns a summary (also in ``run_dir/report.md``).
 
-    ``eval_every_round=False`` evaluates the base model and the last round only (benchmarks).
+    Args:
+        config: the run file (TOML); None with ``resume`` (the run folder's ``config.toml``).
+        overrides: ``section.key=value`` settings over the run file.
+        run_dir: the run folder (default ``runs/<task>-<mode>-<time>``).
+        centralized: also train the unsplit model on the union of the data, same budget.
+        resume: continue the run in this folder from its last checkpoint (with ``engine="auto"``
+            on the engine it ran on: ``run_engine``).
+        progress: print the partition (and the native engine's round bar).
+        eval_every_round: False evaluates the base model and the last round only (benchmarks).
+        engine: ``auto`` (Flower; native for a mode Flower cannot run yet, said on stderr),
+            ``flower`` or ``native`` (``pick_engine``).
+        strategy: the Flower strategy (``fedavg``, ``fedadam``, ``median``, ``trimmed-mean``);
+            empty: the run file's ``federation.strategy``. Flower only.
+        secure_aggregation: SecAgg+ over the head/tail adapters (``fedsea.flower.secagg``). Flower only.
+
+    The summary has ``engine``: the engine that ran the rounds.
     """
     from fedsea.federation.report import write_report
     from fedsea.model.load import load_tokenizer
@@ -312,6 +226,16 @@ def simulate(
         if (folder / "checkpoints").exists():
             raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
     check_plan(plan)  # before any folder or process: a bad run file is a one-line error
+    if resume and engine == "auto":
+        engine = run_engine(folder) or engine  # a run goes on with the engine it started on
+    chosen = pick_engine(plan, engine)
+    if chosen == "native" and (strategy or secure_aggregation):
+        raise ValueError("--strategy and --secure-aggregation are Flower's: drop them, or drop --engine native")
+    if secure_aggregation:  # a clear error now rather than a failed ServerApp
+        from fedsea.flower.secagg import check_plan as check_secure
+
+        check_secure(plan, strategy or plan.fed.strategy.lower())
+    folder = folder.resolve()  # the Flower apps read it from a run config: one meaning for every party
     created = not folder.exists()
     try:
         if resume:
@@ -322,7 +246,17 @@ def simulate(
             info = prepare_run(plan, folder)
             if progress and info.get("partition"):
                 print(info["partition"])
-        lost = run_processes(plan, folder, resume=bool(resume), progress=progress)
+        atomic_write_text(folder / ENGINE_FILE, chosen + "\n")
+        if chosen == "native":
+            from fedsea.federation.native import run_processes
+
+            lost = run_processes(plan, folder, resume=bool(resume), progress=progress)
+        else:
+            from fedsea.flower.simulation import run_on_flower
+
+            # The resolved config.toml holds the run file and its overrides; a resume's overrides go on top.
+            lost = run_on_flower(plan, folder, list(overrides) if resume else [], bool(resume), strategy,
+                                 secure_aggregation)  # fmt: skip
     except RunStoppedError as exc:
         raise RunStoppedError(f"{exc}; {after_failure(folder, created, exc)}") from exc
     except CheckpointError:
@@ -342,6 +276,7 @@ def simulate(
             metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
     central = centralized_baseline(plan, tokenizer) if centralized else None
     summary = write_report(plan, folder, metrics, central, info, time.time() - started, lost)
+    summary["engine"] = chosen
     return summary
 
 
@@ -361,4 +296,4 @@ def export_run(run_dir: str, out: str, placement: Placement | None = None) -> Pa
     return exported
 
 
-__all__ = ["export_run", "load_config", "simulate"]
+__all__ = ["ENGINES", "export_run", "load_config", "pick_engine", "simulate"]

@@ -1,20 +1,23 @@
-"""``fedsea flower simulate``: a fedsea federation on Flower's Simulation Engine, on this machine.
+"""``fedsea simulate`` (and ``fedsea flower simulate``): a fedsea federation on Flower's Simulation Engine.
 
-The ServerApp starts the trunk server in its process; the ClientApps run as Flower's virtual
-SuperNodes (Ray workers), one per client of the run file. The run folder then holds the same
-checkpoints, logs, ``metrics.jsonl`` and ``report.md`` as a ``fedsea simulate`` run.
+The ServerApp starts the trunk server in its process (a thread); the ClientApps run as Flower's
+virtual SuperNodes (Ray workers), one per client of the run file. ``fedsea.federation.simulate``
+prepares the run folder before and writes the checkpoints' evaluation, ``metrics.jsonl``,
+``report.md`` and the plots after, whichever engine ran the rounds.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import time
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedsea.flower.settings import FlowerRun
 from fedsea.flower.template import DEFAULT_CONFIG, write_app
+
+if TYPE_CHECKING:
+    from fedsea.federation.simconfig import RunPlan
 
 
 def _start_ray(cpus: int, attempts: int = 3) -> str:
@@ -27,7 +30,6 @@ def _start_ray(cpus: int, attempts: int = 3) -> str:
     still shutting down (the previous run's) out of the way.
     """
     import logging
-    import sys
     import tempfile
 
     import ray
@@ -103,6 +105,66 @@ def run_simulation(run_config: dict[str, Any], num_nodes: int, cpus: int | None 
         raise RuntimeError(f"the Flower simulation failed; see the log above (run folder {config['run-dir']})")
 
 
+def run_on_flower(
+    plan: RunPlan,
+    run_dir: Path,
+    overrides: list[str],
+    resume: bool,
+    strategy: str = "",
+    secure_aggregation: bool = False,
+) -> dict[str, str]:
+    """Play the rounds of the run prepared in ``run_dir`` (``prepare_run``) on the Simulation Engine.
+
+    The run file is the run folder's resolved ``config.toml``, ``overrides`` go on top (a
+    resume's). This is the Flower half of ``fedsea.federation.simulate.simulate``, which checks the
+    plan before, and evaluates and reports after.
+
+    Returns:
+        The clients whose ClientApp failed in the last round they were sampled for (name: Flower's
+        reason) in a run that finished every round: reported as lost, as the native engine reports
+        a client process that died.
+
+    Raises:
+        RunStoppedError: the ServerApp stopped (its one-line reason: the trunk server did not
+            start, no SuperNode could join, a setting); the run folder keeps what was checkpointed.
+    """
+    from fedsea.federation.runstate import RunStoppedError
+    from fedsea.flower.server_app import FlowerRunError
+
+    run_config = {
+        "run-file": str(run_dir / "config.toml"),
+        "set": ";".join(overrides),
+        "run-dir": str(run_dir),
+        "strategy": strategy,
+        "resume": resume,
+        "secure-aggregation": secure_aggregation,
+    }
+    limit = getattr(sys, "tracebacklimit", None)
+    try:
+        run_simulation(run_config, num_nodes=len(plan.clients))
+    except FlowerRunError as exc:  # the ServerApp's one line (it ran in a thread of this process)
+        raise RunStoppedError(str(exc).removeprefix("fedsea: error: ")) from None
+    finally:  # the ServerApp sets it to 0 for its own one-line failure; this process goes on
+        if limit is None:
+            if hasattr(sys, "tracebacklimit"):
+                del sys.tracebacklimit
+        else:
+            sys.tracebacklimit = limit
+    return lost_clients(run_dir)
+
+
+def lost_clients(run_dir: Path) -> dict[str, str]:
+    """Clients whose last sampled round (``server_rounds.jsonl``) failed: name -> Flower's reason."""
+    from fedsea.federation.report import read_jsonl
+
+    last: dict[str, str] = {}
+    for record in read_jsonl(run_dir / "server_rounds.jsonl"):
+        failed = dict(record.get("failed") or {})
+        for name in record.get("selected") or []:
+            last[str(name)] = str(failed.get(name, ""))
+    return {name: f"failed: {why}" for name, why in last.items() if why}
+
+
 def simulate_on_flower(
     config: str | None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -112,46 +174,10 @@ def simulate_on_flower(
     centralized: bool = False,
     secure_aggregation: bool = False,
 ) -> dict[str, Any]:
-    """``fedsea simulate`` on Flower: the run file's clients as virtual SuperNodes; returns the summary."""
-    from fedsea.federation.checkpoint import load_round
-    from fedsea.federation.report import write_report
-    from fedsea.federation.simulate import centralized_baseline, evaluate_state
-    from fedsea.model.load import load_tokenizer
+    """``fedsea flower simulate``: ``fedsea simulate`` on the Flower engine (one code path); returns the summary."""
+    from fedsea.federation.simulate import simulate
 
-    started = time.time()
-    if resume:
-        folder = Path(resume)
-        config = str(folder / "config.toml")
-    else:
-        if config is None:
-            raise ValueError("give a run file, or --resume RUN_DIR")
-    plan = FlowerRun(run_file=config, overrides=tuple(overrides)).plan()
-    if not resume:
-        folder = Path(
-            run_dir or f"runs/flower-{plan.config.task.name}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-        if (folder / "checkpoints").exists():
-            raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
-    folder = folder.resolve()
-    if secure_aggregation:  # a clear error now rather than a failed ServerApp under Ray
-        from fedsea.flower.secagg import check_plan
-
-        check_plan(plan, strategy or plan.fed.strategy.lower())
-    run_config = {
-        "run-file": str(Path(config).resolve()),
-        "set": ";".join(overrides),
-        "run-dir": str(folder),
-        "strategy": strategy,
-        "resume": bool(resume),
-        "secure-aggregation": secure_aggregation,
-    }
-    run_simulation(run_config, num_nodes=len(plan.clients))
-    tokenizer = load_tokenizer(plan.model)
-    metrics: list[dict[str, Any]] = [{"type": "eval", "round": 0, **evaluate_state(plan, None, tokenizer)}]
-    for r in range(1, plan.fed.rounds + 1):
-        path = folder / "checkpoints" / f"round-{r:04d}"
-        if (path / "state.json").exists():
-            _, state, _, _ = load_round(path)
-            metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
-    central = centralized_baseline(plan, tokenizer) if centralized else None
-    return write_report(plan, folder, metrics, central, {"engine": "flower"}, time.time() - started)
+    return simulate(
+        config, overrides, run_dir=run_dir, centralized=centralized, resume=resume, engine="flower",
+        strategy=strategy, secure_aggregation=secure_aggregation,
+    )  # fmt: skip
