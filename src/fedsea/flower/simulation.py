@@ -35,13 +35,14 @@ def _start_ray(cpus: int, attempts: int = 3) -> str:
     import ray
 
     pythonpath = os.pathsep.join(sys.path)  # the workers import fedsea as this process does
+    accel = os.environ.get("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # see run_simulation: GPUs stay visible
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         folder = tempfile.mkdtemp(prefix="fedsea-ray-")
         try:
             ray.init(
                 num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=folder,
-                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": accel}},
             )  # fmt: skip
             return folder
         except Exception as exc:  # Ray raises plain Exceptions for a node that did not start
@@ -61,6 +62,10 @@ def run_simulation(run_config: dict[str, Any], num_nodes: int, cpus: int | None 
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline: no usage events
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The ClientApps' actors ask for no GPU; Ray would then hide the GPUs from them
+    # (CUDA_VISIBLE_DEVICES=""), where the native engine's client processes see them: a run file's
+    # client device (auto, cuda) means the same on both engines.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
