@@ -10,7 +10,7 @@ import pytest
 
 from fedsea.cli.main import build_parser
 from fedsea.federation.simconfig import load_plan
-from fedsea.federation.simulate import pick_engine, run_engine
+from fedsea.flower.simulation import pick_engine, run_engine
 from tests.unit.test_cli_bad_inputs import RUN, one_line_error
 
 

@@ -137,7 +137,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedsea.federation.simulate import simulate
+    from fedsea.flower.simulation import simulate
 
     config, overrides = args.config, list(args.set)
     # --device/--dtype: every party's ([model]); [server], [client] and [[clients]] may still differ.
@@ -172,8 +172,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def add_simulate_args(sim: argparse.ArgumentParser, engine: bool = True) -> None:
     """The flags of ``fedsea simulate`` (and of ``fedsea flower simulate``, without ``--engine``)."""
-    from fedsea.federation.simulate import ENGINES
     from fedsea.flower.settings import FLOWER_STRATEGIES
+    from fedsea.flower.simulation import ENGINES
 
     sim.add_argument("config", nargs="?", help="run file (TOML); omit with --resume")
     sim.add_argument("set", nargs="*", help="overrides: section.key=value")

@@ -1,14 +1,13 @@
-"""``fedsea simulate``: a federation of N clients and a trunk server on this machine.
+"""``fedsea simulate``'s pipeline: a federation of N clients and a trunk server on this machine.
 
-One orchestration: the rounds run on Flower's Simulation Engine (``fedsea.flower``: the
-ServerApp starts the trunk server in this process, the clients are virtual SuperNodes), the
-same code as ``fedsea flower simulate`` and ``flwr run``. The native engine
-(``fedsea.federation.native``: a ``fedsea serve --run`` process and N ``fedsea join`` processes)
-runs only what Flower cannot do yet, ``federation.mode = "client-batch"`` (said on stderr), or
-when asked (``engine="native"``, ``fedsea simulate --engine native``). Either way the data plane
-is real loopback gRPC with TLS and per-client tokens, this process prepares the run folder
-(resolved config, certificates, tokens, data shards) and afterwards evaluates each round's global
-adapter and writes the same report, ``metrics.jsonl`` and plots.
+This process loads and checks the run, prepares the run folder (resolved config, certificates,
+tokens, data shards), has an engine play the rounds, and afterwards evaluates each round's
+global adapter and writes the report, ``metrics.jsonl`` and plots: one pipeline whichever engine
+plays the rounds (``run_and_report``). The engines: Flower's Simulation Engine
+(``fedsea.flower.simulation.simulate``, what ``fedsea simulate`` runs; the layer above this one),
+and the native coordinator (``fedsea.federation.native``: a ``fedsea serve --run`` process and
+N ``fedsea join`` processes), which ``simulate`` here runs, kept for what Flower cannot run yet
+(``client-batch``). Either way the data plane is real loopback gRPC with TLS and tokens.
 
 Faults: a client lost while the others finish every round is reported (a warning, and
 ``lost_clients`` in the summary and report), not an error; a server lost, or clients lost before
@@ -20,8 +19,8 @@ round was checkpointed (``fedsea.federation.runstate``).
 from __future__ import annotations
 
 import json
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,46 +40,9 @@ from fedsea.federation.runstate import (
 from fedsea.federation.simconfig import RunPlan, dump_tree, load_config, load_plan
 from fedsea.io import atomic_write_text
 
-ENGINES = ("auto", "flower", "native")
-NATIVE_ONLY_MODES = ("client-batch",)  # what Flower's rounds (fedsea.flower.rounds) cannot run yet
+# Plays a prepared run's rounds: (plan, run folder, a resume's overrides, resume?) -> clients lost.
+RoundsRunner = Callable[[RunPlan, Path, list[str], bool], dict[str, str]]
 ENGINE_FILE = "engine"  # in the run folder: the engine that runs it (a resume goes on with the same)
-
-
-def run_engine(run_dir: Path) -> str | None:
-    """The engine the run in ``run_dir`` ran on: its ``engine`` file, else its rounds' records (a
-    record without ``engine`` is the native coordinator's); None for a run without either."""
-    path = run_dir / ENGINE_FILE
-    if path.is_file():
-        return path.read_text().strip() or None
-    from fedsea.federation.report import read_jsonl
-
-    records = read_jsonl(run_dir / "server_rounds.jsonl") if (run_dir / "server_rounds.jsonl").exists() else []
-    return str(records[-1].get("engine", "native")) if records else None
-
-
-def pick_engine(plan: RunPlan, engine: str = "auto") -> str:
-    """The engine that runs ``plan``: ``"flower"``, or ``"native"`` where Flower cannot run it yet.
-
-    ``auto`` picks Flower and falls back to the native engine for a mode only it runs, saying so
-    on stderr (never silently); ``flower`` refuses such a mode; ``native`` is always the native.
-    Flower-only settings (a Flower strategy, secure aggregation) are checked by the caller.
-    """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    native_only = plan.fed.mode in NATIVE_ONLY_MODES
-    if engine == "flower" and native_only:
-        raise ValueError(
-            f"federation.mode = {plan.fed.mode!r} does not run on Flower yet (its clients' steps are joined "
-            "into one trunk batch on the server): use --engine native, or mode hierarchical or sequential"
-        )
-    if engine == "auto" and native_only:
-        print(
-            f"fedsea: note: federation.mode = {plan.fed.mode!r} runs on the native engine (fedsea serve --run and "
-            "fedsea join processes): Flower cannot batch the clients' steps on the trunk server yet",
-            file=sys.stderr,
-        )
-        return "native"
-    return "native" if engine == "native" else "flower"
 
 
 def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
@@ -178,41 +140,16 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
     return {"steps": steps, "losses": losses, "metrics": dict(result.metrics)}
 
 
-def simulate(
-    config: str | None,
-    overrides: list[str] | tuple[str, ...] = (),
-    run_dir: str | None = None,
-    centralized: bool = False,
-    resume: str | None = None,
-    progress: bool = True,
-    eval_every_round: bool = True,
-    engine: str = "auto",
-    strategy: str = "",
-    secure_aggregation: bool = False,
-) -> dict[str, Any]:
-    """Run a federated simulation end to end; returns a summary (also in ``run_dir/report.md``).
+def open_run(
+    config: str | None, overrides: list[str] | tuple[str, ...], run_dir: str | None, resume: str | None
+) -> tuple[RunPlan, Path]:
+    """The run's plan and its folder (absolute), checked before any folder or process is made.
 
-    Args:
-        config: the run file (TOML); None with ``resume`` (the run folder's ``config.toml``).
-        overrides: ``section.key=value`` settings over the run file.
-        run_dir: the run folder (default ``runs/<task>-<mode>-<time>``).
-        centralized: also train the unsplit model on the union of the data, same budget.
-        resume: continue the run in this folder from its last checkpoint (with ``engine="auto"``
-            on the engine it ran on: ``run_engine``).
-        progress: print the partition (and the native engine's round bar).
-        eval_every_round: False evaluates the base model and the last round only (benchmarks).
-        engine: ``auto`` (Flower; native for a mode Flower cannot run yet, said on stderr),
-            ``flower`` or ``native`` (``pick_engine``).
-        strategy: the Flower strategy (``fedavg``, ``fedadam``, ``median``, ``trimmed-mean``);
-            empty: the run file's ``federation.strategy``. Flower only.
-        secure_aggregation: SecAgg+ over the head/tail adapters (``fedsea.flower.secagg``). Flower only.
-
-    The summary has ``engine``: the engine that ran the rounds.
+    Raises:
+        FileNotFoundError: ``resume`` is not a run folder.
+        ValueError: no run file, or ``run_dir`` already holds a run.
+        PartitionError, InvalidInputError, ModelNotFoundError, ...: ``runstate.check_plan``.
     """
-    from fedsea.federation.report import write_report
-    from fedsea.model.load import load_tokenizer
-
-    started = time.time()
     if resume:
         folder = Path(resume)
         if not (folder / "config.toml").is_file():
@@ -226,16 +163,36 @@ def simulate(
         if (folder / "checkpoints").exists():
             raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
     check_plan(plan)  # before any folder or process: a bad run file is a one-line error
-    if resume and engine == "auto":
-        engine = run_engine(folder) or engine  # a run goes on with the engine it started on
-    chosen = pick_engine(plan, engine)
-    if chosen == "native" and (strategy or secure_aggregation):
-        raise ValueError("--strategy and --secure-aggregation are Flower's: drop them, or drop --engine native")
-    if secure_aggregation:  # a clear error now rather than a failed ServerApp
-        from fedsea.flower.secagg import check_plan as check_secure
+    # Absolute: Flower's apps read it from a run config, one meaning for every party.
+    return plan, folder.resolve()
 
-        check_secure(plan, strategy or plan.fed.strategy.lower())
-    folder = folder.resolve()  # the Flower apps read it from a run config: one meaning for every party
+
+def run_and_report(
+    plan: RunPlan,
+    folder: Path,
+    play: RoundsRunner,
+    engine: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+    centralized: bool = False,
+    progress: bool = True,
+    eval_every_round: bool = True,
+) -> dict[str, Any]:
+    """Prepare (or, with ``resume``, check) ``folder``, have ``play`` play the rounds, evaluate, report.
+
+    Args:
+        plan, folder: from ``open_run``.
+        play: the engine's ``RoundsRunner``; it gets ``overrides`` on a resume (the resolved
+            ``config.toml`` already holds a new run's).
+        engine: its name, written to the run folder's ``engine`` file and the summary's ``engine``.
+
+    Returns:
+        The summary (``fedsea.federation.report.write_report``) with ``engine``.
+    """
+    from fedsea.federation.report import write_report
+    from fedsea.model.load import load_tokenizer
+
+    started = time.time()
     created = not folder.exists()
     try:
         if resume:
@@ -246,17 +203,8 @@ def simulate(
             info = prepare_run(plan, folder)
             if progress and info.get("partition"):
                 print(info["partition"])
-        atomic_write_text(folder / ENGINE_FILE, chosen + "\n")
-        if chosen == "native":
-            from fedsea.federation.native import run_processes
-
-            lost = run_processes(plan, folder, resume=bool(resume), progress=progress)
-        else:
-            from fedsea.flower.simulation import run_on_flower
-
-            # The resolved config.toml holds the run file and its overrides; a resume's overrides go on top.
-            lost = run_on_flower(plan, folder, list(overrides) if resume else [], bool(resume), strategy,
-                                 secure_aggregation)  # fmt: skip
+        atomic_write_text(folder / ENGINE_FILE, engine + "\n")
+        lost = play(plan, folder, list(overrides) if resume else [], resume)
     except RunStoppedError as exc:
         raise RunStoppedError(f"{exc}; {after_failure(folder, created, exc)}") from exc
     except CheckpointError:
@@ -276,8 +224,34 @@ def simulate(
             metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
     central = centralized_baseline(plan, tokenizer) if centralized else None
     summary = write_report(plan, folder, metrics, central, info, time.time() - started, lost)
-    summary["engine"] = chosen
+    summary["engine"] = engine
     return summary
+
+
+def simulate(
+    config: str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    run_dir: str | None = None,
+    centralized: bool = False,
+    resume: str | None = None,
+    progress: bool = True,
+    eval_every_round: bool = True,
+) -> dict[str, Any]:
+    """A federated simulation end to end on the native coordinator; returns a summary (also in
+    ``run_dir/report.md``). ``fedsea simulate`` runs ``fedsea.flower.simulation.simulate`` (Flower,
+    native only where Flower cannot run the mode yet); this is its ``--engine native``.
+
+    ``eval_every_round=False`` evaluates the base model and the last round only (benchmarks).
+    """
+    from fedsea.federation.native import run_processes
+
+    plan, folder = open_run(config, overrides, run_dir, resume)
+
+    def play(plan: RunPlan, folder: Path, _: list[str], resume: bool) -> dict[str, str]:
+        return run_processes(plan, folder, resume=resume, progress=progress)
+
+    return run_and_report(plan, folder, play, "native", overrides, bool(resume), centralized, progress,
+                          eval_every_round)  # fmt: skip
 
 
 def export_run(run_dir: str, out: str, placement: Placement | None = None) -> Path:
@@ -296,4 +270,4 @@ def export_run(run_dir: str, out: str, placement: Placement | None = None) -> Pa
     return exported
 
 
-__all__ = ["ENGINES", "export_run", "load_config", "pick_engine", "simulate"]
+__all__ = ["export_run", "load_config", "open_run", "run_and_report", "simulate"]

@@ -1,9 +1,14 @@
-"""``fedsea simulate`` (and ``fedsea flower simulate``): a fedsea federation on Flower's Simulation Engine.
+"""``fedsea simulate``: federations on one machine, on Flower's Simulation Engine (one orchestration).
 
-The ServerApp starts the trunk server in its process (a thread); the ClientApps run as Flower's
-virtual SuperNodes (Ray workers), one per client of the run file. ``fedsea.federation.simulate``
-prepares the run folder before and writes the checkpoints' evaluation, ``metrics.jsonl``,
-``report.md`` and the plots after, whichever engine ran the rounds.
+The rounds run on Flower's Simulation Engine (``run_on_flower``: the same ServerApp and
+ClientApp as ``flwr run``; the ServerApp starts the trunk server in this process, the ClientApps
+run as virtual SuperNodes, Ray workers, one per client of the run file). fedsea's native
+coordinator (``fedsea.federation.native``) runs only what Flower cannot run yet,
+``federation.mode = "client-batch"`` (said on stderr, never silently), or when asked
+(``engine="native"``). Both go through one pipeline (``fedsea.federation.simulate.run_and_report``):
+the same checks, run folder, ``--resume``, ``metrics.jsonl``, ``report.md``, plots and summary.
+``simulate`` is ``fedsea simulate``; ``simulate_on_flower`` is ``fedsea flower simulate``
+(``engine="flower"``).
 """
 
 from __future__ import annotations
@@ -159,15 +164,120 @@ def run_on_flower(
 
 
 def lost_clients(run_dir: Path) -> dict[str, str]:
-    """Clients whose last sampled round (``server_rounds.jsonl``) failed: name -> Flower's reason."""
+    """Clients whose last sampled round (``server_rounds.jsonl``) failed, and nodes whose query failed
+    in the last round: name (or ``node N``) -> Flower's reason."""
     from fedsea.federation.report import read_jsonl
 
+    path = run_dir / "server_rounds.jsonl"
+    records = read_jsonl(path) if path.exists() else []
     last: dict[str, str] = {}
-    for record in read_jsonl(run_dir / "server_rounds.jsonl"):
+    for record in records:
         failed = dict(record.get("failed") or {})
         for name in record.get("selected") or []:
             last[str(name)] = str(failed.get(name, ""))
+    if records:  # and a node that never told its name (its query failed, each round: "node N")
+        for key, why in dict(records[-1].get("failed") or {}).items():
+            last.setdefault(str(key), str(why))
     return {name: f"failed: {why}" for name, why in last.items() if why}
+
+
+ENGINES = ("auto", "flower", "native")
+NATIVE_ONLY_MODES = ("client-batch",)  # what Flower's rounds (fedsea.flower.rounds) cannot run yet
+
+
+def run_engine(run_dir: Path) -> str | None:
+    """The engine the run in ``run_dir`` ran on: its ``engine`` file, else its rounds' records (a
+    record without ``engine`` is the native coordinator's); None for a run without either."""
+    from fedsea.federation.report import read_jsonl
+    from fedsea.federation.simulate import ENGINE_FILE
+
+    path = run_dir / ENGINE_FILE
+    if path.is_file():
+        return path.read_text().strip() or None
+    rounds = run_dir / "server_rounds.jsonl"
+    records = read_jsonl(rounds) if rounds.exists() else []
+    return str(records[-1].get("engine", "native")) if records else None
+
+
+def pick_engine(plan: RunPlan, engine: str = "auto") -> str:
+    """The engine that runs ``plan``: ``"flower"``, or ``"native"`` where Flower cannot run it yet.
+
+    ``auto`` picks Flower and falls back to the native coordinator for a mode only it runs,
+    saying so on stderr; ``flower`` refuses such a mode; ``native`` is always the native.
+
+    Raises:
+        ValueError: an unknown engine, or ``flower`` for a mode Flower cannot run.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    native_only = plan.fed.mode in NATIVE_ONLY_MODES
+    if engine == "flower" and native_only:
+        raise ValueError(
+            f"federation.mode = {plan.fed.mode!r} does not run on Flower yet (its clients' steps are joined "
+            "into one trunk batch on the server): use --engine native, or mode hierarchical or sequential"
+        )
+    if engine == "auto" and native_only:
+        print(
+            f"fedsea: note: federation.mode = {plan.fed.mode!r} runs on the native engine (fedsea serve --run and "
+            "fedsea join processes): Flower cannot batch the clients' steps on the trunk server yet",
+            file=sys.stderr,
+        )
+        return "native"
+    return "native" if engine == "native" else "flower"
+
+
+def simulate(
+    config: str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    run_dir: str | None = None,
+    centralized: bool = False,
+    resume: str | None = None,
+    progress: bool = True,
+    eval_every_round: bool = True,
+    engine: str = "auto",
+    strategy: str = "",
+    secure_aggregation: bool = False,
+) -> dict[str, Any]:
+    """Run a federated simulation end to end; returns a summary (also in ``run_dir/report.md``).
+
+    Args:
+        config: the run file (TOML); None with ``resume`` (the run folder's ``config.toml``).
+        overrides: ``section.key=value`` settings over the run file.
+        run_dir: the run folder (default ``runs/<task>-<mode>-<time>``).
+        centralized: also train the unsplit model on the union of the data, same budget.
+        resume: continue the run in this folder from its last checkpoint; with ``engine="auto"``
+            on the engine it ran on (``run_engine``).
+        progress: print the partition (and the native coordinator's round bar).
+        eval_every_round: False evaluates the base model and the last round only (benchmarks).
+        engine: ``auto`` (Flower; native for a mode Flower cannot run yet, said on stderr),
+            ``flower`` or ``native`` (``pick_engine``).
+        strategy: the Flower strategy (``fedavg``, ``fedadam``, ``median``, ``trimmed-mean``);
+            empty: the run file's ``federation.strategy``. Flower only.
+        secure_aggregation: SecAgg+ over the head/tail adapters (``fedsea.flower.secagg``). Flower only.
+
+    The summary's ``engine`` names the engine that played the rounds.
+    """
+    from fedsea.federation.native import run_processes
+    from fedsea.federation.simulate import open_run, run_and_report
+
+    plan, folder = open_run(config, overrides, run_dir, resume)
+    if resume and engine == "auto":
+        engine = run_engine(folder) or engine  # a run goes on with the engine it started on
+    chosen = pick_engine(plan, engine)
+    if chosen == "native" and (strategy or secure_aggregation):
+        raise ValueError("--strategy and --secure-aggregation are Flower's: drop them, or drop --engine native")
+    if secure_aggregation:  # a clear error now rather than a failed ServerApp
+        from fedsea.flower.secagg import check_plan
+
+        check_plan(plan, strategy or plan.fed.strategy.lower())
+
+    def play(plan: RunPlan, folder: Path, overrides: list[str], resume: bool) -> dict[str, str]:
+        if chosen == "native":
+            return run_processes(plan, folder, resume=resume, progress=progress)
+        return run_on_flower(plan, folder, overrides, resume, strategy, secure_aggregation)
+
+    return run_and_report(plan, folder, play, chosen, overrides, bool(resume), centralized, progress,
+                          eval_every_round)  # fmt: skip
 
 
 def simulate_on_flower(
@@ -178,11 +288,11 @@ def simulate_on_flower(
     resume: str | None = None,
     centralized: bool = False,
     secure_aggregation: bool = False,
+    progress: bool = True,
+    eval_every_round: bool = True,
 ) -> dict[str, Any]:
-    """``fedsea flower simulate``: ``fedsea simulate`` on the Flower engine (one code path); returns the summary."""
-    from fedsea.federation.simulate import simulate
-
+    """``fedsea flower simulate``: ``simulate`` with ``engine="flower"`` (one code path); returns the summary."""
     return simulate(
-        config, overrides, run_dir=run_dir, centralized=centralized, resume=resume, engine="flower",
-        strategy=strategy, secure_aggregation=secure_aggregation,
+        config, overrides, run_dir=run_dir, centralized=centralized, resume=resume, progress=progress,
+        eval_every_round=eval_every_round, engine="flower", strategy=strategy, secure_aggregation=secure_aggregation,
     )  # fmt: skip
