@@ -1,5 +1,6 @@
-"""``fedsea simulate`` on Flower killed mid-round (SIGKILL: the ServerApp and the trunk server live in
-its process), then ``--resume``: it goes on on Flower and its logs hold each step once."""
+"""``fedsea simulate`` on Flower: a client that cannot start is a warning naming it, the run goes on
+without it; the run killed mid-round (SIGKILL: the ServerApp and the trunk server live in its
+process), then ``--resume``: it goes on on Flower and its logs hold each step once."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.integration.simfaults import ENV, FEDSEA, start, steps
+from tests.integration.simfaults import ENV, FEDSEA, RUN, start, steps
 
 
 def _descendants(pid: int) -> set[int]:
@@ -65,3 +66,21 @@ def test_a_killed_flower_run_resumes_on_flower_without_duplicate_steps(tmp_path)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     traffic = {(r["client"], r["round"]) for r in records if r["type"] == "traffic"}
     assert traffic >= {(c, r) for c in ("client-0", "client-1") for r in (1, 2, 3)}
+
+
+def test_a_client_that_cannot_start_is_a_warning_naming_it_and_the_run_goes_on(tmp_path):
+    # client-1's device does not exist: its ClientApp fails to build its split (every round).
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(RUN.format(clients=2) + '[[clients]]\n[[clients]]\ndevice = "cuda:7"\n')
+    argv = [*FEDSEA, "simulate", str(run_file), "federation.round_timeout_s=120", "--run-dir", str(tmp_path / "r")]
+    done = subprocess.run([*argv, "--json"], env=ENV, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0 and "Traceback" not in done.stderr.split("fedsea: warning")[-1], done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["rounds_completed"] == 3 and len(summary["lost_clients"]) == 1, summary["lost_clients"]
+    (how,) = summary["lost_clients"].values()
+    # The bug: Flower named the node only (a random id); the ClientApp's error now names its client.
+    assert "client-1: " in how, how
+    warnings = [x for x in done.stderr.splitlines() if x.startswith("fedsea: warning:")]
+    assert len(warnings) == 1 and "client-1: " in warnings[0] and "the run finished without it" in warnings[0]
+    rounds = [json.loads(x) for x in (tmp_path / "r" / "server_rounds.jsonl").read_text().splitlines()]
+    assert all(r["submitted"] == ["client-0"] for r in rounds)
