@@ -1,5 +1,9 @@
 """Helpers of the ``fedsea simulate`` fault tests: a tiny run as a subprocess, and SIGKILL of one
-of its processes (``pids.json`` in the run folder lists them) at a chosen point of the run."""
+of its processes (``pids.json`` in the run folder lists them) at a chosen point of the run.
+
+Killing one client's or the server's process is the native engine's fault (``--engine native``:
+a process per party); on Flower's Simulation Engine the trunk server and the ServerApp share the
+``fedsea simulate`` process and the clients share Ray workers."""
 
 from __future__ import annotations
 
@@ -40,10 +44,11 @@ relative_sigma = 0.1
 """
 
 
-def start(tmp_path: Path, clients: int, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+def start(tmp_path: Path, clients: int, *extra: str, engine: str = "native") -> tuple[subprocess.Popen[str], Path]:
     (tmp_path / "run.toml").write_text(RUN.format(clients=clients))
     run_dir = tmp_path / "run"
     argv = [*FEDSEA, "simulate", str(tmp_path / "run.toml"), *extra, "--run-dir", str(run_dir), "--json"]
+    argv += ["--engine", engine]
     return subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), run_dir
 
 

@@ -1,4 +1,4 @@
-"""``fedsea simulate``: a server and clients as separate processes, TLS on; then ``fedsea export``."""
+"""``fedsea simulate``: on Flower's Simulation Engine (the default), TLS on; then ``fedsea export``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def test_simulate_writes_a_complete_run_folder_and_exports(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["rounds_completed"] == 2 and summary["clients"] == 2 and summary["bytes_moved"] > 0
+    # One orchestration: the rounds ran on Flower's Simulation Engine (the bug: a native coordinator of its own).
+    assert summary["engine"] == "flower"
+    rounds = [json.loads(line) for line in (run_dir / "server_rounds.jsonl").read_text().splitlines()]
+    assert [r["engine"] for r in rounds] == ["flower", "flower"]
     assert summary["centralized"] is not None and 0 <= summary["after"] <= 1
     for name in ("config.toml", "metrics.jsonl", "report.md", "loss.png", "eval.png", "bytes.png"):
         assert (run_dir / name).is_file(), name

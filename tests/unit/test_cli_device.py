@@ -107,7 +107,7 @@ def test_the_example_run_file_documents_devices_and_dtypes(tmp_path):
 
 
 def test_simulate_passes_device_and_dtype_on_as_model_overrides(monkeypatch, capsys):
-    import fedsea.federation.simulate as sim
+    import fedsea.flower.simulation as sim
     from fedsea.cli.main import main
 
     seen = {}

@@ -1,4 +1,4 @@
-"""``fedsea join``, ``fedsea simulate`` and ``fedsea export``: federated runs."""
+"""``fedsea join``, ``fedsea simulate`` (``fedsea flower simulate`` too) and ``fedsea export``: federated runs."""
 
 from __future__ import annotations
 
@@ -21,6 +21,28 @@ from fedsea.config import DTYPE_SPECS, Placement, WireConfig
 
 if TYPE_CHECKING:
     from fedsea.federation.simconfig import ClientPlan, ModelSettings, RunPlan
+
+
+FLOWER_POINTER = (
+    "runs across machines go on Flower: `fedsea serve` (the trunk server, no --run), flower-superlink, "
+    "one flower-supernode per data owner and `flwr run` (README: Across machines on Flower)"
+)
+NATIVE_ENGINE_ENV = "FEDSEA_NATIVE_ENGINE"  # set by fedsea simulate --engine native on its processes: no note
+
+
+def native_note(command: str, mode: str) -> None:
+    """Say on stderr that ``command`` is the native coordinator, kept for what Flower cannot run yet.
+
+    Not for the processes of ``fedsea simulate --engine native`` (``FEDSEA_NATIVE_ENGINE=1``),
+    which asked for it.
+    """
+    if os.environ.get(NATIVE_ENGINE_ENV) == "1":
+        return
+    if mode == "client-batch":
+        why = "kept for federation.mode = client-batch, which Flower cannot run yet"
+    else:
+        why = f"deprecated for mode {mode}: {FLOWER_POINTER}"
+    print(f"fedsea: note: `{command}` is fedsea's native coordinator, {why}", file=sys.stderr, flush=True)
 
 
 def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, ModelSettings, WireConfig]:
@@ -63,6 +85,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
     from fedsea.model.load import load_tokenizer
 
     plan, me, model, wire = join_settings(args)
+    native_note("fedsea join", plan.fed.mode)
     tokenizer = load_tokenizer(model.source)
     try:
         examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
@@ -114,11 +137,12 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedsea.federation.simulate import simulate
+    from fedsea.flower.simulation import simulate
 
     config, overrides = args.config, list(args.set)
     # --device/--dtype: every party's ([model]); [server], [client] and [[clients]] may still differ.
-    overrides += [f"model.{key}={json.dumps(getattr(args, key))}" for key in ("device", "dtype") if getattr(args, key)]
+    placed = {key: getattr(args, key, None) for key in ("device", "dtype")}  # fedsea flower simulate has neither
+    overrides += [f"model.{key}={json.dumps(value)}" for key, value in placed.items() if value]
     if args.resume and config is not None:
         # With --resume the run file is the run folder's: a first positional is an override.
         if "=" not in config:
@@ -126,7 +150,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]
     if args.resume and args.run_dir:
         raise ValueError("--resume RUN_DIR names the run folder: drop --run-dir")
-    summary = simulate(config, overrides, run_dir=args.run_dir, centralized=args.centralized, resume=args.resume)
+    summary = simulate(
+        config, overrides, run_dir=args.run_dir, centralized=args.centralized, resume=args.resume,
+        engine=getattr(args, "engine", "auto"), strategy=getattr(args, "strategy", None) or "",
+        secure_aggregation=getattr(args, "secure_aggregation", False),
+    )  # fmt: skip
     for name, how in summary.get("lost_clients", {}).items():
         # The run finished with the others: a warning, not a failure (the report says so too).
         print(f"fedsea: warning: {name} was lost ({how}); the run finished without it", file=sys.stderr)
@@ -140,6 +168,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.out, settings_from_flags(args, Placement(device="cpu", dtype="float32")))
     print(f"wrote a merged Hugging Face model to {out}")
     return 0
+
+
+def add_simulate_args(sim: argparse.ArgumentParser, engine: bool = True) -> None:
+    """The flags of ``fedsea simulate`` (and of ``fedsea flower simulate``, without ``--engine``)."""
+    from fedsea.flower.settings import FLOWER_STRATEGIES
+    from fedsea.flower.simulation import ENGINES
+
+    sim.add_argument("config", nargs="?", help="run file (TOML); omit with --resume")
+    sim.add_argument("set", nargs="*", help="overrides: section.key=value")
+    sim.add_argument("--run-dir", help="run folder (default: runs/<task>-<mode>-<time>)")
+    sim.add_argument(
+        "--centralized", action="store_true", help="also train the unsplit model on the union, same budget"
+    )
+    sim.add_argument("--resume", help="continue the stopped run in this folder from its last round")
+    if engine:
+        sim.add_argument(
+            "--engine", choices=ENGINES, default="auto",
+            help="flower: Flower's Simulation Engine; native: fedsea serve --run and fedsea join processes; "
+            "auto (default): flower, native for a mode Flower cannot run yet (client-batch; said on stderr)",
+        )  # fmt: skip
+    sim.add_argument("--strategy", choices=FLOWER_STRATEGIES, help="Flower strategy (default: the run file's)")
+    sim.add_argument(
+        "--secure-aggregation", action="store_true",
+        help="SecAgg+ on Flower: the server learns only the sum of the clients' head/tail adapters (one cut for all)",
+    )  # fmt: skip
+    sim.add_argument("--json", action="store_true")
 
 
 def add_fed_commands(sub: Any) -> None:
@@ -159,15 +213,10 @@ def add_fed_commands(sub: Any) -> None:
     join.add_argument("--quiet", action="store_true")
     join.set_defaults(func=_cmd_join)
 
-    sim = sub.add_parser("simulate", help="a server and N clients on this machine, over loopback gRPC with TLS")
-    sim.add_argument("config", nargs="?", help="run file (TOML); omit with --resume")
-    sim.add_argument("set", nargs="*", help="overrides: section.key=value")
-    sim.add_argument("--run-dir", help="run folder (default: runs/<task>-<mode>-<time>)")
-    sim.add_argument(
-        "--centralized", action="store_true", help="also train the unsplit model on the union, same budget"
+    sim = sub.add_parser(
+        "simulate", help="N clients and a trunk server on this machine: Flower's Simulation Engine, loopback gRPC, TLS"
     )
-    sim.add_argument("--resume", help="continue the killed run in this folder")
-    sim.add_argument("--json", action="store_true")
+    add_simulate_args(sim)
     # Shorthands of the overrides model.device= and model.dtype=: the run file's [model] keeps its doc.
     add_settings_flags(sim, Placement(), choices={"dtype": DTYPE_SPECS}, keep="the run file's [model]")
     sim.set_defaults(func=_cmd_simulate)

@@ -59,6 +59,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("fedsea serve: --tls-client-ca needs --tls-cert and --tls-key")
     run, limits, model = serve_settings(args)
+    if args.run:
+        from fedsea.cli.fed import native_note
+
+        native_note("fedsea serve --run", run.federation.mode)
     tls = None
     if args.tls_cert:
         from fedsea.wire.certs import check_tls_files
@@ -237,7 +241,11 @@ def add_wire_commands(sub: Any) -> None:
         action="store_true",
         help="serve a non-loopback address with neither --tokens nor --tls-client-ca (every caller one identity)",
     )
-    serve.add_argument("--run", help="run file (TOML): coordinate a federated run (fedsea join)")
+    serve.add_argument(
+        "--run",
+        help="run file (TOML): coordinate a native federated run (fedsea join; kept for mode client-batch, "
+        "other modes run on Flower: flwr run)",
+    )
     serve.add_argument("--run-dir", help="where the run's checkpoints and metrics go")
     serve.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     add_settings_flags(serve, ServerLimits(), keep="the run file's [limits] with --run, else {default}")

@@ -136,7 +136,7 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
     from fedsea.client.split_client import SplitClient
     from fedsea.federation.checkpoint import latest_round, load_round
     from fedsea.federation.simconfig import load_plan
-    from fedsea.federation.simulate import simulate
+    from fedsea.flower.simulation import simulate
     from fedsea.model.adapters import load_adapter_state_dict
     from fedsea.privacy.calibration import resolve_noise
     from fedsea.server.app import ServerThread, TrunkServer
@@ -145,7 +145,7 @@ def run_demo(overrides: tuple[str, ...] = (), run_dir: str | None = None) -> dic
     config = str(files("fedsea.federation").joinpath("demo.toml"))
     start = time.perf_counter()
     print("fedsea demo: 3 clients fine-tune SmolLM2-135M-Instruct on SST-2 through one trunk server")
-    print("(separate processes over loopback gRPC with mutual TLS and tokens; Gaussian noise on h_p)\n")
+    print("(on Flower's Simulation Engine; the trunk over loopback gRPC with mutual TLS and tokens; noise on h_p)\n")
     summary = simulate(config, list(overrides), run_dir=run_dir, centralized=True)
     plan = load_plan(Path(str(summary["run_dir"])) / "config.toml")
     metric = summary["metric"]

@@ -1,32 +1,30 @@
-"""``fedsea simulate``: a trunk server and N clients as separate processes on this machine.
+"""``fedsea simulate``'s pipeline: a federation of N clients and a trunk server on this machine.
 
-Everything goes over real loopback gRPC with TLS and per-client tokens, exactly as across
-machines: the parent only prepares the run folder (resolved config, certificates, tokens,
-data shards), starts ``fedsea serve --run`` and N ``fedsea join`` processes, follows the
-rounds, and afterwards evaluates each round's global adapter and writes the report.
+This process loads and checks the run, prepares the run folder (resolved config, certificates,
+tokens, data shards), has an engine play the rounds, and afterwards evaluates each round's
+global adapter and writes the report, ``metrics.jsonl`` and plots: one pipeline whichever engine
+plays the rounds (``run_and_report``). The engines: Flower's Simulation Engine
+(``fedsea.flower.simulation.simulate``, what ``fedsea simulate`` runs; the layer above this one),
+and the native coordinator (``fedsea.federation.native``: a ``fedsea serve --run`` process and
+N ``fedsea join`` processes), which ``simulate`` here runs, kept for what Flower cannot run yet
+(``client-batch``). Either way the data plane is real loopback gRPC with TLS and tokens.
 
 Faults: a client lost while the others finish every round is reported (a warning, and
 ``lost_clients`` in the summary and report), not an error; a server lost, or clients lost before
 the last round, stop the run with a one-line ``RunStoppedError`` that says how to ``--resume``.
 The run folder then keeps its checkpoints, or is removed when this invocation made it and no
-round was checkpointed (``fedsea.federation.runstate``). ``pids.json`` in the run folder lists
-the server's and each client's process id while the run goes.
+round was checkpointed (``fedsea.federation.runstate``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from fedsea.config import Placement
 from fedsea.federation.checkpoint import CheckpointError, latest_round, load_round
@@ -38,13 +36,13 @@ from fedsea.federation.runstate import (
     clear_failed,
     completed_round,
     drop_unfinished_steps,
-    exit_reason,
 )
 from fedsea.federation.simconfig import RunPlan, dump_tree, load_config, load_plan
 from fedsea.io import atomic_write_text
-from fedsea.wire.ports import free_loopback_port
 
-FEDSEA = [sys.executable, "-m", "fedsea.cli"]
+# Plays a prepared run's rounds: (plan, run folder, a resume's overrides, resume?) -> clients lost.
+RoundsRunner = Callable[[RunPlan, Path, list[str], bool], dict[str, str]]
+ENGINE_FILE = "engine"  # in the run folder: the engine that runs it (a resume goes on with the same)
 
 
 def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
@@ -78,146 +76,6 @@ def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
     choices = list(examples[0].choices) if examples and examples[0].choices else None
     table = part.table(labels, choices) if choices else ""
     return {"tokens": tokens, "partition": table, "sizes": part.sizes}
-
-
-def _tls_args(run_dir: Path, server: bool) -> list[str]:
-    s = run_dir / "secrets"
-    if not (s / "ca.pem").exists():
-        return []
-    if server:
-        return [
-            "--tls-cert",
-            str(s / "server.pem"),
-            "--tls-key",
-            str(s / "server.key"),
-            "--tls-client-ca",
-            str(s / "ca.pem"),
-        ]
-    return ["--tls-ca", str(s / "ca.pem"), "--tls-cert", str(s / "client.pem"), "--tls-key", str(s / "client.key")]
-
-
-def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = True) -> dict[str, str]:
-    """Start the server and the clients, follow the rounds, stop the server when the clients are done.
-
-    Returns:
-        The clients lost on the way (name: how they ended) in a run that still finished every round.
-
-    Raises:
-        RunStoppedError: the server did not start or died, or clients were lost and the run
-            stopped before its last round.
-    """
-    port = free_loopback_port()
-    tokens = json.loads((run_dir / "secrets" / "client_tokens.json").read_text())
-    logs = run_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    server_cmd = [
-        *FEDSEA,
-        "serve",
-        "--model",
-        plan.model,
-        "--port",
-        str(port),
-        "--run",
-        str(run_dir / "config.toml"),
-        "--run-dir",
-        str(run_dir),
-        "--tokens",
-        str(run_dir / "secrets" / "tokens.json"),
-        *_tls_args(run_dir, True),
-        *(["--resume"] if resume else []),
-    ]
-    server_log = (logs / "server.log").open("a")
-    server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert server.stdout is not None
-    said = ""
-    for line in server.stdout:
-        server_log.write(line)
-        said = line.strip() or said
-        if "listening on" in line:
-            break
-    else:
-        server_log.close()
-        server.wait()
-        raise RunStoppedError(f"the server did not start ({said or exit_reason(server.returncode)}); see {logs}")
-    # Copy the server's output from here on as it comes: a full pipe would block the server.
-    drain = threading.Thread(target=server_log.writelines, args=(server.stdout,), daemon=True)
-    drain.start()
-    clients = []
-    for c in plan.clients:
-        cmd = [
-            *FEDSEA,
-            "join",
-            "--server",
-            f"localhost:{port}",
-            "--model",
-            plan.model,
-            "--run",
-            str(run_dir / "config.toml"),
-            "--client",
-            c.name,
-            "--shard",
-            str(run_dir / "clients" / c.name / "shard.json"),
-            "--token",
-            tokens[c.name],
-            "--log",
-            str(run_dir / "clients" / c.name / "steps.jsonl"),
-            "--noise-secret-file",
-            str(run_dir / "clients" / c.name / "noise.secret"),
-            "--net-latency-ms",  # the run file's WAN emulation (join takes it from flags only)
-            str(plan.config.wire.latency_ms),
-            *(["--net-mbps", str(plan.config.wire.mbps)] if plan.config.wire.mbps else []),
-            "--quiet",
-            *_tls_args(run_dir, False),
-        ]
-        # Clients compute only their head and tail: one thread each leaves the cores to the trunk.
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        log = (logs / f"{c.name}.log").open("a")
-        clients.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    pids = {"server": server.pid, **{c.name: p.pid for c, p in zip(plan.clients, clients, strict=True)}}
-    atomic_write_text(run_dir / "pids.json", json.dumps(pids))
-    rounds_file = run_dir / "server_rounds.jsonl"
-    bar = tqdm(total=plan.fed.rounds, desc="rounds", unit="round", disable=not progress)
-    seen = 0
-    server_code: int | None = None
-    try:
-        while any(p.poll() is None for p in clients):
-            server_code = server.poll()
-            if server_code is not None:  # the server exits only when told: it died
-                break
-            records = rounds_file.read_text().splitlines() if rounds_file.exists() else []
-            for line in records[seen:]:
-                r = json.loads(line)
-                losses = [v for v in r["losses"].values() if v is not None]
-                bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.4f}", clients=len(r["submitted"]))
-                bar.update(r["round"] - bar.n)
-            seen = len(records)
-            time.sleep(0.5)
-        server_code = server.poll() if server_code is None else server_code
-    finally:
-        bar.close()
-        for p in clients:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        drain.join(timeout=10)
-        server_log.close()
-        (run_dir / "pids.json").unlink(missing_ok=True)
-    completed = completed_round(run_dir)
-    total = plan.fed.rounds
-    if server_code is not None and completed < total:
-        raise RunStoppedError(f"the server was lost ({exit_reason(server_code)}) after round {completed} of {total}")
-    lost = {c.name: exit_reason(p.returncode) for c, p in zip(plan.clients, clients, strict=True) if p.returncode}
-    if lost and completed < total:
-        who = ", ".join(f"{name} ({how})" for name, how in lost.items())
-        raise RunStoppedError(f"client(s) {who} failed and the run stopped after round {completed} of {total}")
-    return lost
 
 
 def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None, placement: Placement | None = None) -> Any:
@@ -282,23 +140,16 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
     return {"steps": steps, "losses": losses, "metrics": dict(result.metrics)}
 
 
-def simulate(
-    config: str | None,
-    overrides: list[str] | tuple[str, ...] = (),
-    run_dir: str | None = None,
-    centralized: bool = False,
-    resume: str | None = None,
-    progress: bool = True,
-    eval_every_round: bool = True,
-) -> dict[str, Any]:
-    """Run a federated simulation end to end; returns a summary (also in ``run_dir/report.md``).
+def open_run(
+    config: str | None, overrides: list[str] | tuple[str, ...], run_dir: str | None, resume: str | None
+) -> tuple[RunPlan, Path]:
+    """The run's plan and its folder (absolute), checked before any folder or process is made.
 
-    ``eval_every_round=False`` evaluates the base model and the last round only (benchmarks).
+    Raises:
+        FileNotFoundError: ``resume`` is not a run folder.
+        ValueError: no run file, or ``run_dir`` already holds a run.
+        PartitionError, InvalidInputError, ModelNotFoundError, ...: ``runstate.check_plan``.
     """
-    from fedsea.federation.report import write_report
-    from fedsea.model.load import load_tokenizer
-
-    started = time.time()
     if resume:
         folder = Path(resume)
         if not (folder / "config.toml").is_file():
@@ -312,6 +163,36 @@ def simulate(
         if (folder / "checkpoints").exists():
             raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
     check_plan(plan)  # before any folder or process: a bad run file is a one-line error
+    # Absolute: Flower's apps read it from a run config, one meaning for every party.
+    return plan, folder.resolve()
+
+
+def run_and_report(
+    plan: RunPlan,
+    folder: Path,
+    play: RoundsRunner,
+    engine: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+    centralized: bool = False,
+    progress: bool = True,
+    eval_every_round: bool = True,
+) -> dict[str, Any]:
+    """Prepare (or, with ``resume``, check) ``folder``, have ``play`` play the rounds, evaluate, report.
+
+    Args:
+        plan, folder: from ``open_run``.
+        play: the engine's ``RoundsRunner``; it gets ``overrides`` on a resume (the resolved
+            ``config.toml`` already holds a new run's).
+        engine: its name, written to the run folder's ``engine`` file and the summary's ``engine``.
+
+    Returns:
+        The summary (``fedsea.federation.report.write_report``) with ``engine``.
+    """
+    from fedsea.federation.report import write_report
+    from fedsea.model.load import load_tokenizer
+
+    started = time.time()
     created = not folder.exists()
     try:
         if resume:
@@ -322,7 +203,8 @@ def simulate(
             info = prepare_run(plan, folder)
             if progress and info.get("partition"):
                 print(info["partition"])
-        lost = run_processes(plan, folder, resume=bool(resume), progress=progress)
+        atomic_write_text(folder / ENGINE_FILE, engine + "\n")
+        lost = play(plan, folder, list(overrides) if resume else [], resume)
     except RunStoppedError as exc:
         raise RunStoppedError(f"{exc}; {after_failure(folder, created, exc)}") from exc
     except CheckpointError:
@@ -342,7 +224,34 @@ def simulate(
             metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
     central = centralized_baseline(plan, tokenizer) if centralized else None
     summary = write_report(plan, folder, metrics, central, info, time.time() - started, lost)
+    summary["engine"] = engine
     return summary
+
+
+def simulate(
+    config: str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    run_dir: str | None = None,
+    centralized: bool = False,
+    resume: str | None = None,
+    progress: bool = True,
+    eval_every_round: bool = True,
+) -> dict[str, Any]:
+    """A federated simulation end to end on the native coordinator; returns a summary (also in
+    ``run_dir/report.md``). ``fedsea simulate`` runs ``fedsea.flower.simulation.simulate`` (Flower,
+    native only where Flower cannot run the mode yet); this is its ``--engine native``.
+
+    ``eval_every_round=False`` evaluates the base model and the last round only (benchmarks).
+    """
+    from fedsea.federation.native import run_processes
+
+    plan, folder = open_run(config, overrides, run_dir, resume)
+
+    def play(plan: RunPlan, folder: Path, _: list[str], resume: bool) -> dict[str, str]:
+        return run_processes(plan, folder, resume=resume, progress=progress)
+
+    return run_and_report(plan, folder, play, "native", overrides, bool(resume), centralized, progress,
+                          eval_every_round)  # fmt: skip
 
 
 def export_run(run_dir: str, out: str, placement: Placement | None = None) -> Path:
@@ -384,4 +293,4 @@ def run_record(plan: RunPlan, rounds: int) -> Any:
     )
 
 
-__all__ = ["export_run", "load_config", "simulate"]
+__all__ = ["export_run", "load_config", "open_run", "run_and_report", "run_record", "simulate"]

@@ -70,6 +70,24 @@ def _me(context: Context) -> tuple[FlowerRun, Any, Any, Path]:
 
 
 def _participant(context: Context, address: str) -> Any:
+    """This node's participant: cached in this process, else built (``_build``)."""
+    _, me, plan, run_dir = _me(context)
+    cache_key = (int(context.run_id), me.name)
+    if cache_key in _PARTICIPANTS:
+        _PARTICIPANTS.move_to_end(cache_key)
+        return _PARTICIPANTS[cache_key]
+    try:
+        participant = _build(context, me, plan, run_dir, address)
+    except Exception as exc:  # Flower reports it by node id only: say which client failed to start
+        raise RuntimeError(f"{me.name}: {exc}") from exc
+    _PARTICIPANTS[cache_key] = participant
+    while len(_PARTICIPANTS) > max(1, int(os.environ.get("FEDSEA_FLOWER_CLIENTS", "4"))):
+        _PARTICIPANTS.popitem(last=False)[1].close()
+    return participant
+
+
+def _build(context: Context, me: Any, plan: Any, run_dir: Path, address: str) -> Any:
+    """A participant for client ``me``: its model split, data, token, TLS, noise and trunk session."""
     from fedsea.client.connection import ClientTls
     from fedsea.federation.client import load_noise_secret
     from fedsea.federation.data import load_client_data
@@ -78,11 +96,6 @@ def _participant(context: Context, address: str) -> Any:
     from fedsea.flower.trunk import client_tls, client_token
     from fedsea.model.load import load_tokenizer
 
-    _, me, plan, run_dir = _me(context)
-    cache_key = (int(context.run_id), me.name)
-    if cache_key in _PARTICIPANTS:
-        _PARTICIPANTS.move_to_end(cache_key)
-        return _PARTICIPANTS[cache_key]
     node = dict(context.node_config)
     mine = Path(str(node["state-dir"])) if "state-dir" in node else run_dir / "clients" / me.name
     model = plan.config.model.placed(me.device, me.dtype)
@@ -113,9 +126,6 @@ def _participant(context: Context, address: str) -> Any:
     participant.log = log
     with log.open("a") as f:  # the report's noise record, as fedsea join writes it
         f.write(json.dumps({"client": me.name, "noise": noise_record(participant.noise, me.head_layers)}) + "\n")
-    _PARTICIPANTS[cache_key] = participant
-    while len(_PARTICIPANTS) > max(1, int(os.environ.get("FEDSEA_FLOWER_CLIENTS", "4"))):
-        _PARTICIPANTS.popitem(last=False)[1].close()
     return participant
 
 

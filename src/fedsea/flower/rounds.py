@@ -113,7 +113,8 @@ class FlowerRounds:
         config = ConfigRecord({"trunk-address": self.trunk_address})
         messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
         failed: list[str] = []
-        for reply in self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s):
+        # The first query is the native run's join (model and data loaded): the join timeout's, not a round's.
+        for reply in self.grid.send_and_receive(messages, timeout=max(wait_s, self.fed.round_timeout_s)):
             if reply.has_error():
                 reason = _last_line(reply.error.reason)
                 logger.warning("node %d did not answer the query: %s", reply.metadata.src_node_id, reason)

@@ -73,7 +73,13 @@ def serve_run(run: FlowerRun, grid: Grid, run_id: str) -> dict[str, Any]:
             info = prepare_run(plan, run_dir)
             if info.get("partition"):
                 logger.info("data partition:\n%s", info["partition"])
-    endpoint = find_or_start_trunk(run, plan, run_dir)
+    try:
+        endpoint = find_or_start_trunk(run, plan, run_dir)
+    except (FedseaError, ValueError, OSError) as exc:
+        if run.trunk_address:  # a setting of the run config: its own words
+            raise
+        # The trunk server this process starts (a simulation): worded as fedsea simulate's native engine does.
+        raise FedseaError(f"the server did not start ({exc})") from None
     try:
         host = endpoint.host
         if host is None:  # the initial adapter needs the model's shapes (peft draws it with the run's seed)

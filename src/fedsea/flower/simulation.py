@@ -1,20 +1,28 @@
-"""``fedsea flower simulate``: a fedsea federation on Flower's Simulation Engine, on this machine.
+"""``fedsea simulate``: federations on one machine, on Flower's Simulation Engine (one orchestration).
 
-The ServerApp starts the trunk server in its process; the ClientApps run as Flower's virtual
-SuperNodes (Ray workers), one per client of the run file. The run folder then holds the same
-checkpoints, logs, ``metrics.jsonl`` and ``report.md`` as a ``fedsea simulate`` run.
+The rounds run on Flower's Simulation Engine (``run_on_flower``: the same ServerApp and
+ClientApp as ``flwr run``; the ServerApp starts the trunk server in this process, the ClientApps
+run as virtual SuperNodes, Ray workers, one per client of the run file). fedsea's native
+coordinator (``fedsea.federation.native``) runs only what Flower cannot run yet,
+``federation.mode = "client-batch"`` (said on stderr, never silently), or when asked
+(``engine="native"``). Both go through one pipeline (``fedsea.federation.simulate.run_and_report``):
+the same checks, run folder, ``--resume``, ``metrics.jsonl``, ``report.md``, plots and summary.
+``simulate`` is ``fedsea simulate``; ``simulate_on_flower`` is ``fedsea flower simulate``
+(``engine="flower"``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import time
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedsea.flower.settings import FlowerRun
 from fedsea.flower.template import DEFAULT_CONFIG, write_app
+
+if TYPE_CHECKING:
+    from fedsea.federation.simconfig import RunPlan
 
 
 def _start_ray(cpus: int, attempts: int = 3) -> str:
@@ -27,19 +35,19 @@ def _start_ray(cpus: int, attempts: int = 3) -> str:
     still shutting down (the previous run's) out of the way.
     """
     import logging
-    import sys
     import tempfile
 
     import ray
 
     pythonpath = os.pathsep.join(sys.path)  # the workers import fedsea as this process does
+    accel = os.environ.get("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # see run_simulation: GPUs stay visible
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         folder = tempfile.mkdtemp(prefix="fedsea-ray-")
         try:
             ray.init(
                 num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=folder,
-                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": accel}},
             )  # fmt: skip
             return folder
         except Exception as exc:  # Ray raises plain Exceptions for a node that did not start
@@ -59,6 +67,10 @@ def run_simulation(run_config: dict[str, Any], num_nodes: int, cpus: int | None 
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline: no usage events
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The ClientApps' actors ask for no GPU; Ray would then hide the GPUs from them
+    # (CUDA_VISIBLE_DEVICES=""), where the native engine's client processes see them: a run file's
+    # client device (auto, cuda) means the same on both engines.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -103,6 +115,171 @@ def run_simulation(run_config: dict[str, Any], num_nodes: int, cpus: int | None 
         raise RuntimeError(f"the Flower simulation failed; see the log above (run folder {config['run-dir']})")
 
 
+def run_on_flower(
+    plan: RunPlan,
+    run_dir: Path,
+    overrides: list[str],
+    resume: bool,
+    strategy: str = "",
+    secure_aggregation: bool = False,
+) -> dict[str, str]:
+    """Play the rounds of the run prepared in ``run_dir`` (``prepare_run``) on the Simulation Engine.
+
+    The run file is the run folder's resolved ``config.toml``, ``overrides`` go on top (a
+    resume's). This is the Flower half of ``fedsea.federation.simulate.simulate``, which checks the
+    plan before, and evaluates and reports after.
+
+    Returns:
+        The clients whose ClientApp failed in the last round they were sampled for (name: Flower's
+        reason) in a run that finished every round: reported as lost, as the native engine reports
+        a client process that died.
+
+    Raises:
+        RunStoppedError: the ServerApp stopped (its one-line reason: the trunk server did not
+            start, no SuperNode could join, a setting); the run folder keeps what was checkpointed.
+    """
+    from fedsea.federation.runstate import RunStoppedError
+    from fedsea.flower.server_app import FlowerRunError
+
+    run_config = {
+        "run-file": str(run_dir / "config.toml"),
+        "set": ";".join(overrides),
+        "run-dir": str(run_dir),
+        "strategy": strategy,
+        "resume": resume,
+        "secure-aggregation": secure_aggregation,
+    }
+    limit = getattr(sys, "tracebacklimit", None)
+    try:
+        run_simulation(run_config, num_nodes=len(plan.clients))
+    except FlowerRunError as exc:  # the ServerApp's one line (it ran in a thread of this process)
+        raise RunStoppedError(str(exc).removeprefix("fedsea: error: ")) from None
+    finally:  # the ServerApp sets it to 0 for its own one-line failure; this process goes on
+        if limit is None:
+            if hasattr(sys, "tracebacklimit"):
+                del sys.tracebacklimit
+        else:
+            sys.tracebacklimit = limit
+    return lost_clients(run_dir)
+
+
+def lost_clients(run_dir: Path) -> dict[str, str]:
+    """Clients whose last sampled round (``server_rounds.jsonl``) failed, and nodes whose query failed
+    in the last round: name (or ``node N``) -> Flower's reason."""
+    from fedsea.federation.report import read_jsonl
+
+    path = run_dir / "server_rounds.jsonl"
+    records = read_jsonl(path) if path.exists() else []
+    last: dict[str, str] = {}
+    for record in records:
+        failed = dict(record.get("failed") or {})
+        for name in record.get("selected") or []:
+            last[str(name)] = str(failed.get(name, ""))
+    if records:  # and a node that never told its name (its query failed, each round: "node N")
+        for key, why in dict(records[-1].get("failed") or {}).items():
+            last.setdefault(str(key), str(why))
+    return {name: f"failed: {why}" for name, why in last.items() if why}
+
+
+ENGINES = ("auto", "flower", "native")
+NATIVE_ONLY_MODES = ("client-batch",)  # what Flower's rounds (fedsea.flower.rounds) cannot run yet
+
+
+def run_engine(run_dir: Path) -> str | None:
+    """The engine the run in ``run_dir`` ran on: its ``engine`` file, else its rounds' records (a
+    record without ``engine`` is the native coordinator's); None for a run without either."""
+    from fedsea.federation.report import read_jsonl
+    from fedsea.federation.simulate import ENGINE_FILE
+
+    path = run_dir / ENGINE_FILE
+    if path.is_file():
+        return path.read_text().strip() or None
+    rounds = run_dir / "server_rounds.jsonl"
+    records = read_jsonl(rounds) if rounds.exists() else []
+    return str(records[-1].get("engine", "native")) if records else None
+
+
+def pick_engine(plan: RunPlan, engine: str = "auto") -> str:
+    """The engine that runs ``plan``: ``"flower"``, or ``"native"`` where Flower cannot run it yet.
+
+    ``auto`` picks Flower and falls back to the native coordinator for a mode only it runs,
+    saying so on stderr; ``flower`` refuses such a mode; ``native`` is always the native.
+
+    Raises:
+        ValueError: an unknown engine, or ``flower`` for a mode Flower cannot run.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    native_only = plan.fed.mode in NATIVE_ONLY_MODES
+    if engine == "flower" and native_only:
+        raise ValueError(
+            f"federation.mode = {plan.fed.mode!r} does not run on Flower yet (its clients' steps are joined "
+            "into one trunk batch on the server): use --engine native, or mode hierarchical or sequential"
+        )
+    if engine == "auto" and native_only:
+        print(
+            f"fedsea: note: federation.mode = {plan.fed.mode!r} runs on the native engine (fedsea serve --run and "
+            "fedsea join processes): Flower cannot batch the clients' steps on the trunk server yet",
+            file=sys.stderr,
+        )
+        return "native"
+    return "native" if engine == "native" else "flower"
+
+
+def simulate(
+    config: str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    run_dir: str | None = None,
+    centralized: bool = False,
+    resume: str | None = None,
+    progress: bool = True,
+    eval_every_round: bool = True,
+    engine: str = "auto",
+    strategy: str = "",
+    secure_aggregation: bool = False,
+) -> dict[str, Any]:
+    """Run a federated simulation end to end; returns a summary (also in ``run_dir/report.md``).
+
+    Args:
+        config: the run file (TOML); None with ``resume`` (the run folder's ``config.toml``).
+        overrides: ``section.key=value`` settings over the run file.
+        run_dir: the run folder (default ``runs/<task>-<mode>-<time>``).
+        centralized: also train the unsplit model on the union of the data, same budget.
+        resume: continue the run in this folder from its last checkpoint; with ``engine="auto"``
+            on the engine it ran on (``run_engine``).
+        progress: print the partition (and the native coordinator's round bar).
+        eval_every_round: False evaluates the base model and the last round only (benchmarks).
+        engine: ``auto`` (Flower; native for a mode Flower cannot run yet, said on stderr),
+            ``flower`` or ``native`` (``pick_engine``).
+        strategy: the Flower strategy (``fedavg``, ``fedadam``, ``median``, ``trimmed-mean``);
+            empty: the run file's ``federation.strategy``. Flower only.
+        secure_aggregation: SecAgg+ over the head/tail adapters (``fedsea.flower.secagg``). Flower only.
+
+    The summary's ``engine`` names the engine that played the rounds.
+    """
+    from fedsea.federation.native import run_processes
+    from fedsea.federation.simulate import open_run, run_and_report
+
+    plan, folder = open_run(config, overrides, run_dir, resume)
+    if resume and engine == "auto":
+        engine = run_engine(folder) or engine  # a run goes on with the engine it started on
+    chosen = pick_engine(plan, engine)
+    if chosen == "native" and (strategy or secure_aggregation):
+        raise ValueError("--strategy and --secure-aggregation are Flower's: drop them, or drop --engine native")
+    if secure_aggregation:  # a clear error now rather than a failed ServerApp
+        from fedsea.flower.secagg import check_plan
+
+        check_plan(plan, strategy or plan.fed.strategy.lower())
+
+    def play(plan: RunPlan, folder: Path, overrides: list[str], resume: bool) -> dict[str, str]:
+        if chosen == "native":
+            return run_processes(plan, folder, resume=resume, progress=progress)
+        return run_on_flower(plan, folder, overrides, resume, strategy, secure_aggregation)
+
+    return run_and_report(plan, folder, play, chosen, overrides, bool(resume), centralized, progress,
+                          eval_every_round)  # fmt: skip
+
+
 def simulate_on_flower(
     config: str | None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -111,47 +288,11 @@ def simulate_on_flower(
     resume: str | None = None,
     centralized: bool = False,
     secure_aggregation: bool = False,
+    progress: bool = True,
+    eval_every_round: bool = True,
 ) -> dict[str, Any]:
-    """``fedsea simulate`` on Flower: the run file's clients as virtual SuperNodes; returns the summary."""
-    from fedsea.federation.checkpoint import load_round
-    from fedsea.federation.report import write_report
-    from fedsea.federation.simulate import centralized_baseline, evaluate_state
-    from fedsea.model.load import load_tokenizer
-
-    started = time.time()
-    if resume:
-        folder = Path(resume)
-        config = str(folder / "config.toml")
-    else:
-        if config is None:
-            raise ValueError("give a run file, or --resume RUN_DIR")
-    plan = FlowerRun(run_file=config, overrides=tuple(overrides)).plan()
-    if not resume:
-        folder = Path(
-            run_dir or f"runs/flower-{plan.config.task.name}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-        if (folder / "checkpoints").exists():
-            raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
-    folder = folder.resolve()
-    if secure_aggregation:  # a clear error now rather than a failed ServerApp under Ray
-        from fedsea.flower.secagg import check_plan
-
-        check_plan(plan, strategy or plan.fed.strategy.lower())
-    run_config = {
-        "run-file": str(Path(config).resolve()),
-        "set": ";".join(overrides),
-        "run-dir": str(folder),
-        "strategy": strategy,
-        "resume": bool(resume),
-        "secure-aggregation": secure_aggregation,
-    }
-    run_simulation(run_config, num_nodes=len(plan.clients))
-    tokenizer = load_tokenizer(plan.model)
-    metrics: list[dict[str, Any]] = [{"type": "eval", "round": 0, **evaluate_state(plan, None, tokenizer)}]
-    for r in range(1, plan.fed.rounds + 1):
-        path = folder / "checkpoints" / f"round-{r:04d}"
-        if (path / "state.json").exists():
-            _, state, _, _ = load_round(path)
-            metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
-    central = centralized_baseline(plan, tokenizer) if centralized else None
-    return write_report(plan, folder, metrics, central, {"engine": "flower"}, time.time() - started)
+    """``fedsea flower simulate``: ``simulate`` with ``engine="flower"`` (one code path); returns the summary."""
+    return simulate(
+        config, overrides, run_dir=run_dir, centralized=centralized, resume=resume, progress=progress,
+        eval_every_round=eval_every_round, engine="flower", strategy=strategy, secure_aggregation=secure_aggregation,
+    )  # fmt: skip
