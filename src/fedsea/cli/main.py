@@ -90,12 +90,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from fedsea.cli.eval import saved_partition
     from fedsea.cli.flags import settings_from_flags
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
 
     where = settings_from_flags(args, MERGE_PLACEMENT)
-    split = split_model(load_model(args.model, where.dtype, where.device), args.head_layers, args.tail_layers)
+    model = load_model(args.model, where.dtype, where.device)
+    # The cut the adapters were saved with (their head/ and tail/ record it); flags only where they do not.
+    saved_p, saved_q = saved_partition(args.adapters, int(model.config.num_hidden_layers))
+    p, q = args.head_layers or saved_p, args.tail_layers or saved_q
+    if p is None or q is None:
+        raise ValueError(
+            f"{args.adapters} has no head/ or tail/ adapter to read the cut from: give --head-layers and --tail-layers"
+        )
+    split = split_model(model, p, q)
     split.load_adapters(args.adapters)
     out = split.export(args.out, load_tokenizer(args.model))
     print(f"wrote a merged Hugging Face checkpoint to {out}")
@@ -142,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapters", help="folder with head/, trunk/ and tail/ adapter folders")
     merge.add_argument("out", help="output folder")
     merge.add_argument("--model", default=DEFAULT_MODEL)
-    merge.add_argument("--head-layers", type=int, required=True)
-    merge.add_argument("--tail-layers", type=int, required=True)
+    merge.add_argument("--head-layers", type=int, help="p (default: what the adapters' head/ records)")
+    merge.add_argument("--tail-layers", type=int, help="q (default: what the adapters' tail/ records)")
     add_settings_flags(merge, MERGE_PLACEMENT, choices={"dtype": DTYPE_SPECS})
     merge.set_defaults(func=_cmd_merge)
 

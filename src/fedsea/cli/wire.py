@@ -202,19 +202,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from fedsea.wire.certs import make_test_certs
+    from fedsea.wire.certs import add_client_certs, make_test_certs
 
+    names = client_names(args.clients)
     paths = make_test_certs(args.dir, hosts=args.host, client_name=args.client_name, days=args.days)
+    clients = add_client_certs(args.dir, names, args.days) if names else []
     print(f"wrote a throwaway CA and server/client certificates to {Path(args.dir)} (for tests, not production):")
     for field in dataclasses.fields(paths):
         print(f"  {field.name:<12} {getattr(paths, field.name)}")
+    for name, cert in zip(names, clients, strict=True):
+        print(f"  {name:<12} {cert} (key {cert.with_suffix('.key')})")
     return 0
+
+
+def client_names(given: list[str]) -> list[str]:
+    """``--clients``: one number N (the run file's names client-0 ... client-{N-1}) or the names themselves."""
+    if len(given) == 1 and given[0].isdigit():
+        count = int(given[0])
+        if not 1 <= count <= 1000:
+            raise ValueError(f"--clients {count}: give between 1 and 1000 clients (or their names)")
+        return [f"client-{i}" for i in range(count)]
+    if len(set(given)) != len(given):
+        raise ValueError(f"--clients names a client twice: {' '.join(given)}")
+    return list(given)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
     from fedsea.wire.auth import TokenStore
 
     store = TokenStore.load(args.file) if Path(args.file).exists() else TokenStore()
+    if args.client_id in store and not args.replace:
+        raise ValueError(
+            f"{args.file} already has a token for {args.client_id!r}; add --replace to make a new one "
+            "(the old token then stops working)"
+        )
     role = "operator" if args.operator else "client"
     token = store.add(args.client_id, role)
     store.save(args.file)
@@ -276,6 +297,14 @@ def add_wire_commands(sub: Any) -> None:
     certs.add_argument("--host", action="append", default=[], help="extra server host name or IP (repeatable)")
     certs.add_argument("--client-name", default="fedsea-client", help="the client certificate's common name")
     certs.add_argument("--days", type=int, default=30)
+    certs.add_argument(
+        "--clients",
+        nargs="+",
+        default=[],
+        metavar="N|NAME",
+        help="also one client certificate per client: a number N (client-0 ... client-{N-1}, a run file's "
+        "names) or the names; written to DIR/clients/<name>.pem and .key",
+    )
     certs.set_defaults(func=_cmd_certs)
 
     token = sub.add_parser("token", help="manage client tokens")
@@ -288,4 +317,5 @@ def add_wire_commands(sub: Any) -> None:
         action="store_true",
         help="an operator token: server-wide GetStats; stages and collects trunk adapters (a Flower ServerApp)",
     )
+    add.add_argument("--replace", action="store_true", help="replace the client's existing token (it stops working)")
     add.set_defaults(func=_cmd_token)

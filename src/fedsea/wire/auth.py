@@ -115,6 +115,9 @@ class TokenStore:
     def __len__(self) -> int:
         return len(self._hashes)
 
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._hashes
+
 
 def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
     """The token in ``authorization: Bearer <token>`` call metadata, if any."""

@@ -1,7 +1,8 @@
 """Throwaway certificates for test setups: a CA, a server and a client certificate.
 
 ``fedsea certs DIR`` writes ``ca.pem``, ``ca.key``, ``server.pem``, ``server.key``,
-``client.pem`` and ``client.key``. The server certificate is valid for ``localhost``,
+``client.pem`` and ``client.key``; with ``--clients`` one more client certificate per name
+(``clients/<name>.pem`` and ``.key``, each client its own identity). The server certificate is valid for ``localhost``,
 ``127.0.0.1`` and ``::1`` (and any extra host names given). Not for production: real
 deployments use their own PKI.
 """
@@ -110,6 +111,36 @@ def make_test_certs(
         atomic_write_bytes(path, _key_pem(key))
         os.chmod(path, 0o600)
     return paths
+
+
+def add_client_certs(directory: str | os.PathLike[str], names: Sequence[str], days: int = 30) -> list[Path]:
+    """Sign one client certificate per name with the CA in ``directory`` (``ca.pem``, ``ca.key``, as
+    ``make_test_certs`` wrote them): ``clients/<name>.pem`` and ``clients/<name>.key`` (owner-only).
+
+    Returns the certificate paths. Raises ``InvalidInputError`` for a name that is not a plain file
+    name or a folder without the CA's files.
+    """
+    out = Path(directory)
+    try:
+        ca_cert = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+        ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError("--clients", f"no readable CA in {out} (ca.pem, ca.key): {exc}") from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise InvalidInputError("--clients", f"{out / 'ca.key'} is not the EC key fedsea certs writes")
+    folder = out / "clients"
+    folder.mkdir(exist_ok=True)
+    written = []
+    for name in names:
+        if not name or "/" in name or name.startswith(".") or len(name) > 64:
+            raise InvalidInputError("--clients", f"{name!r} is not a usable client name (a plain file name)")
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(name, key, ca_cert.subject, ca_key, days, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+        atomic_write_bytes(folder / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM))
+        atomic_write_bytes(folder / f"{name}.key", _key_pem(key))
+        os.chmod(folder / f"{name}.key", 0o600)
+        written.append(folder / f"{name}.pem")
+    return written
 
 
 def _read(flag: str, path: str | os.PathLike[str]) -> bytes:
