@@ -53,3 +53,28 @@ def test_merge_reads_the_cut_from_the_adapters(tmp_path):
     split.save_adapters(tmp_path / "adapters")
     assert main(["merge", str(tmp_path / "adapters"), str(tmp_path / "out"), "--model", "tiny-llama"]) == 0
     assert "| Cut (p, q) | (1, 2) |" in ModelCard.load(tmp_path / "out" / "README.md").text
+
+
+def test_help_names_every_flags_default(capsys):
+    import argparse
+
+    from fedsea.cli.main import build_parser
+
+    def walk(parser: argparse.ArgumentParser, where: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    missing += walk(child, f"{where} {name}")
+            elif (
+                action.option_strings
+                and action.default not in (None, False, [], argparse.SUPPRESS)
+                and "default" not in (action.help or "").lower()
+            ):
+                missing.append(f"{where} {action.option_strings[0]}")
+        return missing
+
+    assert walk(build_parser(), "fedsea") == []
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--port PORT           (default: 50051)" in capsys.readouterr().out

@@ -199,7 +199,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--json", action="store_true", help="print only the JSON result")
     ev.set_defaults(func=_cmd_eval)
+    show_defaults(parser)
     return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Name every flag's default in ``--help`` where its help text does not already say it.
+
+    ``argparse.ArgumentDefaultsHelpFormatter`` would repeat the defaults that the help texts
+    already give in their own words, and skips flags without help text; this walks every
+    subcommand's flags once instead.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                show_defaults(child)
+            continue
+        default = action.default
+        if (
+            not action.option_strings
+            or default in (None, False, [], argparse.SUPPRESS)
+            or action.help == argparse.SUPPRESS
+        ):
+            continue
+        if action.help is None:
+            action.help = "(default: %(default)s)"
+        elif "default" not in action.help.lower():
+            action.help += " (default: %(default)s)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

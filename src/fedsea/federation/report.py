@@ -99,14 +99,41 @@ def _main_metric(record: dict[str, Any]) -> tuple[str, float]:
     return numeric[0] if numeric else ("metric", float("nan"))
 
 
-def plot(
-    run_dir: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any]], traffic: list[dict[str, Any]]
-) -> list[Path]:
-    """Draw loss per step, eval metric and bytes per round into PNGs in ``run_dir``; return their paths."""
+def eval_figure(evals: list[dict[str, Any]], central: float | None = None) -> Any:
+    """The eval metric per round (integer rounds), with the centralized baseline as a dashed line
+    when the run computed one; a matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    name, _ = _main_metric(evals[0])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["round"] for e in evals], [_main_metric(e)[1] for e in evals], marker="o", label="federated")
+    if central is not None:
+        ax.axhline(central, color="gray", linestyle="--", label="centralized, same budget")
+        ax.legend()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round (0 = before training)", ylabel=name, title=f"Eval {name} per round")
+    fig.tight_layout()
+    return fig
+
+
+def plot(
+    run_dir: Path,
+    steps: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    traffic: list[dict[str, Any]],
+    central: float | None = None,
+) -> list[Path]:
+    """Draw loss per step, eval metric (and the centralized baseline, if any) and bytes per round
+    into PNGs in ``run_dir``; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -121,11 +148,7 @@ def plot(
     plt.close(fig)
 
     if evals:
-        name, _ = _main_metric(evals[0])
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([e["round"] for e in evals], [_main_metric(e)[1] for e in evals], marker="o")
-        ax.set(xlabel="round (0 = before training)", ylabel=name, title=f"Eval {name} per round")
-        fig.tight_layout()
+        fig = eval_figure(evals, central)
         paths.append(run_dir / "eval.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
@@ -138,6 +161,7 @@ def plot(
         ax.bar([r - 0.2 for r in rounds], sent, width=0.4, label="clients -> server")
         ax.bar([r + 0.2 for r in rounds], received, width=0.4, label="server -> clients")
         ax.set(xlabel="round", ylabel="MiB", title="Bytes moved per round (all clients)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.legend()
         fig.tight_layout()
         paths.append(run_dir / "bytes.png")
@@ -179,7 +203,7 @@ def write_report(
     if central is not None:
         lines.append(json.dumps({"type": "centralized", "steps": central["steps"], **central["metrics"]}))
     atomic_write_text(run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
-    plots = plot(run_dir, steps, evals, traffic)
+    plots = plot(run_dir, steps, evals, traffic, _main_metric(central["metrics"])[1] if central else None)
 
     name, before = _main_metric(evals[0]) if evals else ("metric", float("nan"))
     after = _main_metric(evals[-1])[1] if evals else float("nan")
