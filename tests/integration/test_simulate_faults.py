@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,19 @@ from tests.integration.simfaults import kill_when, start, steps
 
 def test_a_lost_client_is_a_warning_and_the_run_still_reports(tmp_path):
     sim, run_dir = start(tmp_path, 3)
-    kill_when(run_dir, "client-2", lambda: len(steps(run_dir, "client-2")) >= 1)
+    argv: dict[str, bytes] = {}
+
+    def ready() -> bool:
+        if len(steps(run_dir, "client-2")) < 1:
+            return False
+        pids = json.loads((run_dir / "pids.json").read_text())
+        argv.update({name: Path(f"/proc/{pids[name]}/cmdline").read_bytes() for name in ("client-0", "client-2")})
+        return True
+
+    kill_when(run_dir, "client-2", ready)
+    # The clients' tokens reach them by the environment, never by argv (every user sees the process list).
+    tokens = json.loads((run_dir / "secrets" / "client_tokens.json").read_text())
+    assert argv and all(tokens[name].encode() not in argv[name] and b"join" in argv[name] for name in argv)
     out, err = sim.communicate(timeout=400)
     # The bug: exit 1 with a traceback and no report until --resume.
     assert sim.returncode == 0, err[-3000:]

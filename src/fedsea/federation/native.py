@@ -109,8 +109,6 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
             c.name,
             "--shard",
             str(run_dir / "clients" / c.name / "shard.json"),
-            "--token",
-            tokens[c.name],
             "--log",
             str(run_dir / "clients" / c.name / "steps.jsonl"),
             "--noise-secret-file",
@@ -122,7 +120,9 @@ def run_processes(plan: RunPlan, run_dir: Path, resume: bool, progress: bool = T
             *_tls_args(run_dir, False),
         ]
         # Clients compute only their head and tail: one thread each leaves the cores to the trunk.
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **native}
+        # The token goes in the environment, readable by this user only (/proc/PID/environ), never
+        # in argv, which every user of the machine sees in the process list.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **native, "FEDSEA_TOKEN": tokens[c.name]}
         log = (logs / f"{c.name}.log").open("a")
         clients.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
     pids = {"server": server.pid, **{c.name: p.pid for c, p in zip(plan.clients, clients, strict=True)}}
