@@ -19,6 +19,7 @@ round was checkpointed (``fedsea.federation.runstate``).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,6 +156,8 @@ def open_run(
         if not (folder / "config.toml").is_file():
             raise FileNotFoundError(f"--resume {folder}: not a run folder (no config.toml)")
         plan = load_plan(folder / "config.toml", overrides)
+        if overrides:
+            resume_overrides(folder, plan)
     else:
         if config is None:
             raise ValueError("give a run file, or --resume RUN_DIR")
@@ -165,6 +168,41 @@ def open_run(
     check_plan(plan)  # before any folder or process: a bad run file is a one-line error
     # Absolute: Flower's apps read it from a run config, one meaning for every party.
     return plan, folder.resolve()
+
+
+# What a resume may change: how long the run goes on and how long it waits. Everything else
+# (model, data, partition, LoRA, noise, mode, ...) made the checkpoints and must stay as it was.
+RESUMABLE_KEYS = ("federation.rounds",)
+RESUMABLE_SUFFIX = "_timeout_s"
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_overrides(folder: Path, plan: RunPlan) -> None:
+    """Apply a resume's overrides to the run folder's ``config.toml`` and say so on stderr, or
+    refuse them (``ValueError``) when they would change what the checkpoints were made with."""
+    before = _flat(load_plan(folder / "config.toml").tree)
+    after = _flat(plan.tree)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    fixed = [k for k in changed if k not in RESUMABLE_KEYS and not k.endswith(RESUMABLE_SUFFIX)]
+    if fixed:
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in fixed)
+        raise ValueError(
+            f"--resume {folder}: {shown} would change the run its checkpoints were made by; a resume may change "
+            f"only {', '.join(RESUMABLE_KEYS)} and the *{RESUMABLE_SUFFIX} settings (start a new run for the rest)"
+        )
+    if changed:
+        atomic_write_text(folder / "config.toml", dump_tree(plan.tree))
+        applied = ", ".join(f"{k} = {after.get(k)!r} (was {before.get(k)!r})" for k in changed)
+        print(f"fedsea: note: --resume applies {applied} to {folder / 'config.toml'}", file=sys.stderr)
 
 
 def run_and_report(
