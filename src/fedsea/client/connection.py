@@ -24,6 +24,7 @@ from fedsea.wire.keepalive import CLIENT_KEEPALIVE_MS, CLIENT_KEEPALIVE_TIMEOUT_
 from fedsea.wire.shaper import NetShaper
 
 from .deadlines import CallKind, ClientTimeouts, ServerNotAnsweringError, keepalive_failed
+from .diagnose import explain
 
 T = TypeVar("T")
 # Transient failures worth resending the same message for (within the call's deadline). A
@@ -113,6 +114,10 @@ class Connection:
         """The deadline of a call of ``kind``, in seconds."""
         return self.config.timeouts.seconds(kind)
 
+    def explain(self, code: str, details: str) -> str:
+        """``details`` with the likely cause and fix in front (``fedsea.client.diagnose``)."""
+        return explain(code, details, self.config.address, self.config.tls, self.config.token is not None)
+
     def not_answering(self, waited_s: float, kind: CallKind, keepalive: bool = False) -> ServerNotAnsweringError:
         """The error for a call of ``kind`` that got no answer in ``waited_s`` seconds (``keepalive``:
         its pings went unanswered)."""
@@ -148,7 +153,7 @@ class Connection:
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and left <= 0.05 * budget:
                     raise self.not_answering(now - start, kind) from None
                 if code not in RETRYABLE:
-                    raise RemoteError(code.name, details) from None
+                    raise RemoteError(code.name, self.explain(code.name, details)) from None
                 if keepalive_failed(details):  # frozen or gone: its session with it, no use retrying
                     raise self.not_answering(now - start, kind, keepalive=True) from None
                 stalled = now - began >= STALLED_S or STALL_MARK in details
@@ -159,7 +164,7 @@ class Connection:
                     continue
                 if left <= 0.05 * budget:
                     raise self.not_answering(time.monotonic() - start, kind) from None
-                raise RemoteError(code.name, details) from None
+                raise RemoteError(code.name, self.explain(code.name, details)) from None
 
     def unary(
         self, rpc: str, method: Callable[..., Any], request: Any, kind: CallKind = "call", cap_s: float | None = None
