@@ -51,11 +51,23 @@ def encode_task_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[
 
 
 def load_client_data(
-    tokenizer: PreTrainedTokenizerBase, shard: str | None, data: str | None, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    shard: str | None,
+    data: str | None,
+    max_length: int,
+    own: Any = None,
+    holdout: float = 0.0,
 ) -> list[Example]:
-    """A client's training examples, from exactly one of a task shard or a JSONL file."""
+    """A client's training examples, from exactly one of a task shard or a JSONL file; with
+    neither, the client's own file in the run file (``own``: its ``ClientPlan``, whose ``data``
+    is read at its ``max_length``, the last ``holdout`` share of rows held out)."""
+    if shard is None and data is None and own is not None and own.data is not None:
+        return own_examples(tokenizer, own, holdout)[0]
     if (shard is None) == (data is None):
-        raise ValueError("give exactly one of --shard (a task shard) or --data (a JSONL file)")
+        raise ValueError(
+            "give exactly one of --shard (a task shard) or --data (a JSONL file), or name the client's data "
+            "file in the run file ([[clients]] data or [task] data)"
+        )
     if data is not None:
         return load_jsonl(data, tokenizer, max_length)
     spec = json.loads(Path(str(shard)).read_text())

@@ -180,7 +180,9 @@ def open_run(
         if config is None:
             raise ValueError("give a run file, or --resume RUN_DIR")
         plan = load_plan(config, overrides)
-        folder = Path(run_dir or f"runs/{plan.config.task.name}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        # named after the task, or "data" when every client trains on its own file
+        what = plan.config.task.name if any(c.data is None for c in plan.clients) else "data"
+        folder = Path(run_dir or f"runs/{what}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (folder / "checkpoints").exists():
             raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
     check_plan(plan)  # before any folder or process: a bad run file is a one-line error
