@@ -91,3 +91,20 @@ def test_held_out_rows_are_the_last_and_join_reads_the_run_files_data(tmp_path):
     assert len(load_client_data(tokenizer, None, str(tmp_path / "mine" / "a.jsonl"), 64, me, 0.2)) == 10
     with pytest.raises(ValueError, match="give exactly one"):
         load_client_data(tokenizer, None, None, 64, plan.clients[0].__class__(), 0.2)
+
+
+def test_mixed_runs_partition_the_task_across_the_clients_without_a_file(tmp_path):
+    from fedsea.federation.simulate import prepare_run, run_data
+
+    _write(tmp_path / "mine" / "a.jsonl", [{"text": f"note {i}"} for i in range(10)])
+    (tmp_path / "run.toml").write_text(
+        RUN.replace('data = "shared.jsonl"', 'name = "sst2"\ntrain_limit = 20') + "[wire]\ntls = false\n"
+    )
+    plan = load_plan(tmp_path / "run.toml")
+    info = prepare_run(plan, tmp_path / "run")
+    shards = [json.loads((tmp_path / "run" / "clients" / c / "shard.json").read_text()) for c in ("client-0",
+              "client-1", "client-2")]  # fmt: skip
+    assert shards[0] == {"data": str(tmp_path / "mine" / "a.jsonl"), "holdout": 0.1}
+    assert all(s["task"] == "sst2" for s in shards[1:]) and sum(len(s["ids"]) for s in shards[1:]) == 20
+    assert "a.jsonl" in info["partition"] and sum(info["sizes"]) == 20
+    assert run_data(plan).startswith("client-0: its own file a.jsonl; task sst2")
