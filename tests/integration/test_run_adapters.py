@@ -6,6 +6,7 @@ generation then gives the same tokens as ``fedsea export``'s merged model genera
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -93,7 +94,7 @@ def trunk_server():
         thread.stop()
 
 
-def test_split_generation_with_a_checkpoint_matches_the_exported_model(finished_run, trunk_server, capsys):
+def test_split_generation_with_a_checkpoint_matches_the_exported_model(finished_run, trunk_server, capsys, monkeypatch):
     run_dir, merged_dir = finished_run
     checkpoint = run_dir / "checkpoints" / "round-0002"
     assert run_cut(checkpoint) == run_cut(run_dir) == (1, 2)
@@ -119,6 +120,18 @@ def test_split_generation_with_a_checkpoint_matches_the_exported_model(finished_
     out, err = capsys.readouterr()
     assert out.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
     assert "round 2" in err and "(1, 2)" in err
+
+    # fedsea chat with the round checkpoint: the conversation in the chat template, same tokens again
+    conversation = [{"role": "user", "content": PROMPT}]
+    chat_ids, _ = encode_prompts(tokenizer, split, conversation, None)
+    chat_tokens = _greedy_unsplit(merged, chat_ids, tokenizer.eos_token_id)
+    chat_expected = tokenizer.decode(chat_tokens, skip_special_tokens=True)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT + "\n/quit\n"))
+    argv = ["chat", "--server", trunk_server, "--model", "tiny-llama", "--adapters", str(checkpoint), "--sigma", "0",
+            "--wire-dtype", "fp32", "--max-new-tokens", str(NEW_TOKENS)]  # fmt: skip
+    assert main(argv) == 0
+    answer = next(line for line in capsys.readouterr().out.splitlines() if "model> " in line)
+    assert answer.split("model> ", 1)[1].strip() == chat_expected.strip()
 
 
 def test_eval_through_the_split_with_a_run_folder_matches_the_exported_model(finished_run, capsys):
