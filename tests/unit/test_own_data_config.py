@@ -108,3 +108,21 @@ def test_mixed_runs_partition_the_task_across_the_clients_without_a_file(tmp_pat
     assert all(s["task"] == "sst2" for s in shards[1:]) and sum(len(s["ids"]) for s in shards[1:]) == 20
     assert "a.jsonl" in info["partition"] and sum(info["sizes"]) == 20
     assert run_data(plan).startswith("client-0: its own file a.jsonl; task sst2")
+
+
+def test_evaluation_and_the_centralized_baseline_score_the_held_out_rows(tmp_path):
+    from fedsea.federation.simulate import centralized_baseline, evaluate_state
+
+    for name in ("a", "b"):
+        _write(tmp_path / f"{name}.jsonl", [{"text": f"{name} note number {i} of the ward"} for i in range(10)])
+    (tmp_path / "run.toml").write_text(
+        '[model]\nsource = "tiny-llama"\n[task]\ndata = "a.jsonl"\nholdout = 0.2\n[federation]\nclients = 2\n'
+        'rounds = 1\nlocal_steps = 2\n[client]\nhead_layers = 1\ntail_layers = 1\n[[clients]]\ndata = "b.jsonl"\n'
+    )
+    plan = load_plan(tmp_path / "run.toml")
+    tokenizer = load_tokenizer("tiny-llama")
+    base = evaluate_state(plan, None, tokenizer)
+    assert set(base) == {"heldout_loss", "heldout_loss/client-0", "heldout_loss/client-1"}  # no task metric
+    assert base["heldout_loss"] == pytest.approx((base["heldout_loss/client-0"] + base["heldout_loss/client-1"]) / 2)
+    central = centralized_baseline(plan, tokenizer)
+    assert central["steps"] == 4 and set(central["metrics"]) == set(base)
