@@ -335,8 +335,8 @@ class RunConfig:
         federation: the rounds.
         server: the trunk server's device and dtype, where they differ from ``[model]``.
         client: every client's split, batch and length.
-        clients: per-client differences from ``[client]``, one ``[[clients]]`` table per client in order
-            (client-0 first); clients without one use ``[client]``.
+        clients: per-client differences from ``[client]`` and each one's own ``data`` file (JSONL), one
+            ``[[clients]]`` table per client in order (client-0 first); clients without one use ``[client]``.
         lora: the LoRA of every part; ``[lora.head]``, ``[lora.trunk]``, ``[lora.tail]`` override it for one.
         optim: AdamW of every part.
         noise: the noise on h_p and on the gradient sent up.
