@@ -3,7 +3,9 @@
 Without ``--adapter`` or partition points the unsplit model is evaluated (the centralized
 reference). With them, the model is split at (P, Q), the saved head/trunk/tail adapters
 are loaded, and evaluation runs through the three parts (split inference, in process).
-P and Q default to the partition the adapters were saved with.
+P and Q default to the partition the adapters were saved with. ``--adapter`` also takes a
+federated run's folder (its latest round) or a round checkpoint: each part takes its blocks of
+the global adapter, and P and Q default to the run's (``fedsea.federation.run_adapters``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from transformers import PreTrainedModel
 from fedsea.cli.flags import settings_from_flags
 from fedsea.config import Placement
 from fedsea.errors import InvalidInputError
+from fedsea.federation.run_adapters import load_run_adapters, run_cut, run_source
 from fedsea.model.adapters import read_adapter
 from fedsea.model.load import load_model, load_tokenizer
 from fedsea.model.split import SplitModel, split_model
@@ -40,14 +43,22 @@ def run_eval(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     target: PreTrainedModel | SplitModel = model
     p, q = args.head_layers, args.tail_layers
+    run = run_source(args.adapter) if args.adapter is not None else None  # a federated run's result
     if args.adapter is not None or p is not None or q is not None:
         if args.adapter is not None and (p is None or q is None):
-            saved_p, saved_q = saved_partition(args.adapter, int(model.config.num_hidden_layers))
+            saved: tuple[int | None, int | None] = (
+                run_cut(args.adapter)  # the run's (p, q)
+                if run is not None
+                else saved_partition(args.adapter, int(model.config.num_hidden_layers))
+            )
+            saved_p, saved_q = saved
             p, q = p if p is not None else saved_p, q if q is not None else saved_q
         if p is None or q is None:
             raise InvalidInputError("--head-layers/--tail-layers", "give both P and Q to evaluate through a split")
         split = split_model(model, p, q)
-        if args.adapter is not None:
+        if run is not None:
+            load_run_adapters(split, args.adapter)  # each part's blocks of the global adapter
+        elif args.adapter is not None:
             split.load_adapters(args.adapter)
         target = split
     result = evaluate(

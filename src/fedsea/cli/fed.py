@@ -88,7 +88,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
     native_note("fedsea join", plan.fed.mode)
     tokenizer = load_tokenizer(model.source)
     try:
-        examples = load_client_data(tokenizer, args.shard, args.data, me.max_length)
+        examples = load_client_data(tokenizer, args.shard, args.data, me.max_length, me, plan.config.task.holdout)
     except (KeyError, TypeError) as exc:  # a shard without its fields: name the file, not a traceback
         raise ValueError(f"--shard {args.shard} is not a task shard (task, split, ids): missing {exc}") from exc
     log = Path(args.log) if args.log else None

@@ -155,7 +155,10 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
 
     g = GenerationConfig()
     parser.add_argument(
-        "--adapters", help="folder with head/, trunk/ and tail/ adapters (fedsea train --save-adapters)"
+        "--adapters",
+        help="folder with head/, trunk/ and tail/ adapters (fedsea train --save-adapters), or a federated run's "
+        "folder (its latest round) or round checkpoint (RUN/checkpoints/round-NNNN); with a run, "
+        "--head-layers/--tail-layers default to the run's",
     )
     parser.add_argument(
         "--base-trunk",
@@ -176,11 +179,21 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
 
 def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from fedsea.client.split_client import SplitClient
+    from fedsea.config import SplitConfig
     from fedsea.model.load import load_tokenizer
     from fedsea.model.split import split_model
     from fedsea.privacy.calibration import resolve_noise
     from fedsea.wire.shaper import NetShaper
 
+    run = None
+    if args.adapters:
+        from fedsea.federation.run_adapters import run_cut, run_source
+
+        run = run_source(args.adapters)  # a run folder or a round checkpoint: the global adapter
+    # (p, q): the flags, else the run's cut, else SplitConfig's defaults (flags default to None here)
+    cut = run_cut(args.adapters) if run is not None else (SplitConfig.head_layers, SplitConfig.tail_layers)
+    args.head_layers = cut[0] if args.head_layers is None else args.head_layers
+    args.tail_layers = cut[1] if args.tail_layers is None else args.tail_layers
     split = split_model(load_placed(model_settings(args)), args.head_layers, args.tail_layers)
     tokenizer = load_tokenizer(args.model)
     # Measured before the adapters load: the level is relative to the public head's scale.
@@ -188,7 +201,12 @@ def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     # sends the whole conversation again every turn, so its releases grow with the turns.
     noise = resolve_noise(noise_target(args, 1), split.head, tokenizer)
     print(f"noise on h_p (p={args.head_layers}): {noise.summary()}", file=sys.stderr)
-    if args.adapters:
+    if run is not None:
+        from fedsea.federation.run_adapters import load_run_adapters
+
+        round_number = load_run_adapters(split, args.adapters)  # head, trunk and tail blocks of the global adapter
+        print(f"adapters: round {round_number} of the run in {run[0]}, at (p, q) = {cut}", file=sys.stderr)
+    elif args.adapters:
         check_adapter_parts(args.adapters, args.base_trunk)
         split.load_adapters(args.adapters)  # the trunk adapter goes to the server on connect
     client = SplitClient(
@@ -288,13 +306,14 @@ def add_generate_commands(sub: Any) -> None:
     generate.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     _generation_args(generate)
     add_noise_args(generate)
-    generate.set_defaults(func=_cmd_generate)
+    # None: not given (then the run's cut with a run's --adapters, else SplitConfig's, see _client)
+    generate.set_defaults(func=_cmd_generate, head_layers=None, tail_layers=None)
 
     chat = sub.add_parser("chat", help="an interactive chat through the split, streaming the answers")
     add_connection_args(chat)
     _generation_args(chat)
     add_noise_args(chat)
-    chat.set_defaults(func=_cmd_chat)
+    chat.set_defaults(func=_cmd_chat, head_layers=None, tail_layers=None)
 
 
 __all__ = [

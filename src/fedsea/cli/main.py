@@ -186,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", required=True, help="sst2, boolq, cb, copa, rte, wic, wsc, multirc, record, xsum, ...")
     ev.add_argument("--model", default=DEFAULT_MODEL, help="model source (default: %(default)s)")
     add_settings_flags(ev, Placement(), choices={"dtype": DTYPE_SPECS})
-    ev.add_argument("--adapter", default=None, help="folder of saved head/, trunk/, tail/ adapters")
+    ev.add_argument(
+        "--adapter",
+        default=None,
+        help="folder of saved head/, trunk/, tail/ adapters, or a run folder or round checkpoint of fedsea simulate",
+    )
     ev.add_argument("--head-layers", type=int, default=None, help="P (default: the adapter's)")
     ev.add_argument("--tail-layers", type=int, default=None, help="Q (default: the adapter's)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")

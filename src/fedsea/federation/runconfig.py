@@ -59,6 +59,11 @@ class TaskSettings:
         eval_limit: the first this many evaluation rows are scored each round; unset: all.
         partition: ``iid``, ``dirichlet`` (label skew) or ``size`` (quantity skew).
         alpha: the Dirichlet concentration of a skewed partition (smaller: more skewed).
+        data: a JSONL file of ``{"text"}`` or ``{"prompt", "completion"}`` rows that every client
+            without its own ``[[clients]] data`` trains on instead of the task's partition (a
+            relative path is the run file's folder's).
+        holdout: the share of each own file's rows (its last ones) held out of training and
+            scored each round as the held-out loss (0: none held out, the loss on the training rows).
     """
 
     name: str = "sst2"
@@ -67,8 +72,12 @@ class TaskSettings:
     eval_limit: int | None = field(default=100, metadata={ZERO_IS_NONE: True})
     partition: str = "iid"
     alpha: float = 0.5
+    data: str | None = None
+    holdout: float = 0.1
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.holdout) and 0 <= self.holdout < 1):
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
         for name in ("train_limit", "eval_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -196,7 +205,8 @@ class ClientConfig(SplitConfig):
 
 @dataclass(frozen=True)
 class ClientOverrides:
-    """One client's differences from ``[client]`` (unset: the ``[client]`` value)."""
+    """One client's differences from ``[client]`` (unset: the ``[client]`` value); ``data``: its own
+    JSONL file (unset: ``[task] data``, else its share of the task; relative: the run file's folder's)."""
 
     head_layers: int | None = None
     tail_layers: int | None = None
@@ -204,17 +214,21 @@ class ClientOverrides:
     max_length: int | None = None
     device: str | None = None
     dtype: str | None = None
+    data: str | None = None
 
 
-# Each override names a ``ClientConfig`` field: a field added there must be added here.
-assert [f.name for f in dataclasses.fields(ClientOverrides)] == [f.name for f in dataclasses.fields(ClientConfig)]
+# Each override names a ``ClientConfig`` field (or ``data``): a field added there must be added here.
+assert [f.name for f in dataclasses.fields(ClientOverrides)] == [f.name for f in dataclasses.fields(ClientConfig)] + [
+    "data"
+]
 
 
 @dataclass(frozen=True)
 class ClientPlan(ClientConfig):
-    """One client's resolved settings and its name in the run (device and dtype filled in from ``[model]``)."""
+    """One client's resolved settings, its name in the run and its own JSONL file (None: the task's share)."""
 
     name: str = "client-0"
+    data: str | None = None
 
     def placement(self) -> Placement:
         """This client's device and dtype."""
@@ -321,8 +335,8 @@ class RunConfig:
         federation: the rounds.
         server: the trunk server's device and dtype, where they differ from ``[model]``.
         client: every client's split, batch and length.
-        clients: per-client differences from ``[client]``, one ``[[clients]]`` table per client in order
-            (client-0 first); clients without one use ``[client]``.
+        clients: per-client differences from ``[client]`` and each one's own ``data`` file (JSONL), one
+            ``[[clients]]`` table per client in order (client-0 first); clients without one use ``[client]``.
         lora: the LoRA of every part; ``[lora.head]``, ``[lora.trunk]``, ``[lora.tail]`` override it for one.
         optim: AdamW of every part.
         noise: the noise on h_p and on the gradient sent up.
@@ -358,7 +372,7 @@ class RunConfig:
         plans = []
         for i in range(self.federation.clients):
             given = to_tree(self.clients[i]) if i < len(self.clients) else {}
-            placed = {"device": self.model.device, "dtype": self.model.dtype}
+            placed = {"device": self.model.device, "dtype": self.model.dtype, "data": self.task.data}
             plans.append(ClientPlan(**{**placed, **to_tree(self.client), **given, "name": f"client-{i}"}))
         return tuple(plans)
 

@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedsea.config import NoiseConfig, OptimConfig, SplitLora
@@ -166,6 +167,8 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
             data = read_settings_file(path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read run file {path}: {exc}") from exc
+    if path is not None:
+        _data_paths(data, Path(path).parent)  # the file's relative data paths are its folder's
     from_file = set(data["noise"]) if isinstance(data.get("noise"), dict) else set()
     from_overrides: set[str] = set()
     for assignment in overrides:
@@ -174,7 +177,18 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
             from_overrides.add(keys[1])
     if isinstance(data.get("noise"), dict):
         _noise_levels(data["noise"], from_overrides, from_file)
+    _data_paths(data, Path.cwd())  # an override's relative path is the working folder's
     return build(RunConfig, data)
+
+
+def _data_paths(tree: dict[str, Any], folder: Path) -> None:
+    """Make the relative ``data`` paths of ``[task]`` and each ``[[clients]]`` absolute against
+    ``folder``, in place: every party (and a ``--resume`` from the run folder's resolved
+    ``config.toml``) then reads the same files wherever it runs from."""
+    tables = [tree.get("task")] + (list(tree["clients"]) if isinstance(tree.get("clients"), list) else [])
+    for table in tables:
+        if isinstance(table, dict) and isinstance(table.get("data"), str) and table["data"]:
+            table["data"] = os.path.abspath(folder / os.path.expanduser(table["data"]))
 
 
 def load_plan(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunPlan:

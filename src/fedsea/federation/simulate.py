@@ -29,7 +29,16 @@ import torch
 
 from fedsea.config import Placement
 from fedsea.federation.checkpoint import CheckpointError, latest_round, load_round
-from fedsea.federation.data import encode_task_examples, task_examples, write_shard
+from fedsea.federation.data import (
+    check_client_data,
+    encode_task_examples,
+    heldout_losses,
+    own_data_table,
+    own_examples,
+    task_examples,
+    write_data_shard,
+    write_shard,
+)
 from fedsea.federation.runstate import (
     RunStoppedError,
     after_failure,
@@ -63,10 +72,17 @@ def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
     atomic_write_text(secrets / "client_tokens.json", json.dumps(tokens))
     (secrets / "client_tokens.json").chmod(0o600)
     t = plan.config.task
+    for client in plan.clients:  # own files: the shard names the file (join, Flower, native read it alike)
+        if client.data is not None:
+            write_data_shard(run_dir / "clients" / client.name / "shard.json", client.data, t.holdout)
+    on_task = [c for c in plan.clients if c.data is None]
+    table = own_data_table(plan.clients, t.holdout) if len(on_task) < len(plan.clients) else ""
+    if not on_task:
+        return {"tokens": tokens, "partition": table}
     examples = task_examples(t.name, t.train_split, t.train_limit)
     labels = [e.label if e.label is not None else 0 for e in examples]
-    part = tasks.partition(labels, num_clients=len(plan.clients), scheme=t.partition, alpha=t.alpha, seed=plan.fed.seed)
-    for client, indices in zip(plan.clients, part.clients, strict=True):
+    part = tasks.partition(labels, num_clients=len(on_task), scheme=t.partition, alpha=t.alpha, seed=plan.fed.seed)
+    for client, indices in zip(on_task, part.clients, strict=True):
         write_shard(
             run_dir / "clients" / client.name / "shard.json",
             t.name,
@@ -75,8 +91,8 @@ def prepare_run(plan: RunPlan, run_dir: Path) -> dict[str, Any]:
             t.train_limit,
         )
     choices = list(examples[0].choices) if examples and examples[0].choices else None
-    table = part.table(labels, choices) if choices else ""
-    return {"tokens": tokens, "partition": table, "sizes": part.sizes}
+    tables = [table, part.table(labels, choices) if choices else ""]
+    return {"tokens": tokens, "partition": "\n\n".join(x for x in tables if x), "sizes": part.sizes}
 
 
 def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None, placement: Placement | None = None) -> Any:
@@ -99,14 +115,20 @@ def global_model(plan: RunPlan, state: dict[str, torch.Tensor] | None, placement
 
 
 def evaluate_state(plan: RunPlan, state: dict[str, torch.Tensor] | None, tokenizer: Any) -> dict[str, float]:
-    """The run's task metrics of the global model holding ``state`` (None: the base model)."""
+    """The run's metrics of the global model holding ``state`` (None: the base model)."""
+    return evaluate_model(plan, global_model(plan, state).model, tokenizer)
+
+
+def evaluate_model(plan: RunPlan, model: Any, tokenizer: Any) -> dict[str, float]:
+    """The held-out loss on the clients' own files (``heldout_loss``, if any client has one) and
+    the task's metrics (if any client trains on the task's partition)."""
     from fedsea import tasks
 
-    split = global_model(plan, state)
-    result = tasks.evaluate(
-        plan.config.task.name, split.model, tokenizer, limit=plan.config.task.eval_limit, progress=False
-    )
-    return dict(result.metrics)
+    t = plan.config.task
+    metrics = heldout_losses(plan.clients, t.holdout, model, tokenizer)
+    if any(c.data is None for c in plan.clients):
+        metrics.update(tasks.evaluate(t.name, model, tokenizer, limit=t.eval_limit, progress=False).metrics)
+    return metrics
 
 
 def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
@@ -123,9 +145,11 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
     with seeded(plan.fed.seed):
         split = global_model(plan, None).add_lora(plan.lora)
     torch.manual_seed(plan.fed.seed)  # LoRA dropout, if any
-    examples = encode_task_examples(
-        tokenizer, task_examples(t.name, t.train_split, t.train_limit), max(c.max_length for c in plan.clients)
-    )
+    examples = [e for c in plan.clients if c.data is not None for e in own_examples(tokenizer, c, t.holdout)[0]]
+    if any(c.data is None for c in plan.clients):
+        examples += encode_task_examples(
+            tokenizer, task_examples(t.name, t.train_split, t.train_limit), max(c.max_length for c in plan.clients)
+        )
     batch = plan.clients[0].batch_size
     steps = plan.fed.rounds * plan.fed.local_steps * len(plan.clients)
     trainer = CentralTrainer(split, optim=plan.optim)
@@ -135,10 +159,7 @@ def centralized_baseline(plan: RunPlan, tokenizer: Any) -> dict[str, Any]:
         range(steps), iterate_batches(examples, batch, tokenizer.pad_token_id, epochs, plan.fed.seed), strict=False
     ):
         losses.append(trainer.train_step(b).loss)
-    from fedsea import tasks
-
-    result = tasks.evaluate(t.name, split.model, tokenizer, limit=t.eval_limit, progress=False)
-    return {"steps": steps, "losses": losses, "metrics": dict(result.metrics)}
+    return {"steps": steps, "losses": losses, "metrics": evaluate_model(plan, split.model, tokenizer)}
 
 
 def open_run(
@@ -162,10 +183,13 @@ def open_run(
         if config is None:
             raise ValueError("give a run file, or --resume RUN_DIR")
         plan = load_plan(config, overrides)
-        folder = Path(run_dir or f"runs/{plan.config.task.name}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        # named after the task, or "data" when every client trains on its own file
+        what = plan.config.task.name if any(c.data is None for c in plan.clients) else "data"
+        folder = Path(run_dir or f"runs/{what}-{plan.fed.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (folder / "checkpoints").exists():
             raise ValueError(f"{folder} already holds a run; use --resume {folder} or another --run-dir")
     check_plan(plan)  # before any folder or process: a bad run file is a one-line error
+    check_client_data(plan.clients)  # and so is a missing or malformed own data file
     # Absolute: Flower's apps read it from a run config, one meaning for every party.
     return plan, folder.resolve()
 
@@ -317,7 +341,6 @@ def run_record(plan: RunPlan, rounds: int) -> Any:
 
     cuts = sorted({(c.head_layers, c.tail_layers) for c in plan.clients})
     cut = ", ".join(f"({p}, {q})" for p, q in cuts) + (" (mixed across clients)" if len(cuts) > 1 else "")
-    task = plan.config.task
     return TrainingRecord(
         base_model=plan.model,
         cut=cut,
@@ -327,8 +350,20 @@ def run_record(plan: RunPlan, rounds: int) -> Any:
         mode=plan.config.federation.mode,
         noise=noise_level(plan),
         epsilon=plan.noise.epsilon if plan.noise.mode == "dp" else None,
-        data=f"task {task.name} ({task.train_split} split), partitioned {task.partition} across the clients",
+        data=run_data(plan),
     )
+
+
+def run_data(plan: RunPlan) -> str:
+    """What the clients trained on, in words (the model card's data description)."""
+    task, own = plan.config.task, [c for c in plan.clients if c.data is not None]
+    words = [f"{c.name}: its own file {Path(str(c.data)).name}" for c in own]
+    if len(own) < len(plan.clients):
+        words.append(
+            f"task {task.name} ({task.train_split} split), partitioned {task.partition} across the "
+            + ("others" if own else "clients")
+        )
+    return "; ".join(words)
 
 
 __all__ = ["export_run", "load_config", "open_run", "run_and_report", "run_record", "simulate"]
