@@ -190,11 +190,21 @@ def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         from fedsea.federation.run_adapters import run_cut, run_source
 
         run = run_source(args.adapters)  # a run folder or a round checkpoint: the global adapter
-    # (p, q): the flags, else the run's cut, else SplitConfig's defaults (flags default to None here)
-    cut = run_cut(args.adapters) if run is not None else (SplitConfig.head_layers, SplitConfig.tail_layers)
-    args.head_layers = cut[0] if args.head_layers is None else args.head_layers
-    args.tail_layers = cut[1] if args.tail_layers is None else args.tail_layers
-    split = split_model(load_placed(model_settings(args)), args.head_layers, args.tail_layers)
+    model = load_placed(model_settings(args))
+    # (p, q): the flags, else the run's cut or the one saved adapters record, else SplitConfig's
+    # defaults (the flags default to None here).
+    cut: tuple[int | None, int | None] = (None, None)
+    if run is not None:
+        cut = run_cut(args.adapters)
+    elif args.adapters:
+        from fedsea.cli.eval import saved_partition
+
+        cut = saved_partition(args.adapters, int(model.config.num_hidden_layers))
+    if args.head_layers is None:
+        args.head_layers = cut[0] if cut[0] is not None else SplitConfig.head_layers
+    if args.tail_layers is None:
+        args.tail_layers = cut[1] if cut[1] is not None else SplitConfig.tail_layers
+    split = split_model(model, args.head_layers, args.tail_layers)
     tokenizer = load_tokenizer(args.model)
     # Measured before the adapters load: the level is relative to the public head's scale.
     # Each prompt token and each new token is sent once per generation (one release); a chat
@@ -308,12 +318,25 @@ def add_generate_commands(sub: Any) -> None:
     add_noise_args(generate)
     # None: not given (then the run's cut with a run's --adapters, else SplitConfig's, see _client)
     generate.set_defaults(func=_cmd_generate, head_layers=None, tail_layers=None)
+    _cut_from_adapters(generate)
 
     chat = sub.add_parser("chat", help="an interactive chat through the split, streaming the answers")
     add_connection_args(chat)
     _generation_args(chat)
     add_noise_args(chat)
     chat.set_defaults(func=_cmd_chat, head_layers=None, tail_layers=None)
+    _cut_from_adapters(chat)
+
+
+def _cut_from_adapters(parser: argparse.ArgumentParser) -> None:
+    """Say in --head-layers/--tail-layers' help where their value comes from when not given (``_client``)."""
+    from fedsea.config import SplitConfig
+
+    for action in parser._actions:
+        if action.dest in ("head_layers", "tail_layers") and action.help:
+            default = getattr(SplitConfig, action.dest)
+            base = action.help.split(" (default:")[0]
+            action.help = f"{base} (default: the cut --adapters records, a run's or saved adapters'; else {default})"
 
 
 __all__ = [
