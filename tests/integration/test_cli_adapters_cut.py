@@ -21,3 +21,21 @@ def test_generate_uses_the_cut_the_adapters_were_saved_with(tmp_path, capsys):
     finally:
         thread.stop()
     assert "noise on h_p (p=1)" in capsys.readouterr().err
+
+
+def test_chat_handles_its_commands_itself_and_marks_a_cut_answer(tmp_path, capsys, monkeypatch):
+    import io
+
+    thread = ServerThread(TrunkServer(TrunkHost(fedsea.load_model("tiny-llama"))))
+    port = thread.start()
+    session = "/help\n/bogus\nhello there\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(session))
+    try:
+        argv = ["chat", "--server", f"localhost:{port}", "--model", "tiny-llama", "--head-layers", "1"]
+        assert main([*argv, "--tail-layers", "1", "--max-new-tokens", "2", "--sigma", "0"]) == 0
+    finally:
+        thread.stop()
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 1  # only "hello there" went to the model
+    assert "/reset forgets the conversation" in out and "(unknown command /bogus; /help lists" in out
+    assert "(answer cut at --max-new-tokens 2; raise it for longer answers)" in out

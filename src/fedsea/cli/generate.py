@@ -282,7 +282,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     client, options = _client(args)
     history: list[dict[str, str]] = []
     print("fedsea chat: your text stays on this machine; the server sees only hidden states, noised as above.")
-    print("/reset forgets the conversation, /quit (or Ctrl-D) ends it.")
+    print(CHAT_HELP)
     with client:
         while True:
             try:
@@ -292,20 +292,32 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 return 0
             if not line:
                 continue
-            if line in ("/quit", "/exit"):
-                return 0
-            if line == "/reset":
-                history.clear()
-                print("(conversation reset)")
+            # Chat commands are handled here, never sent to the model; "//text" sends "/text".
+            if line.startswith("/") and not line.startswith("//"):
+                if line in ("/quit", "/exit"):
+                    return 0
+                if line == "/reset":
+                    history.clear()
+                    print("(conversation reset)")
+                elif line == "/help":
+                    print(CHAT_HELP)
+                else:
+                    print(f"(unknown command {line.split()[0]}; /help lists the commands)")
                 continue
-            history.append({"role": "user", "content": line})
+            history.append({"role": "user", "content": line.removeprefix("/")})
             print("model> ", end="", flush=True)
             pieces = []
-            for piece in client.stream(history, **options):
+            stream = client.stream(history, **options)
+            for piece in stream:
                 pieces.append(piece)
                 print(piece, end="", flush=True)
             print()
+            if stream.finish_reason == "length":
+                print(f"(answer cut at --max-new-tokens {options['max_new_tokens']}; raise it for longer answers)")
             history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+CHAT_HELP = "/help lists these, /reset forgets the conversation, /quit (or Ctrl-D) ends it; //text sends /text."
 
 
 def add_generate_commands(sub: Any) -> None:

@@ -43,7 +43,7 @@ from fedsea.wire.tensors import wire_dtype as wire_dtype_enum
 
 from .connection import ClientTls, Connection, ConnectionConfig
 from .deadlines import CLOSE_TIMEOUT_S, ClientTimeouts
-from .generation import GenerationConfig, GenerationOutput, generate, stream_text
+from .generation import GenerationConfig, GenerationOutput, TextStream, generate, stream_text
 from .prompts import encode_prompts
 from .remote_generation import RemoteStepper
 from .remote_trunk import RemoteTrunk
@@ -327,8 +327,9 @@ class SplitClient:
         config: GenerationConfig | None = None,
         chat: bool | None = None,
         **kwargs: Any,
-    ) -> Iterator[str]:
-        """Yield the answer to one prompt (or conversation) piece by piece, as it is generated."""
+    ) -> TextStream:
+        """Yield the answer to one prompt (or conversation) piece by piece, as it is generated; once
+        exhausted, its ``finish_reason`` says whether it ended (``stop``) or was cut (``length``)."""
         input_ids, lengths = encode_prompts(self.tokenizer, self.split, prompt, chat)
         config = self._config(config, kwargs)
         stepper = self.stepper(int(input_ids.shape[1]) + config.max_new_tokens, config.use_cache)

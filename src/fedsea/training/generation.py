@@ -225,6 +225,22 @@ def generate(
     return GenerationOutput(ids, texts, reasons)
 
 
+class TextStream(Iterator[str]):
+    """The text pieces of one answer as they are generated; once exhausted, ``finish_reason`` says
+    why it ended: ``"stop"`` (an end-of-sequence token or a stop string) or ``"length"`` (cut at
+    ``max_new_tokens``), as OpenAI's API names them."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+
 def stream_text(
     split: SplitModel,
     stepper: TrunkStepper,
@@ -233,10 +249,25 @@ def stream_text(
     config: GenerationConfig,
     tokenizer: object,
     privatize: Privatize | None = None,
-) -> Iterator[str]:
+) -> TextStream:
     """Text pieces of a single prompt as they are generated (stop strings never leak out)."""
     if input_ids.shape[0] != 1:
         raise ValueError("streaming is for one prompt at a time")
+    stream = TextStream(iter(()))
+    stream._pieces = _stream_pieces(split, stepper, input_ids, lengths, config, tokenizer, privatize, stream)
+    return stream
+
+
+def _stream_pieces(
+    split: SplitModel,
+    stepper: TrunkStepper,
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    config: GenerationConfig,
+    tokenizer: object,
+    privatize: Privatize | None,
+    stream: TextStream,
+) -> Iterator[str]:
 
     decode = _decoder_of(tokenizer)
     assert decode is not None
@@ -249,6 +280,7 @@ def stream_text(
             text = decode(ids)
             cut = _first_stop(text, config.stop) if config.stop else -1
             if cut >= 0:
+                stream.finish_reason = "stop"
                 yield text[shown:cut]
                 return
             # Hold back a possible stop-string prefix, and an incomplete UTF-8 character.
@@ -259,6 +291,9 @@ def stream_text(
                 yield text[shown:safe]
                 shown = safe
         text = decode(ids)
+        eos = set(config.eos_token_id or ())
+        cut_short = len(ids) >= config.max_new_tokens and not (ids and ids[-1] in eos)
+        stream.finish_reason = "length" if cut_short else "stop"
         if len(text) > shown:
             yield text[shown:]
     finally:
