@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fedsea.cli.main import main as fedsea_main
 from fedsea.experiments.serve_proc import ServeProcess
 from fedsea.federation.checkpoint import latest_round, load_round
 from fedsea.flower.template import write_app
@@ -30,6 +31,7 @@ RUN = """
 source = "tiny-llama"
 [task]
 name = "sst2"
+eval_limit = 8
 [federation]
 clients = 2
 rounds = 2
@@ -124,6 +126,37 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
         assert trunk.alive(), trunk.log.tail  # the trunk server outlives the run: it is the operator's
     finally:
         trunk.stop()
+
+    # The ServerApp says what each round did and where the report is, naming clients as the run file does.
+    lines = [x for x in result.output.splitlines() if "round " in x and "clients replied" in x]
+    assert [x[x.index("round ") :].split(":")[0] for x in lines] == ["round 1/2", "round 2/2"], result.output
+    assert all("2/2 clients replied (client-0, client-1), mean loss " in x and " MiB moved, " in x for x in lines), (
+        lines
+    )
+    finished = [x for x in result.output.splitlines() if "run finished: 2 rounds, 2 clients" in x]
+    assert len(finished) == 1 and finished[0].endswith(f"report {run_dir / 'report.md'}"), result.output
+    # The run folder holds what a fedsea simulate folder holds (one report writer).
+    for name in ("config.toml", "metrics.jsonl", "report.md", "summary.json", "loss.png", "eval.png", "bytes.png"):
+        assert (run_dir / name).is_file(), name
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics if m["type"] == "eval"] == [0, 1, 2]
+    traffic = [m for m in metrics if m["type"] == "traffic"]
+    assert sorted((m["client"], m["round"]) for m in traffic) == [(c, r) for c in ("client-0", "client-1")
+                                                                  for r in (1, 2)]  # fmt: skip
+    assert all(m["bytes_sent"] > 0 and m["bytes_received"] > 0 for m in traffic)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["bytes_moved"] == sum(
+        m["bytes_sent"] + m["bytes_received"] for m in traffic
+    )
+    report = (run_dir / "report.md").read_text()
+    assert "| client-0 |" in report and "| client-1 |" in report
+    # The node that named no client of the run file is reported as lost, by node id and Flower's reason.
+    assert all("client-9" not in x or x.startswith("**Lost during the run:** node ") for x in report.splitlines())
+    assert "client-0: 16 examples" in report  # the data section: each owner's own data
+    # fedsea export works on it.
+    exported = tmp_path / "merged"
+    assert fedsea_main(["export", str(run_dir), str(exported)]) == 0
+    assert (exported / "config.json").is_file() and any(exported.glob("*.safetensors"))
 
     rounds = [json.loads(line) for line in (run_dir / "server_rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]

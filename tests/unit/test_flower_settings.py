@@ -50,3 +50,12 @@ def test_the_app_template_declares_the_apps_and_every_run_config_key(tmp_path):
     assert app["config"] == DEFAULT_CONFIG
     assert (folder / "run.toml").is_file()
     FlowerRun.from_config(app["config"], app_dir=folder).plan()  # the template's run file loads as it is
+
+
+def test_the_serverapp_reports_by_default_and_evaluate_is_checked():
+    run = FlowerRun.from_config({})
+    assert run.report and run.evaluate == "rounds"  # a deployment run's folder gets its report
+    assert FlowerRun.from_config({"report": False, "evaluate": "LAST"}) == FlowerRun(report=False, evaluate="last")
+    with pytest.raises(ValueError, match="evaluate must be one of rounds, last, none"):
+        FlowerRun.from_config({"evaluate": "sometimes"})
+    assert DEFAULT_CONFIG["report"] is True and DEFAULT_CONFIG["evaluate"] == "rounds"  # flwr run can override them

@@ -91,6 +91,18 @@ def client_records(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return [steps[k] for k in sorted(steps)], [traffic[k] for k in sorted(traffic)], noise, moved
 
 
+def round_traffic(rounds: list[dict[str, Any]], client: str) -> list[dict[str, Any]]:
+    """A client's traffic per round as the server recorded it (a round record's ``traffic``:
+    name -> [bytes sent, bytes received], the client's data-plane bytes as its reply reported)."""
+    out = []
+    for r in rounds:
+        moved = (r.get("traffic") or {}).get(client)
+        if moved is not None:
+            out.append({"client": client, "round": int(r["round"]), "bytes_sent": int(moved[0]),
+                        "bytes_received": int(moved[1])})  # fmt: skip
+    return out
+
+
 def _main_metric(record: dict[str, Any]) -> tuple[str, float]:
     for key in ("accuracy", "f1", "rougeL", "rouge_l", "exact_match", "em"):
         if key in record:
@@ -125,10 +137,15 @@ def plot(
     steps: list[dict[str, Any]],
     evals: list[dict[str, Any]],
     traffic: list[dict[str, Any]],
+    rounds: list[dict[str, Any]] | None = None,
     central: float | None = None,
 ) -> list[Path]:
     """Draw loss per step, eval metric (and the centralized baseline, if any) and bytes per round
-    into PNGs in ``run_dir``; return their paths."""
+    into PNGs in ``run_dir``; return their paths.
+
+    ``rounds``: the server's round records; without ``steps`` (the clients' logs stay on their
+    machines, as on Flower's Deployment Engine) the loss plot is each client's mean loss per round.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,11 +154,18 @@ def plot(
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    for client in sorted({s["client"] for s in steps}):
-        mine = [s for s in steps if s["client"] == client]
-        ax.plot(range(1, len(mine) + 1), [s["loss"] for s in mine], label=client, linewidth=1)
-    ax.set(xlabel="local step (all rounds)", ylabel="training loss", title="Loss per client per step")
-    ax.legend()
+    if steps or not rounds:
+        for client in sorted({s["client"] for s in steps}):
+            mine = [s for s in steps if s["client"] == client]
+            ax.plot(range(1, len(mine) + 1), [s["loss"] for s in mine], label=client, linewidth=1)
+        ax.set(xlabel="local step (all rounds)", ylabel="training loss", title="Loss per client per step")
+    else:
+        for client in sorted({c for r in rounds for c in r.get("losses", {})}):
+            points = [(r["round"], r["losses"][client]) for r in rounds if r.get("losses", {}).get(client) is not None]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=client, linewidth=1)
+        ax.set(xlabel="round", ylabel="mean training loss", title="Mean loss per client per round")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     paths.append(run_dir / "loss.png")
     fig.savefig(paths[-1], dpi=110)
@@ -154,12 +178,12 @@ def plot(
         plt.close(fig)
 
     if traffic:
-        rounds = sorted({t["round"] for t in traffic})
-        sent = [sum(t["bytes_sent"] for t in traffic if t["round"] == r) / 2**20 for r in rounds]
-        received = [sum(t["bytes_received"] for t in traffic if t["round"] == r) / 2**20 for r in rounds]
+        numbers = sorted({t["round"] for t in traffic})
+        sent = [sum(t["bytes_sent"] for t in traffic if t["round"] == r) / 2**20 for r in numbers]
+        received = [sum(t["bytes_received"] for t in traffic if t["round"] == r) / 2**20 for r in numbers]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.bar([r - 0.2 for r in rounds], sent, width=0.4, label="clients -> server")
-        ax.bar([r + 0.2 for r in rounds], received, width=0.4, label="server -> clients")
+        ax.bar([r - 0.2 for r in numbers], sent, width=0.4, label="clients -> server")
+        ax.bar([r + 0.2 for r in numbers], received, width=0.4, label="server -> clients")
         ax.set(xlabel="round", ylabel="MiB", title="Bytes moved per round (all clients)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.legend()
@@ -189,7 +213,13 @@ def write_report(
     noise: dict[str, dict[str, Any]] = {}
     moved = 0
     for client in plan.clients:
-        mine = client_records(run_dir / "clients" / client.name / "steps.jsonl")
+        log = run_dir / "clients" / client.name / "steps.jsonl"
+        if not log.exists():  # a data owner's log stays on its machine: the server's round records
+            mine_traffic = round_traffic(rounds, client.name)
+            traffic += mine_traffic
+            moved += sum(int(t["bytes_sent"]) + int(t["bytes_received"]) for t in mine_traffic)
+            continue
+        mine = client_records(log)
         steps += mine[0]
         traffic += mine[1]
         if mine[2] is not None:
@@ -203,7 +233,7 @@ def write_report(
     if central is not None:
         lines.append(json.dumps({"type": "centralized", "steps": central["steps"], **central["metrics"]}))
     atomic_write_text(run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
-    plots = plot(run_dir, steps, evals, traffic, _main_metric(central["metrics"])[1] if central else None)
+    plots = plot(run_dir, steps, evals, traffic, rounds, _main_metric(central["metrics"])[1] if central else None)
 
     name, before = _main_metric(evals[0]) if evals else ("metric", float("nan"))
     after = _main_metric(evals[-1])[1] if evals else float("nan")

@@ -251,9 +251,6 @@ def run_and_report(
     Returns:
         The summary (``fedsea.federation.report.write_report``) with ``engine``.
     """
-    from fedsea.federation.report import write_report
-    from fedsea.model.load import load_tokenizer
-
     started = time.time()
     created = not folder.exists()
     try:
@@ -275,19 +272,51 @@ def run_and_report(
         after_failure(folder, created, exc)
         raise
     clear_failed(folder)
-    tokenizer = load_tokenizer(plan.model)
-    metrics: list[dict[str, Any]] = [{"type": "eval", "round": 0, **evaluate_state(plan, None, tokenizer)}]
-    for r in range(1, plan.fed.rounds + 1):
-        path = folder / "checkpoints" / f"round-{r:04d}"
-        if not eval_every_round and r != plan.fed.rounds:
-            continue
-        if (path / "state.json").exists():
-            _, state, _, _ = load_round(path)
-            metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
-    central = centralized_baseline(plan, tokenizer) if centralized else None
-    summary = write_report(plan, folder, metrics, central, info, time.time() - started, lost)
+    summary = report_run(plan, folder, info, started, lost, centralized, eval_every_round)
     summary["engine"] = engine
     return summary
+
+
+def report_run(
+    plan: RunPlan,
+    folder: Path,
+    info: dict[str, Any],
+    started: float,
+    lost: dict[str, str] | None = None,
+    centralized: bool = False,
+    eval_every_round: bool = True,
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a finished run's global adapters and write its ``metrics.jsonl``, report and plots.
+
+    The second half of ``run_and_report``, also what the Flower ServerApp runs at the end of a
+    Deployment Engine run (``fedsea.flower.server_app``): one report writer for every engine.
+
+    Args:
+        info: ``prepare_run``'s (its ``partition`` table goes into the report).
+        started: the run's start (``time.time()``), for the report's duration.
+        eval_every_round: False evaluates the base model and the last round only.
+        evaluate: False evaluates nothing (no ``eval`` records, no ``eval.png``).
+
+    Returns:
+        The summary (``fedsea.federation.report.write_report``).
+    """
+    from fedsea.federation.report import write_report
+    from fedsea.model.load import load_tokenizer
+
+    metrics: list[dict[str, Any]] = []
+    tokenizer = load_tokenizer(plan.model) if evaluate or centralized else None
+    if evaluate:
+        metrics.append({"type": "eval", "round": 0, **evaluate_state(plan, None, tokenizer)})
+        for r in range(1, plan.fed.rounds + 1):
+            path = folder / "checkpoints" / f"round-{r:04d}"
+            if not eval_every_round and r != plan.fed.rounds:
+                continue
+            if (path / "state.json").exists():
+                _, state, _, _ = load_round(path)
+                metrics.append({"type": "eval", "round": r, **evaluate_state(plan, state, tokenizer)})
+    central = centralized_baseline(plan, tokenizer) if centralized else None
+    return write_report(plan, folder, metrics, central, info, time.time() - started, lost)
 
 
 def simulate(
@@ -366,4 +395,4 @@ def run_data(plan: RunPlan) -> str:
     return "; ".join(words)
 
 
-__all__ = ["export_run", "load_config", "open_run", "run_and_report", "run_record", "simulate"]
+__all__ = ["export_run", "load_config", "open_run", "report_run", "run_and_report", "run_record", "simulate"]

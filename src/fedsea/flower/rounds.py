@@ -36,6 +36,7 @@ from fedsea.flower.records import (
     to_record,
     to_state,
 )
+from fedsea.flower.runlog import round_line
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,7 @@ class FlowerRounds:
                 for r in replies
             },
             "refused": refused,
+            "traffic": {str(scalar(config_of(r, "client"), "name")): _traffic(metrics_of(r)) for r in replies},
             "failed": dict(self.failures),
             "banned": [],
             "seconds": time.monotonic() - started,
@@ -295,7 +297,8 @@ class FlowerRounds:
             "dropped": sorted(set(selected) - set(done)),
             "losses": {str(c["name"]): float(c["loss"]) for c in clients},
             "samples": {str(c["name"]): float(c["num-examples"]) for c in clients},
-            "refused": {}, "failed": dict(self.failures), "banned": [], "seconds": time.monotonic() - started,
+            "refused": {}, "traffic": {str(c["name"]): _traffic(c) for c in clients},
+            "failed": dict(self.failures), "banned": [], "seconds": time.monotonic() - started,
             "mode": self.fed.mode,
             "engine": "flower", "secure-aggregation": secure,
         }  # fmt: skip
@@ -317,10 +320,13 @@ class FlowerRounds:
                 save_round(self.run_dir, round_number, state, None, {"record": record})
                 with (self.run_dir / "server_rounds.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            logger.info(
-                "round %d closed: %d/%d clients", round_number, len(record["submitted"]), len(record["selected"])
-            )
+            logger.info("%s", round_line(record, self.fed.rounds))
         return state
+
+
+def _traffic(metrics: Any) -> list[int]:
+    """A reply's data-plane bytes (its ``bytes-sent``, ``bytes-received`` metrics; 0 if absent)."""
+    return [int(metrics.get("bytes-sent", 0)), int(metrics.get("bytes-received", 0))]
 
 
 def _last_line(reason: str | None) -> str:

@@ -54,17 +54,19 @@ def serve_run(run: FlowerRun, grid: Grid, run_id: str) -> dict[str, Any]:
     from fedsea.federation.simulate import prepare_run
     from fedsea.flower.rounds import FlowerRounds
     from fedsea.flower.strategies import make_strategy
-    from fedsea.flower.trunk import find_or_start_trunk
+    from fedsea.flower.trunk import NamedOperator, find_or_start_trunk
     from fedsea.io import atomic_write_text
     from fedsea.model.load import load_model
     from fedsea.server.trunk import TrunkHost
 
+    started = time.time()
     plan = run.plan()
     run_dir = Path(run.run_dir or f"runs/flower-{plan.config.task.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     # A relative run-dir is taken from this process's folder: on the Deployment Engine the
     # SuperLink's (where it was started), not the app's; say where the run folder is.
     run_dir = run_dir.resolve()
     logger.info("run folder %s", run_dir)
+    info: dict[str, Any] = {"partition": "(resumed)" if run.resume else ""}
     if not (run_dir / "config.toml").exists():
         if run.trunk_address:  # the clients bring their own data and tokens
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,8 +90,34 @@ def serve_run(run: FlowerRun, grid: Grid, run_id: str) -> dict[str, Any]:
         state = initial_global_state(host, plan.fed)
         strategy = make_strategy(run.strategy_name(plan), plan.fed)
         with TrunkOperator(endpoint.address, endpoint.operator_token, tls=endpoint.tls) as operator:
-            rounds = FlowerRounds(plan, grid, operator, endpoint.address, host.num_layers, strategy, run_dir, run_id,
-                                  secure_aggregation=run.secure_aggregation)  # fmt: skip
-            return rounds.run(state, resume=run.resume)
+            rounds = FlowerRounds(plan, grid, NamedOperator(operator), endpoint.address, host.num_layers, strategy,
+                                  run_dir, run_id, secure_aggregation=run.secure_aggregation)  # fmt: skip
+            final = rounds.run(state, resume=run.resume)
     finally:
         endpoint.close()
+    if run.report:
+        write_run_report(run, plan, run_dir, info, rounds.nodes.values(), started)
+    return final
+
+
+def write_run_report(run: FlowerRun, plan: Any, run_dir: Path, info: dict[str, Any], nodes: Any,
+                     started: float) -> dict[str, Any]:  # fmt: skip
+    """Evaluate and report the finished run as ``fedsea simulate`` does (one report writer), log the summary.
+
+    ``nodes``: the clients that joined (``NodeInfo``); when the clients brought their own data
+    (the Deployment Engine), the report's data section lists their sample counts.
+    """
+    from fedsea.federation.simulate import report_run
+    from fedsea.flower.runlog import final_line
+    from fedsea.flower.simulation import lost_clients
+
+    if not info.get("partition"):
+        rows = [f"{n.name}: {n.num_examples} examples, (p, q) = ({n.head_layers}, {n.tail_layers})"
+                for n in sorted(nodes, key=lambda n: n.name)]  # fmt: skip
+        info = {**info, "partition": "each data owner's own data, on its machine:\n" + "\n".join(rows)}
+    logger.info("evaluating (%s) and writing the report", run.evaluate)
+    summary = report_run(plan, run_dir, info, started, lost_clients(run_dir), evaluate=run.evaluate != "none",
+                         eval_every_round=run.evaluate == "rounds")  # fmt: skip
+    summary["engine"] = "flower"
+    logger.info("%s", final_line(summary))
+    return summary

@@ -21,6 +21,13 @@ Keys (all optional):
 - ``strategy``: the Flower strategy: ``fedavg``, ``fedadam``, ``median`` or ``trimmed-mean``;
   empty: the run file's ``federation.strategy``.
 - ``resume``: continue the run in ``run-dir`` from its last checkpoint.
+- ``report``: after the last round, evaluate and write the run folder's ``metrics.jsonl``,
+  ``report.md`` and plots (``fedsea.federation.simulate.report_run``, what ``fedsea simulate``
+  writes) and log where the report is; default true. ``fedsea simulate`` sets it false: it
+  reports itself, in its own process, after the Simulation Engine has finished.
+- ``evaluate``: which global adapters the report evaluates on the run file's task (its
+  ``[task] eval_limit`` rows, on the ServerApp's machine): ``rounds`` (the base model and every
+  round's; default), ``last`` (the base model and the last round's) or ``none``.
 - ``secure-aggregation``: aggregate the clients' head/tail adapters with Flower's SecAgg+, so the
   ServerApp learns only their weighted sum (``fedsea.flower.secagg``; mode hierarchical, strategy
   fedavg, one cut (p, q) for all clients, at least two clients a round).
@@ -39,6 +46,7 @@ from fedsea.federation.simconfig import RunPlan, load_plan
 OVERRIDE_PREFIX = "fedsea."
 _APP_REFS = ("fedsea.flower.server_app:app", "fedsea.flower.client_app:app")
 FLOWER_STRATEGIES = ("fedavg", "fedadam", "median", "trimmed-mean")
+EVALUATE = ("rounds", "last", "none")
 
 
 def installed_app_dir() -> Path | None:
@@ -72,12 +80,14 @@ class FlowerRun:
     strategy: str = ""
     resume: bool = False
     secure_aggregation: bool = False
+    report: bool = True
+    evaluate: str = "rounds"
 
     @classmethod
     def from_config(cls, config: dict[str, Any], app_dir: str | Path | None = None) -> FlowerRun:
         """Read a Flower run config; unknown keys are an error naming them."""
         known = {"run-file", "set", "run-dir", "trunk-address", "operator-token-file", "tls-ca", "strategy", "resume",
-                 "secure-aggregation"}  # fmt: skip
+                 "secure-aggregation", "report", "evaluate"}  # fmt: skip
         overrides = []
         for key in sorted(config):
             if key.startswith(OVERRIDE_PREFIX):
@@ -97,6 +107,9 @@ class FlowerRun:
         strategy = str(config.get("strategy", "")).lower()
         if strategy and strategy not in FLOWER_STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(FLOWER_STRATEGIES)}, got {strategy!r}")
+        evaluate = str(config.get("evaluate", "rounds")).lower() or "rounds"
+        if evaluate not in EVALUATE:
+            raise ValueError(f"evaluate must be one of {', '.join(EVALUATE)}, got {evaluate!r}")
         return cls(
             run_file=run_file,
             overrides=tuple(overrides),
@@ -107,6 +120,8 @@ class FlowerRun:
             strategy=strategy,
             resume=bool(config.get("resume", False)),
             secure_aggregation=bool(config.get("secure-aggregation", False)),
+            report=bool(config.get("report", True)),
+            evaluate=evaluate,
         )
 
     def plan(self) -> RunPlan:

@@ -148,6 +148,7 @@ def run_on_flower(
         "strategy": strategy,
         "resume": resume,
         "secure-aggregation": secure_aggregation,
+        "report": False,  # run_and_report evaluates and reports, here, after the engine
     }
     limit = getattr(sys, "tracebacklimit", None)
     try:

@@ -24,6 +24,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "strategy": "",
     "resume": False,
     "secure-aggregation": False,
+    "report": True,
+    "evaluate": "rounds",
 }
 
 

@@ -9,11 +9,15 @@ operator token for itself, and the run folder's certificates when the run asks f
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedsea.client.connection import ClientTls
+from fedsea.errors import FedseaError
 from fedsea.federation.simconfig import RunPlan
 from fedsea.flower.settings import FlowerRun
 from fedsea.server.trunk import TrunkHost
@@ -87,3 +91,55 @@ def client_token(run_dir: Path, name: str) -> str:
     if name not in tokens:
         raise ValueError(f"no token for client {name!r} in {run_dir / 'secrets'}; the run has {', '.join(tokens)}")
     return str(tokens[name])
+
+
+class ClientNameError(FedseaError):
+    """A client's trunk-server token is named otherwise than its run-file client: one name per client."""
+
+
+def check_publishers(key: str, wanted: Sequence[str], published: Sequence[str]) -> None:
+    """Refuse trunk adapters published under ``key`` by identities that are not the round's clients.
+
+    The trunk server knows a client by its token's name; the ServerApp by the run file's client
+    name (the node config's ``name``). Were they different, the round's trunk adapters would be
+    found under names the ServerApp does not know, and every reply would be left out without a
+    word: refused here instead, naming both, so that one name holds everywhere (trunk server's
+    log, the ServerApp's round lines, ``server_rounds.jsonl``, ``metrics.jsonl``, the report).
+
+    Raises:
+        ClientNameError: ``published`` holds a name not in ``wanted``.
+    """
+    strangers = sorted(set(published) - set(wanted))
+    if strangers:
+        missing = sorted(set(wanted) - set(published))
+        raise ClientNameError(
+            f"stage {key}: the trunk server has trunk adapters from token(s) {', '.join(strangers)}, which are "
+            f"not clients of this round ({', '.join(wanted) or 'none'}"
+            + (f"; none from {', '.join(missing)}" if missing else "")
+            + "): name each data owner's token as its client in the run file and node config "
+            '(fedsea token add tokens.json client-0 for name="client-0")'
+        )
+
+
+class NamedOperator:
+    """A ``TrunkOperator`` whose ``collect`` checks that the publishers are the round's clients.
+
+    It collects every state published under the round's stage key (the key is the round's, its
+    publishers are this round's clients) and refuses strangers (``check_publishers``).
+    """
+
+    def __init__(self, operator: Any) -> None:
+        self.operator = operator
+
+    def stage(self, key: str, state: dict[str, torch.Tensor]) -> None:
+        """Stage the global trunk adapter (``TrunkOperator.stage``)."""
+        self.operator.stage(key, state)
+
+    def collect(
+        self, key: str, client_ids: Sequence[str] = (), drop: bool = False
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``TrunkOperator.collect`` of every publisher under ``key``, checked against ``client_ids``."""
+        states: dict[str, dict[str, torch.Tensor]] = self.operator.collect(key, (), drop=drop)
+        if client_ids:
+            check_publishers(key, client_ids, list(states))
+        return states
