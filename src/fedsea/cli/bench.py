@@ -72,7 +72,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         engines = ("native", "flower") if args.engine == "both" else (args.engine,)
         result = bench_federation(
-            tuple(args.parts), tuple(args.tasks), args.model, engines, args.run_file, tuple(args.overrides)
+            tuple(args.parts), tuple(args.tasks), args.model, engines, args.run_file, tuple(args.overrides), args.keep
         )
     else:
         if max(args.micro_batches) > 1:  # client and server then compute at the same time
@@ -163,6 +163,7 @@ def add_bench_commands(sub: Any) -> None:
         "Engine, or both (default: %(default)s)",
     )  # fmt: skip
     federation.add_argument("--run-file", default=None, help="the engines part's run file (default: make demo's)")
+    federation.add_argument("--keep", default=None, help="keep the engines part's run folders in DIR/<engine>")
     federation.add_argument(
         "--set", dest="overrides", action="append", default=[], help="the engines part's overrides: section.key=value"
     )

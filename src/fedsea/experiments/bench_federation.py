@@ -130,13 +130,14 @@ def bench_federation(
     engines: tuple[str, ...] = ("native",),
     run_file: str | None = None,
     overrides: tuple[str, ...] = (),
+    keep: str | None = None,
 ) -> dict[str, Any]:
     """Print-ready dict with at least ``central_acc``, ``fed_acc``, ``gap_points``, ``hier_vs_seq_speedup``
     (tiny model) and ``hier_vs_seq_speedup_smollm2``.
 
     Part ``quality`` runs on each of ``engines`` (``native``, ``flower``); part ``engines`` runs
     ``run_file`` (default: ``make demo``'s) with ``overrides`` on each of ``engines`` and puts
-    them side by side (``fedsea.experiments.bench_engines``)."""
+    them side by side (``fedsea.experiments.bench_engines``), its run folders kept under ``keep`` if given."""
     result: dict[str, Any] = {"bench": "federation"}
     if "speed" in parts:
         tiny = speed("tiny-llama", batch=4, tokens=64, clients=4, latency_ms=20, mbps=100, steps=8)
@@ -158,5 +159,5 @@ def bench_federation(
     if "engines" in parts:
         from fedsea.experiments.bench_engines import compare_engines
 
-        result["engines"] = compare_engines(engines, run_file, overrides)
+        result["engines"] = compare_engines(engines, run_file, overrides, keep)
     return result
