@@ -37,7 +37,7 @@ from fedsea.flower.records import (
     to_record,
     to_state,
 )
-from fedsea.flower.strategies import SERVER_STATE_NAME
+from fedsea.flower.strategies import SERVER_STATE_NAME, FedProx64
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class FlowerRounds:
         self.secure = secure_aggregation
         # The native coordinator's sampling (fraction, min_clients, seeded): see ``_sample``.
         self.sampler = native_strategy("fedavg", self.fed.fraction, self.fed.min_clients)
+        if isinstance(strategy, FedProx64) and plan.optim.proximal_mu <= 0:
+            raise ValueError("strategy fedprox needs [optim] proximal_mu > 0 (e.g. 0.01): the proximal term's weight")
         if secure_aggregation:  # mode hierarchical, FedAvg, one cut, two clients (else a ValueError)
             from fedsea.flower.secagg import check_plan
 

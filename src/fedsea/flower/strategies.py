@@ -90,6 +90,17 @@ class FedAdam64(FedAdam, FedAvg64):
         return {"eta": self.eta, "eta_l": self.eta_l, "beta_1": self.beta_1, "beta_2": self.beta_2, "tau": self.tau}
 
 
+class FedProx64(FedAvg64):
+    """FedProx (Li et al. 2020) on the server: FedAvg's mean (float64), nothing more.
+
+    The proximal term ``mu/2 ||w - w_global||^2`` is the parties' local training's, from the run
+    file's ``[optim] proximal_mu`` (``OptimConfig``): the clients' head and tail optimizers and, sent
+    with the session's optimizer settings, the trunk server's. ``FlowerRounds`` refuses this
+    strategy with ``proximal_mu = 0`` (it would be plain FedAvg under another name). The same
+    run file on the native engine with ``strategy = "fedavg"`` trains the same way.
+    """
+
+
 def make_strategy(name: str, fed: FedConfig) -> Any:
     """The Flower strategy ``name`` for the run: it trains every node ``FlowerRounds`` hands it.
 
@@ -112,6 +123,8 @@ def make_strategy(name: str, fed: FedConfig) -> Any:
     }
     if name == "fedavg":
         return FedAvg64(**common)
+    if name == "fedprox":
+        return FedProx64(**common)
     if name == "fedadam":
         # Server-side Adam on the averaged change (Reddi et al. 2021); LoRA deltas per round are
         # ~1e-3, so a server rate of 1e-2 keeps steps of that size.
