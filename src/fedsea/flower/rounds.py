@@ -37,7 +37,7 @@ from fedsea.flower.records import (
     to_record,
     to_state,
 )
-from fedsea.flower.strategies import SERVER_STATE_NAME, FedProx64
+from fedsea.flower.strategies import SERVER_STATE_NAME, FedProx64, strategy_name
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class FlowerRounds:
         if secure_aggregation:  # mode hierarchical, FedAvg, one cut, two clients (else a ValueError)
             from fedsea.flower.secagg import check_plan
 
-            check_plan(plan, type(strategy).__name__.lower())
+            check_plan(plan, strategy_name(strategy))
 
     # -- nodes --------------------------------------------------------------------------------
     def discover(self, wait_s: float) -> None:

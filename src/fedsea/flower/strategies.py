@@ -37,6 +37,8 @@ SERVER_STATE_NAME = "strategy"
 class FedAvg64(FedAvg):
     """Flower's FedAvg with the sample-weighted mean accumulated in float64 (the native engine's)."""
 
+    name = "fedavg"  # the strategy's name in fedsea (``--strategy``): what the checks compare
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -61,6 +63,8 @@ class FedAdam64(FedAdam, FedAvg64):
     Method resolution: FedAdam -> FedOpt -> FedAvg64 -> FedAvg, so FedAdam's server step runs on
     ``FedAvg64.aggregate_train``'s mean.
     """
+
+    name = "fedadam"
 
     def state_dict(self) -> dict[str, Any] | None:
         """The moments as a torch-optimizer-like state dict (what ``save_round`` flattens into
@@ -100,6 +104,8 @@ class FedProx64(FedAvg64):
     run file on the native engine with ``strategy = "fedavg"`` trains the same way.
     """
 
+    name = "fedprox"
+
 
 def make_strategy(name: str, fed: FedConfig) -> Any:
     """The Flower strategy ``name`` for the run: it trains every node ``FlowerRounds`` hands it.
@@ -130,7 +136,18 @@ def make_strategy(name: str, fed: FedConfig) -> Any:
         # ~1e-3, so a server rate of 1e-2 keeps steps of that size.
         return FedAdam64(**common, eta=1e-2, eta_l=1e-3, tau=1e-6)
     if name == "median":
-        return FedMedian(**common)
+        return _named(FedMedian(**common), name)
     if name == "trimmed-mean":
-        return FedTrimmedAvg(**common, beta=fed.trim_fraction)
+        return _named(FedTrimmedAvg(**common, beta=fed.trim_fraction), name)
     raise ValueError(f"unknown Flower strategy {name!r}")
+
+
+def _named(strategy: Any, name: str) -> Any:
+    """``strategy`` with fedsea's ``name`` for it (as ``FedAvg64.name``)."""
+    strategy.name = name
+    return strategy
+
+
+def strategy_name(strategy: Any) -> str:
+    """fedsea's name of a strategy ``make_strategy`` made (``fedavg``, ``fedadam``, ...)."""
+    return str(getattr(strategy, "name", type(strategy).__name__.lower()))
