@@ -248,6 +248,10 @@ class OptimConfig:
         eps (`float`): Adam's epsilon.
         max_grad_norm (`float | None`): clip each part's gradient to this L2 norm (per part, so
             that a split step and a centralized step clip identically); ``None`` (0 in a run file) disables.
+        proximal_mu (`float`): FedProx's proximal term (Li et al. 2020), ``mu/2 ||w - w_0||^2`` added
+            to each part's loss, ``w_0`` its LoRA tensors when the optimizer was made (a federated
+            round's global adapter: head and tail on the client, the trunk on the server, which
+            gets ``mu`` with the session's optimizer settings). 0 (the default): plain FedAvg.
     """
 
     lr: float = 1e-4
@@ -255,6 +259,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-5
     max_grad_norm: float | None = field(default=1.0, metadata={ZERO_IS_NONE: True})
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
@@ -263,3 +268,4 @@ class OptimConfig:
         _check(self.eps > 0, "eps", self.eps, "> 0")
         if self.max_grad_norm is not None:
             _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0 or None")
+        _check(math.isfinite(self.proximal_mu) and self.proximal_mu >= 0, "proximal_mu", self.proximal_mu, ">= 0")

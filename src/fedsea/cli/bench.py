@@ -70,7 +70,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "federation":
         from fedsea.experiments.bench_federation import bench_federation
 
-        result = bench_federation(tuple(args.parts), tuple(args.tasks), args.model)
+        engines = ("native", "flower") if args.engine == "both" else (args.engine,)
+        result = bench_federation(
+            tuple(args.parts), tuple(args.tasks), args.model, engines, args.run_file, tuple(args.overrides), args.keep
+        )
     else:
         if max(args.micro_batches) > 1:  # client and server then compute at the same time
             _reexec_for_colocation(args)
@@ -150,7 +153,20 @@ def add_bench_commands(sub: Any) -> None:
     wire = WireConfig(latency_ms=GENERATE_LATENCY_MS)  # the round trip the generation figures assume
     add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices=wire_choices())
     federation = parsers["federation"]
-    federation.add_argument("--parts", nargs="+", default=["speed", "quality"], help="speed and/or quality")
+    federation.add_argument(
+        "--parts", nargs="+", default=["speed", "quality"], choices=["speed", "quality", "engines"],
+        help="speed, quality and/or engines (one run file on each --engine, side by side)",
+    )  # fmt: skip
+    federation.add_argument(
+        "--engine", default="native", choices=["native", "flower", "both"],
+        help="the engine(s) of the quality and engines parts: fedsea's own coordinator, Flower's Simulation "
+        "Engine, or both (default: %(default)s)",
+    )  # fmt: skip
+    federation.add_argument("--run-file", default=None, help="the engines part's run file (default: make demo's)")
+    federation.add_argument("--keep", default=None, help="keep the engines part's run folders in DIR/<engine>")
+    federation.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="the engines part's overrides: section.key=value"
+    )
     federation.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="quality tasks")
 
 

@@ -76,10 +76,12 @@ def quality(
     eval_limit: int = 300,
     sigma: float = 0.5,
     train_limit: int = 2000,
+    engine: str = "native",
 ) -> dict[str, Any]:
     """3 clients (IID shards, hierarchical, noise sigma on h_p) against centralized LoRA on the
     union of their data with the same budget (rounds x local steps x clients steps of the same
-    batch size, from the same LoRA initialisation); the gap in points. Budget: ``QUALITY_BUDGET``."""
+    batch size, from the same LoRA initialisation); the gap in points. Budget: ``QUALITY_BUDGET``.
+    ``engine``: ``native`` (fedsea's coordinator) or ``flower`` (Flower's Simulation Engine)."""
     default_rounds, default_steps, max_length = QUALITY_BUDGET.get(task, (4, 25, 128))
     rounds = rounds or default_rounds
     local_steps = local_steps or default_steps
@@ -96,13 +98,21 @@ def quality(
         # Quality, not speed: a slow (shared) machine must not drop clients from rounds.
         "federation.round_timeout_s=7200",
     ]
-    summary = simulate(
-        _base_file(tmp), overrides, run_dir=f"{tmp}/run", centralized=True, progress=False, eval_every_round=False
-    )
+    if engine == "flower":
+        from fedsea.flower.simulation import simulate_on_flower
+
+        summary = simulate_on_flower(_base_file(tmp), overrides, run_dir=f"{tmp}/run", centralized=True)
+    elif engine == "native":
+        summary = simulate(
+            _base_file(tmp), overrides, run_dir=f"{tmp}/run", centralized=True, progress=False, eval_every_round=False
+        )
+    else:
+        raise ValueError(f"unknown engine {engine!r}: native or flower")
     shutil.rmtree(tmp, ignore_errors=True)
     central, fed = float(summary["centralized"]), float(summary["after"])
     return {
         "task": task,
+        "engine": engine,
         "metric": summary["metric"],
         "before": summary["before"],
         "central_acc": central,
@@ -117,9 +127,17 @@ def bench_federation(
     parts: tuple[str, ...] = ("speed", "quality"),
     quality_tasks: tuple[str, ...] = ("sst2", "rte"),
     model: str = "smollm2-135m",
+    engines: tuple[str, ...] = ("native",),
+    run_file: str | None = None,
+    overrides: tuple[str, ...] = (),
+    keep: str | None = None,
 ) -> dict[str, Any]:
     """Print-ready dict with at least ``central_acc``, ``fed_acc``, ``gap_points``, ``hier_vs_seq_speedup``
-    (tiny model) and ``hier_vs_seq_speedup_smollm2``."""
+    (tiny model) and ``hier_vs_seq_speedup_smollm2``.
+
+    Part ``quality`` runs on each of ``engines`` (``native``, ``flower``); part ``engines`` runs
+    ``run_file`` (default: ``make demo``'s) with ``overrides`` on each of ``engines`` and puts
+    them side by side (``fedsea.experiments.bench_engines``), its run folders kept under ``keep`` if given."""
     result: dict[str, Any] = {"bench": "federation"}
     if "speed" in parts:
         tiny = speed("tiny-llama", batch=4, tokens=64, clients=4, latency_ms=20, mbps=100, steps=8)
@@ -133,8 +151,13 @@ def bench_federation(
     if "quality" in parts:
         rows = []
         for task in quality_tasks:  # each row to stderr as it lands: a long run keeps what it measured
-            rows.append(quality(model, task))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            for engine in engines:
+                rows.append(quality(model, task, engine=engine))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         result["quality"] = rows
         result.update(central_acc=rows[0]["central_acc"], fed_acc=rows[0]["fed_acc"], gap_points=rows[0]["gap_points"])
+    if "engines" in parts:
+        from fedsea.experiments.bench_engines import compare_engines
+
+        result["engines"] = compare_engines(engines, run_file, overrides, keep)
     return result

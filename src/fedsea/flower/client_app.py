@@ -149,15 +149,29 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One round: load the trunk blocks from the stage, train locally, publish the trunk, reply head and tail."""
     from fedsea.client.staging import load_staged_trunk, publish_trunk
+    from fedsea.errors import RemoteError
     from fedsea.model.adapters import adapter_state_dict
 
     config = config_of(msg)
-    participant = _participant(context, str(scalar(config, "trunk-address")))
-    client, fed = participant.client, participant.fed
+    address = str(scalar(config, "trunk-address"))
+    participant = _participant(context, address)
     key, round_number = str(scalar(config, "stage-key")), int(scalar(config, "server-round"))
-    meter = client.connection.meter
+    meter = participant.client.connection.meter
     before = (meter.bytes_sent, meter.bytes_received)
-    load_staged_trunk(client, key)
+    try:
+        load_staged_trunk(participant.client, key)
+    except RemoteError as exc:
+        # A participant cached in this worker while other workers served its client may find its
+        # session closed by the trunk server (idle_timeout_s, default 600 s): build it afresh,
+        # as a new process would; the stage gives the new session its trunk blocks.
+        if exc.code != "NOT_FOUND" or "session" not in exc.message:
+            raise
+        _PARTICIPANTS.pop((int(context.run_id), participant.fed.name)).close()
+        participant = _participant(context, address)
+        meter = participant.client.connection.meter
+        before = (meter.bytes_sent, meter.bytes_received)
+        load_staged_trunk(participant.client, key)
+    client, fed = participant.client, participant.fed
     result = fed.train_round(round_number, int(scalar(config, "local-steps")), to_state(arrays_of(msg)))
     publish_trunk(client, key)
     state = {**adapter_state_dict(client.split.head), **adapter_state_dict(client.split.tail)}

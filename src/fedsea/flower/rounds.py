@@ -25,6 +25,7 @@ from fedsea.errors import FedseaError, InvalidInputError
 from fedsea.federation.checkpoint import latest_round, load_round, save_round
 from fedsea.federation.simconfig import RunPlan
 from fedsea.federation.strategy import Update, clip_update
+from fedsea.federation.strategy import make_strategy as native_strategy
 from fedsea.federation.validation import check_update
 from fedsea.flower.records import (
     arrays_of,
@@ -37,6 +38,7 @@ from fedsea.flower.records import (
     to_state,
 )
 from fedsea.flower.runlog import round_line
+from fedsea.flower.strategies import SERVER_STATE_NAME, FedProx64, strategy_name
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +93,14 @@ class FlowerRounds:
         self.nodes: dict[int, NodeInfo] = {}
         self.failures: dict[str, str] = {}  # this round's: client (or node) -> what Flower reported
         self.secure = secure_aggregation
+        # The native coordinator's sampling (fraction, min_clients, seeded): see ``_sample``.
+        self.sampler = native_strategy("fedavg", self.fed.fraction, self.fed.min_clients)
+        if isinstance(strategy, FedProx64) and plan.optim.proximal_mu <= 0:
+            raise ValueError("strategy fedprox needs [optim] proximal_mu > 0 (e.g. 0.01): the proximal term's weight")
         if secure_aggregation:  # mode hierarchical, FedAvg, one cut, two clients (else a ValueError)
             from fedsea.flower.secagg import check_plan
 
-            check_plan(plan, type(strategy).__name__.lower())
+            check_plan(plan, strategy_name(strategy))
 
     # -- nodes --------------------------------------------------------------------------------
     def discover(self, wait_s: float) -> None:
@@ -223,16 +229,31 @@ class FlowerRounds:
             n.head_layers <= block < self.num_layers - n.tail_layers for n in self.nodes.values() if n.name in names
         )
 
+    def _sample(self, round_number: int, state: dict[str, torch.Tensor]) -> list[Message]:
+        """The strategy's TRAIN templates for this round's clients, in the order of their names.
+
+        The clients are drawn as the native coordinator draws them (``Strategy.select``: seeded by
+        the run's ``seed`` and the round number, from the sorted names of the connected known
+        nodes), so a run repeats its sample and a native run of the same run file samples the
+        same clients; the strategy (``fraction_train = 1``) is shown only those nodes.
+        """
+        connected = set(self.grid.get_node_ids())
+        pool = {info.name: node for node, info in self.nodes.items() if node in connected}
+        chosen = self.sampler.select(list(pool), round_number, self.fed.seed)
+        view = _Sample(self.grid, [pool[name] for name in chosen])
+        templates = [
+            m for m in self.strategy.configure_train(round_number, to_record(state), ConfigRecord(), view)
+            if m.metadata.dst_node_id in view.nodes
+        ]  # fmt: skip
+        return sorted(templates, key=lambda m: self.nodes[m.metadata.dst_node_id].name)
+
     def play(self, round_number: int, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Play one round from the global ``state``; returns the new global state and the round's record."""
         started = time.monotonic()
         self.failures = {}
         # The first round this process plays (a resumed run's too) waits for the expected nodes.
         self.discover(self.fed.join_timeout_s if not self.nodes else 0.0)
-        templates = [
-            m for m in self.strategy.configure_train(round_number, to_record(state), ConfigRecord(), self.grid)
-            if m.metadata.dst_node_id in self.nodes
-        ]  # fmt: skip
+        templates = self._sample(round_number, state)
         selected = [self.nodes[m.metadata.dst_node_id].name for m in templates]
         key = f"{self.run_id}/round-{round_number}"
         refused: dict[str, str] = {}
@@ -304,6 +325,20 @@ class FlowerRounds:
         }  # fmt: skip
         return new_state, record
 
+    # -- the strategy's server state --------------------------------------------------------------
+    def _server_state(self) -> dict[str, Any] | None:
+        """The strategy's state to checkpoint (FedAdam's moments), None for a stateless strategy."""
+        state_dict = getattr(self.strategy, "state_dict", None)
+        return state_dict() if callable(state_dict) else None
+
+    def _restore_server_state(self, saved: dict[str, dict[str, Any]]) -> None:
+        """Give the strategy back the state checkpointed with the round (a warning if it had some and none is there)."""
+        load = getattr(self.strategy, "load_state_dict", None)
+        if SERVER_STATE_NAME in saved and callable(load):
+            load(saved[SERVER_STATE_NAME])
+        elif callable(load):
+            logger.warning("the checkpoint holds no %s state: it restarts", type(self.strategy).__name__)
+
     # -- the run ----------------------------------------------------------------------------------
     def run(self, state: dict[str, torch.Tensor], resume: bool = False) -> dict[str, torch.Tensor]:
         """Play the rounds (from the last checkpoint with ``resume``); returns the final global state."""
@@ -311,13 +346,18 @@ class FlowerRounds:
 
         first = 1
         if resume and self.run_dir is not None and (folder := latest_round(self.run_dir)) is not None:
-            completed, state, _, _ = load_round(folder)
+            completed, state, saved, _ = load_round(folder)
             first = completed + 1
+            self._restore_server_state(saved)
             logger.info("resuming after round %d", completed)
         for round_number in range(first, self.fed.rounds + 1):
             state, record = self.play(round_number, state)
             if self.run_dir is not None:
-                save_round(self.run_dir, round_number, state, None, {"record": record})
+                # The strategy's server state (FedAdam's moments) goes into the round's folder with
+                # the global adapter: written together, atomically, as safetensors (never pickle).
+                server_state = self._server_state()
+                optimizers = {SERVER_STATE_NAME: server_state} if server_state is not None else None
+                save_round(self.run_dir, round_number, state, optimizers, {"record": record})
                 with (self.run_dir / "server_rounds.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
             logger.info("%s", round_line(record, self.fed.rounds))
@@ -327,6 +367,19 @@ class FlowerRounds:
 def _traffic(metrics: Any) -> list[int]:
     """A reply's data-plane bytes (its ``bytes-sent``, ``bytes-received`` metrics; 0 if absent)."""
     return [int(metrics.get("bytes-sent", 0)), int(metrics.get("bytes-received", 0))]
+
+
+class _Sample:
+    """A view of the ``Grid`` that shows a strategy only the sampled ``nodes`` (the rest is the grid's)."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self.grid, self.nodes = grid, nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
 
 
 def _last_line(reason: str | None) -> str:

@@ -45,7 +45,7 @@ from fedsea.federation.simconfig import RunPlan, load_plan
 
 OVERRIDE_PREFIX = "fedsea."
 _APP_REFS = ("fedsea.flower.server_app:app", "fedsea.flower.client_app:app")
-FLOWER_STRATEGIES = ("fedavg", "fedadam", "median", "trimmed-mean")
+FLOWER_STRATEGIES = ("fedavg", "fedadam", "fedprox", "median", "trimmed-mean")
 EVALUATE = ("rounds", "last", "none")
 
 

@@ -56,17 +56,28 @@ def make_optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.opti
 
 
 class PartOptimizer:
-    """AdamW over one part's LoRA tensors, with that part's own gradient clipping."""
+    """AdamW over one part's LoRA tensors, with that part's own gradient clipping.
+
+    With ``optim.proximal_mu`` > 0 (FedProx), each step adds ``mu * (w - w_0)``, the gradient of
+    ``mu/2 ||w - w_0||^2``, to the gradient before clipping; ``w_0`` is a copy of the LoRA
+    tensors taken here (a federated round makes the optimizer after loading the global adapter).
+    """
 
     def __init__(self, part: nn.Module, optim: OptimConfig) -> None:
         self.params = list(adapter_parameters(part).values())
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer = make_optimizer(self.params, optim) if self.params else None
+        self.proximal_mu = optim.proximal_mu
+        # w_0: one detached copy per LoRA tensor, (r, d_in) for A and (d_out, r) for B.
+        self.anchor = [p.detach().clone() for p in self.params] if self.proximal_mu > 0 else []
 
     def step(self) -> float:
         """Clip, step and zero the gradients; return the gradient norm before clipping."""
         if self.optimizer is None:
             return 0.0
+        for p, w0 in zip(self.params, self.anchor, strict=False):  # FedProx's term (none when mu = 0)
+            pull = (p.detach() - w0) * self.proximal_mu
+            p.grad = pull if p.grad is None else p.grad.add_(pull)
         grads = [p for p in self.params if p.grad is not None]
         norm = 0.0
         if grads and self.max_grad_norm is not None:

@@ -40,6 +40,7 @@ def optim_to_pb(optim: OptimConfig) -> pb.OptimizerConfig:
         beta2=optim.betas[1],
         eps=optim.eps,
         max_grad_norm=optim.max_grad_norm or 0.0,
+        proximal_mu=optim.proximal_mu,
     )
 
 
@@ -51,6 +52,7 @@ def optim_from_pb(message: pb.OptimizerConfig) -> OptimConfig:
         betas=(message.beta1, message.beta2),
         eps=message.eps,
         max_grad_norm=message.max_grad_norm if message.max_grad_norm > 0 else None,
+        proximal_mu=message.proximal_mu,
     )
 
 

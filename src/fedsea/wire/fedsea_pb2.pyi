@@ -57,20 +57,22 @@ class LoraConfig(_message.Message):
     def __init__(self, r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm")
+    __slots__ = ("lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "proximal_mu")
     LR_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
     BETA2_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     lr: float
     weight_decay: float
     beta1: float
     beta2: float
     eps: float
     max_grad_norm: float
-    def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    proximal_mu: float
+    def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_seq_len", "max_batch", "max_message_bytes", "max_sessions_per_client", "idle_timeout_s")
