@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,9 @@ def network_block() -> list[str]:
     block = re.search(r"```bash\n(.*?)```", section, re.S)
     assert block, "no bash block under ## Over the network"
     joined = block.group(1).replace("\\\n", " ")
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+    # Trailing comments go (the README's commands have no "#" inside quotes).
+    lines = [re.sub(r"\s#.*$", "", line).strip() for line in joined.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def test_the_readme_network_commands_work_as_written(tmp_path):
@@ -63,9 +66,16 @@ def test_the_readme_network_commands_work_as_written(tmp_path):
             script.append(command)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("FEDSEA_TOKEN", None)
-    done = subprocess.run(
-        ["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
+    # A session of its own: on a timeout the whole group (the backgrounded server too) is killed.
+    proc = subprocess.Popen(["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("the README's commands did not finish in 600 s:\n" + stdout[-2000:] + stderr[-2000:])
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "adapters" / "peft" / "adapter_config.json").is_file()
     assert "model> " in done.stdout and "fedsea: error" not in done.stderr
