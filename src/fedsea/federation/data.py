@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from fedsea.training.data import Example, load_jsonl
+from fedsea.training.data import Example, jsonl_rows, load_jsonl
 
 
 def write_shard(path: str | os.PathLike[str], task: str, split: str, ids: Sequence[str], limit: int | None) -> None:
@@ -110,31 +110,7 @@ def check_jsonl(path: str | os.PathLike[str]) -> int:
         ValueError: a row that is not ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}``
             (named by its line), or no rows at all.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"no data file at {file}")
-    rows = 0
-    with file.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
-            text_row = isinstance(row, dict) and isinstance(row.get("text"), str) and bool(row["text"].strip())
-            pair_row = (
-                isinstance(row, dict)
-                and isinstance(row.get("prompt"), str)
-                and isinstance(row.get("completion"), str)
-                and bool(row["completion"])
-            )
-            if not (text_row or pair_row):
-                raise ValueError(f'{file}:{number}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
-            rows += 1
-    if rows == 0:
-        raise ValueError(f"{file} holds no examples")
-    return rows
+    return sum(1 for _ in jsonl_rows(path))
 
 
 def check_client_data(clients: Sequence[Any]) -> dict[str, int]:

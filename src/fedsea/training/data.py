@@ -42,14 +42,18 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str | None, compl
     return Example(tuple(context + target), len(context))
 
 
-def load_jsonl(
-    path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, max_length: int = 512
-) -> list[Example]:
-    """Read and tokenize a JSONL file; a bad row raises ``ValueError`` naming its line."""
-    examples: list[Example] = []
+def jsonl_rows(path: str | os.PathLike[str]) -> Iterator[tuple[str | None, str]]:
+    """The (prompt, completion) of each row of a JSONL training file, checked: a ``{"text": ...}``
+    row is (None, text), loss on every token; ``{"prompt": ..., "completion": ...}`` the pair.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a row of another shape (named by its line), or no rows at all.
+    """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"no data file at {file}")
+    rows = 0
     with file.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -61,14 +65,21 @@ def load_jsonl(
             if not isinstance(row, dict):
                 raise ValueError(f"{file}:{number}: expected a JSON object")
             if isinstance(row.get("text"), str) and row["text"].strip():
-                examples.append(encode_example(tokenizer, None, row["text"], max_length))
+                yield None, row["text"]
             elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str) and row["completion"]:
-                examples.append(encode_example(tokenizer, row["prompt"], row["completion"], max_length))
+                yield row["prompt"], row["completion"]
             else:
                 raise ValueError(f'{file}:{number}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
-    if not examples:
+            rows += 1
+    if rows == 0:
         raise ValueError(f"{file} holds no examples")
-    return examples
+
+
+def load_jsonl(
+    path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, max_length: int = 512
+) -> list[Example]:
+    """Read and tokenize a JSONL file (``jsonl_rows``); a bad row raises ``ValueError`` naming its line."""
+    return [encode_example(tokenizer, prompt, text, max_length) for prompt, text in jsonl_rows(path)]
 
 
 def iterate_batches(
