@@ -1,8 +1,9 @@
 """Secure aggregation (SecAgg+) on Flower's Deployment Engine: real ``flower-superlink`` and
 ``flower-supernode`` processes with TLS and node authentication, a ``fedsea serve`` trunk server
-with TLS and tokens. The same one-round run with and without ``secure-aggregation``: the secure
-global head/tail equals plain FedAvg within the protocol's quantization bound, and the ServerApp
-received masked vectors only (``fedsea.flower.secagg``). About 4 minutes on a busy 2-core machine."""
+with TLS and tokens. A one-round run with ``secure-aggregation`` completes with both clients, the
+ServerApp received masked vectors only (``fedsea.flower.secagg``), and the aggregate moved the
+head and tail. That the secure aggregate equals plain FedAvg within the protocol's bound is
+tested on the Simulation Engine (``test_flower_secagg.py``), where it costs a fraction of this."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.integration.test_flower_fedsea_deployment import RUN, TEXTS, _secret
 NAMES = ("client-0", "client-1")
 
 
-def test_secure_aggregation_on_the_deployment_engine_equals_fedavg_within_its_bound(tmp_path: Path) -> None:
+def test_secure_aggregation_runs_on_the_deployment_engine(tmp_path: Path) -> None:
     operator = tmp_path / "operator"
     certs = make_test_certs(operator / "trunk-certs")
     store = TokenStore()
@@ -46,27 +47,22 @@ def test_secure_aggregation_on_the_deployment_engine_equals_fedavg_within_its_bo
             "operator-token-file": str(op_token), "tls-ca": str(certs.ca_cert), "evaluate": "none",
         }  # fmt: skip
         with deployment(app, tmp_path / "flower", nodes, tls=True, node_auth=True) as dep:
-            for name, secure in (("plain", False), ("secure", True)):
-                run = {**config, "run-dir": str(operator / name), "secure-aggregation": secure}
-                result = dep.run(app, run, timeout=400)
-                assert result.status == "finished:completed", result.output + dep.logs()
-                assert "round 1/1: 2/2 clients replied (client-0, client-1)" in result.output, result.output
+            run = {**config, "run-dir": str(operator / "secure"), "secure-aggregation": True}
+            result = dep.run(app, run, timeout=400)
+            assert result.status == "finished:completed", result.output + dep.logs()
+            assert "round 1/1: 2/2 clients replied (client-0, client-1)" in result.output, result.output
             processes = dep.track()
     finally:
         trunk.stop()
 
     record = json.loads((operator / "secure" / "server_rounds.jsonl").read_text().splitlines()[0])
-    plain_record = json.loads((operator / "plain" / "server_rounds.jsonl").read_text().splitlines()[0])
     sa = record["secure-aggregation"]
     assert sorted(record["submitted"]) == list(NAMES)
     assert sa["replies"] == 4 * 2 and sa["failures"] == 0  # four SecAgg+ stages each, masked vectors only
-    assert record["losses"] == plain_record["losses"]  # the same training, only the aggregation differs
-    plain = load_round(operator / "plain" / "checkpoints" / "round-0001")[1]
+    assert sa["error-bound"] < 1e-5, sa
     secure = load_round(operator / "secure" / "checkpoints" / "round-0001")[1]
-    last = max(int(k.split(".")[1]) for k in plain)
-    head_tail = [k for k in plain if int(k.split(".")[1]) in (0, last)]  # (p, q) = (1, 1)
-    diff = max((plain[k].float() - secure[k].float()).abs().max().item() for k in head_tail)
-    assert diff <= sa["error-bound"] < 1e-5, (diff, sa["error-bound"])
+    last = max(int(k.split(".")[1]) for k in secure)
+    head_tail = [k for k in secure if int(k.split(".")[1]) in (0, last)]  # (p, q) = (1, 1)
     moved = max(secure[k].float().abs().max().item() for k in head_tail if "lora_B" in k)  # B starts at zero
     assert moved > 100 * sa["error-bound"], moved
     assert (operator / "secure" / "report.md").is_file()

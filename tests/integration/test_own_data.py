@@ -74,6 +74,7 @@ def test_three_clients_train_on_their_own_files(tmp_path):
         assert shard == {"data": str(tmp_path / "notes" / f"{file}.jsonl"), "holdout": 0.2}
     report = (run_dir / "report.md").read_text()
     assert "a.jsonl" in report and "b.jsonl" in report and "c.jsonl" in report
+    assert "## Evaluation (heldout_loss, each client's held-out rows" in report and summary["task"] == "own data"
 
 
 def test_a_bad_data_file_is_refused_before_anything_starts(tmp_path, capsys):

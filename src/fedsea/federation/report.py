@@ -103,6 +103,13 @@ def round_traffic(rounds: list[dict[str, Any]], client: str) -> list[dict[str, A
     return out
 
 
+def _eval_rows(plan: RunPlan, metric: str) -> str:
+    """What the evaluation scored: the clients' held-out rows, or the task's first eval_limit rows."""
+    if metric.startswith("heldout_loss"):
+        return f"each client's held-out rows, the last {plan.config.task.holdout:.0%} of its file"
+    return f"{plan.config.task.eval_limit or 'all'} rows of {plan.config.task.name}"
+
+
 def _main_metric(record: dict[str, Any]) -> tuple[str, float]:
     for key in ("accuracy", "f1", "rougeL", "rouge_l", "exact_match", "em"):
         if key in record:
@@ -241,7 +248,8 @@ def write_report(
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "report": str(run_dir / "report.md"),
-        "task": plan.config.task.name,
+        # Clients on their own files: no task names the data (a mixed run still has one).
+        "task": plan.config.task.name if any(c.data is None for c in plan.clients) else "own data",
         "mode": fed.mode,
         "clients": len(plan.clients),
         "rounds_completed": len(rounds),
@@ -280,7 +288,7 @@ def write_report(
         str(info.get("partition", "")),
         "```",
         "",
-        f"## Evaluation ({name}, {plan.config.task.eval_limit or 'all'} rows)",
+        f"## Evaluation ({name}, {_eval_rows(plan, name)})",
         "",
         "| round | " + name + " |",
         "|---|---|",

@@ -51,3 +51,21 @@ def final_line(summary: dict[str, Any]) -> str:
         line += f", {summary['metric']} {before:.4f} -> {after:.4f}"
     line += f", {_mib(float(summary.get('bytes_moved', 0)))} moved; report {Path(summary['report'])}"
     return line
+
+
+def lost_clients(run_dir: Path) -> dict[str, str]:
+    """Clients whose last sampled round (``server_rounds.jsonl``) failed, and nodes whose query failed
+    in the last round: name (or ``node N``) -> Flower's reason."""
+    from fedsea.federation.report import read_jsonl
+
+    path = run_dir / "server_rounds.jsonl"
+    records = read_jsonl(path) if path.exists() else []
+    last: dict[str, str] = {}
+    for record in records:
+        failed = dict(record.get("failed") or {})
+        for name in record.get("selected") or []:
+            last[str(name)] = str(failed.get(name, ""))
+    if records:  # and a node that never told its name (its query failed, each round: "node N")
+        for key, why in dict(records[-1].get("failed") or {}).items():
+            last.setdefault(str(key), str(why))
+    return {name: f"failed: {why}" for name, why in last.items() if why}

@@ -108,8 +108,7 @@ def write_run_report(run: FlowerRun, plan: Any, run_dir: Path, info: dict[str, A
     (the Deployment Engine), the report's data section lists their sample counts.
     """
     from fedsea.federation.simulate import report_run
-    from fedsea.flower.runlog import final_line
-    from fedsea.flower.simulation import lost_clients
+    from fedsea.flower.runlog import final_line, lost_clients
 
     if not info.get("partition"):
         rows = [f"{n.name}: {n.num_examples} examples, (p, q) = ({n.head_layers}, {n.tail_layers})"

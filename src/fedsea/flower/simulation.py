@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedsea.flower.runlog import lost_clients
 from fedsea.flower.template import DEFAULT_CONFIG, write_app
 
 if TYPE_CHECKING:
@@ -162,24 +163,6 @@ def run_on_flower(
         else:
             sys.tracebacklimit = limit
     return lost_clients(run_dir)
-
-
-def lost_clients(run_dir: Path) -> dict[str, str]:
-    """Clients whose last sampled round (``server_rounds.jsonl``) failed, and nodes whose query failed
-    in the last round: name (or ``node N``) -> Flower's reason."""
-    from fedsea.federation.report import read_jsonl
-
-    path = run_dir / "server_rounds.jsonl"
-    records = read_jsonl(path) if path.exists() else []
-    last: dict[str, str] = {}
-    for record in records:
-        failed = dict(record.get("failed") or {})
-        for name in record.get("selected") or []:
-            last[str(name)] = str(failed.get(name, ""))
-    if records:  # and a node that never told its name (its query failed, each round: "node N")
-        for key, why in dict(records[-1].get("failed") or {}).items():
-            last.setdefault(str(key), str(why))
-    return {name: f"failed: {why}" for name, why in last.items() if why}
 
 
 ENGINES = ("auto", "flower", "native")
