@@ -9,6 +9,7 @@ dropped, ``notes.jsonl`` is made, and ``chat`` reads its input from a pipe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,6 +55,8 @@ def test_the_readme_network_commands_work_as_written(tmp_path):
     for command in commands:
         command = command.replace("50051", port).replace("[--stream]", "")
         if command.startswith("fedsea serve"):
+            # Python itself in the background (not the shell function), so that $! is the server.
+            command = command.replace("fedsea serve", f'"{sys.executable}" -m fedsea.cli serve', 1)
             script += [
                 f"{command} > serve.log 2>&1 &",
                 "SERVE_PID=$!",
@@ -75,6 +78,11 @@ def test_the_readme_network_commands_work_as_written(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail("the README's commands did not finish in 600 s:\n" + stdout[-2000:] + stderr[-2000:])
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group outlived the script
+            os.killpg(proc.pid, signal.SIGKILL)
+    server = (tmp_path / "serve.log").read_text()
+    assert "listening on" in server
     done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "adapters" / "peft" / "adapter_config.json").is_file()
