@@ -1,7 +1,8 @@
-"""The same run file on both engines: ``fedsea simulate`` (fedsea's coordinator) and ``fedsea flower
-simulate`` (Flower's Simulation Engine) sample the same clients from the run's seed and leave the
-same global adapter, bit for bit, after every round (noise off: each run folder draws its own
-clients' noise secrets; with noise on, the runs agree within noise, BENCHMARKS.md).
+"""The same run file on both engines, in hierarchical and client-batch mode: ``fedsea simulate
+--engine native`` (fedsea's coordinator) and ``fedsea flower simulate`` (Flower's Simulation
+Engine) sample the same clients from the run's seed and leave the same global adapter, bit for
+bit, after every round (noise off: each run folder draws its own clients' noise secrets; with
+noise on, the runs agree within noise, BENCHMARKS.md).
 
 Why they can agree exactly: the data shards, the initial adapter and each client's data order
 and seeds come from the run file's seed; the trunk blocks train in the same trunk-server
@@ -54,13 +55,17 @@ seed = 7
 """
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The run file on each engine (~20 s each): engine -> (run folder, its rounds' records)."""
+@pytest.fixture(scope="module", params=["hierarchical", "client-batch"])
+def runs(request, tmp_path_factory):
+    """The run file in a mode on each engine (~20 s each): engine -> (run folder, its rounds' records).
+
+    In client-batch mode the 3 sampled clients (one cut) form one group on the trunk server, their
+    batches joined in the rows of their names on both engines.
+    """
     root = tmp_path_factory.mktemp("engines")
-    (root / "run.toml").write_text(RUN)
+    (root / "run.toml").write_text(RUN.replace('mode = "hierarchical"', f'mode = "{request.param}"'))
     out = {}
-    for engine, command in (("native", ["simulate"]), ("flower", ["flower", "simulate"])):
+    for engine, command in (("native", ["simulate", "--engine", "native"]), ("flower", ["flower", "simulate"])):
         run_dir = root / engine
         done = subprocess.run(
             [*FEDSEA, *command, str(root / "run.toml"), "--run-dir", str(run_dir), "--json"],
@@ -68,6 +73,7 @@ def runs(tmp_path_factory):
         )  # fmt: skip
         assert done.returncode == 0, (engine, done.stdout[-3000:], done.stderr[-5000:])
         rounds = [json.loads(line) for line in (run_dir / "server_rounds.jsonl").read_text().splitlines()]
+        assert all(r["mode"] == request.param for r in rounds)
         out[engine] = (run_dir, rounds)
     return out
 

@@ -122,6 +122,11 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
             assert result.status == "finished:completed", result.output + dep.logs()
             refused = [x for x in result.output.splitlines() if "did not answer the query" in x]
             assert refused and all("'client-9' is not a client of the run file" in x for x in refused), result.output
+            # The same deployment in client-batch mode: the two owners' ClientApp processes train
+            # one shared trunk adapter, their batches joined into one trunk pass per step.
+            batch_config = {**config, "run-dir": str(operator / "batched"), "set": "federation.mode=client-batch"}
+            batched = dep.run(app, batch_config, timeout=400)
+            assert batched.status == "finished:completed", batched.output + dep.logs()
             processes = dep.track()
         assert trunk.alive(), trunk.log.tail  # the trunk server outlives the run: it is the operator's
     finally:
@@ -174,6 +179,13 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
     blocks = {int(k.split(".")[1]) for k in last}
     assert {int(k.split(".")[1]) for k in last if "lora_B" in k and not torch.equal(last[k], first[k])} == blocks
     assert any("lora_B" in k and bool(first[k].abs().sum() > 0) for k in first)  # round 1 trained too
+    # Client-batch: both owners in every round, the one group's adapter (every trunk block) trained.
+    rounds = [json.loads(line) for line in (operator / "batched" / "server_rounds.jsonl").read_text().splitlines()]
+    assert [(r["mode"], sorted(r["submitted"]), r["refused"]) for r in rounds] == [
+        ("client-batch", ["client-0", "client-1"], {})
+    ] * 2
+    one, two = (load_round(operator / "batched" / "checkpoints" / f"round-000{r}")[1] for r in (1, 2))
+    assert all(not torch.equal(two[k], one[k]) for k in two if "lora_B" in k and 1 <= int(k.split(".")[1]) <= 4)
     # Each owner's state stays on its machine: the noise secret (owner-only) and its steps.
     for i, name in enumerate(("client-0", "client-1")):
         state = tmp_path / f"owner-{i}" / "state"

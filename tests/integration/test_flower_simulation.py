@@ -71,7 +71,7 @@ def three_rounds(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("mode", ["hierarchical", "sequential"])
+@pytest.mark.parametrize("mode", ["hierarchical", "sequential", "client-batch"])
 def test_a_flower_simulation_trains_in_each_mode(three_rounds, mode):
     summary, rounds, run_dir = three_rounds(mode)
     assert summary["rounds_completed"] == 3 and summary["clients"] == 2 and summary["bytes_moved"] > 0

@@ -60,3 +60,18 @@ def test_a_run_no_supernode_can_join_fails_with_their_reasons(monkeypatch) -> No
         _rounds(_Grid([7, 8])).discover(0.1)
     with pytest.raises(FedseaError, match="no SuperNode connected within 0 s"):
         _rounds(_Grid([])).discover(0.1)
+
+
+def test_a_supernode_takes_its_data_from_the_node_config_else_the_run_file(tmp_path: Path) -> None:
+    from fedsea.federation.runconfig import ClientPlan
+    from fedsea.flower.client_app import data_source
+
+    own = ClientPlan(name="client-0", data=str(tmp_path / "notes.jsonl"))  # [[clients]] data in the run file
+    bare = ClientPlan(name="client-1")
+    assert data_source({"data": "/owner/train.jsonl"}, tmp_path, own) == (None, "/owner/train.jsonl", None)
+    assert data_source({"shard": "/s.json"}, tmp_path, own) == ("/s.json", None, None)
+    assert data_source({}, tmp_path, own) == (None, None, own)  # a Deployment SuperNode: the run file's file
+    (tmp_path / "shard.json").write_text("{}")  # a simulation's run folder holds the client's shard
+    assert data_source({}, tmp_path, bare) == (str(tmp_path / "shard.json"), None, None)
+    with pytest.raises(ValueError, match=r"client-1: no training data: give the node config data=FILE"):
+        data_source({}, tmp_path / "elsewhere", bare)

@@ -21,30 +21,18 @@ def run_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mode", ["hierarchical", "sequential"])
-def test_the_modes_flower_runs_go_to_flower_by_default(run_file, capsys, mode):
+@pytest.mark.parametrize("mode", ["hierarchical", "sequential", "client-batch"])
+def test_every_mode_goes_to_flower_by_default(run_file, capsys, mode):
     plan = load_plan(run_file, [f'federation.mode="{mode}"'])
     assert pick_engine(plan) == "flower" and pick_engine(plan, "flower") == "flower"
     assert pick_engine(plan, "native") == "native"
     assert capsys.readouterr().err == ""
-
-
-def test_client_batch_falls_back_to_native_and_says_so(run_file, capsys):
-    plan = load_plan(run_file, ['federation.mode="client-batch"'])
-    assert pick_engine(plan, "auto") == "native"
-    err = capsys.readouterr().err
-    assert err.startswith("fedsea: note: federation.mode = 'client-batch' runs on the native engine"), err
-    assert pick_engine(plan, "native") == "native" and capsys.readouterr().err == ""  # asked for: no note
-    with pytest.raises(ValueError, match="does not run on Flower yet"):
-        pick_engine(plan, "flower")
     with pytest.raises(ValueError, match="engine must be one of auto, flower, native"):
         pick_engine(plan, "ray")
 
 
-def test_simulate_refuses_client_batch_on_flower_and_flower_flags_on_native(run_file, tmp_path, capsys):
+def test_simulate_refuses_flower_flags_on_native(run_file, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["simulate", str(run_file), 'federation.mode="client-batch"', "--engine", "flower", "--run-dir", str(out)]
-    one_line_error(capsys, argv, "client-batch", "--engine native")
     for flag in (["--strategy", "fedadam"], ["--secure-aggregation"]):
         argv = ["simulate", str(run_file), "--engine", "native", *flag, "--run-dir", str(out)]
         one_line_error(capsys, argv, "Flower's")
@@ -74,7 +62,7 @@ def test_flower_simulate_is_simulate_on_the_flower_engine():
 
 
 @pytest.mark.parametrize(("mode", "says"), [("hierarchical", "deprecated for mode hierarchical"),
-                                            ("client-batch", "kept for federation.mode = client-batch")])  # fmt: skip
+                                            ("client-batch", "deprecated for mode client-batch")])  # fmt: skip
 def test_serve_run_and_join_say_they_are_the_native_coordinator(tmp_path, capsys, monkeypatch, mode, says):
     run = tmp_path / "run.toml"
     run.write_text(RUN.replace("[federation]\n", f'[federation]\nmode = "{mode}"\n'))
@@ -92,8 +80,7 @@ def test_serve_run_and_join_say_they_are_the_native_coordinator(tmp_path, capsys
         err = capsys.readouterr().err
         notes = [line for line in err.splitlines() if line.startswith("fedsea: note:")]
         assert len(notes) == 1 and f"`{command}` is fedsea's native coordinator, {says}" in notes[0], err
-        if mode != "client-batch":
-            assert "flower-superlink" in notes[0] and "flwr run" in notes[0]
+        assert "flower-superlink" in notes[0] and "flwr run" in notes[0]
         # fedsea simulate --engine native starts them with FEDSEA_NATIVE_ENGINE=1: it asked for them.
         monkeypatch.setenv("FEDSEA_NATIVE_ENGINE", "1")
         assert main(argv) == 2

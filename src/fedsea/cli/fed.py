@@ -31,17 +31,14 @@ NATIVE_ENGINE_ENV = "FEDSEA_NATIVE_ENGINE"  # set by fedsea simulate --engine na
 
 
 def native_note(command: str, mode: str) -> None:
-    """Say on stderr that ``command`` is the native coordinator, kept for what Flower cannot run yet.
+    """Say on stderr that ``command`` is the native coordinator, deprecated: runs go on Flower.
 
     Not for the processes of ``fedsea simulate --engine native`` (``FEDSEA_NATIVE_ENGINE=1``),
     which asked for it.
     """
     if os.environ.get(NATIVE_ENGINE_ENV) == "1":
         return
-    if mode == "client-batch":
-        why = "kept for federation.mode = client-batch, which Flower cannot run yet"
-    else:
-        why = f"deprecated for mode {mode}: {FLOWER_POINTER}"
+    why = f"deprecated for mode {mode}: {FLOWER_POINTER}"
     print(f"fedsea: note: `{command}` is fedsea's native coordinator, {why}", file=sys.stderr, flush=True)
 
 
@@ -186,7 +183,7 @@ def add_simulate_args(sim: argparse.ArgumentParser, engine: bool = True) -> None
         sim.add_argument(
             "--engine", choices=ENGINES, default="auto",
             help="flower: Flower's Simulation Engine; native: fedsea serve --run and fedsea join processes; "
-            "auto (default): flower, native for a mode Flower cannot run yet (client-batch; said on stderr)",
+            "auto (default): flower",
         )  # fmt: skip
     sim.add_argument("--strategy", choices=FLOWER_STRATEGIES, help="Flower strategy (default: the run file's)")
     sim.add_argument(

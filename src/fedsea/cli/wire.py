@@ -264,8 +264,8 @@ def add_wire_commands(sub: Any) -> None:
     )
     serve.add_argument(
         "--run",
-        help="run file (TOML): coordinate a native federated run (fedsea join; kept for mode client-batch, "
-        "other modes run on Flower: flwr run)",
+        help="run file (TOML): coordinate a native federated run (fedsea join; deprecated: runs go on Flower, "
+        "flwr run)",
     )
     serve.add_argument("--run-dir", help="where the run's checkpoints and metrics go")
     serve.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")

@@ -93,15 +93,31 @@ class TrunkOperator:
             raise ValueError("the TrunkOperator is closed")
         return self.connection
 
-    def stage(self, key: str, state: dict[str, torch.Tensor]) -> None:
-        """Stage ``state`` (global keys ``layers.N....``, float32 on the wire) under ``key``, replacing an old one."""
+    def stage(
+        self,
+        key: str,
+        state: dict[str, torch.Tensor],
+        group: Sequence[str] | None = None,
+        step_timeout_s: float = 300.0,
+    ) -> None:
+        """Stage ``state`` (global keys ``layers.N....``, float32 on the wire) under ``key``, replacing an old one.
+
+        ``group``: the clients of a client-batch group, in the joint pass's row order. Their
+        loads of this stage join them to one shared trunk session, whose steps join their batches
+        and wait up to ``step_timeout_s`` for every member (the late are then left out); collect
+        returns that session's adapter once, under ``fedsea.server.batching.GROUP_OWNER``.
+        """
         connection = self._require()
         check_stage_key(key)
         if not state:
             raise ValueError("stage: the state holds no tensors")
+        spec = None if group is None else pb.StageGroup(members=list(group), step_timeout_s=step_timeout_s)
 
         def requests() -> Iterator[pb.NamedTensorChunk]:
-            return named_chunks(state, self.chunk_bytes, session_id=key)
+            for i, message in enumerate(named_chunks(state, self.chunk_bytes, session_id=key)):
+                if i == 0 and spec is not None:
+                    message.group.CopyFrom(spec)
+                yield message
 
         connection.stream("stage_trunk", connection.stub.StageTrunk, requests, kind="adapter")
 

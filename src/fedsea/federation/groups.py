@@ -16,10 +16,8 @@ import torch
 
 from fedsea.errors import InvalidInputError, SessionNotFoundError
 from fedsea.federation.validation import check_update
-from fedsea.server.batching import GroupBatcher
+from fedsea.server.batching import GROUP_OWNER, GroupBatcher
 from fedsea.server.trunk import Session, TrunkHost
-
-GROUP_OWNER = "fedsea:client-batch"  # owner of the shared trunk sessions; no token can claim it
 
 
 def trunk_part(state: Mapping[str, torch.Tensor], session: Session) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ A SuperNode's node config says who the data owner is (all optional in a simulati
 run folder holds each simulated client's shard, token and certificates, by ``partition-id``):
 
 - ``name``: the client's name in the run file (``[[clients]]``) and on the trunk server (its token's);
-- ``data`` (a JSONL file) or ``shard`` (a task shard): the local training data;
+- ``data`` (a JSONL file) or ``shard`` (a task shard): the local training data (without them,
+  the run file's ``[[clients]] data`` for this client; ``data_source``);
 - ``token-file``: the file holding the client's trunk-server token;
 - ``tls-ca`` (and ``tls-cert``, ``tls-key`` for mutual TLS): the trunk server's CA;
 - ``trunk-address``: overrides the address the ServerApp sends (another route to the same server);
@@ -86,6 +87,28 @@ def _participant(context: Context, address: str) -> Any:
     return participant
 
 
+def data_source(node: dict[str, Any], mine: Path, me: Any) -> tuple[str | None, str | None, Any]:
+    """Where client ``me``'s training data comes from: (shard, data, own) for ``load_client_data``.
+
+    In order: the node config's ``data`` (a JSONL on this machine) or ``shard``; the shard a
+    simulation's run folder holds for the client (``state-dir``'s ``shard.json``); the client's
+    own file named in the run file (``[[clients]] data`` or ``[task] data``).
+
+    Raises:
+        ValueError: none of them, naming what to give.
+    """
+    if "data" in node or "shard" in node:
+        return (str(node["shard"]) if "shard" in node else None), (str(node["data"]) if "data" in node else None), None
+    if (mine / "shard.json").is_file():
+        return str(mine / "shard.json"), None, None
+    if getattr(me, "data", None) is not None:
+        return None, None, me
+    raise ValueError(
+        f"{me.name}: no training data: give the node config data=FILE (a JSONL file on this machine), or name "
+        "the client's file in the run file ([[clients]] data)"
+    )
+
+
 def _build(context: Context, me: Any, plan: Any, run_dir: Path, address: str) -> Any:
     """A participant for client ``me``: its model split, data, token, TLS, noise and trunk session."""
     from fedsea.client.connection import ClientTls
@@ -100,9 +123,8 @@ def _build(context: Context, me: Any, plan: Any, run_dir: Path, address: str) ->
     mine = Path(str(node["state-dir"])) if "state-dir" in node else run_dir / "clients" / me.name
     model = plan.config.model.placed(me.device, me.dtype)
     tokenizer = load_tokenizer(model.source)
-    data = str(node["data"]) if "data" in node else None
-    shard = str(node["shard"]) if "shard" in node else (None if data else str(mine / "shard.json"))
-    examples = load_client_data(tokenizer, shard, data, me.max_length)
+    shard, data, own = data_source(node, mine, me)
+    examples = load_client_data(tokenizer, shard, data, me.max_length, own, plan.config.task.holdout)
     token = (
         Path(str(node["token-file"])).read_text().strip() if "token-file" in node else client_token(run_dir, me.name)
     )
@@ -147,7 +169,12 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[secure_aggregation_mod])  # SecAgg+ when the ServerApp runs it; a no-op otherwise
 def train(msg: Message, context: Context) -> Message:
-    """One round: load the trunk blocks from the stage, train locally, publish the trunk, reply head and tail."""
+    """One round: load the trunk blocks from the stage, train locally, publish the trunk, reply head and tail.
+
+    In client-batch mode (``client-batch`` in the config) the load joins the session to its
+    group's shared trunk session on the trunk server, the steps train that one with the other
+    members', and nothing is published: the ServerApp collects the group's adapter once.
+    """
     from fedsea.client.staging import load_staged_trunk, publish_trunk
     from fedsea.errors import RemoteError
     from fedsea.model.adapters import adapter_state_dict
@@ -173,7 +200,8 @@ def train(msg: Message, context: Context) -> Message:
         load_staged_trunk(participant.client, key)
     client, fed = participant.client, participant.fed
     result = fed.train_round(round_number, int(scalar(config, "local-steps")), to_state(arrays_of(msg)))
-    publish_trunk(client, key)
+    if not bool(config.get("client-batch", False)):  # a group's shared adapter is collected as the group's
+        publish_trunk(client, key)
     state = {**adapter_state_dict(client.split.head), **adapter_state_dict(client.split.tail)}
     sent, received = meter.bytes_sent - before[0], meter.bytes_received - before[1]
     with participant.log.open("a") as f:

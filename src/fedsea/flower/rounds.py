@@ -82,11 +82,6 @@ class FlowerRounds:
         secure_aggregation: bool = False,
     ) -> None:
         self.plan, self.fed = plan, plan.fed
-        if self.fed.mode == "client-batch":
-            raise ValueError(
-                "mode client-batch is not available on Flower yet (its clients' batches are joined on the "
-                "trunk server step by step): use hierarchical or sequential, or fedsea simulate"
-            )
         self.grid, self.operator, self.strategy = grid, operator, strategy
         self.trunk_address, self.num_layers = trunk_address, num_layers
         self.run_dir, self.run_id = run_dir, run_id
@@ -138,10 +133,12 @@ class FlowerRounds:
             raise FedseaError(f"no SuperNode could join the run: {'; '.join(failed) or 'none answered the query'}")
 
     # -- one round ------------------------------------------------------------------------------
-    def _message(self, template: Message, state: dict[str, torch.Tensor], key: str, round_number: int) -> Message:
+    def message(self, template: Message, state: dict[str, torch.Tensor], key: str, round_number: int) -> Message:
+        """The TRAIN message of ``template``'s node: its head/tail slice of ``state`` and the stage ``key``."""
         node = template.metadata.dst_node_id
         info = self.nodes[node]
-        config = config_of(template)
+        # A copy: a strategy's templates may share one config record, and each message has its own key.
+        config = ConfigRecord(dict(config_of(template)))
         config.update({"stage-key": key, "trunk-address": self.trunk_address, "local-steps": self.fed.local_steps})
         config["server-round"] = round_number
         arrays = to_record(head_tail_slice(state, self.num_layers, info.head_layers, info.tail_layers))
@@ -149,16 +146,20 @@ class FlowerRounds:
             RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=MessageType.TRAIN
         )
 
-    def _train(self, messages: list[Message], state: dict[str, torch.Tensor], key: str) -> list[Message]:
-        """Stage ``state``, send ``messages``, collect the trunk adapters of those who replied."""
-        self.operator.stage(key, state)
+    def send(self, messages: list[Message]) -> list[Message]:
+        """Send ``messages`` and wait for the replies (the round's deadline); the failed are noted and left out."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
-        ok = [r for r in replies if not r.has_error()]
         for r in replies:
             if r.has_error():
                 logger.warning("node %d failed its round: %s", r.metadata.src_node_id, r.error.reason)
                 info = self.nodes.get(r.metadata.src_node_id)
                 self.failures[info.name if info else f"node {r.metadata.src_node_id}"] = _last_line(r.error.reason)
+        return [r for r in replies if not r.has_error()]
+
+    def _train(self, messages: list[Message], state: dict[str, torch.Tensor], key: str) -> list[Message]:
+        """Stage ``state``, send ``messages``, collect the trunk adapters of those who replied."""
+        self.operator.stage(key, state)
+        ok = self.send(messages)
         names = [str(scalar(config_of(r, "client"), "name")) for r in ok]
         trunks = self.operator.collect(key, names, drop=True)
         for reply, name in zip(ok, names, strict=True):
@@ -168,9 +169,7 @@ class FlowerRounds:
                 reply.content["arrays"] = to_record(merged)
         return [r for r in ok if bool(scalar(config_of(r, "client"), "trunk"))]
 
-    def _checked(
-        self, replies: list[Message], start: dict[str, torch.Tensor], refused: dict[str, str]
-    ) -> list[Message]:
+    def checked(self, replies: list[Message], start: dict[str, torch.Tensor], refused: dict[str, str]) -> list[Message]:
         """The replies whose update passes ``check_update`` against ``start`` (clipped if the run says so)."""
         kept = []
         for reply in replies:
@@ -207,7 +206,7 @@ class FlowerRounds:
         current = dict(state)  # the global, its trunk blocks updated by each client in turn
         for i, template in enumerate(templates):
             turn = f"{key}/{i}"
-            got = self._checked(self._train([self._message(template, current, turn, round_number)], current, turn),
+            got = self.checked(self._train([self.message(template, current, turn, round_number)], current, turn),
                                 current, refused)  # fmt: skip
             if not got:
                 continue
@@ -261,9 +260,13 @@ class FlowerRounds:
             return self._play_secure(round_number, templates, state, key, selected, started)
         if self.fed.mode == "sequential":
             replies, current = self._sequential(templates, state, key, round_number, refused)
+        elif self.fed.mode == "client-batch":
+            from fedsea.flower.client_batch import play_groups
+
+            replies, current = play_groups(self, templates, state, key, round_number, refused), state
         else:
-            messages = [self._message(t, state, key, round_number) for t in templates]
-            replies, current = self._checked(self._train(messages, state, key), state, refused), state
+            messages = [self.message(t, state, key, round_number) for t in templates]
+            replies, current = self.checked(self._train(messages, state, key), state, refused), state
         done = [str(scalar(config_of(r, "client"), "name")) for r in replies]
         new_state = state
         if len(done) < self.fed.min_clients:

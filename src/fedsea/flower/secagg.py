@@ -310,7 +310,7 @@ def play_secure(
     plan, fed = rounds.plan, rounds.fed
     p, q = one_cut({info.name: (info.head_layers, info.tail_layers) for info in rounds.nodes.values()})
     keys = sorted(head_tail_slice(state, rounds.num_layers, p, q))
-    messages = [rounds._message(t, state, key, round_number) for t in templates]
+    messages = [rounds.message(t, state, key, round_number) for t in templates]
     max_weight = float(fed.local_steps * max(c.batch_size for c in plan.clients))
     rounds.operator.stage(key, state)
     result = secure_train(rounds.grid, messages, keys, round_number, max_weight, fed.round_timeout_s)

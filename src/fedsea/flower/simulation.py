@@ -3,10 +3,10 @@
 The rounds run on Flower's Simulation Engine (``run_on_flower``: the same ServerApp and
 ClientApp as ``flwr run``; the ServerApp starts the trunk server in this process, the ClientApps
 run as virtual SuperNodes, Ray workers, one per client of the run file). fedsea's native
-coordinator (``fedsea.federation.native``) runs only what Flower cannot run yet,
-``federation.mode = "client-batch"`` (said on stderr, never silently), or when asked
-(``engine="native"``). Both go through one pipeline (``fedsea.federation.simulate.run_and_report``):
-the same checks, run folder, ``--resume``, ``metrics.jsonl``, ``report.md``, plots and summary.
+coordinator (``fedsea.federation.native``) runs a run when asked (``engine="native"``): it is
+the reference the Flower runs are tested against. Both go through one pipeline
+(``fedsea.federation.simulate.run_and_report``): the same checks,
+run folder, ``--resume``, ``metrics.jsonl``, ``report.md``, plots and summary.
 ``simulate`` is ``fedsea simulate``; ``simulate_on_flower`` is ``fedsea flower simulate``
 (``engine="flower"``).
 """
@@ -153,7 +153,7 @@ def run_on_flower(
     }
     limit = getattr(sys, "tracebacklimit", None)
     try:
-        run_simulation(run_config, num_nodes=len(plan.clients))
+        run_simulation(run_config, num_nodes=len(plan.clients), cpus=_cpus(plan))
     except FlowerRunError as exc:  # the ServerApp's one line (it ran in a thread of this process)
         raise RunStoppedError(str(exc).removeprefix("fedsea: error: ")) from None
     finally:  # the ServerApp sets it to 0 for its own one-line failure; this process goes on
@@ -165,8 +165,25 @@ def run_on_flower(
     return lost_clients(run_dir)
 
 
+def _cpus(plan: RunPlan) -> int:
+    """Ray's CPUs for ``plan``: this machine's, and in client-batch mode at least a round's clients.
+
+    Each ClientApp actor asks for one CPU, so Ray runs as many at once as it has CPUs. A
+    client-batch group's steps wait for every member: all the clients a round samples must train
+    at the same time, or the group would go on without those still queued once a step's timeout
+    runs out. Ray's CPUs are a count of slots, not cores: more slots than cores is allowed.
+    """
+    cpus = os.cpu_count() or 1
+    if plan.fed.mode != "client-batch":
+        return cpus
+    from fedsea.federation.strategy import make_strategy
+
+    sampler = make_strategy("fedavg", plan.fed.fraction, plan.fed.min_clients)
+    names = [c.name for c in plan.clients]
+    return max(cpus, len(sampler.select(names, 1, plan.fed.seed)))  # every round samples as many
+
+
 ENGINES = ("auto", "flower", "native")
-NATIVE_ONLY_MODES = ("client-batch",)  # what Flower's rounds (fedsea.flower.rounds) cannot run yet
 
 
 def run_engine(run_dir: Path) -> str | None:
@@ -184,29 +201,16 @@ def run_engine(run_dir: Path) -> str | None:
 
 
 def pick_engine(plan: RunPlan, engine: str = "auto") -> str:
-    """The engine that runs ``plan``: ``"flower"``, or ``"native"`` where Flower cannot run it yet.
+    """The engine that runs ``plan``: ``"flower"`` (``auto`` or ``flower``) or ``"native"``.
 
-    ``auto`` picks Flower and falls back to the native coordinator for a mode only it runs,
-    saying so on stderr; ``flower`` refuses such a mode; ``native`` is always the native.
+    Every mode runs on both; the native coordinator (``fedsea serve --run`` and ``fedsea join``
+    processes) is kept as the reference the Flower runs are tested against.
 
     Raises:
-        ValueError: an unknown engine, or ``flower`` for a mode Flower cannot run.
+        ValueError: an unknown engine.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    native_only = plan.fed.mode in NATIVE_ONLY_MODES
-    if engine == "flower" and native_only:
-        raise ValueError(
-            f"federation.mode = {plan.fed.mode!r} does not run on Flower yet (its clients' steps are joined "
-            "into one trunk batch on the server): use --engine native, or mode hierarchical or sequential"
-        )
-    if engine == "auto" and native_only:
-        print(
-            f"fedsea: note: federation.mode = {plan.fed.mode!r} runs on the native engine (fedsea serve --run and "
-            "fedsea join processes): Flower cannot batch the clients' steps on the trunk server yet",
-            file=sys.stderr,
-        )
-        return "native"
     return "native" if engine == "native" else "flower"
 
 
@@ -233,8 +237,7 @@ def simulate(
             on the engine it ran on (``run_engine``).
         progress: print the partition (and the native coordinator's round bar).
         eval_every_round: False evaluates the base model and the last round only (benchmarks).
-        engine: ``auto`` (Flower; native for a mode Flower cannot run yet, said on stderr),
-            ``flower`` or ``native`` (``pick_engine``).
+        engine: ``auto`` or ``flower`` (Flower's Simulation Engine), or ``native`` (``pick_engine``).
         strategy: the Flower strategy (``fedavg``, ``fedadam``, ``median``, ``trimmed-mean``);
             empty: the run file's ``federation.strategy``. Flower only.
         secure_aggregation: SecAgg+ over the head/tail adapters (``fedsea.flower.secagg``). Flower only.

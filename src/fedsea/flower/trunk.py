@@ -131,9 +131,18 @@ class NamedOperator:
     def __init__(self, operator: Any) -> None:
         self.operator = operator
 
-    def stage(self, key: str, state: dict[str, torch.Tensor]) -> None:
-        """Stage the global trunk adapter (``TrunkOperator.stage``)."""
-        self.operator.stage(key, state)
+    def stage(
+        self,
+        key: str,
+        state: dict[str, torch.Tensor],
+        group: Sequence[str] | None = None,
+        step_timeout_s: float = 300.0,
+    ) -> None:
+        """Stage the global trunk adapter (``TrunkOperator.stage``; ``group``: a client-batch group's members)."""
+        if group is None:
+            self.operator.stage(key, state)
+        else:
+            self.operator.stage(key, state, group=group, step_timeout_s=step_timeout_s)
 
     def collect(
         self, key: str, client_ids: Sequence[str] = (), drop: bool = False

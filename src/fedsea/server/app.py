@@ -142,7 +142,7 @@ class TrunkServer:
             closed = await self.servicer.run_blocking(self.trunk_host.reap_idle)
             for session_id in closed:
                 logger.info("closed idle session %s", session_id)
-            for what in self.servicer.staging.reap_idle():
+            for what in await self.servicer.run_blocking(self.servicer.staging.reap_idle):
                 logger.info("freed idle %s", what)
 
     async def stop(self, grace: float = 5.0) -> None:

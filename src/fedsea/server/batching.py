@@ -23,6 +23,9 @@ import torch
 from fedsea.errors import ProtocolError
 from fedsea.server.trunk import Session, TrunkHost
 
+GROUP_OWNER = "fedsea:client-batch"  # owner of the shared trunk sessions; no token can claim it
+Member = tuple[str, str | None]  # (owner, session id); None: a member whose session has not joined yet
+
 
 @dataclass
 class _Arrival:
@@ -32,24 +35,33 @@ class _Arrival:
 
 
 class GroupBatcher:
-    """One shared-trunk group of clients for one round."""
+    """One shared-trunk group of clients for one round.
+
+    Args:
+        host: the trunk host.
+        group: the shared session (owned by ``GROUP_OWNER``) whose trunk adapter the group trains.
+        members: (owner, session id) in the joint pass's row order; a session id of None is a
+            member still to come (``bind``): the steps wait for it as for any member.
+        compute: runs a blocking call on the compute thread and returns its result.
+        step_timeout_s: how long a step waits for every member; the late are then left out.
+    """
 
     def __init__(
         self,
         host: TrunkHost,
         group: Session,
-        members: list[tuple[str, str]],
+        members: list[Member],
         compute: Callable[..., Awaitable[Any]],
         step_timeout_s: float,
     ) -> None:
         self.host = host
         self.group = group
-        self.active: list[tuple[str, str]] = list(members)  # (owner, session id), in a fixed order
+        self.active: list[Member] = list(members)  # in a fixed order: the joint pass's rows
         self._compute = compute
         self.timeout = step_timeout_s
-        self._forward: dict[tuple[str, str], _Arrival] = {}
-        self._backward: dict[tuple[str, str], _Arrival] = {}
-        self._joined: list[tuple[str, str]] = []  # members of the pending joint forward, in row order
+        self._forward: dict[Member, _Arrival] = {}
+        self._backward: dict[Member, _Arrival] = {}
+        self._joined: list[Member] = []  # members of the pending joint forward, in row order
         self._pending: tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
@@ -57,6 +69,21 @@ class GroupBatcher:
     def has(self, owner: str, session_id: str) -> bool:
         """Whether this session is still one of the group's active members."""
         return (owner, session_id) in self.active
+
+    def waits_for(self, owner: str) -> bool:
+        """Whether ``owner`` is a member still to come (not bound, not left out by a step's timeout)."""
+        return (owner, None) in self.active
+
+    def bind(self, owner: str, session_id: str) -> None:
+        """Make ``session_id`` the session of ``owner``, a member still to come, in its place in the rows.
+
+        Raises:
+            ProtocolError: ``owner`` is not a member still to come.
+        """
+        if not self.waits_for(owner):
+            raise ProtocolError(f"{owner!r} is not a member still to come of this client-batch group")
+        # A new list, assigned at once: the event loop's barrier may read ``active`` meanwhile.
+        self.active = [(o, session_id) if (o, s) == (owner, None) else (o, s) for o, s in self.active]
 
     async def forward(self, owner: str, session_id: str, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Join this member's h~_p (B, n, d) into the group's trunk pass; return its rows of h_{L-q} (B, n, d)."""

@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from fedsea.errors import FedseaError, IdleTimeoutError, InvalidInputError, ProtocolError
+from fedsea.server.batching import GroupBatcher
 from fedsea.server.budget import InflightBudget, StreamTicket, receive_budgeted_state, receive_budgeted_tensor
 from fedsea.server.calls import abort_with, identify, sees_server, streaming, unary
 from fedsea.server.generation import GenerationHost, GenStream
@@ -63,7 +64,8 @@ class TrunkServicer(StagingRpcs, pb_grpc.TrunkServicer):
         self.coordinator: RoundService | None = None  # set when the server runs a federated run
         self.generation = GenerationHost(host)
         self.staging = TrunkStaging(host)  # Flower runs' trunk adapters (``StagingRpcs``)
-        self.steps = StepRouter(host, self._compute, lambda: self.coordinator)
+        self.staging.groups.compute = self.run_blocking  # client-batch groups' joint passes
+        self.steps = StepRouter(host, self._compute, self._group_of)
         self.tokens = tokens
         self.meters: dict[str, TrafficMeter] = {}
         self.refusals = RefusalLog(logger)  # one line per refused request, rate-limited
@@ -111,6 +113,12 @@ class TrunkServicer(StagingRpcs, pb_grpc.TrunkServicer):
     async def _fail(self, context: Context, exc: BaseException) -> None:
         """Abort with ``exc``'s status, a capped detail and one rate-limited log line (``calls.abort_with``)."""
         await abort_with(self.refusals, context, exc)
+
+    def _group_of(self, owner: str, session_id: str) -> GroupBatcher | None:
+        """The client-batch group a session trains in: its native run's, else a Flower stage's, or None."""
+        if self.coordinator is not None and (group := self.coordinator.batcher_for(owner, session_id)) is not None:
+            return group
+        return self.staging.groups.batcher_for(owner, session_id)
 
     def _coordinator(self) -> RoundService:
         if self.coordinator is None:

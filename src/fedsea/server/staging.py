@@ -33,6 +33,8 @@ import torch
 
 from fedsea.errors import InvalidInputError, LimitExceededError, StageNotFoundError
 from fedsea.model.adapters import adapter_parameters
+from fedsea.server.batching import GROUP_OWNER
+from fedsea.server.stage_groups import StageGroups, check_group
 from fedsea.server.trunk import Session, TrunkHost
 from fedsea.wire.stage_keys import check_stage_key
 
@@ -72,6 +74,7 @@ class TrunkStaging:
         self._published: dict[tuple[str, str], _Held] = {}
         self._starts: dict[str, tuple[str, State]] = {}  # session id -> (stage key, its trunk blocks' tensors)
         self._held = 0
+        self.groups = StageGroups(host)  # client-batch group stages (the servicer gives it its compute)
         host.on_drop.append(self._session_dropped)
 
     # -- accounting ------------------------------------------------------------------------------
@@ -114,8 +117,12 @@ class TrunkStaging:
                     "collect an old one with drop first"
                 )
 
-    def stage(self, key: str, state: State) -> int:
+    def stage(self, key: str, state: State, group: tuple[list[str], float] | None = None) -> int:
         """Stage ``state`` (global keys ``layers.N....``) under ``key``, replacing any stage of that key.
+
+        ``group``: (members, step timeout in seconds) makes it a client-batch group's stage
+        (``fedsea.server.stage_groups``): its members' loads join them to one shared trunk
+        session. Run it on the compute thread (a replaced group's session is closed).
 
         Returns: how many tensors were staged.
 
@@ -124,6 +131,8 @@ class TrunkStaging:
             LimitExceededError: ``max_stages``, ``max_adapter_bytes`` or ``max_staged_bytes``.
         """
         check_stage_key(key)
+        if group is not None:  # before anything is stored: a bad group leaves no stage behind
+            check_group(*group)
         if not state:
             raise InvalidInputError("stage", "no tensors")
         for name in state:
@@ -144,12 +153,22 @@ class TrunkStaging:
             self._reserve(size - (old.bytes if old is not None else 0), f"stage {key!r}")
             self._stages[key] = _Held(dict(state), size)
             self._forget_starts(key)  # they referenced the old stage's tensors
+        with self.host.computing():  # the compute lock, then the groups (a replaced group's session closes)
+            if group is not None:
+                self.groups.declare(key, *group)
+            else:
+                self.groups.forget(key)
         return len(state)
 
     def collect(self, key: str, client_ids: Sequence[str] = ()) -> dict[str, State]:
         """The states published under ``key`` by ``client_ids`` (all, if empty); an id that published none is absent."""
         check_stage_key(key)
         now = time.monotonic()
+        if key in self.groups:  # the group's shared adapter, once (run on the compute thread)
+            self._stage(key)
+            with self.host.computing():
+                shared = self.groups.adapter(key)
+            return {} if shared is None else {GROUP_OWNER: shared}
         with self._lock:
             wanted = set(client_ids)
             found = {c: held for (k, c), held in self._published.items() if k == key and (not wanted or c in wanted)}
@@ -168,6 +187,8 @@ class TrunkStaging:
             if stage is not None:
                 self._held -= stage.bytes
             self._forget_starts(key)
+        with self.host.computing():
+            self.groups.forget(key)
 
     # -- a client's session ------------------------------------------------------------------------
     def load(self, owner: str, session_id: str, key: str) -> int:
@@ -184,6 +205,8 @@ class TrunkStaging:
         with self.host.computing():
             session = self.host.get(owner, session_id)
             held = self._stage(key)
+            if key in self.groups:  # a client-batch group's stage: the session joins the group
+                return self.groups.join(owner, session_id, key, held.state)
             params = adapter_parameters(session.trunk, session.adapter_name)  # global keys, the blocks' views
             part: State = {}
             for name in sorted(params):
@@ -213,6 +236,10 @@ class TrunkStaging:
         """
         check_stage_key(key)
         self._stage(key)  # NOT_FOUND before any copy
+        if key in self.groups:  # the group's adapter is collected once, as the group's
+            raise InvalidInputError(
+                "publish", f"{key!r} is a client-batch group's stage: its shared trunk adapter is collected as a whole"
+            )
         state = self.host.get_adapter(owner, session_id)  # a CPU copy, under the compute lock
         size = state_bytes(state)
         self._check_size(size, f"published trunk adapter of {owner!r}")
@@ -240,11 +267,15 @@ class TrunkStaging:
         now = time.monotonic() if now is None else now
         idle = self.limits.idle_timeout_s
         gone: list[str] = []
+        with self.host.computing():  # the groups' sessions are checked (and closed) under the compute lock
+            with self._lock:
+                loaded = {key for key, _ in self._starts.values()} | {k for k in self._stages if self.groups.in_use(k)}
+                for key in [k for k, h in self._stages.items() if now - h.last_used > idle and k not in loaded]:
+                    self._held -= self._stages.pop(key).bytes
+                    gone.append(f"stage {key}")
+            for item in gone:
+                self.groups.forget(item.removeprefix("stage "))
         with self._lock:
-            loaded = {key for key, _ in self._starts.values()}
-            for key in [k for k, h in self._stages.items() if now - h.last_used > idle and k not in loaded]:
-                self._held -= self._stages.pop(key).bytes
-                gone.append(f"stage {key}")
             for key, client in [p for p, h in self._published.items() if now - h.last_used > idle]:
                 self._held -= self._published.pop((key, client)).bytes
                 gone.append(f"published {key} {client}")

@@ -5,7 +5,8 @@ request, makes one call to the ``TrunkStaging`` store, encodes the answer, as th
 other RPCs do (same wrappers, budgets, metering and refusal log).
 
 - ``StageTrunk`` (operator): a global trunk adapter in, as ``NamedTensorChunk`` messages with
-  the stage key in the first message's ``session_id``.
+  the stage key in the first message's ``session_id`` (and for a client-batch group's stage,
+  its members and step timeout in the first message's ``group``).
 - ``LoadStagedTrunk`` (client, own session): the session's trunk blocks loaded from a stage.
 - ``PublishTrunk`` (client, own session): the session's trunk adapter copied into the published states.
 - ``CollectTrunk`` (operator): the published states out, each message's ``session_id`` the
@@ -73,7 +74,10 @@ class StagingRpcs:
                 named=lambda m: m,
                 on_first=lambda m: self.staging.check_room(m.session_id),  # a bad key or no room: before any bytes
             )
-            count = self.staging.stage(first.session_id, state)
+            group = None
+            if first.HasField("group"):  # a client-batch group's stage (``fedsea.server.stage_groups``)
+                group = (list(first.group.members), float(first.group.step_timeout_s))
+            count, _ = await self._compute(self.staging.stage, first.session_id, state, group)
         self._meter(client).record("stage_trunk", received=received)
         return pb.PutAdapterResponse(tensors=count)
 
@@ -95,7 +99,8 @@ class StagingRpcs:
     async def CollectTrunk(self, client: str, request: pb.CollectRequest, context: Context) -> Any:
         """The states published under a key, each message naming its client; with ``drop``, freed after (operator)."""
         self._operator(client, context, "CollectTrunk")
-        states = self.staging.collect(request.key, list(request.client_ids))
+        # On the compute thread: a client-batch group's adapter is copied under the compute lock.
+        states, _ = await self._compute(self.staging.collect, request.key, list(request.client_ids))
 
         def replies() -> Iterator[pb.NamedTensorChunk]:
             for publisher, state in states.items():
@@ -106,4 +111,4 @@ class StagingRpcs:
         for message in self._metered(client, "collect_trunk", replies(), request.ByteSize()):
             yield message
         if request.drop:  # after the last message was taken: a call cut short frees nothing
-            self.staging.drop(request.key, list(states))  # what was sent, not a state published since
+            await self._compute(self.staging.drop, request.key, list(states))  # what was sent, not what came since

@@ -1,8 +1,9 @@
 """A session's training steps: alone on the trunk host, or joined with its client-batch group.
 
-In a federated run's client-batch mode the round service hands out one ``GroupBatcher`` per
-trunk range, and a member's forward and backward go through it; otherwise (no run, another
-mode, a session outside the round) the host computes the step on the session's own adapter.
+In a federated run's client-batch mode the round service (or, on Flower, the trunk range's
+group stage) hands out one ``GroupBatcher`` per trunk range, and a member's forward and
+backward go through it; otherwise (no run, another mode, a session outside the round) the
+host computes the step on the session's own adapter.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from fedsea.errors import InvalidInputError
 from fedsea.model.masks import check_finite, check_lengths
 from fedsea.server.batching import GroupBatcher
-from fedsea.server.rounds import RoundService
 from fedsea.server.trunk import TrunkHost
 
 # Runs a blocking function on the compute thread: (result, seconds it computed).
@@ -39,18 +39,14 @@ class StepRouter:
     Args:
         host: sessions and compute.
         compute: runs a blocking call on the compute thread and times it.
-        rounds: the federated run's round service, if the server runs one (looked up per step:
-            it is attached after the server starts).
+        groups: the client-batch group a session (owner, session id) trains in, if any (a native
+            run's round service or a Flower run's group stage; looked up per step).
     """
 
-    def __init__(self, host: TrunkHost, compute: Compute, rounds: Callable[[], RoundService | None]) -> None:
+    def __init__(self, host: TrunkHost, compute: Compute, groups: Callable[[str, str], GroupBatcher | None]) -> None:
         self.host = host
         self._compute = compute
-        self._rounds = rounds
-
-    def _group(self, owner: str, session_id: str) -> GroupBatcher | None:
-        rounds = self._rounds()
-        return rounds.batcher_for(owner, session_id) if rounds is not None else None
+        self._group = groups
 
     async def forward(
         self,

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64sea/wire/fedsea.proto\x12\tfedsea.v1\"\xf4\x01\n\x0bTensorChunk\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.fedsea.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x37\n\x0b\x63ompression\x18\x06 \x01(\x0e\x32\".fedsea.v1.TensorChunk.Compression\x12\x0e\n\x06scales\x18\x07 \x01(\x0c\"9\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\r\n\tINT8_ROWS\x10\x01\x12\x11\n\rFP8_E4M3_ROWS\x10\x02\"O\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x8a\x01\n\x0fOptimizerConfig\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x06 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x07 \x01(\x01\"\x84\x01\n\x06Limits\x12\x13\n\x0bmax_seq_len\x18\x01 \x01(\r\x12\x11\n\tmax_batch\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x1f\n\x17max_sessions_per_client\x18\x04 \x01(\r\x12\x16\n\x0eidle_timeout_s\x18\x05 \x01(\x01\"\xa4\x02\n\x12OpenSessionRequest\x12\x18\n\x10\x62\x61se_fingerprint\x18\x01 \x01(\t\x12\x13\n\x0bhead_layers\x18\x02 \x01(\r\x12\x13\n\x0btail_layers\x18\x03 \x01(\r\x12)\n\ntrunk_lora\x18\x04 \x01(\x0b\x32\x15.fedsea.v1.LoraConfig\x12-\n\toptimizer\x18\x05 \x01(\x0b\x32\x1a.fedsea.v1.OptimizerConfig\x12$\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x10.fedsea.v1.DType\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12<\n\x10wire_compression\x18\x08 \x01(\x0e\x32\".fedsea.v1.TensorChunk.Compression\"\xb5\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x13\n\x0btrunk_start\x18\x04 \x01(\r\x12\x11\n\ttrunk_end\x18\x05 \x01(\r\x12!\n\x06limits\x18\x06 \x01(\x0b\x32\x11.fedsea.v1.Limits\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x97\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07lengths\x18\x03 \x03(\r\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\x12\x13\n\x0bmicro_batch\x18\x05 \x01(\r\x12\x15\n\rmicro_batches\x18\x06 \x01(\r\"o\n\x0f\x46orwardResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x13\n\x0bmicro_batch\x18\x04 \x01(\r\"\x95\x01\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0e\n\x06update\x18\x03 \x01(\x08\x12$\n\x04grad\x18\x04 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\x12\x13\n\x0bmicro_batch\x18\x05 \x01(\r\x12\x15\n\rmicro_batches\x18\x06 \x01(\r\"n\n\x10\x42\x61\x63kwardResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12$\n\x04grad\x18\x02 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x13\n\x0bmicro_batch\x18\x04 \x01(\r\"\\\n\x10NamedTensorChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\"$\n\x0e\x41\x64\x61pterRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x12PutAdapterResponse\x12\x0f\n\x07tensors\x18\x01 \x01(\r\"E\n\x0cGenerateOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05naive\x18\x03 \x01(\x08\"h\n\x0cGenerateStep\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lengths\x18\x02 \x03(\r\x12\x11\n\tkeep_rows\x18\x03 \x03(\r\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\"\x0f\n\rGenerateClose\" \n\x0eGenerateRewind\x12\x0e\n\x06length\x18\x01 \x01(\r\"\xc3\x01\n\x0fGenerateRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.fedsea.v1.GenerateOpenH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.fedsea.v1.GenerateStepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.fedsea.v1.GenerateCloseH\x00\x12+\n\x06rewind\x18\x04 \x01(\x0b\x32\x19.fedsea.v1.GenerateRewindH\x00\x42\x06\n\x04kind\"H\n\x10GenerateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\"6\n\x0bJoinRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\"v\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x12\n\nnext_round\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"#\n\x0cRoundRequest\x12\x13\n\x0b\x61\x66ter_round\x18\x01 \x01(\r\"\x83\x01\n\x0cRoundMessage\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08selected\x18\x02 \x01(\x08\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x13\n\x0blocal_steps\x18\x04 \x01(\r\x12+\n\x06tensor\x18\x05 \x01(\x0b\x32\x1b.fedsea.v1.NamedTensorChunk\"l\n\x0bSubmitChunk\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12+\n\x06tensor\x18\x04 \x01(\x0b\x32\x1b.fedsea.v1.NamedTensorChunk\"\"\n\x0eSubmitResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"e\n\x08RpcStats\x12\x0b\n\x03rpc\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\"\xb6\x01\n\rStatsResponse\x12!\n\x04rpcs\x18\x01 \x03(\x0b\x32\x13.fedsea.v1.RpcStats\x12\x15\n\ropen_sessions\x18\x02 \x01(\r\x12\x1b\n\x13generation_sessions\x18\x03 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12server_cache_bytes\x18\x05 \x01(\x04\x12\x1d\n\x15server_reserved_bytes\x18\x06 \x01(\x04\"0\n\rStagedRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"?\n\x0e\x43ollectRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nclient_ids\x18\x02 \x03(\t\x12\x0c\n\x04\x64rop\x18\x03 \x01(\x08*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\xc9\x08\n\x05Trunk\x12L\n\x0bOpenSession\x12\x1d.fedsea.v1.OpenSessionRequest\x1a\x1e.fedsea.v1.OpenSessionResponse\x12O\n\x0c\x43loseSession\x12\x1e.fedsea.v1.CloseSessionRequest\x1a\x1f.fedsea.v1.CloseSessionResponse\x12\x44\n\x07\x46orward\x12\x19.fedsea.v1.ForwardRequest\x1a\x1a.fedsea.v1.ForwardResponse(\x01\x30\x01\x12G\n\x08\x42\x61\x63kward\x12\x1a.fedsea.v1.BackwardRequest\x1a\x1b.fedsea.v1.BackwardResponse(\x01\x30\x01\x12O\n\x0fPutTrunkAdapter\x12\x1b.fedsea.v1.NamedTensorChunk\x1a\x1d.fedsea.v1.PutAdapterResponse(\x01\x12K\n\x0fGetTrunkAdapter\x12\x19.fedsea.v1.AdapterRequest\x1a\x1b.fedsea.v1.NamedTensorChunk0\x01\x12G\n\x08Generate\x12\x1a.fedsea.v1.GenerateRequest\x1a\x1b.fedsea.v1.GenerateResponse(\x01\x30\x01\x12:\n\x07JoinRun\x12\x16.fedsea.v1.JoinRequest\x1a\x17.fedsea.v1.JoinResponse\x12@\n\nAwaitRound\x12\x17.fedsea.v1.RoundRequest\x1a\x17.fedsea.v1.RoundMessage0\x01\x12\x43\n\x0cSubmitUpdate\x12\x16.fedsea.v1.SubmitChunk\x1a\x19.fedsea.v1.SubmitResponse(\x01\x12=\n\x08GetStats\x12\x17.fedsea.v1.StatsRequest\x1a\x18.fedsea.v1.StatsResponse\x12J\n\nStageTrunk\x12\x1b.fedsea.v1.NamedTensorChunk\x1a\x1d.fedsea.v1.PutAdapterResponse(\x01\x12J\n\x0fLoadStagedTrunk\x12\x18.fedsea.v1.StagedRequest\x1a\x1d.fedsea.v1.PutAdapterResponse\x12G\n\x0cPublishTrunk\x12\x18.fedsea.v1.StagedRequest\x1a\x1d.fedsea.v1.PutAdapterResponse\x12H\n\x0c\x43ollectTrunk\x12\x19.fedsea.v1.CollectRequest\x1a\x1b.fedsea.v1.NamedTensorChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64sea/wire/fedsea.proto\x12\tfedsea.v1\"\xf4\x01\n\x0bTensorChunk\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.fedsea.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x37\n\x0b\x63ompression\x18\x06 \x01(\x0e\x32\".fedsea.v1.TensorChunk.Compression\x12\x0e\n\x06scales\x18\x07 \x01(\x0c\"9\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\r\n\tINT8_ROWS\x10\x01\x12\x11\n\rFP8_E4M3_ROWS\x10\x02\"O\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x8a\x01\n\x0fOptimizerConfig\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x06 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x07 \x01(\x01\"\x84\x01\n\x06Limits\x12\x13\n\x0bmax_seq_len\x18\x01 \x01(\r\x12\x11\n\tmax_batch\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x1f\n\x17max_sessions_per_client\x18\x04 \x01(\r\x12\x16\n\x0eidle_timeout_s\x18\x05 \x01(\x01\"\xa4\x02\n\x12OpenSessionRequest\x12\x18\n\x10\x62\x61se_fingerprint\x18\x01 \x01(\t\x12\x13\n\x0bhead_layers\x18\x02 \x01(\r\x12\x13\n\x0btail_layers\x18\x03 \x01(\r\x12)\n\ntrunk_lora\x18\x04 \x01(\x0b\x32\x15.fedsea.v1.LoraConfig\x12-\n\toptimizer\x18\x05 \x01(\x0b\x32\x1a.fedsea.v1.OptimizerConfig\x12$\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x10.fedsea.v1.DType\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12<\n\x10wire_compression\x18\x08 \x01(\x0e\x32\".fedsea.v1.TensorChunk.Compression\"\xb5\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x13\n\x0btrunk_start\x18\x04 \x01(\r\x12\x11\n\ttrunk_end\x18\x05 \x01(\r\x12!\n\x06limits\x18\x06 \x01(\x0b\x32\x11.fedsea.v1.Limits\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x97\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07lengths\x18\x03 \x03(\r\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\x12\x13\n\x0bmicro_batch\x18\x05 \x01(\r\x12\x15\n\rmicro_batches\x18\x06 \x01(\r\"o\n\x0f\x46orwardResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x13\n\x0bmicro_batch\x18\x04 \x01(\r\"\x95\x01\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0e\n\x06update\x18\x03 \x01(\x08\x12$\n\x04grad\x18\x04 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\x12\x13\n\x0bmicro_batch\x18\x05 \x01(\r\x12\x15\n\rmicro_batches\x18\x06 \x01(\r\"n\n\x10\x42\x61\x63kwardResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12$\n\x04grad\x18\x02 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x13\n\x0bmicro_batch\x18\x04 \x01(\r\"\x82\x01\n\x10NamedTensorChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\x12$\n\x05group\x18\x04 \x01(\x0b\x32\x15.fedsea.v1.StageGroup\"5\n\nStageGroup\x12\x0f\n\x07members\x18\x01 \x03(\t\x12\x16\n\x0estep_timeout_s\x18\x02 \x01(\x02\"$\n\x0e\x41\x64\x61pterRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x12PutAdapterResponse\x12\x0f\n\x07tensors\x18\x01 \x01(\r\"E\n\x0cGenerateOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05naive\x18\x03 \x01(\x08\"h\n\x0cGenerateStep\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lengths\x18\x02 \x03(\r\x12\x11\n\tkeep_rows\x18\x03 \x03(\r\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\"\x0f\n\rGenerateClose\" \n\x0eGenerateRewind\x12\x0e\n\x06length\x18\x01 \x01(\r\"\xc3\x01\n\x0fGenerateRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.fedsea.v1.GenerateOpenH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.fedsea.v1.GenerateStepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.fedsea.v1.GenerateCloseH\x00\x12+\n\x06rewind\x18\x04 \x01(\x0b\x32\x19.fedsea.v1.GenerateRewindH\x00\x42\x06\n\x04kind\"H\n\x10GenerateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.fedsea.v1.TensorChunk\"6\n\x0bJoinRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\"v\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x12\n\nnext_round\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"#\n\x0cRoundRequest\x12\x13\n\x0b\x61\x66ter_round\x18\x01 \x01(\r\"\x83\x01\n\x0cRoundMessage\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08selected\x18\x02 \x01(\x08\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x13\n\x0blocal_steps\x18\x04 \x01(\r\x12+\n\x06tensor\x18\x05 \x01(\x0b\x32\x1b.fedsea.v1.NamedTensorChunk\"l\n\x0bSubmitChunk\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12+\n\x06tensor\x18\x04 \x01(\x0b\x32\x1b.fedsea.v1.NamedTensorChunk\"\"\n\x0eSubmitResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"e\n\x08RpcStats\x12\x0b\n\x03rpc\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\"\xb6\x01\n\rStatsResponse\x12!\n\x04rpcs\x18\x01 \x03(\x0b\x32\x13.fedsea.v1.RpcStats\x12\x15\n\ropen_sessions\x18\x02 \x01(\r\x12\x1b\n\x13generation_sessions\x18\x03 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12server_cache_bytes\x18\x05 \x01(\x04\x12\x1d\n\x15server_reserved_bytes\x18\x06 \x01(\x04\"0\n\rStagedRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"?\n\x0e\x43ollectRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nclient_ids\x18\x02 \x03(\t\x12\x0c\n\x04\x64rop\x18\x03 \x01(\x08*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\xc9\x08\n\x05Trunk\x12L\n\x0bOpenSession\x12\x1d.fedsea.v1.OpenSessionRequest\x1a\x1e.fedsea.v1.OpenSessionResponse\x12O\n\x0c\x43loseSession\x12\x1e.fedsea.v1.CloseSessionRequest\x1a\x1f.fedsea.v1.CloseSessionResponse\x12\x44\n\x07\x46orward\x12\x19.fedsea.v1.ForwardRequest\x1a\x1a.fedsea.v1.ForwardResponse(\x01\x30\x01\x12G\n\x08\x42\x61\x63kward\x12\x1a.fedsea.v1.BackwardRequest\x1a\x1b.fedsea.v1.BackwardResponse(\x01\x30\x01\x12O\n\x0fPutTrunkAdapter\x12\x1b.fedsea.v1.NamedTensorChunk\x1a\x1d.fedsea.v1.PutAdapterResponse(\x01\x12K\n\x0fGetTrunkAdapter\x12\x19.fedsea.v1.AdapterRequest\x1a\x1b.fedsea.v1.NamedTensorChunk0\x01\x12G\n\x08Generate\x12\x1a.fedsea.v1.GenerateRequest\x1a\x1b.fedsea.v1.GenerateResponse(\x01\x30\x01\x12:\n\x07JoinRun\x12\x16.fedsea.v1.JoinRequest\x1a\x17.fedsea.v1.JoinResponse\x12@\n\nAwaitRound\x12\x17.fedsea.v1.RoundRequest\x1a\x17.fedsea.v1.RoundMessage0\x01\x12\x43\n\x0cSubmitUpdate\x12\x16.fedsea.v1.SubmitChunk\x1a\x19.fedsea.v1.SubmitResponse(\x01\x12=\n\x08GetStats\x12\x17.fedsea.v1.StatsRequest\x1a\x18.fedsea.v1.StatsResponse\x12J\n\nStageTrunk\x12\x1b.fedsea.v1.NamedTensorChunk\x1a\x1d.fedsea.v1.PutAdapterResponse(\x01\x12J\n\x0fLoadStagedTrunk\x12\x18.fedsea.v1.StagedRequest\x1a\x1d.fedsea.v1.PutAdapterResponse\x12G\n\x0cPublishTrunk\x12\x18.fedsea.v1.StagedRequest\x1a\x1d.fedsea.v1.PutAdapterResponse\x12H\n\x0c\x43ollectTrunk\x12\x19.fedsea.v1.CollectRequest\x1a\x1b.fedsea.v1.NamedTensorChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedsea.wire.fedsea_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=3303
-  _globals['_DTYPE']._serialized_end=3373
+  _globals['_DTYPE']._serialized_start=3397
+  _globals['_DTYPE']._serialized_end=3467
   _globals['_TENSORCHUNK']._serialized_start=40
   _globals['_TENSORCHUNK']._serialized_end=284
   _globals['_TENSORCHUNK_COMPRESSION']._serialized_start=227
@@ -59,46 +59,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKWARDREQUEST']._serialized_end=1606
   _globals['_BACKWARDRESPONSE']._serialized_start=1608
   _globals['_BACKWARDRESPONSE']._serialized_end=1718
-  _globals['_NAMEDTENSORCHUNK']._serialized_start=1720
-  _globals['_NAMEDTENSORCHUNK']._serialized_end=1812
-  _globals['_ADAPTERREQUEST']._serialized_start=1814
-  _globals['_ADAPTERREQUEST']._serialized_end=1850
-  _globals['_PUTADAPTERRESPONSE']._serialized_start=1852
-  _globals['_PUTADAPTERRESPONSE']._serialized_end=1889
-  _globals['_GENERATEOPEN']._serialized_start=1891
-  _globals['_GENERATEOPEN']._serialized_end=1960
-  _globals['_GENERATESTEP']._serialized_start=1962
-  _globals['_GENERATESTEP']._serialized_end=2066
-  _globals['_GENERATECLOSE']._serialized_start=2068
-  _globals['_GENERATECLOSE']._serialized_end=2083
-  _globals['_GENERATEREWIND']._serialized_start=2085
-  _globals['_GENERATEREWIND']._serialized_end=2117
-  _globals['_GENERATEREQUEST']._serialized_start=2120
-  _globals['_GENERATEREQUEST']._serialized_end=2315
-  _globals['_GENERATERESPONSE']._serialized_start=2317
-  _globals['_GENERATERESPONSE']._serialized_end=2389
-  _globals['_JOINREQUEST']._serialized_start=2391
-  _globals['_JOINREQUEST']._serialized_end=2445
-  _globals['_JOINRESPONSE']._serialized_start=2447
-  _globals['_JOINRESPONSE']._serialized_end=2565
-  _globals['_ROUNDREQUEST']._serialized_start=2567
-  _globals['_ROUNDREQUEST']._serialized_end=2602
-  _globals['_ROUNDMESSAGE']._serialized_start=2605
-  _globals['_ROUNDMESSAGE']._serialized_end=2736
-  _globals['_SUBMITCHUNK']._serialized_start=2738
-  _globals['_SUBMITCHUNK']._serialized_end=2846
-  _globals['_SUBMITRESPONSE']._serialized_start=2848
-  _globals['_SUBMITRESPONSE']._serialized_end=2882
-  _globals['_STATSREQUEST']._serialized_start=2884
-  _globals['_STATSREQUEST']._serialized_end=2898
-  _globals['_RPCSTATS']._serialized_start=2900
-  _globals['_RPCSTATS']._serialized_end=3001
-  _globals['_STATSRESPONSE']._serialized_start=3004
-  _globals['_STATSRESPONSE']._serialized_end=3186
-  _globals['_STAGEDREQUEST']._serialized_start=3188
-  _globals['_STAGEDREQUEST']._serialized_end=3236
-  _globals['_COLLECTREQUEST']._serialized_start=3238
-  _globals['_COLLECTREQUEST']._serialized_end=3301
-  _globals['_TRUNK']._serialized_start=3376
-  _globals['_TRUNK']._serialized_end=4473
+  _globals['_NAMEDTENSORCHUNK']._serialized_start=1721
+  _globals['_NAMEDTENSORCHUNK']._serialized_end=1851
+  _globals['_STAGEGROUP']._serialized_start=1853
+  _globals['_STAGEGROUP']._serialized_end=1906
+  _globals['_ADAPTERREQUEST']._serialized_start=1908
+  _globals['_ADAPTERREQUEST']._serialized_end=1944
+  _globals['_PUTADAPTERRESPONSE']._serialized_start=1946
+  _globals['_PUTADAPTERRESPONSE']._serialized_end=1983
+  _globals['_GENERATEOPEN']._serialized_start=1985
+  _globals['_GENERATEOPEN']._serialized_end=2054
+  _globals['_GENERATESTEP']._serialized_start=2056
+  _globals['_GENERATESTEP']._serialized_end=2160
+  _globals['_GENERATECLOSE']._serialized_start=2162
+  _globals['_GENERATECLOSE']._serialized_end=2177
+  _globals['_GENERATEREWIND']._serialized_start=2179
+  _globals['_GENERATEREWIND']._serialized_end=2211
+  _globals['_GENERATEREQUEST']._serialized_start=2214
+  _globals['_GENERATEREQUEST']._serialized_end=2409
+  _globals['_GENERATERESPONSE']._serialized_start=2411
+  _globals['_GENERATERESPONSE']._serialized_end=2483
+  _globals['_JOINREQUEST']._serialized_start=2485
+  _globals['_JOINREQUEST']._serialized_end=2539
+  _globals['_JOINRESPONSE']._serialized_start=2541
+  _globals['_JOINRESPONSE']._serialized_end=2659
+  _globals['_ROUNDREQUEST']._serialized_start=2661
+  _globals['_ROUNDREQUEST']._serialized_end=2696
+  _globals['_ROUNDMESSAGE']._serialized_start=2699
+  _globals['_ROUNDMESSAGE']._serialized_end=2830
+  _globals['_SUBMITCHUNK']._serialized_start=2832
+  _globals['_SUBMITCHUNK']._serialized_end=2940
+  _globals['_SUBMITRESPONSE']._serialized_start=2942
+  _globals['_SUBMITRESPONSE']._serialized_end=2976
+  _globals['_STATSREQUEST']._serialized_start=2978
+  _globals['_STATSREQUEST']._serialized_end=2992
+  _globals['_RPCSTATS']._serialized_start=2994
+  _globals['_RPCSTATS']._serialized_end=3095
+  _globals['_STATSRESPONSE']._serialized_start=3098
+  _globals['_STATSRESPONSE']._serialized_end=3280
+  _globals['_STAGEDREQUEST']._serialized_start=3282
+  _globals['_STAGEDREQUEST']._serialized_end=3330
+  _globals['_COLLECTREQUEST']._serialized_start=3332
+  _globals['_COLLECTREQUEST']._serialized_end=3395
+  _globals['_TRUNK']._serialized_start=3470
+  _globals['_TRUNK']._serialized_end=4567
 # @@protoc_insertion_point(module_scope)

@@ -193,14 +193,24 @@ class BackwardResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[TensorChunk, _Mapping]] = ..., compute_s: _Optional[float] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class NamedTensorChunk(_message.Message):
-    __slots__ = ("session_id", "name", "tensor")
+    __slots__ = ("session_id", "name", "tensor", "group")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     name: str
     tensor: TensorChunk
-    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    group: StageGroup
+    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., group: _Optional[_Union[StageGroup, _Mapping]] = ...) -> None: ...
+
+class StageGroup(_message.Message):
+    __slots__ = ("members", "step_timeout_s")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedScalarFieldContainer[str]
+    step_timeout_s: float
+    def __init__(self, members: _Optional[_Iterable[str]] = ..., step_timeout_s: _Optional[float] = ...) -> None: ...
 
 class AdapterRequest(_message.Message):
     __slots__ = ("session_id",)
