@@ -27,6 +27,7 @@ import torch
 from fedsea.config import RECOMMENDED_RELATIVE_SIGMA, NoiseConfig
 from fedsea.model.masks import padding_mask
 from fedsea.privacy import accountant
+from fedsea.privacy.constants import DEFAULT_DELTA
 from fedsea.privacy.noise import clip_per_token
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class NoiseTarget:
     sigma: float | None = None
     relative_sigma: float | None = None
     epsilon: float | None = None
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     clip_norm: float | None = None
     releases: int = 1
     rows: int = 1
