@@ -116,7 +116,8 @@ def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 def test_help_of_every_command_imports_no_heavy_library() -> None:
     paths = list(_command_paths(build_parser()))
     assert len(paths) > 20  # every command, with bench's, token's, config's and flower's subcommands
-    argvs = [["--version"]] + [[*path, "--help"] for path in paths]
+    # `fedsea config example` runs: the run file's schema (RunConfig, its defaults) needs no torch either.
+    argvs = [["--version"], ["config", "example"]] + [[*path, "--help"] for path in paths]
     done = _python("-c", PROBE.format(heavy=HEAVY), json.dumps(argvs))
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout)
@@ -179,6 +180,7 @@ def test_light_constants_agree_with_their_heavy_homes() -> None:
     from fedsea.model import load
     from fedsea.model.constants import DEFAULT_MODEL
     from fedsea.privacy import regularizers
+    from fedsea.privacy.accountant import CONVERSIONS
     from fedsea.privacy.calibration import NoiseTarget
     from fedsea.privacy.constants import DEFAULT_DELTA, HEAD_REGULARIZERS
     from fedsea.wire.compress import COMPRESSIONS
@@ -186,5 +188,5 @@ def test_light_constants_agree_with_their_heavy_homes() -> None:
     assert tuple(STRATEGIES) == STRATEGY_NAMES
     assert set(COMPRESSIONS) <= set(WIRE_COMPRESSIONS)
     assert load.DEFAULT_MODEL == DEFAULT_MODEL and regularizers.HEAD_REGULARIZERS is HEAD_REGULARIZERS
-    assert NoiseTarget(sigma=0.0).delta == DEFAULT_DELTA
+    assert NoiseTarget(sigma=0.0).delta == DEFAULT_DELTA and NoiseTarget(sigma=0.0).conversion == CONVERSIONS[0]
     assert attack_grid.DEFENCES is constants.DEFENCES and attack_grid.ATTACKS is constants.ATTACKS

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedsea.config import (
     RECOMMENDED_RELATIVE_SIGMA,
@@ -39,10 +39,8 @@ from fedsea.config import (
 from fedsea.federation.config import FedConfig
 from fedsea.federation.placement import ModelSettings, ServerSettings, check_placement
 from fedsea.privacy.constants import HEAD_REGULARIZERS
+from fedsea.privacy.target import NoiseTarget
 from fedsea.settings import ZERO_IS_NONE, to_tree
-
-if TYPE_CHECKING:  # imported where used: the calibration imports torch, the schema must not (fedsea --help)
-    from fedsea.privacy.calibration import NoiseTarget
 
 # The noise levels of which a run file sets one; the first is the default's.
 NOISE_LEVELS: tuple[str, ...] = ("relative_sigma", "sigma", "epsilon")
@@ -272,8 +270,6 @@ class NoiseSettings:
 
     def target(self) -> NoiseTarget:
         """The level on h_p as a ``NoiseTarget``."""
-        from fedsea.privacy.calibration import NoiseTarget
-
         levels = {n: getattr(self, n) for n in NOISE_LEVELS if getattr(self, n) is not None}
         return NoiseTarget(**levels, delta=self.delta, clip_norm=self.clip_norm)
 

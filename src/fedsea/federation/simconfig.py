@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedsea.config import NoiseConfig, OptimConfig, SplitLora
 from fedsea.federation.config import MODES, FedConfig
@@ -33,10 +33,8 @@ from fedsea.federation.runconfig import (
     RunWire,
     TaskSettings,
 )
+from fedsea.privacy.target import NoiseTarget
 from fedsea.settings import apply_override, build, dump_toml, read_settings_file, to_tree
-
-if TYPE_CHECKING:  # the calibration imports torch; the run file's schema must not (fedsea --help)
-    from fedsea.privacy.calibration import NoiseTarget
 
 __all__ = [
     "NOISE_LEVELS",
