@@ -79,8 +79,8 @@ def add_attack_commands(sub: Any) -> None:
     """Register ``fedsea attack``."""
     from fedsea.cli.flags import add_settings_flags
     from fedsea.config import DTYPE_SPECS, Placement
-    from fedsea.experiments.attack_grid import ATTACKER_HEADS, ATTACKS, DEFENCES
-    from fedsea.model.load import DEFAULT_MODEL
+    from fedsea.experiments.constants import ATTACKER_HEADS, ATTACKS, DEFENCES
+    from fedsea.model.constants import DEFAULT_MODEL
 
     attack = sub.add_parser(
         "attack",

@@ -92,8 +92,8 @@ def add_bench_commands(sub: Any) -> None:
     from fedsea.cli.generate import WIRE_FLAGS, wire_choices
     from fedsea.config import DTYPE_SPECS as BENCH_DTYPES
     from fedsea.config import SplitConfig, WireConfig
-    from fedsea.experiments.bench_generate import GENERATE_LATENCY_MS
-    from fedsea.model.load import DEFAULT_MODEL
+    from fedsea.experiments.constants import GENERATE_LATENCY_MS
+    from fedsea.model.constants import DEFAULT_MODEL
 
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
     kinds = bench.add_subparsers(dest="what", required=True)
@@ -171,9 +171,8 @@ def add_bench_commands(sub: Any) -> None:
 
 
 def _add_wire_flags(p: argparse.ArgumentParser) -> None:
-    from fedsea.config import WIRE_DTYPES
-    from fedsea.wire.compress import COMPRESSIONS
-    from fedsea.wire.tensors import DEFAULT_CHUNK_BYTES
+    from fedsea.config import WIRE_COMPRESSIONS, WIRE_DTYPES
+    from fedsea.wire.constants import DEFAULT_CHUNK_BYTES
 
     p.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 64], help="tensor sizes in MiB")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=WIRE_DTYPES, help="wire dtypes")
@@ -183,7 +182,7 @@ def _add_wire_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chunk-kib", type=int, nargs="+", default=[chunk], help="KiB per message; more sizes add tensor/raw paths"
     )
-    p.add_argument("--compression", default=None, choices=list(COMPRESSIONS), help="also time a lossy path")
+    p.add_argument("--compression", default=None, choices=list(WIRE_COMPRESSIONS), help="also time a lossy path")
 
 
 def _add_reliability_commands(kinds: Any) -> None:

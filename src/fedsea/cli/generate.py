@@ -102,7 +102,7 @@ def client_timeouts(args: argparse.Namespace, round_wait_s: float | None = None)
 def add_noise_args(parser: argparse.ArgumentParser) -> None:
     """The noise on h_p: one of --sigma, --relative-sigma (the default level), --epsilon."""
     from fedsea.config import RECOMMENDED_RELATIVE_SIGMA
-    from fedsea.privacy.calibration import NoiseTarget
+    from fedsea.privacy.constants import DEFAULT_DELTA
 
     level = parser.add_mutually_exclusive_group()
     level.add_argument("--sigma", type=float, default=None, help="std of the Gaussian noise on h_p (0: none)")
@@ -113,9 +113,7 @@ def add_noise_args(parser: argparse.ArgumentParser) -> None:
         help=f"sigma as a multiple of h_p's RMS on public text (default: {RECOMMENDED_RELATIVE_SIGMA}, PRIVACY.md)",
     )
     level.add_argument("--epsilon", type=float, default=None, help="target epsilon (needs --clip-norm)")
-    parser.add_argument(
-        "--delta", type=float, default=NoiseTarget.delta, help="delta of epsilon (default: %(default)s)"
-    )
+    parser.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="delta of epsilon (default: %(default)s)")
     parser.add_argument("--clip-norm", type=float, default=None, help="per-token L2 clip before the noise")
     parser.add_argument("--noise-seed", type=int, default=None, help="noise seed (default: the OS's; keep it secret)")
 
@@ -151,7 +149,7 @@ def client_tls(args: argparse.Namespace) -> Any:
 
 
 def _generation_args(parser: argparse.ArgumentParser) -> None:
-    from fedsea.training.generation import GenerationConfig
+    from fedsea.training.generation_config import GenerationConfig
 
     g = GenerationConfig()
     parser.add_argument(

@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fedsea`` parser with every subcommand."""
     from fedsea.cli.flags import add_settings_flags
     from fedsea.config import DTYPE_SPECS, SplitConfig
-    from fedsea.experiments.demo import SPLIT_DEMO_NEW_TOKENS
-    from fedsea.model.load import DEFAULT_MODEL
+    from fedsea.experiments.constants import SPLIT_DEMO_NEW_TOKENS
+    from fedsea.model.constants import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="fedsea", description="Federated split fine-tuning of LLaMA-family models.")
     parser.add_argument("--version", action="version", version=f"fedsea {__version__}")

@@ -44,8 +44,8 @@ def _cmd_attack_report(args: argparse.Namespace) -> int:
 
 def add_report_commands(sub: Any) -> None:
     """Register ``baseline`` and ``attack-report`` on the ``fedsea`` subparsers."""
-    from fedsea.experiments.task_baseline import BASELINE_ROWS
-    from fedsea.model.load import DEFAULT_MODEL
+    from fedsea.experiments.constants import BASELINE_ROWS
+    from fedsea.model.constants import DEFAULT_MODEL
 
     base = sub.add_parser(
         "baseline",

@@ -26,7 +26,7 @@ from fedsea.cli.generate import (
 )
 from fedsea.config import LoraSpec, OptimConfig, ServerLimits
 from fedsea.federation.simconfig import ModelSettings, PrivacySettings, RunConfig
-from fedsea.privacy.regularizers import HEAD_REGULARIZERS
+from fedsea.privacy.constants import HEAD_REGULARIZERS
 
 # LoraSpec's fields as fedsea train's flags.
 LORA_FLAGS: dict[str, str] = {

@@ -1,10 +1,33 @@
-"""The split client: training steps and generation through a remote trunk."""
+"""The split client: training steps and generation through a remote trunk.
 
-from fedsea.client.connection import ClientTls
-from fedsea.client.split_client import SplitClient
-from fedsea.client.staging import TrunkOperator, load_staged_trunk, publish_trunk
-from fedsea.training.generation import GenerationConfig, GenerationOutput, generate
-from fedsea.training.stepper import LocalStepper
+The names below load on first use: importing a light submodule (``deadlines``, for the
+command line's flags) loads no torch or gRPC.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
+    from fedsea.client.connection import ClientTls
+    from fedsea.client.split_client import SplitClient
+    from fedsea.client.staging import TrunkOperator, load_staged_trunk, publish_trunk
+    from fedsea.training.generation import GenerationConfig, GenerationOutput, generate
+    from fedsea.training.stepper import LocalStepper
+
+# Public name -> the module that defines it, imported on first access.
+_LAZY: dict[str, str] = {
+    "ClientTls": "fedsea.client.connection",
+    "SplitClient": "fedsea.client.split_client",
+    "TrunkOperator": "fedsea.client.staging",
+    "load_staged_trunk": "fedsea.client.staging",
+    "publish_trunk": "fedsea.client.staging",
+    "GenerationConfig": "fedsea.training.generation_config",
+    "GenerationOutput": "fedsea.training.generation",
+    "generate": "fedsea.training.generation",
+    "LocalStepper": "fedsea.training.stepper",
+}
 
 __all__ = [
     "ClientTls",
@@ -17,3 +40,17 @@ __all__ = [
     "load_staged_trunk",
     "publish_trunk",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access (PEP 562) and keep the name here."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

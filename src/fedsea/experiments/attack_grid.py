@@ -25,6 +25,10 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedsea.config import NoiseConfig
+from fedsea.experiments.constants import ATTACKER_HEADS as ATTACKER_HEADS
+from fedsea.experiments.constants import ATTACKS as ATTACKS
+from fedsea.experiments.constants import DEFENCES as DEFENCES
+from fedsea.experiments.constants import HEAD_DEFENCES as HEAD_DEFENCES
 from fedsea.experiments.privacy_report import GridRow, write_report
 from fedsea.model.split import Head, SplitModel, split_model
 from fedsea.privacy.accountant import epsilon_for_sigma
@@ -44,16 +48,6 @@ from fedsea.privacy.attacks import (
 from fedsea.privacy.calibration import hidden_rms
 from fedsea.privacy.noise import Privatizer
 from fedsea.privacy.shaped import ShapedPrivatizer, subspace_shape, token_basis
-
-DEFENCES: tuple[str, ...] = ("none", "shaped", "nopeek", "adversarial")
-ATTACKS: tuple[str, ...] = ("probe", "decoder", "optimization", "bisr")
-# Defences that change the victim's head: the caller trains it (``victim_head``).
-HEAD_DEFENCES: tuple[str, ...] = ("nopeek", "adversarial")
-# The head the attacker makes its training pairs with (and optimises through): the public base
-# head, or the victim's own head with its adapter. A FedAvg server receives every client's head
-# adapter, so in a federated run "victim" is the realistic attacker; in split-only training,
-# where the head adapter never leaves the client, "base" is.
-ATTACKER_HEADS: tuple[str, ...] = ("base", "victim")
 
 # (defence, p, sigma) -> the victim's head with its private adapter trained under that defence
 # (at that noise level, or the same head for every sigma).

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from fedsea.config import SplitConfig, WireConfig
+from fedsea.experiments.constants import GENERATE_LATENCY_MS as GENERATE_LATENCY_MS
 from fedsea.model.device import resolve_wire_dtype
 from fedsea.model.load import DEFAULT_MODEL, load_model
 from fedsea.wire.ports import free_loopback_port
@@ -57,10 +58,6 @@ def _hf_generate(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[torch.
     if out.is_cuda:
         torch.cuda.synchronize(out.device)  # generate may return before its last kernels ran
     return out, time.perf_counter() - t0
-
-
-# The one-way latency the generation benchmark emulates by default (a WAN round trip of 50 ms).
-GENERATE_LATENCY_MS = 25.0
 
 
 def bench_generate(

@@ -17,6 +17,7 @@ from typing import cast
 import torch
 
 from fedsea.config import SplitConfig
+from fedsea.experiments.constants import SPLIT_DEMO_NEW_TOKENS as SPLIT_DEMO_NEW_TOKENS
 from fedsea.model.load import DEFAULT_MODEL, load_model, load_tokenizer
 from fedsea.model.split import split_model
 from fedsea.training.generation import split_greedy_generate
@@ -47,10 +48,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-# New tokens ``fedsea demo --split-only`` generates.
-SPLIT_DEMO_NEW_TOKENS = 48
 
 
 def run_split_demo(

@@ -17,14 +17,13 @@ from typing import Any
 import torch
 
 from fedsea.config import LoraSpec
+from fedsea.experiments.constants import BASELINE_ROWS as BASELINE_ROWS
 from fedsea.model.load import DEFAULT_MODEL, load_model, load_tokenizer
 from fedsea.model.split import split_model
 from fedsea.tasks.evaluate import evaluate
 from fedsea.tasks.finetune import FinetuneConfig, finetune_central
 from fedsea.tasks.registry import get_task
 
-# task -> rows evaluated (COPA's validation split has 100 rows only).
-BASELINE_ROWS: dict[str, int] = {"sst2": 200, "boolq": 200, "rte": 200, "copa": 200, "xsum": 100, "quac": 100}
 # The fixed budget, sized for a 2-core CPU: classification sequences are short, generation
 # ones (an article, a passage with its dialog) are 5-10 times longer.
 CLASSIFY_BUDGET = FinetuneConfig(steps=24, batch_size=4, lr=1e-3, max_seq_len=1024, seed=0)

@@ -6,8 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from fedsea.config import LoraSpec, SplitLora
-from fedsea.federation.strategy import STRATEGIES
-from fedsea.federation.validation import DEFAULT_MAX_FAULTS, DEFAULT_MAX_UPDATE_RMS
+from fedsea.federation.constants import DEFAULT_MAX_FAULTS, DEFAULT_MAX_UPDATE_RMS, STRATEGY_NAMES
 
 MODES: tuple[str, ...] = ("sequential", "client-batch", "hierarchical")
 
@@ -69,8 +68,8 @@ class FedConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_steps < 1:
             raise ValueError(f"rounds and local_steps must be >= 1, got {self.rounds} and {self.local_steps}")
-        if self.strategy.lower() not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.strategy.lower() not in STRATEGY_NAMES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGY_NAMES)}, got {self.strategy!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0 < self.fraction <= 1:

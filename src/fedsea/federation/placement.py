@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from fedsea.config import Placement, check_device_spec, check_dtype_spec
-from fedsea.model.load import DEFAULT_MODEL
+from fedsea.model.constants import DEFAULT_MODEL
 
 __all__ = ["ModelSettings", "ServerSettings", "check_placement"]
 

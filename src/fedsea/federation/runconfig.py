@@ -38,8 +38,8 @@ from fedsea.config import (
 )
 from fedsea.federation.config import FedConfig
 from fedsea.federation.placement import ModelSettings, ServerSettings, check_placement
-from fedsea.privacy.calibration import NoiseTarget
-from fedsea.privacy.regularizers import HEAD_REGULARIZERS
+from fedsea.privacy.constants import HEAD_REGULARIZERS
+from fedsea.privacy.target import NoiseTarget
 from fedsea.settings import ZERO_IS_NONE, to_tree
 
 # The noise levels of which a run file sets one; the first is the default's.

@@ -33,7 +33,7 @@ from fedsea.federation.runconfig import (
     RunWire,
     TaskSettings,
 )
-from fedsea.privacy.calibration import NoiseTarget
+from fedsea.privacy.target import NoiseTarget
 from fedsea.settings import apply_override, build, dump_toml, read_settings_file, to_tree
 
 __all__ = [

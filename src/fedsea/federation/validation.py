@@ -29,8 +29,10 @@ import torch
 
 from fedsea.errors import BannedError, InvalidInputError
 
-DEFAULT_MAX_UPDATE_RMS = 10.0  # see the module docstring
-DEFAULT_MAX_FAULTS = 3  # refused updates before a client is banned from the run
+# Re-exported: their home is the torch-free fedsea.federation.constants (see the module docstring for the bound).
+from fedsea.federation.constants import DEFAULT_MAX_FAULTS as DEFAULT_MAX_FAULTS
+from fedsea.federation.constants import DEFAULT_MAX_UPDATE_RMS as DEFAULT_MAX_UPDATE_RMS
+
 UPDATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ECHO = 80  # characters of a client-given key echoed in an error
 

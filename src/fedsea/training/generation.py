@@ -26,78 +26,13 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from fedsea.model.split import SplitModel
 from fedsea.training.decoder import SplitDecoder
+from fedsea.training.generation_config import GenerationConfig as GenerationConfig
 from fedsea.training.stepper import CutTraffic, LocalStepper, TrunkStepper
 
 Privatize = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """How to generate.
-
-    Args:
-        max_new_tokens: new tokens per sequence, at most.
-        do_sample: sample from the (processed) distribution instead of taking the argmax.
-        temperature, top_k, top_p: sampling warpers (top_k=0 and top_p=1 disable them).
-        repetition_penalty: > 1 discourages tokens already in the sequence (1 disables).
-        seed: seed of the sampling generator (reproducible sampling).
-        stop: strings that end a sequence; the returned text stops before them.
-        eos_token_id: ids that end a sequence (default: the tokenizer's EOS).
-        use_cache: KV caches on every part; False is the naive baseline.
-        drop_finished: stop computing rows that have finished (otherwise, as Hugging Face
-            does, they go on being fed ``pad_token_id``).
-        pad_token_id: fed to finished rows when they are not dropped (default: the first EOS id).
-    """
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    eos_token_id: tuple[int, ...] | None = None
-    use_cache: bool = True
-    drop_finished: bool = True
-    pad_token_id: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if isinstance(self.eos_token_id, int):  # callers pass a bare id too, whatever the annotation says
-            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))  # type: ignore[unreachable]
-
-    def processors(self) -> LogitsProcessorList:
-        """Transformers' logits processors for these settings (none for plain greedy decoding)."""
-        procs = LogitsProcessorList()
-        if self.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
-        if self.do_sample:
-            if self.temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k > 0:
-                procs.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                procs.append(TopPLogitsWarper(self.top_p))
-        return procs
 
 
 @dataclass

@@ -23,6 +23,7 @@ from fedsea.config import WIRE_DTYPES as WIRE_DTYPE_NAMES
 from fedsea.errors import InvalidInputError, LimitExceededError
 from fedsea.wire import compress
 from fedsea.wire import fedsea_pb2 as pb
+from fedsea.wire.constants import DEFAULT_CHUNK_BYTES as DEFAULT_CHUNK_BYTES
 from fedsea.wire.shapes import check_shape
 
 # The names are fedsea.config's (what a setting may say), in the same order as the enums.
@@ -30,11 +31,6 @@ WIRE_DTYPES: dict[str, pb.DType] = dict(zip(WIRE_DTYPE_NAMES, (pb.FLOAT32, pb.BF
 _TORCH: dict[int, torch.dtype] = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 ITEMSIZE: dict[int, int] = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
-# Tensor bytes per message. 1 MiB beat 3 MiB (the old size) and 256 KiB on loopback in
-# ``fedsea bench wire`` (BENCHMARKS.md): every chunk is copied a few times into fresh memory,
-# and bigger buffers page-fault more per message; far smaller chunks pay gRPC's per-message
-# overhead instead. Well under gRPC's default 4 MiB message limit.
-DEFAULT_CHUNK_BYTES = 1024 * 1024
 M = TypeVar("M")
 NONE = pb.TensorChunk.NONE  # no compression: the wire dtype's exact bytes
 
