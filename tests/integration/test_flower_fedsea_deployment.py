@@ -129,6 +129,9 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
             assert batched.status == "finished:completed", batched.output + dep.logs()
             processes = dep.track()
         assert trunk.alive(), trunk.log.tail  # the trunk server outlives the run: it is the operator's
+        # fedsea serve says who comes and goes at its default log level, time-stamped.
+        said = [x for x in trunk.log.tail if " INFO client client-" in x and " session " in x]
+        assert said and all(x[:4].isdigit() for x in said), trunk.log.tail
     finally:
         trunk.stop()
 
@@ -192,7 +195,7 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
         assert stat.S_IMODE(os.stat(state / "noise.secret").st_mode) == 0o600
         steps = [json.loads(x) for x in (state / "steps.jsonl").read_text().splitlines()]
         done = sorted((s["round"], s["step"]) for s in steps if "step" in s)
-        assert done == [(r, s) for r in (1, 2) for s in range(3)], done
+        assert done == [(r, s) for r in (1, 2) for s in range(3) for _run in range(2)], done  # both runs
         assert all(s["client"] == name for s in steps)
         assert not (run_dir / "clients" / name).exists()  # nothing of the owner's lands in the run folder
     assert trunk.proc.poll() is not None  # stopped by PID (SIGTERM)

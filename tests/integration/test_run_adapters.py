@@ -152,3 +152,23 @@ def test_a_run_folder_without_rounds_is_a_one_line_error(tmp_path, capsys):
     argv = ["eval", "--model", "tiny-llama", "--task", "sst2", "--limit", "2", "--no-progress"]
     assert main([*argv, "--adapter", str(tmp_path / "empty")]) == 2
     assert "no completed round" in capsys.readouterr().err
+
+
+def test_merge_takes_a_run_folder_or_round_checkpoint_as_export_does(finished_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run_dir, merged_dir = finished_run
+    assert main(["merge", str(run_dir), str(tmp_path / "merged")]) == 0  # the run's model, its latest round
+    assert main(["merge", str(run_dir / "checkpoints" / "round-0002"), str(tmp_path / "round2")]) == 0
+    assert main(["merge", str(run_dir / "checkpoints" / "round-0001"), str(tmp_path / "round1")]) == 0
+    exported = {k: v for f in merged_dir.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    for name, same in (("merged", True), ("round2", True), ("round1", False)):
+        got = {k: v for f in (tmp_path / name).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+        assert got.keys() == exported.keys()
+        assert all(torch.equal(got[k], exported[k]) for k in got) is same, name
+        assert (tmp_path / name / "README.md").is_file()  # the run's model card, as export writes
+    capsys.readouterr()
+    assert main(["merge", str(run_dir), str(tmp_path / "x"), "--head-layers", "1"]) == 2
+    assert "drop --head-layers" in capsys.readouterr().err
+    assert main(["merge", str(run_dir), str(tmp_path / "x"), "--model", "smollm2-135m"]) == 2
+    assert "was trained on tiny-llama" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fedsea.config import Placement
 from fedsea.errors import FedseaError
@@ -92,11 +93,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from fedsea.cli.eval import saved_partition
     from fedsea.cli.flags import settings_from_flags
+    from fedsea.federation.run_adapters import run_source
+    from fedsea.model.constants import DEFAULT_MODEL
     from fedsea.model.load import load_model, load_tokenizer
     from fedsea.model.split import split_model
 
     where = settings_from_flags(args, MERGE_PLACEMENT)
-    model = load_model(args.model, where.dtype, where.device)
+    if run_source(args.adapters) is not None:  # a run folder or round checkpoint: fedsea export's merge
+        return _merge_run(args, where)
+    model = load_model(args.model or DEFAULT_MODEL, where.dtype, where.device)
     # The cut the adapters were saved with (their head/ and tail/ record it); flags only where they do not.
     saved_p, saved_q = saved_partition(args.adapters, int(model.config.num_hidden_layers))
     p, q = args.head_layers or saved_p, args.tail_layers or saved_q
@@ -106,7 +111,26 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         )
     split = split_model(model, p, q)
     split.load_adapters(args.adapters)
-    out = split.export(args.out, load_tokenizer(args.model))
+    out = split.export(args.out, load_tokenizer(args.model or DEFAULT_MODEL))
+    print(f"wrote a merged Hugging Face checkpoint to {out}")
+    return 0
+
+
+def _merge_run(args: argparse.Namespace, where: Any) -> int:
+    """``fedsea merge RUN OUT``: the run's global adapter (every block's LoRA, whatever the cut) into
+    its base model, with the run's model card: what ``fedsea export`` writes."""
+    from fedsea.federation.run_adapters import run_source
+    from fedsea.federation.simconfig import load_plan
+    from fedsea.federation.simulate import export_run
+
+    source = run_source(args.adapters)
+    assert source is not None
+    run_model = load_plan(source[0] / "config.toml").model
+    if args.model is not None and args.model != run_model:
+        raise ValueError(f"{args.adapters} was trained on {run_model}: drop --model {args.model}")
+    if args.head_layers is not None or args.tail_layers is not None:
+        raise ValueError("a run's global adapter holds every block's LoRA: drop --head-layers/--tail-layers")
+    out = export_run(args.adapters, args.out, where)
     print(f"wrote a merged Hugging Face checkpoint to {out}")
     return 0
 
@@ -148,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
 
     merge = sub.add_parser("merge", help="merge saved head/trunk/tail adapters into a Hugging Face checkpoint")
-    merge.add_argument("adapters", help="folder with head/, trunk/ and tail/ adapter folders")
+    merge.add_argument(
+        "adapters", help="folder with head/, trunk/ and tail/ adapter folders, or a run folder or round checkpoint"
+    )
     merge.add_argument("out", help="output folder")
-    merge.add_argument("--model", default=DEFAULT_MODEL)
+    merge.add_argument("--model", help=f"base model (default: a run's own, else {DEFAULT_MODEL})")
     merge.add_argument("--head-layers", type=int, help="p (default: what the adapters' head/ records)")
     merge.add_argument("--tail-layers", type=int, help="q (default: what the adapters' tail/ records)")
     add_settings_flags(merge, MERGE_PLACEMENT, choices={"dtype": DTYPE_SPECS})

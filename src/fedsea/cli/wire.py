@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -59,6 +60,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("fedsea serve: --tls-client-ca needs --tls-cert and --tls-key")
     run, limits, model = serve_settings(args)
+    # A server's operator watches its clients come and go (sessions opened and closed, idle ones
+    # reaped, a native run's rounds): INFO from the server and federation layers, time-stamped.
+    for name in ("fedsea.server", "fedsea.federation"):
+        logging.getLogger(name).setLevel(min(logging.INFO, logging.getLogger().level))
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     if args.run:
         from fedsea.cli.fed import native_note
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fedsea.config import Placement
-from fedsea.federation.checkpoint import CheckpointError, latest_round, load_round
+from fedsea.federation.checkpoint import CheckpointError, load_round
 from fedsea.federation.data import (
     check_client_data,
     encode_task_examples,
@@ -346,15 +346,22 @@ def simulate(
 
 
 def export_run(run_dir: str, out: str, placement: Placement | None = None) -> Path:
-    """Merge a run's latest global adapter into a plain Hugging Face checkpoint (merged on
-    ``placement``'s device, written in its dtype; default: the CPU in float32)."""
+    """Merge a run's global adapter into a plain Hugging Face checkpoint (merged on ``placement``'s
+    device, written in its dtype; default: the CPU in float32), with a model card.
+
+    ``run_dir``: a run folder (its latest round) or one of its round checkpoints
+    (``RUN/checkpoints/round-NNNN``).
+    """
+    from fedsea.federation.run_adapters import run_source
     from fedsea.model.load import load_tokenizer
 
-    folder = Path(run_dir)
+    source = run_source(run_dir)
+    if source is None:
+        if not (Path(run_dir) / "config.toml").is_file():
+            raise FileNotFoundError(f"cannot read run file {Path(run_dir) / 'config.toml'}: {run_dir} is no run folder")
+        raise ValueError(f"{run_dir} has no checkpoint yet")
+    folder, checkpoint = source
     plan = load_plan(folder / "config.toml")
-    checkpoint = latest_round(folder)
-    if checkpoint is None:
-        raise ValueError(f"{folder} has no checkpoint yet")
     round_number, state, _, _ = load_round(checkpoint)
     placement = placement or Placement(device="cpu", dtype="float32")
     exported: Path = global_model(plan, state, placement).export(

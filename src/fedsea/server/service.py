@@ -167,6 +167,7 @@ class TrunkServicer(StagingRpcs, pb_grpc.TrunkServicer):
         """Close a session and free its memory."""
         await self._compute(self.host.close_session, client, request.session_id)
         self._meter(client).record("close_session", received=request.ByteSize())
+        logger.info("client %s closed session %s", client, request.session_id)
         return pb.CloseSessionResponse()
 
     # -- training ------------------------------------------------------------------------------
