@@ -286,7 +286,9 @@ def make_server(app: FastAPI) -> Any:
     """A uvicorn server of ``app`` (quiet, graceful shutdown capped at ``GRACEFUL_SHUTDOWN_S``)."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="on", ws="none", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+    )
     return uvicorn.Server(config)
 
 
