@@ -239,6 +239,15 @@ def test_a_client_that_disconnects_stops_the_generation(setup):
     s.api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
     assert time.monotonic() - start < 5
 
+    # not streamed: a client that gives up (here a 1 s timeout) stops its generation too
+    impatient = openai.OpenAI(base_url=s.url, api_key=KEY, max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1500, extra_body={"ignore_eos": True})
+    end = time.monotonic() + 3
+    while streams.count() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert streams.count() == 0
+
 
 def test_an_unreachable_trunk_is_503_with_the_diagnosis(setup, tmp_path, monkeypatch):
     """The endpoint in this process (``open_endpoint``, what the command runs); the trunk then stops."""
