@@ -38,8 +38,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 N = 12  # new tokens
 
 
-def _trunk() -> tuple[str, ServerThread, TrunkServer]:
-    server = TrunkServer(TrunkHost(load_model(MODEL, "float32", "cpu")))
+def _trunk(port: int = 0) -> tuple[str, ServerThread, TrunkServer]:
+    server = TrunkServer(TrunkHost(load_model(MODEL, "float32", "cpu")), port=port)
     thread = ServerThread(server)
     return f"localhost:{thread.start()}", thread, server
 
@@ -249,7 +249,7 @@ def test_a_client_that_disconnects_stops_the_generation(setup):
     assert streams.count() == 0
 
 
-def test_an_unreachable_trunk_is_503_with_the_diagnosis(setup, tmp_path, monkeypatch):
+def test_an_unreachable_trunk_is_503_with_the_diagnosis(setup, tmp_path, monkeypatch, caplog):
     """The endpoint in this process (``open_endpoint``, what the command runs); the trunk then stops."""
     from fedsea.cli.openai_cmd import open_endpoint
     from fedsea.serving.app import EndpointThread
@@ -263,20 +263,26 @@ def test_an_unreachable_trunk_is_503_with_the_diagnosis(setup, tmp_path, monkeyp
     endpoint = open_endpoint(args)
     served = EndpointThread(endpoint.app, sock=endpoint.sock)
     api = openai.OpenAI(base_url=served.start(), api_key="none", max_retries=0, timeout=60)
-    stopped = False
+    port = int(address.rsplit(":", 1)[1])
     try:
         assert api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+        # the trunk server restarts between two requests: it forgot the session (NOT_FOUND), so the
+        # endpoint opens a new one and answers
         thread.stop()
-        stopped = True
+        thread = _trunk(port)[1]
+        assert api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+        assert "no longer knows this session" in caplog.text
+        thread.stop()
         for stream in (False, True):  # the stream's failure, then the reconnection's: both diagnosed
             with pytest.raises(openai.InternalServerError) as caught:
                 api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, stream=stream)
             assert caught.value.status_code == 503
             assert f"nothing is listening at {address}" in caught.value.body["message"], caught.value.body
+        thread = _trunk(port)[1]  # back: the next request reconnects
+        assert api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
     finally:
         served.stop()
-        if not stopped:
-            thread.stop()
+        thread.stop()
 
 
 def test_a_non_loopback_host_needs_an_api_key(monkeypatch, capsys):

@@ -28,6 +28,7 @@ between two requests) is reopened and the request retried once, before any token
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 WAIT_POLL_S = 0.1
 
 Emit = Callable[[str, Any], None]
+log = logging.getLogger(__name__)
 
 
 class Cancelled(Exception):
@@ -223,7 +225,9 @@ class SplitEngine:
                 except RemoteError as err:
                     self._stale = True  # the next request reconnects
                     if err.code == "NOT_FOUND" and attempt == 0 and not started.is_set():
-                        continue  # the server forgot the session (restarted): a new one, once
+                        # the server forgot the session (restarted): a new one, once
+                        log.warning("the trunk server no longer knows this session (restarted?): opening a new one")
+                        continue
                     raise self._unavailable(err) from None
             raise AssertionError("unreachable")
         finally:
@@ -236,6 +240,8 @@ class SplitEngine:
         idle_limit = float(info.limits.idle_timeout_s) if info is not None and info.limits.idle_timeout_s else 0.0
         idle = time.monotonic() - self._last_used
         if self._stale or self.client.connection is None or (idle_limit and idle > idle_limit / 2):
+            why = "after a failure" if self._stale else f"after {idle:.0f} s idle"
+            log.info("reconnecting to the trunk server %s (%s)", self.client.config.address, why)
             self.client.close()
             self.client.connect()
             self._stale = False
