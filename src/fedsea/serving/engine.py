@@ -25,9 +25,10 @@ failure of the trunk (unreachable, restarted, refused) marks the session stale: 
 request reconnects. A session the server no longer knows (NOT_FOUND: the server restarted
 between two requests) is reopened and the request retried once, before any token was produced
 (the retry is a new generation with a fresh noise draw, as if the user had resent the request; the
-refused stream's prefill reached a server that had no session to run it in). A trunk lost in the middle of an answer is waited for, as by ``fedsea chat``, for up to
-``ClientTimeouts.reconnect_timeout_s`` (``--reconnect-timeout-s``, 120 s), the answer then going
-on token-identically; past that, or with 0, the request fails with a 503.
+refused stream's prefill reached a server that had no session to run it in). A trunk lost in
+the middle of an answer is waited for, as by ``fedsea chat``, for up to
+``ClientTimeouts.reconnect_timeout_s`` (``--reconnect-timeout-s``, 120 s), the answer then
+going on token-identically; past that, or with 0, the request fails with a 503.
 """
 
 from __future__ import annotations
