@@ -120,6 +120,14 @@ def _cmd_openai(args: argparse.Namespace) -> int:
         f"the trunk at {args.server} sees only hidden states",
         flush=True,
     )
+    from fedsea.serving.settings import is_loopback
+
+    if not is_loopback(str(host)):
+        print(
+            f"warning: {host} is reachable from other machines over plain HTTP: prompts, answers and the API key "
+            "cross that network unencrypted (put a TLS proxy in front)",
+            file=sys.stderr,
+        )
     print("Ctrl-C stops it.", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[endpoint.sock])
