@@ -134,6 +134,40 @@ def test_split_generation_with_a_checkpoint_matches_the_exported_model(finished_
     assert answer.split("model> ", 1)[1].strip() == chat_expected.strip()
 
 
+def test_the_openai_endpoint_with_a_run_folder_matches_the_exported_model(finished_run, trunk_server, monkeypatch):
+    """``fedsea openai --adapters RUN`` (issue 17 item 3): the run's latest round through the split,
+    greedy, gives the exported merged model's tokens, as a completion and as a chat answer."""
+    import openai
+
+    from fedsea.cli.main import build_parser
+    from fedsea.cli.openai_cmd import open_endpoint
+    from fedsea.serving.app import EndpointThread
+
+    monkeypatch.delenv("FEDSEA_OPENAI_API_KEY", raising=False)
+    run_dir, merged_dir = finished_run
+    tokenizer = load_tokenizer("tiny-llama")
+    merged = load_model(str(merged_dir), "float32", "cpu")
+    split = split_model(load_model("tiny-llama", "float32", "cpu"), 1, 2)
+    conversation = [{"role": "user", "content": PROMPT}]
+    expected = [
+        tokenizer.decode(_greedy_unsplit(merged, ids, tokenizer.eos_token_id), skip_special_tokens=True)
+        for ids in (encode_prompts(tokenizer, split, p, chat)[0] for p, chat in ((PROMPT, False), (conversation, None)))
+    ]
+    argv = ["openai", "--server", trunk_server, "--model", "tiny-llama", "--adapters", str(run_dir), "--sigma", "0",
+            "--wire-dtype", "fp32", "--port", "0"]  # fmt: skip
+    endpoint = open_endpoint(build_parser().parse_args(argv))
+    served = EndpointThread(endpoint.app, sock=endpoint.sock)
+    api = openai.OpenAI(base_url=served.start(), api_key="none", max_retries=0, timeout=60)
+    try:
+        text = api.completions.create(model="tiny-llama", prompt=PROMPT, temperature=0, max_tokens=NEW_TOKENS)
+        chat = api.chat.completions.create(
+            model="tiny-llama", messages=conversation, temperature=0, max_tokens=NEW_TOKENS
+        )
+        assert [text.choices[0].text, chat.choices[0].message.content] == expected
+    finally:
+        served.stop()
+
+
 def test_eval_through_the_split_with_a_run_folder_matches_the_exported_model(finished_run, capsys):
     run_dir, merged_dir = finished_run
     common = ["--task", "sst2", "--limit", "6", "--no-progress", "--json"]

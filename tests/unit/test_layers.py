@@ -29,6 +29,7 @@ ORDER: tuple[str, ...] = (
     "client",
     "federation",
     "flower",  # fedsea on Flower: the ServerApp/ClientApp over the federation's round logic
+    "serving",  # the OpenAI-compatible endpoint on the client's machine, over a SplitClient
     "api",  # the root package ``fedsea``: re-exports the public API of the layers above
     "experiments",
     "cli",
@@ -41,6 +42,7 @@ FORBIDDEN: tuple[tuple[str, str, str], ...] = (
     ("wire", "training", "wire knows no model"),
     ("wire", "tasks", "wire knows no model"),
     ("client", "server", "server and client meet only through wire"),
+    ("serving", "server", "the endpoint runs on the client's machine: the text never reaches the trunk's code"),
 )
 # Third-party network code that the network-free layers must not import.
 NETWORK_MODULES = ("grpc", "flwr", "socket")

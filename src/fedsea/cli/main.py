@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsea.cli.config import add_config_commands
 
     add_config_commands(sub)
+    from fedsea.cli.openai_cmd import add_openai_command
+
+    add_openai_command(sub)
 
     from fedsea.cli.bench import add_bench_commands
 
