@@ -1,4 +1,5 @@
-"""fedsea's own Flower app on Flower's Deployment Engine, across (loopback) machines.
+"""fedsea's own Flower app on Flower's Deployment Engine, across (loopback) machines: a plain run,
+the same deployment in client-batch mode, and with secure aggregation (SecAgg+).
 
 Everything a real deployment has, each its own process: a ``fedsea serve`` trunk server with TLS
 and bearer tokens (started by the operator, found by the ServerApp at ``trunk-address``), a
@@ -24,7 +25,7 @@ from fedsea.federation.checkpoint import latest_round, load_round
 from fedsea.flower.template import write_app
 from fedsea.wire.auth import TokenStore
 from fedsea.wire.certs import make_test_certs
-from tests.flower_deploy import deployment
+from tests.flower_deploy import Deployment, deployment, make_node_keys
 
 RUN = """
 [model]
@@ -102,6 +103,7 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
         nodes.append({**nodes[1], "name": "client-9", "state-dir": str(tmp_path / "owner-9" / "state")})
         with deployment(app, tmp_path / "flower", nodes, tls=True, node_auth=True) as dep:
             t_up = time.monotonic() - t0
+            _check_node_auth(dep, tmp_path)
             config: dict[str, str | int | float | bool] = {
                 "run-file": "run.toml",  # relative: the app folder's (the installed FAB's) on every machine
                 "run-dir": str(run_dir),
@@ -127,6 +129,12 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
             batch_config = {**config, "run-dir": str(operator / "batched"), "set": "federation.mode=client-batch"}
             batched = dep.run(app, batch_config, timeout=400)
             assert batched.status == "finished:completed", batched.output + dep.logs()
+            # And with secure aggregation (SecAgg+): one round, the ServerApp gets masked vectors only.
+            secure_config = {**config, "run-dir": str(operator / "secure"), "secure-aggregation": True,
+                             "set": "federation.rounds=1", "evaluate": "none"}  # fmt: skip
+            secure = dep.run(app, secure_config, timeout=400)
+            assert secure.status == "finished:completed", secure.output + dep.logs()
+            assert "round 1/1: 2/2 clients replied (client-0, client-1)" in secure.output, secure.output
             processes = dep.track()
         assert trunk.alive(), trunk.log.tail  # the trunk server outlives the run: it is the operator's
         # fedsea serve says who comes and goes at its default log level, time-stamped.
@@ -189,16 +197,62 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
     ] * 2
     one, two = (load_round(operator / "batched" / "checkpoints" / f"round-000{r}")[1] for r in (1, 2))
     assert all(not torch.equal(two[k], one[k]) for k in two if "lora_B" in k and 1 <= int(k.split(".")[1]) <= 4)
+    _check_secure_run(operator / "secure")
     # Each owner's state stays on its machine: the noise secret (owner-only) and its steps.
     for i, name in enumerate(("client-0", "client-1")):
         state = tmp_path / f"owner-{i}" / "state"
         assert stat.S_IMODE(os.stat(state / "noise.secret").st_mode) == 0o600
         steps = [json.loads(x) for x in (state / "steps.jsonl").read_text().splitlines()]
         done = sorted((s["round"], s["step"]) for s in steps if "step" in s)
-        assert done == [(r, s) for r in (1, 2) for s in range(3) for _run in range(2)], done  # both runs
+        # Three runs' steps: two of 2 rounds and the secure one of 1 round, 3 steps each.
+        assert done == sorted([(r, s) for r in (1, 2) for s in range(3)] * 2 + [(1, s) for s in range(3)]), done
         assert all(s["client"] == name for s in steps)
         assert not (run_dir / "clients" / name).exists()  # nothing of the owner's lands in the run folder
     assert trunk.proc.poll() is not None  # stopped by PID (SIGTERM)
     for proc in processes:  # SuperLink, SuperNodes, SuperExecs, ServerApp and ClientApp processes
         assert not proc.is_running(), f"orphan {proc.pid}: {proc.cmdline() if proc.is_running() else ''}"
     print(f"up {t_up:.1f} s, run {t_run:.1f} s, total {time.monotonic() - t0:.1f} s")
+
+
+def _check_secure_run(folder: Path) -> None:
+    """The SecAgg+ run: both clients, four masked replies each, an aggregate that moved head and tail.
+
+    That the secure aggregate equals plain FedAvg within the protocol's bound is tested on the
+    Simulation Engine (``test_flower_secagg.py``), where it costs a fraction of this.
+    """
+    record = json.loads((folder / "server_rounds.jsonl").read_text().splitlines()[0])
+    sa = record["secure-aggregation"]
+    assert sorted(record["submitted"]) == ["client-0", "client-1"]
+    assert sa["replies"] == 4 * 2 and sa["failures"] == 0  # four SecAgg+ stages each, masked vectors only
+    assert sa["error-bound"] < 1e-5, sa
+    secure = load_round(folder / "checkpoints" / "round-0001")[1]
+    last = max(int(k.split(".")[1]) for k in secure)
+    head_tail = [k for k in secure if int(k.split(".")[1]) in (0, last)]  # (p, q) = (1, 1)
+    moved = max(secure[k].float().abs().max().item() for k in head_tail if "lora_B" in k)  # B starts at zero
+    assert moved > 100 * sa["error-bound"], moved
+    assert (folder / "report.md").is_file()
+
+
+def _check_node_auth(dep: Deployment, tmp_path: Path) -> None:
+    """SuperNode authentication and TLS as the README sets them up keep strangers out.
+
+    A SuperNode with a valid TLS root but a key nobody registered: the SuperLink answers its
+    activation with ApiError 2004 (HTTP 412) and it exits. A SuperNode with a registered key that
+    trusts another CA: TLS verification fails and it never joins. Every API is served over TLS.
+    """
+    rogue = make_node_keys(tmp_path / "keys", "rogue")
+    dep.start_supernode("rogue", {"name": "client-0"}, rogue)
+    stranger = make_node_keys(tmp_path / "keys", "stranger")
+    stranger_id = dep.register(stranger)
+    other_ca = make_test_certs(tmp_path / "other_ca").ca_cert
+    dep.start_supernode("stranger", {"name": "client-1"}, stranger, root_ca=other_ca, extra=["--max-retries", "1"])
+    assert dep.wait_exit("rogue", timeout=60) not in (None, 0), dep.logs()
+    assert "Failed to activate SuperNode" in dep.log("rogue"), dep.log("rogue")
+    assert "No SuperNode found with the given public key" in dep.log("superlink"), dep.log("superlink")
+    assert dep.wait_exit("stranger", timeout=60) not in (None, 0), dep.logs()
+    assert "CERTIFICATE_VERIFY_FAILED" in dep.log("stranger"), dep.log("stranger")
+    statuses = {int(str(n["node-id"])): n["status"] for n in dep.nodes()}
+    assert statuses[stranger_id] == "registered"  # registered, never online
+    assert f"Uvicorn running on https://{dep.address}" in dep.log("superlink")
+    connection = (tmp_path / "flower" / "flwr_home" / "cli" / "config.toml").read_text()
+    assert "insecure" not in connection and "root-certificates" in connection

@@ -67,6 +67,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from fedsea.experiments.bench_soak import bench_soak
 
         result = bench_soak(args.clients, args.minutes, args.sample_s, tuple(args.serve_args))
+    elif args.what == "wan":
+        from fedsea.experiments.bench_wan import bench_wan
+
+        result = bench_wan(args.model, args.latency_ms, args.new_tokens, args.batch, args.tokens, args.repeats)
     elif args.what == "federation":
         from fedsea.experiments.bench_federation import bench_federation
 
@@ -103,6 +107,7 @@ def add_bench_commands(sub: Any) -> None:
         "generate": "split generation over gRPC against Hugging Face generate",
         "federation": "the federation modes' speed and quality",
         "wire": "tensor codec over loopback gRPC against a raw-bytes ceiling (MB/s)",
+        "wan": "the emulated WAN (NetShaper) against a TCP proxy delaying every byte: generation and a training step",
     }
     parsers = {}
     for what, text in helps.items():
@@ -117,6 +122,12 @@ def add_bench_commands(sub: Any) -> None:
         p.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
         p.set_defaults(func=_cmd_bench)
         parsers[what] = p
+    wan = parsers["wan"]
+    wan.add_argument("--latency-ms", type=float, default=GENERATE_LATENCY_MS, help="one-way ms (default: %(default)s)")
+    wan.add_argument("--new-tokens", type=int, default=24, help="tokens generated per measure (default: %(default)s)")
+    wan.add_argument("--batch", type=int, default=4, help="training batch (default: %(default)s)")
+    wan.add_argument("--tokens", type=int, default=128, help="prompt and sequence length (default: %(default)s)")
+    wan.add_argument("--repeats", type=int, default=3, help="measures of each, alternating (default: %(default)s)")
     for what in ("load", "train", "generate"):
         p = parsers[what]
         p.add_argument(

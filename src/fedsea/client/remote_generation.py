@@ -158,10 +158,12 @@ class RemoteStepper:
             self._steps = 0
         self._log.extend(messages)
         self._steps += 1
-        for request in messages:
-            sent += request.ByteSize()
-            self._requests.put(request)
+        sent += sum(request.ByteSize() for request in messages)
+        # The emulated uplink delays the step before the server can see it, as a real link does:
+        # waiting after the put would let the server compute during the uplink's latency.
         self.connection.config.shaper.wait(sent)
+        for request in messages:
+            self._requests.put(request)
         # The prefill (and a naive step) costs the server a training step's forward; a decode
         # step, one token per row.
         kind: CallKind = "step" if lengths is not None else "decode"
@@ -277,6 +279,9 @@ class RemoteStepper:
             return
         self._closed = True
         self._log.clear()
+        shaper = self.connection.config.shaper
+        # The close and the server's end of the stream are a round trip on a real link: emulated.
+        shaper.wait(0)
         self._requests.put(pb.GenerateRequest(close=pb.GenerateClose()))
         self._requests.put(_END)
         end = time.monotonic() + self.connection.deadline_s("call")
@@ -284,6 +289,7 @@ class RemoteStepper:
             while True:
                 item = self._responses.get(timeout=max(0.0, end - time.monotonic()))
                 if item is _END or isinstance(item, grpc.RpcError):
+                    shaper.wait(0, downlink=True)
                     return
         except queue.Empty:
             self._call.cancel()
