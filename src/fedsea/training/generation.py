@@ -57,6 +57,13 @@ class GenerationConfig:
         drop_finished: stop computing rows that have finished (otherwise, as Hugging Face
             does, they go on being fed ``pad_token_id``).
         pad_token_id: fed to finished rows when they are not dropped (default: the first EOS id).
+        speculative: speculative decoding's drafter (``fedsea.training.speculative``; batch 1, KV
+            caches on): ``"prompt-lookup"`` (n-gram matches in the prompt and the text so far),
+            a draft model source for ``fedsea.load_model`` sharing the tokenizer, or a
+            ``fedsea.training.drafters.Drafter``; None (default) generates one token per step.
+        num_draft_tokens: k, the draft tokens checked per round trip (default 5: a miss costs a
+            little compute, a hit saves a round trip).
+        prompt_lookup_ngram: the longest n-gram prompt lookup matches (default 3).
     """
 
     max_new_tokens: int = 128
@@ -71,6 +78,9 @@ class GenerationConfig:
     use_cache: bool = True
     drop_finished: bool = True
     pad_token_id: int | None = None
+    speculative: object = None
+    num_draft_tokens: int = 5
+    prompt_lookup_ngram: int = 3
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -81,6 +91,11 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.num_draft_tokens < 1 or self.prompt_lookup_ngram < 1:
+            raise ValueError(
+                f"num_draft_tokens and prompt_lookup_ngram must be >= 1, got {self.num_draft_tokens} "
+                f"and {self.prompt_lookup_ngram}"
+            )
         object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.eos_token_id, int):  # callers pass a bare id too, whatever the annotation says
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))  # type: ignore[unreachable]
@@ -118,7 +133,8 @@ class GenerationStep:
     finished: tuple[int, ...]  # rows that finished at this step
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int:
+def first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the first of ``stops`` starts in ``text`` (-1: none)."""
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else -1
 
@@ -140,6 +156,11 @@ def generate_steps(
         privatize: clipping and noise applied to every hidden state before it goes to the
             trunk, at inference as in training (the seed paper's code sent clean states here).
     """
+    if config.speculative is not None:  # several tokens per round trip (batch 1)
+        from fedsea.training.speculative import speculative_steps
+
+        yield from speculative_steps(split, stepper, input_ids, lengths, config, decode, privatize)
+        return
     if config.stop and decode is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
     decoder = SplitDecoder(split, stepper, input_ids, lengths, config.use_cache, privatize)
@@ -171,7 +192,7 @@ def generate_steps(
                 continue
             new_ids[row].append(tokens[i])
             if config.stop and not done[i] and decode is not None:
-                done[i] = _first_stop(decode(new_ids[row]), config.stop) >= 0
+                done[i] = first_stop(decode(new_ids[row]), config.stop) >= 0
         finished = tuple(rows[i] for i in range(len(rows)) if done[i])
         yield GenerationStep(step, {row: tokens[i] for i, row in enumerate(rows) if alive[i]}, finished)
         alive = [a and not d for a, d in zip(alive, done, strict=True)]
@@ -220,7 +241,7 @@ def generate(
     if decode is not None:
         for row in range(batch):
             text = decode(ids[row])
-            cut = _first_stop(text, config.stop) if config.stop else -1
+            cut = first_stop(text, config.stop) if config.stop else -1
             texts.append(text[:cut] if cut >= 0 else text)
     return GenerationOutput(ids, texts, reasons)
 
@@ -278,7 +299,7 @@ def _stream_pieces(
         for out in generate_steps(split, stepper, input_ids, lengths, config, decode, privatize):
             ids.extend(out.tokens.values())
             text = decode(ids)
-            cut = _first_stop(text, config.stop) if config.stop else -1
+            cut = first_stop(text, config.stop) if config.stop else -1
             if cut >= 0:
                 stream.finish_reason = "stop"
                 yield text[shown:cut]
