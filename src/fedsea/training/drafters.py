@@ -62,8 +62,8 @@ class PromptLookupDrafter:
     """Propose the continuation of the latest earlier occurrence of the last ``ngram`` tokens.
 
     Tries n = ``ngram``, ``ngram`` - 1, ..., 1 and takes the first n with a match that has a
-    continuation; among matches, the latest (the text being written is the likeliest to repeat
-    itself, and a copied span is then followed further). Deterministic: ``probs`` is None.
+    continuation; among matches, the one with the longest continuation (up to k), the latest of
+    those (the text being written is the likeliest to repeat itself). Deterministic: ``probs`` is None.
 
     Args:
         ngram: the longest n-gram to match (>= 1).
@@ -84,7 +84,9 @@ class PromptLookupDrafter:
             # The last window is the n-gram itself; a match must leave at least one token after it.
             hits = (windows[:-1] == seq[-n:]).all(dim=1).nonzero().flatten()
             if hits.numel():
-                start = int(hits[-1]) + n
+                # The longest continuation (up to k), the latest among equals: in a repetition the
+                # latest match is right behind the end and would give a single token.
+                start = max((min(k, len(ids) - h - n), h) for h in hits.tolist())[1] + n
                 return Draft(ids[start : start + k])
         return Draft([])
 

@@ -157,11 +157,12 @@ def speculative_steps(
         for token in new:
             ids.append(token)
             generated.append(token)
-            done = token in eos or len(generated) == config.max_new_tokens
+            done = token in eos
             if config.stop and not done and decode is not None:
                 done = first_stop(decode(generated), config.stop) >= 0
+            # As in ``generate_steps``: finished means EOS or a stop string, not the length cap.
             yield GenerationStep(len(generated) - 1, {0: token}, (0,) if done else ())
-            if done:
+            if done or len(generated) == config.max_new_tokens:
                 return
         rejected = len(draft.tokens) - (len(new) - 1)
         if rejected:  # the caches hold [last, d_1..d_m]; keep [last, d_1..d_accepted]
