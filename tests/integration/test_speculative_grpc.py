@@ -21,8 +21,9 @@ def _split(seed: int = 3, scale: float = 0.05) -> fedsea.SplitModel:
 
 def _hf(model, enc, new, tokenizer):
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=None)
+        out = model.generate(
+            **enc, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None
+        )
     return out[0, enc["input_ids"].shape[1] :].tolist()
 
 
@@ -48,12 +49,18 @@ def test_speculative_over_grpc_equals_hf_in_fewer_round_trips(server, tiny_token
                 assert trips <= plain_trips, name
             # The target as its own drafter: every draft kept, k + 1 = 6 tokens a round trip after the prefill.
             before = client.connection.meter.rpc("generate").calls
-            spec = client.generate_ids(enc["input_ids"], lengths, max_new_tokens=24, eos_token_id=(),
-                                       speculative=ModelDrafter(split.model, 512))
+            spec = client.generate_ids(
+                enc["input_ids"],
+                lengths,
+                max_new_tokens=24,
+                eos_token_id=(),
+                speculative=ModelDrafter(split.model, 512),
+            )
             assert spec.token_ids[0] == theirs
             assert client.connection.meter.rpc("generate").calls - before == 1 + -(-23 // 6)
-            streamed = "".join(client.stream(PROMPT, chat=False, max_new_tokens=24, eos_token_id=(),
-                                             speculative="prompt-lookup"))
+            streamed = "".join(
+                client.stream(PROMPT, chat=False, max_new_tokens=24, eos_token_id=(), speculative="prompt-lookup")
+            )
             assert streamed == plain.texts[0]
     # The repeating model copies itself: prompt lookup needs well under one round trip a token.
     with fedsea.SplitClient(server, _split(), tokenizer=tiny_tokenizer) as client:
@@ -79,8 +86,9 @@ def test_speculative_on_smollm2_equals_hf_generate(smollm2, smollm2_tokenizer):
     enc = smollm2_tokenizer([prompt], return_tensors="pt")
     lengths = enc["attention_mask"].sum(1)
     with torch.no_grad():
-        ref = smollm2.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=None,
-                               pad_token_id=smollm2_tokenizer.pad_token_id)
+        ref = smollm2.generate(
+            **enc, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=smollm2_tokenizer.pad_token_id
+        )
     theirs = ref[0, enc["input_ids"].shape[1] :].tolist()
     for speculative in ("prompt-lookup", ModelDrafter(smollm2, int(smollm2.config.vocab_size))):
         config = GenerationConfig(max_new_tokens=24, eos_token_id=(), speculative=speculative)

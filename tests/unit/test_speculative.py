@@ -42,14 +42,30 @@ def test_greedy_speculative_equals_plain_split_and_hf_generate(tiny_tokenizer, p
     for name, drafter in drafters.items():
         for k in (1, 4):
             traffic = CutTraffic()
-            spec = _run(split, tiny_tokenizer, prompt, traffic, max_new_tokens=24, eos_token_id=(),
-                        speculative=drafter, num_draft_tokens=k)
+            spec = _run(
+                split,
+                tiny_tokenizer,
+                prompt,
+                traffic,
+                max_new_tokens=24,
+                eos_token_id=(),
+                speculative=drafter,
+                num_draft_tokens=k,
+            )
             assert spec.token_ids == plain.token_ids, (name, k)
             assert traffic.messages // 2 <= 24, (name, k)  # never more round trips than plain
     # A draft model that is the target itself: every draft kept, k + 1 tokens per round trip.
     traffic = CutTraffic()
-    spec = _run(split, tiny_tokenizer, prompt, traffic, max_new_tokens=24, eos_token_id=(),
-                speculative=ModelDrafter(split.model, 512), num_draft_tokens=4)
+    spec = _run(
+        split,
+        tiny_tokenizer,
+        prompt,
+        traffic,
+        max_new_tokens=24,
+        eos_token_id=(),
+        speculative=ModelDrafter(split.model, 512),
+        num_draft_tokens=4,
+    )
     assert spec.token_ids == plain.token_ids
     assert traffic.messages // 2 == 1 + (23 + 4) // 5  # the prefill, then 5 tokens a step
 
@@ -75,21 +91,33 @@ def test_eos_stop_strings_and_repetition_penalty_match_plain(tiny_tokenizer):
     text = base.texts[0]
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     drafter = ModelDrafter(_split(seed=7, scale=0.3).model, 512)
-    for kw in ({"eos_token_id": (eos,)}, {"eos_token_id": (), "stop": (stop,)}, {"eos_token_id": (), "max_new_tokens": 7}):
+    for kw in (
+        {"eos_token_id": (eos,)},
+        {"eos_token_id": (), "stop": (stop,)},
+        {"eos_token_id": (), "max_new_tokens": 7},
+    ):
         settings = {"max_new_tokens": 24, "repetition_penalty": 1.3, **kw}
         plain = _run(split, tiny_tokenizer, prompt, **settings)
         for speculative in ("prompt-lookup", drafter):
             spec = _run(split, tiny_tokenizer, prompt, speculative=speculative, **settings)
             assert (spec.token_ids, spec.texts, spec.finish_reasons) == (
-                plain.token_ids, plain.texts, plain.finish_reasons), kw
+                plain.token_ids,
+                plain.texts,
+                plain.finish_reasons,
+            ), kw
 
 
 def test_unsupported_settings_are_refused_clearly(tiny_tokenizer):
     split = _split()
     enc = tiny_tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with pytest.raises(ValueError, match="batch 1"):
-        generate(split, LocalStepper(split.trunk), enc["input_ids"], enc["attention_mask"].sum(1),
-                 GenerationConfig(speculative="prompt-lookup"))
+        generate(
+            split,
+            LocalStepper(split.trunk),
+            enc["input_ids"],
+            enc["attention_mask"].sum(1),
+            GenerationConfig(speculative="prompt-lookup"),
+        )
     with pytest.raises(ValueError, match="use_cache"):
         _run(split, tiny_tokenizer, PROMPTS[0], speculative="prompt-lookup", use_cache=False)
     with pytest.raises(ValueError, match="num_draft_tokens"):
@@ -150,7 +178,9 @@ def test_noise_covers_draft_states_and_rejected_drafts_are_never_resent(tiny_tok
     out = generate(split, stepper, enc["input_ids"], enc["attention_mask"].sum(1), config, privatize=privatize)
     assert len(out.token_ids[0]) == 24
     # Every state that reached the trunk, drafts included, is the noised one, each noised once.
-    assert len(stepper.sent) == len(noised) and all(torch.equal(a, b) for a, b in zip(stepper.sent, noised, strict=True))
+    assert len(stepper.sent) == len(noised) and all(
+        torch.equal(a, b) for a, b in zip(stepper.sent, noised, strict=True)
+    )
     assert any(h.shape[1] > 1 for h in stepper.sent[1:]) and stepper.rewinds  # drafts went up; some were rejected
     # A slot is sent again only after a rewind, and then for a different token: never the same
     # clean state (a rejected draft resent with fresh noise would repeat one).

@@ -71,7 +71,9 @@ def bound(df: int) -> float:
     return df + 3.1 * (2 * df) ** 0.5 + 6
 
 
-def _verification_logits(split: fedsea.SplitModel, t1: int, drafts: list[list[int]]) -> dict[tuple[int, ...], torch.Tensor]:
+def _verification_logits(
+    split: fedsea.SplitModel, t1: int, drafts: list[list[int]]
+) -> dict[tuple[int, ...], torch.Tensor]:
     """(3, V) tail logits after [t1, d1, d2] for each draft, through the split (rewound between drafts)."""
     decoder = SplitDecoder(split, LocalStepper(split.trunk), torch.tensor([PROMPT]), torch.tensor([len(PROMPT)]))
     decoder.logits()
@@ -87,12 +89,16 @@ def _check_two_tokens(draws: list[list[int]], exact_model: torch.nn.Module, t1: 
     """Chi-square of the first token yielded, and of the second given the first (when yielded)."""
     prefix = [*PROMPT, t1]
     p1 = _dist(exact_model, prefix)
-    checks = [chi2(Counter(d[0] for d in draws), {x: float(p1[x]) for x in p1.nonzero().flatten().tolist()}, len(draws))]
+    checks = [
+        chi2(Counter(d[0] for d in draws), {x: float(p1[x]) for x in p1.nonzero().flatten().tolist()}, len(draws))
+    ]
     for x in {d[0] for d in draws if len(d) > 1}:
         seconds = [d[1] for d in draws if len(d) > 1 and d[0] == x]
         if len(seconds) >= 60:
             p2 = _dist(exact_model, [*prefix, x])
-            checks.append(chi2(Counter(seconds), {y: float(p2[y]) for y in p2.nonzero().flatten().tolist()}, len(seconds)))
+            checks.append(
+                chi2(Counter(seconds), {y: float(p2[y]) for y in p2.nonzero().flatten().tolist()}, len(seconds))
+            )
     return checks
 
 

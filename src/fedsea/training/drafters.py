@@ -24,7 +24,6 @@ from typing import Any, Protocol, cast
 
 import torch
 from transformers import DynamicCache
-from transformers.generation.logits_process import LogitsProcessorList
 
 # Default n-gram length that prompt lookup matches (transformers' default for
 # ``max_matching_ngram_size`` is 2; 3 proposes fewer but better drafts on prose; shorter

@@ -139,7 +139,7 @@ def speculative_steps(
     processors = config.processors()
 
     def scores(prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, processors(cast(torch.LongTensor, prefix), logits))
+        return processors(cast(torch.LongTensor, prefix), logits)
 
     generator: torch.Generator | None = None
     if config.do_sample:
