@@ -134,8 +134,8 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
 
     assert propose([1, 2, 3, 4, 9, 1, 2, 5, 6, 7, 8, 1, 2]) == [5, 6, 7]  # the latest "1 2"
     assert propose([3, 3, 3, 3, 3]) == [3, 3, 3]  # the longest continuation, not the one just behind
-    assert propose([4, 5, 6, 9, 5]) == [6, 9, 5]  # no bigram match: the unigram "5"
-    assert propose([1, 2, 3, 2], k=5) == [3, 2]  # cut at the end of the text
+    assert propose([4, 5, 6, 9, 5]) == [6]  # no bigram match: the unigram "5", one token only
+    assert propose([1, 2, 3, 1, 2], k=5) == [3, 1, 2]  # cut at the end of the text
     assert propose([1, 2, 3]) == []  # nothing to copy
     assert propose([7, 7], k=0) == []
 

@@ -164,7 +164,7 @@ def add_bench_commands(sub: Any) -> None:
         help="instead: plain against speculative decoding (default drafter prompt-lookup) on XSum and QuAC "
         "prompts, loopback and at --net-latency-ms (--prompt-tokens caps each input)",
     )  # fmt: skip
-    generate.add_argument("--draft-tokens", type=int, default=5, help="with --speculative: draft tokens per step")
+    generate.add_argument("--draft-tokens", type=int, default=6, help="with --speculative: most draft tokens a step")
     generate.add_argument("--prompts-per-task", type=int, default=3, help="with --speculative: prompts per task")
     add_settings_flags(generate, SplitConfig())
     wire = WireConfig(latency_ms=GENERATE_LATENCY_MS)  # the round trip the generation figures assume

@@ -182,7 +182,9 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
         "'prompt-lookup' (copies from the prompt and the answer so far) or a small draft model sharing the "
         "tokenizer (a --model source)",
     )
-    parser.add_argument("--draft-tokens", type=int, default=5, help="with --speculative: draft tokens per round trip")
+    parser.add_argument(
+        "--draft-tokens", type=int, default=6, help="with --speculative: at most this many draft tokens per round trip"
+    )
 
 
 def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:

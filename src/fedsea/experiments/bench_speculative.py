@@ -9,7 +9,9 @@ each, and whether the tokens are the same (greedy speculative decoding must not 
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -74,6 +76,7 @@ def bench_speculative(
     device: str = "cpu",
     dtype: str = "float32",
     data_dir: str | None = None,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
     """Plain against speculative split generation, per task, on loopback and at ``latency_ms``.
 
@@ -82,6 +85,10 @@ def bench_speculative(
         new_tokens: at most this many new tokens per answer (greedy; an answer may end at EOS).
         max_prompt_tokens: a longer input is cut (the article's start, the dialogue's end).
         speculative, draft_tokens: the drafter and k (``GenerationConfig``).
+        threads: CPU threads of the client and of the server process (default 1 each: the two
+            share the machine's cores, and two multi-threaded processes on two cores make OpenMP
+            barriers, hence every step carrying several tokens, several times slower); None
+            keeps torch's default.
 
     Returns:
         One dict: per task (``xsum``, ``quac``) the tokens, ``spec_tokens_per_round_trip``,
@@ -100,7 +107,17 @@ def bench_speculative(
     dtype = str(torch_dtype).removeprefix("torch.")
     wire_dtype = resolve_wire_dtype(wire_dtype, torch_dtype)
     port = free_loopback_port()
-    server = start_bench_server(model, port, str(where), dtype)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None:  # the server process reads it when it starts
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    try:
+        server = start_bench_server(model, port, str(where), dtype)
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     tokenizer = load_tokenizer(model)
     plain = GenerationConfig(max_new_tokens=new_tokens)  # EOS: the tokenizer's (SplitClient fills it in)
     spec = GenerationConfig(max_new_tokens=new_tokens, speculative=speculative, num_draft_tokens=draft_tokens)
@@ -116,6 +133,7 @@ def bench_speculative(
         "prompts_per_task": prompts_per_task,
         "max_prompt_tokens": max_prompt_tokens,
         "net_latency_ms": latency_ms,
+        "threads_per_process": threads,
     }
     try:
         split = split_model(load_model(model, torch_dtype, where), head_layers, tail_layers)
@@ -126,8 +144,10 @@ def bench_speculative(
             ) as client:
                 _timed(client, ["Hi"], GenerationConfig(max_new_tokens=4))  # warm up
                 for task, texts in prompts.items():
-                    runs[task][f"{where_name}_plain"] = _timed(client, texts, plain)
-                    runs[task][f"{where_name}_spec"] = _timed(client, texts, spec)
+                    for kind, config in (("plain", plain), ("spec", spec)):
+                        runs[task][f"{where_name}_{kind}"] = _timed(client, texts, config)
+                        _, seconds, trips = runs[task][f"{where_name}_{kind}"]
+                        print(f"{task} {where_name} {kind}: {seconds:.1f} s, {trips} round trips", file=sys.stderr)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

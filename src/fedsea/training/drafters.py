@@ -62,7 +62,8 @@ class PromptLookupDrafter:
 
     Tries n = ``ngram``, ``ngram`` - 1, ..., 1 and takes the first n with a match that has a
     continuation; among matches, the one with the longest continuation (up to k), the latest of
-    those (the text being written is the likeliest to repeat itself). Deterministic: ``probs`` is None.
+    those (the text being written is the likeliest to repeat itself). A full ``ngram`` match
+    proposes up to k tokens, a shorter n-gram match at most n. Deterministic: ``probs`` is None.
 
     Args:
         ngram: the longest n-gram to match (>= 1).
@@ -86,7 +87,10 @@ class PromptLookupDrafter:
                 # The longest continuation (up to k), the latest among equals: in a repetition the
                 # latest match is right behind the end and would give a single token.
                 start = max((min(k, len(ids) - h - n), h) for h in hits.tolist())[1] + n
-                return Draft(ids[start : start + k])
+                # A match shorter than the n-gram is weak evidence (on SmolLM2's XSum and QuAC
+                # answers, a unigram match's drafts were kept 1 time in 5, a trigram's 3 in 5):
+                # it proposes at most n tokens, so misses cost little compute.
+                return Draft(ids[start : start + (k if n == self.ngram else min(k, n))])
         return Draft([])
 
 

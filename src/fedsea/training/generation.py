@@ -61,8 +61,8 @@ class GenerationConfig:
             caches on): ``"prompt-lookup"`` (n-gram matches in the prompt and the text so far),
             a draft model source for ``fedsea.load_model`` sharing the tokenizer, or a
             ``fedsea.training.drafters.Drafter``; None (default) generates one token per step.
-        num_draft_tokens: k, the draft tokens checked per round trip (default 5: a miss costs a
-            little compute, a hit saves a round trip).
+        num_draft_tokens: k, the most draft tokens checked per round trip (default 6: a miss costs
+            a little compute, a hit saves a round trip; the loop asks for fewer while drafts miss).
         prompt_lookup_ngram: the longest n-gram prompt lookup matches (default 3).
     """
 
@@ -79,7 +79,7 @@ class GenerationConfig:
     drop_finished: bool = True
     pad_token_id: int | None = None
     speculative: object = None
-    num_draft_tokens: int = 5
+    num_draft_tokens: int = 6
     prompt_lookup_ngram: int = 3
 
     def __post_init__(self) -> None:

@@ -26,6 +26,12 @@ resent: after the rewind the next step starts from the model's own token, a diff
 residual gives a rejected d_i probability 0), hence a different state; a server resume replays
 the bytes sent before, noise included (``RemoteStepper``).
 
+Draft length: at most k (``GenerationConfig.num_draft_tokens``); it starts at k, drops by one
+after each draft with a rejected token and grows by two (up to k) after a fully kept one
+(transformers' "heuristic" schedule): a verification step costs more the more tokens it carries,
+so drafts that keep missing are cut short. Any rule that looks only at the past keeps greedy
+output identical and the sampling distribution exact.
+
 Limits: batch 1 (rows of a batch accept different counts; ``ValueError`` otherwise); KV caches on
 (``use_cache=False`` is refused); k draft tokens per step (``GenerationConfig.num_draft_tokens``),
 never more than the tokens left to ``max_new_tokens`` minus one, so the stream's ``max_length``
@@ -60,7 +66,7 @@ def _accept(
     logits: torch.Tensor,
     draft: Draft,
     ids: list[int],
-    scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     generator: torch.Generator | None,
 ) -> list[int]:
     """The tokens this verification step yields: the kept drafts, then one token of the model's.
@@ -70,13 +76,20 @@ def _accept(
             after ``ids`` + d_1..d_j.
         draft: the m proposed tokens (and q, for a sampling model drafter).
         ids: the prompt's real tokens and every token generated (``last`` included).
-        scores: the generation's processors, ``(prefix (1, T), logits (1, V)) -> (1, V)``.
+        scores: the generation's processors, ``(prefix (1, T), logits (1, V)) -> (1, V)``; None
+            when there are none (greedy decoding without repetition penalty).
         generator: the sampling generator; None for greedy decoding.
     """
     device = logits.device
     out: list[int] = []
     m = len(draft.tokens)
+    if scores is None:  # greedy without processors: every position's argmax in one host sync
+        for j, token in enumerate(logits.argmax(dim=-1).tolist()):
+            out.append(token)
+            if j == m or token != draft.tokens[j]:
+                return out
     for j in range(m + 1):
+        assert scores is not None
         prefix = torch.tensor([ids + draft.tokens[:j]], dtype=torch.int64, device=device)  # (1, T + j)
         processed = scores(prefix, logits[j : j + 1].float())  # (1, V)
         if generator is None:
@@ -151,9 +164,10 @@ def speculative_steps(
     ids: list[int] = input_ids[0, input_ids.shape[1] - real :].tolist()  # the prompt's real tokens
     generated: list[int] = []
     draft = Draft([])
+    width = config.num_draft_tokens  # drafts asked for: shrinks while they miss, grows back as they hit
     logits = decoder.logits()[0]  # (1, V): the prefill's last position
     while True:
-        new = _accept(logits, draft, ids, scores, generator)
+        new = _accept(logits, draft, ids, scores if processors or generator is not None else None, generator)
         for token in new:
             ids.append(token)
             generated.append(token)
@@ -167,8 +181,10 @@ def speculative_steps(
         rejected = len(draft.tokens) - (len(new) - 1)
         if rejected:  # the caches hold [last, d_1..d_m]; keep [last, d_1..d_accepted]
             decoder.rewind(decoder.length - rejected)
+        if draft.tokens:  # transformers' "heuristic" schedule, capped at k: +2 if all kept, else -1
+            width = min(config.num_draft_tokens, width + 2) if not rejected else max(1, width - 1)
         # m + 1 tokens come back at most: never past max_new_tokens (nor the stream's max_length).
-        room = min(config.num_draft_tokens, config.max_new_tokens - len(generated) - 1)
+        room = min(width, config.max_new_tokens - len(generated) - 1)
         draft = drafter.propose(ids, room, scores, generator) if room > 0 else Draft([])
         draft = Draft(draft.tokens[:room], draft.probs[:room] if draft.probs is not None else None)
         fed = torch.tensor([[new[-1], *draft.tokens]], dtype=torch.int64).to(device, non_blocking=True)
