@@ -94,3 +94,20 @@ def test_speculative_on_smollm2_equals_hf_generate(smollm2, smollm2_tokenizer):
         config = GenerationConfig(max_new_tokens=24, eos_token_id=(), speculative=speculative)
         out = generate(split, LocalStepper(split.trunk), enc["input_ids"], lengths, config)
         assert out.token_ids[0] == theirs
+
+
+def test_a_verification_step_past_the_streams_max_length_is_refused(server, tiny_tokenizer):
+    from fedsea.errors import RemoteError
+
+    split = _split()
+    enc = tiny_tokenizer([PROMPT], return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    with fedsea.SplitClient(server, split, tokenizer=tiny_tokenizer) as client:
+        h = split.head(enc["input_ids"], torch.tensor([n])).detach()  # (1, n, d)
+        stepper = client.stepper(max_length=n + 4)
+        stepper.step(0, h, torch.tensor([n]), None)
+        assert stepper.step(1, h[:, :4], None, None).shape == (1, 4, 64)  # k + 1 = 4 vectors: the slots left
+        stepper.rewind(n + 1)
+        with pytest.raises(RemoteError, match="max_length"):
+            stepper.step(2, h[:, :4], None, None)  # 4 more from n + 1 would pass n + 4
+        stepper.close()
