@@ -45,10 +45,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.net_latency_ms <= 0:
             raise ValueError("bench generate needs --net-latency-ms > 0: its round-trip limit is computed from it")
         _reexec_for_colocation(args)
-        result = bench_generate(
-            args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers, args.tail_layers,
-            args.naive_tokens, args.net_latency_ms, args.wire_dtype, args.device, args.dtype, args.rounds,
-        )  # fmt: skip
+        if args.speculative:
+            from fedsea.experiments.bench_speculative import bench_speculative
+
+            result = bench_speculative(
+                args.model, args.prompts_per_task, args.new_tokens, args.prompt_tokens, args.head_layers,
+                args.tail_layers, args.net_latency_ms, args.draft_tokens, args.speculative, args.wire_dtype,
+                args.device, args.dtype,
+            )  # fmt: skip
+        else:
+            result = bench_generate(
+                args.model, args.prompt_tokens, args.new_tokens, tuple(args.batches), args.head_layers,
+                args.tail_layers, args.naive_tokens, args.net_latency_ms, args.wire_dtype, args.device, args.dtype,
+                args.rounds,
+            )  # fmt: skip
     elif args.what == "wire":
         from fedsea.experiments.bench_wire import bench_wire
 
@@ -160,6 +170,13 @@ def add_bench_commands(sub: Any) -> None:
     generate.add_argument(
         "--rounds", type=int, default=1, help="times split and generate run per batch; the last is reported as warm_*"
     )
+    generate.add_argument(
+        "--speculative", nargs="?", const="prompt-lookup", default=None, metavar="DRAFTER",
+        help="instead: plain against speculative decoding (default drafter prompt-lookup) on XSum and QuAC "
+        "prompts, loopback and at --net-latency-ms (--prompt-tokens caps each input)",
+    )  # fmt: skip
+    generate.add_argument("--draft-tokens", type=int, default=6, help="with --speculative: most draft tokens a step")
+    generate.add_argument("--prompts-per-task", type=int, default=3, help="with --speculative: prompts per task")
     add_settings_flags(generate, SplitConfig())
     wire = WireConfig(latency_ms=GENERATE_LATENCY_MS)  # the round trip the generation figures assume
     add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices=wire_choices())

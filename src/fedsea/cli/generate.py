@@ -173,6 +173,16 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     parser.add_argument("--no-cache", action="store_true", help="naive baseline: recompute everything each token")
+    parser.add_argument(
+        "--speculative",
+        metavar="DRAFTER",
+        help="speculative decoding, several tokens per round trip to the server (one prompt at a time): "
+        "'prompt-lookup' (copies from the prompt and the answer so far) or a small draft model sharing the "
+        "tokenizer (a --model source)",
+    )
+    parser.add_argument(
+        "--draft-tokens", type=int, default=6, help="with --speculative: at most this many draft tokens per round trip"
+    )
 
 
 def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -239,6 +249,8 @@ def _client(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         "seed": args.seed,
         "stop": tuple(args.stop),
         "use_cache": not args.no_cache,
+        "speculative": args.speculative,
+        "num_draft_tokens": args.draft_tokens,
     }
     return client, options
 

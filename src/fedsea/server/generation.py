@@ -169,15 +169,16 @@ class GenerationHost:
         else:
             if lengths:
                 raise InvalidInputError("lengths", "only the prefill carries lengths")
-            if new != 1 or batch != stream.batch:
+            # One vector per row, or k + 1 at once (speculative decoding's verification step).
+            if new < 1 or batch != stream.batch:
                 raise InvalidInputError(
                     "hidden",
-                    f"a decode step carries one vector per row: expected ({stream.batch}, 1, d), "
+                    f"a decode step carries vectors for every row: expected ({stream.batch}, n >= 1, d), "
                     f"got {tuple(hidden.shape)}",
                 )
             assert stream.lengths is not None
-            lens = stream.lengths + 1
-            if int(lens.max()) > stream.max_length or self._cached_len(stream) + 1 > stream.max_length:
+            lens = stream.lengths + new
+            if int(lens.max()) > stream.max_length or self._cached_len(stream) + new > stream.max_length:
                 raise LimitExceededError(f"the stream reached its max_length={stream.max_length}")
         out = self._compute(stream, hidden, lens)
         stream.lengths = lens

@@ -53,7 +53,8 @@ class GenerationStep:
     finished: tuple[int, ...]  # rows that finished at this step
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int:
+def first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the first of ``stops`` starts in ``text`` (-1: none)."""
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else -1
 
@@ -75,6 +76,11 @@ def generate_steps(
         privatize: clipping and noise applied to every hidden state before it goes to the
             trunk, at inference as in training (the seed paper's code sent clean states here).
     """
+    if config.speculative is not None:  # several tokens per round trip (batch 1)
+        from fedsea.training.speculative import speculative_steps
+
+        yield from speculative_steps(split, stepper, input_ids, lengths, config, decode, privatize)
+        return
     if config.stop and decode is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
     decoder = SplitDecoder(split, stepper, input_ids, lengths, config.use_cache, privatize)
@@ -106,7 +112,7 @@ def generate_steps(
                 continue
             new_ids[row].append(tokens[i])
             if config.stop and not done[i] and decode is not None:
-                done[i] = _first_stop(decode(new_ids[row]), config.stop) >= 0
+                done[i] = first_stop(decode(new_ids[row]), config.stop) >= 0
         finished = tuple(rows[i] for i in range(len(rows)) if done[i])
         yield GenerationStep(step, {row: tokens[i] for i, row in enumerate(rows) if alive[i]}, finished)
         alive = [a and not d for a, d in zip(alive, done, strict=True)]
@@ -155,7 +161,7 @@ def generate(
     if decode is not None:
         for row in range(batch):
             text = decode(ids[row])
-            cut = _first_stop(text, config.stop) if config.stop else -1
+            cut = first_stop(text, config.stop) if config.stop else -1
             texts.append(text[:cut] if cut >= 0 else text)
     return GenerationOutput(ids, texts, reasons)
 
@@ -213,7 +219,7 @@ def _stream_pieces(
         for out in generate_steps(split, stepper, input_ids, lengths, config, decode, privatize):
             ids.extend(out.tokens.values())
             text = decode(ids)
-            cut = _first_stop(text, config.stop) if config.stop else -1
+            cut = first_stop(text, config.stop) if config.stop else -1
             if cut >= 0:
                 stream.finish_reason = "stop"
                 yield text[shown:cut]

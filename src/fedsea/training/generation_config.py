@@ -30,6 +30,13 @@ class GenerationConfig:
         drop_finished: stop computing rows that have finished (otherwise, as Hugging Face
             does, they go on being fed ``pad_token_id``).
         pad_token_id: fed to finished rows when they are not dropped (default: the first EOS id).
+        speculative: speculative decoding's drafter (``fedsea.training.speculative``; batch 1, KV
+            caches on): ``"prompt-lookup"`` (n-gram matches in the prompt and the text so far),
+            a draft model source for ``fedsea.load_model`` sharing the tokenizer, or a
+            ``fedsea.training.drafters.Drafter``; None (default) generates one token per step.
+        num_draft_tokens: k, the most draft tokens checked per round trip (default 6: a miss costs
+            a little compute, a hit saves a round trip; the loop asks for fewer while drafts miss).
+        prompt_lookup_ngram: the longest n-gram prompt lookup matches (default 3).
     """
 
     max_new_tokens: int = 128
@@ -44,6 +51,9 @@ class GenerationConfig:
     use_cache: bool = True
     drop_finished: bool = True
     pad_token_id: int | None = None
+    speculative: object = None
+    num_draft_tokens: int = 6
+    prompt_lookup_ngram: int = 3
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -54,6 +64,11 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.num_draft_tokens < 1 or self.prompt_lookup_ngram < 1:
+            raise ValueError(
+                f"num_draft_tokens and prompt_lookup_ngram must be >= 1, got {self.num_draft_tokens} "
+                f"and {self.prompt_lookup_ngram}"
+            )
         object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.eos_token_id, int):  # callers pass a bare id too, whatever the annotation says
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))  # type: ignore[unreachable]
