@@ -289,3 +289,35 @@ def test_a_non_loopback_host_needs_an_api_key(monkeypatch, capsys):
     monkeypatch.delenv("FEDSEA_OPENAI_API_KEY", raising=False)
     assert main(["openai", "--server", "localhost:1", "--host", "0.0.0.0"]) == 2
     assert "set an API key first" in capsys.readouterr().err
+
+
+def test_speculative_decoding_answers_as_plain_generation_with_fewer_round_trips(tmp_path):
+    """``fedsea openai --speculative prompt-lookup``: the engine's answers are plain greedy split
+    generation's tokens, in fewer round trips to the trunk (a prompt that repeats itself)."""
+    import threading
+
+    from fedsea.serving.engine import SplitEngine
+    from fedsea.serving.protocol import parse_request
+
+    address, thread, _ = _trunk()
+    tokenizer = load_tokenizer(MODEL)
+    prompt = "one two three four five six one two three four five six one two three four five six one two"
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}).encode()
+    answers, trips = {}, {}
+    try:
+        for name, drafter in (("plain", None), ("speculative", "prompt-lookup")):
+            split = split_model(load_model(MODEL, "float32", "cpu"), 1, 1).add_lora(fedsea.LoraSpec(r=4, dropout=0.0))
+            randomize_lora(split.model, seed=3)
+            client = SplitClient(address, split, noise=NoiseConfig(sigma=0.0), wire_dtype="fp32", tokenizer=tokenizer)
+            engine = SplitEngine(client, speculative=drafter, num_draft_tokens=4).start()
+            try:
+                assert client.connection is not None
+                before = client.connection.meter.rpc("generate").calls  # one per step: a round trip each
+                answers[name] = engine.run(parse_request(body, "completion"), threading.Event())
+                trips[name] = client.connection.meter.rpc("generate").calls - before
+            finally:
+                engine.close()
+    finally:
+        thread.stop()
+    assert answers["speculative"] == answers["plain"] and answers["plain"].completion_tokens == 12
+    assert trips["speculative"] < trips["plain"], trips

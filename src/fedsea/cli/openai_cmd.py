@@ -54,6 +54,13 @@ def add_openai_command(sub: Any) -> None:
         action="store_true",
         help="with --adapters: the folder may lack trunk/ and the server's trunk runs without an adapter",
     )
+    cmd.add_argument(
+        "--speculative",
+        metavar="DRAFTER",
+        help="speculative decoding for every answer, several tokens per round trip to the trunk: 'prompt-lookup' "
+        "or a small draft model sharing the tokenizer (a --model source)",
+    )
+    cmd.add_argument("--draft-tokens", type=int, default=6, help="with --speculative: at most this many per round trip")
     endpoint = cmd.add_argument_group("endpoint")
     add_settings_flags(endpoint, EndpointSettings())
     endpoint.add_argument(
@@ -98,7 +105,10 @@ def open_endpoint(args: argparse.Namespace) -> Endpoint:
     try:
         # The split, its adapters (a folder, a run or a round checkpoint) and the noise, as for ``fedsea chat``.
         client, _ = _client(argparse.Namespace(**{**_GENERATION_DEFAULTS, **vars(args)}))
-        engine = SplitEngine(client, settings.max_model_len, settings.default_max_tokens, settings.max_queue).start()
+        engine = SplitEngine(
+            client, settings.max_model_len, settings.default_max_tokens, settings.max_queue,
+            speculative=args.speculative, num_draft_tokens=args.draft_tokens,
+        ).start()  # fmt: skip
         name = settings.served_model_name or str(model_settings(args).source)
         app = create_app(engine, name, settings, api_key)
     except BaseException:

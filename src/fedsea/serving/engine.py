@@ -90,10 +90,19 @@ class SplitEngine:
         default_max_tokens: a chat answer's length when the request sets none (at most the
             room left in the context).
         max_queue: requests that may wait while one generates; one more is refused (429).
+        speculative: every answer's drafter for speculative decoding (``GenerationConfig.speculative``:
+            ``"prompt-lookup"`` or a draft model source); None generates one token per round trip.
+        num_draft_tokens: with ``speculative``, the most draft tokens per round trip.
     """
 
     def __init__(
-        self, client: SplitClient, max_model_len: int | None = None, default_max_tokens: int = 512, max_queue: int = 32
+        self,
+        client: SplitClient,
+        max_model_len: int | None = None,
+        default_max_tokens: int = 512,
+        max_queue: int = 32,
+        speculative: object = None,
+        num_draft_tokens: int = 6,
     ) -> None:
         if client.tokenizer is None:
             raise ValueError("the endpoint needs a tokenizer: SplitClient(..., tokenizer=...)")
@@ -102,6 +111,8 @@ class SplitEngine:
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
         self.max_queue = max_queue
+        # Every request's speculative decoding (``GenerationConfig.speculative``): None, or the drafter.
+        self.speculative = {"speculative": speculative, "num_draft_tokens": num_draft_tokens} if speculative else {}
         self._lock = threading.Lock()  # one generation at a time on the one session
         self._count_lock = threading.Lock()
         self._admitted = 0  # requests generating or waiting for the lock
@@ -194,7 +205,8 @@ class SplitEngine:
         eos = self.tokenizer.eos_token_id
         eos_ids: tuple[int, ...] = () if request.sampling.ignore_eos or eos is None else (int(eos),)
         try:
-            return GenerationConfig(**request.sampling.generation_kwargs(max_new), eos_token_id=eos_ids)
+            kwargs = {**request.sampling.generation_kwargs(max_new), **self.speculative}
+            return GenerationConfig(**kwargs, eos_token_id=eos_ids)
         except ValueError as exc:
             raise bad(str(exc)) from None
 
