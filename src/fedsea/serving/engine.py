@@ -49,6 +49,7 @@ from fedsea.errors import FedseaError, InvalidInputError, RemoteError
 from fedsea.model.split import check_token_ids
 from fedsea.serving.protocol import ApiError, CompletionRequest, bad
 from fedsea.training.generation import GenerationConfig, generate_steps
+from fedsea.training.generation_config import first_stop
 
 # /v1/completions' default answer length when a request sets none (OpenAI's and vLLM's).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -72,11 +73,6 @@ class Answer:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else -1
 
 
 class SplitEngine:
@@ -298,7 +294,7 @@ class SplitEngine:
                     emit("start", n)
                 tokens.extend(step.tokens.values())
                 text = decode(tokens)
-                cut = _first_stop(text, config.stop) if config.stop else -1
+                cut = first_stop(text, config.stop) if config.stop else -1
                 if cut >= 0:
                     finish, text = "stop", text[:cut]
                     if cut > shown:

@@ -21,7 +21,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -30,6 +30,8 @@ import torch
 from fedsea.model.split import SplitModel
 from fedsea.training.decoder import SplitDecoder
 from fedsea.training.generation_config import GenerationConfig as GenerationConfig
+from fedsea.training.generation_config import GenerationStep as GenerationStep
+from fedsea.training.generation_config import first_stop
 from fedsea.training.stepper import CutTraffic, LocalStepper, TrunkStepper
 
 Privatize = Callable[[torch.Tensor], torch.Tensor]
@@ -42,21 +44,6 @@ class GenerationOutput:
     token_ids: list[list[int]]
     texts: list[str] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)  # "eos", "stop" or "length"
-
-
-@dataclass(frozen=True)
-class GenerationStep:
-    """One step's new tokens: original row index -> token id (running rows only)."""
-
-    step: int
-    tokens: dict[int, int]
-    finished: tuple[int, ...]  # rows that finished at this step
-
-
-def first_stop(text: str, stops: Sequence[str]) -> int:
-    """Where the first of ``stops`` starts in ``text`` (-1: none)."""
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else -1
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ transformers when called), so that the command line can show its defaults in ``f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -97,3 +98,18 @@ class GenerationConfig:
 
 
 __all__ = ["GenerationConfig"]
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One step's new tokens: original row index -> token id (running rows only)."""
+
+    step: int
+    tokens: dict[int, int]
+    finished: tuple[int, ...]  # rows that finished at this step
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the first of ``stops`` starts in ``text`` (-1: none)."""
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else -1

@@ -48,10 +48,11 @@ import torch
 from fedsea.model.split import SplitModel
 from fedsea.training.decoder import SplitDecoder
 from fedsea.training.drafters import Draft, make_drafter
+from fedsea.training.generation_config import GenerationStep, first_stop
 from fedsea.training.stepper import TrunkStepper
 
 if TYPE_CHECKING:
-    from fedsea.training.generation import GenerationConfig, GenerationStep, Privatize
+    from fedsea.training.generation import GenerationConfig, Privatize
 
 
 def check_speculative(config: GenerationConfig, batch: int) -> None:
@@ -140,8 +141,6 @@ def speculative_steps(
         decode: ``ids -> text``, for stop strings.
         privatize: the noise on h_p, applied to every state sent, drafts included.
     """
-    from fedsea.training.generation import GenerationStep, first_stop
-
     check_speculative(config, int(input_ids.shape[0]))
     if config.stop and decode is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
