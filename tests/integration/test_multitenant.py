@@ -19,8 +19,10 @@ CLIENTS, SESSIONS_EACH, NEW_TOKENS = 4, 4, 12
 
 
 def _session_split(index: int) -> fedsea.SplitModel:
-    """Session ``index``'s model: LoRA of its own everywhere (the trunk's goes to the server), B non-zero."""
-    split = fedsea.split_model(fedsea.tiny_llama(**TINY), 2, 2).add_lora(fedsea.LoraSpec(r=4, dropout=0.0))
+    """Session ``index``'s model: LoRA of its own everywhere (the trunk's goes to the server), B non-zero.
+    The last client cuts the model elsewhere: its sessions' trunks are other blocks (passes of their own)."""
+    head = 1 if index // SESSIONS_EACH == CLIENTS - 1 else 2
+    split = fedsea.split_model(fedsea.tiny_llama(**TINY), head, 2).add_lora(fedsea.LoraSpec(r=4, dropout=0.0))
     randomize_lora(split.model, seed=1000 + index, scale=0.2)
     return split
 

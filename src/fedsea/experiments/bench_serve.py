@@ -131,6 +131,7 @@ def bench_serve(
 
                 for i in range(count):  # warm-up: every session's adapter and the kernels' shapes
                     sessions[i].generate_ids(prompts[i][:, :8], torch.tensor([8]), max_new_tokens=2, eos_token_id=())
+                rss_warm = server.rss()
                 seq_times: list[list[float]] = [[] for _ in range(count)]
                 t0 = time.perf_counter()
                 alone = [run(i, seq_times[i]) for i in range(count)]
@@ -161,6 +162,8 @@ def bench_serve(
                 sampling.set()
                 monitor.join()
                 peak = _peak_rss(server.pid)
+                time.sleep(0.5)  # the server logs its passes when the last stream has closed
+                passes = [line.strip() for line in server.log.tail if "inference passes:" in line][-1:]
             finally:
                 for client in sessions:
                     client.close()
@@ -192,7 +195,9 @@ def bench_serve(
         "sequential_p99_token_ms": round(_percentile(seq_gaps, 0.99), 1),
         "identical_to_alone": not errors and together == alone,
         "errors": errors[:3],
+        "server_passes": passes[0].split("inference passes:")[-1].strip() if passes else "",
         "server_rss_loaded_mb": round(rss_loaded / 2**20, 1),
+        "server_rss_warm_mb": round(rss_warm / 2**20, 1),
         "server_peak_rss_mb": round(peak / 2**20, 1),
         "cache_reserved_peak_mb": round(reserved_peak[0] / 2**20, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),

@@ -26,6 +26,7 @@ only its activations, bounded by ``max_joint_tokens``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ from fedsea.server.generation import GenerationHost, GenStream
 from fedsea.server.trunk import Session
 
 Result = torch.Tensor | BaseException
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +67,13 @@ class JointStats:
     joint_steps: int = 0  # steps computed inside joint passes
     max_streams: int = 0  # most streams in one pass
     sizes: dict[int, int] = field(default_factory=dict)  # streams per pass -> passes
+
+    def summary(self) -> str:
+        """One line: the passes, how many were joint, the steps they carried, the largest."""
+        return (
+            f"inference passes: {self.passes} ({self.joint_passes} joint, carrying {self.joint_steps} steps; "
+            f"up to {self.max_streams} streams in one)"
+        )
 
     def record(self, streams: int) -> None:
         """Count one pass of ``streams`` streams."""
@@ -99,6 +108,7 @@ class JointScheduler:
         self._queue: list[_Step] = []
         self._runner: asyncio.Task[None] | None = None
         self.stats = JointStats()
+        self._logged = 0  # ``stats.joint_passes`` when the summary was last logged
 
     async def step(
         self, stream: GenStream, step: int, hidden: torch.Tensor, lengths: list[int], keep_rows: list[int]
@@ -110,6 +120,12 @@ class JointScheduler:
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._drain())
         return await item.future
+
+    def stream_closed(self) -> None:
+        """A stream closed: when it was the last one and joint passes ran since, log the passes (one line)."""
+        if self.generation.count() == 0 and self.stats.joint_passes != self._logged:
+            self._logged = self.stats.joint_passes
+            logger.info("%s", self.stats.summary())
 
     def _take(self) -> list[_Step]:
         """The next pass: queued steps in arrival order within ``max_tokens`` (the first always goes)."""

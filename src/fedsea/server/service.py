@@ -315,6 +315,7 @@ class TrunkServicer(StagingRpcs, pb_grpc.TrunkServicer):
                 self.budget.close(ticket)
             if stream is not None:
                 self.generation.close(stream)
+                self.scheduler.stream_closed()
 
     # -- federation ----------------------------------------------------------------------------
     @_unary
