@@ -130,7 +130,8 @@ def bench_serve(
                     return list(out.token_ids[0])
 
                 for i in range(count):  # warm-up: every session's adapter and the kernels' shapes
-                    sessions[i].generate_ids(prompts[i][:, :8], torch.tensor([8]), max_new_tokens=2, eos_token_id=())
+                    warm = prompts[i][:, :8]
+                    sessions[i].generate_ids(warm, torch.tensor([warm.shape[1]]), max_new_tokens=2, eos_token_id=())
                 rss_warm = server.rss()
                 seq_times: list[list[float]] = [[] for _ in range(count)]
                 t0 = time.perf_counter()
