@@ -223,7 +223,7 @@ def _row_adapters(trunk: Trunk, segments: list[tuple[int, int, str | None]]) -> 
             # zeros, so each row gets its own ``B(A x) * scaling`` up to the order of float sums.
             a_cat = torch.cat(a_weights)  # (R, in)
             b_cat = torch.cat([layer.lora_B[name].weight for name in names], dim=1)  # (out, R)
-            xs = layer._cast_input_dtype(x, a_cat.dtype).reshape(rows, -1)  # (N, in)
+            xs: torch.Tensor = layer._cast_input_dtype(x, a_cat.dtype).reshape(rows, -1)  # (N, in)
             delta = ((xs @ a_cat.T) * row_scales(layer, present, a_cat)) @ b_cat.T  # (N, out)
             return (output + delta.reshape(output.shape)).to(output.dtype)
         for start, end, name in present:  # one segment (or mixed dtypes): peft's own operations
