@@ -119,3 +119,19 @@ def test_a_sessions_output_does_not_depend_on_another_sessions_targets():
     host.forward("b", other.id, 0, hidden, lengths)  # the other session computes: its adapter is active
     after = host.forward("a", first.id, 0, hidden, lengths)  # a resend of step 0
     assert torch.equal(after, before)
+
+
+def test_joint_pass_without_caches_equals_separate_passes():
+    # Naive streams (no cache, the whole sequence each step), left-padded rows of several lengths.
+    host, sessions = _host(fedsea.tiny_llama(num_layers=4, hidden_size=64, num_heads=4, vocab_size=512))
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(2, 7, [7, 4]), (1, 3, [3]), (3, 5, [5, 5, 1])]
+    hiddens = [torch.randn(b, n, host.hidden_size, generator=gen) for b, n, _ in shapes]
+    lengths = [torch.tensor(lens) for _, _, lens in shapes]
+    want = [_alone(host, s, h, lens, None) for s, h, lens in zip(sessions, hiddens, lengths, strict=True)]
+    inputs = [JointInput(h, lens, None, s.adapter_name) for s, h, lens in zip(sessions, hiddens, lengths, strict=True)]
+    with host.computing(sessions[0], training=False), torch.no_grad():
+        got = joint_forward(sessions[0].trunk, inputs)
+    for g, w, (_, _, lens) in zip(got, want, shapes, strict=True):
+        for row, n in enumerate(lens):  # padded slots are never read: compare the real tokens
+            assert_close_to_scale(g[row, -n:], w[row, -n:], rel=1e-5)
