@@ -11,13 +11,15 @@ times, and the server's memory: its peak resident set (``VmHWM``) and the peak K
 reserved by its streams (an operator's ``GetStats``), against the server's cache budget.
 
 Client and server share the machine: the client side (16 heads and tails, in threads of this
-process) competes with the server for the same cores, as in ``fedsea bench generate``.
+process, each torch op on one thread in both phases) competes with the server (torch's default
+threads) for the same cores, as in ``fedsea bench generate``.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -65,14 +67,41 @@ def bench_serve(
     model: str = DEFAULT_MODEL,
     clients: int = 4,
     sessions_each: int = 4,
-    prompt_tokens: tuple[int, int] = (32, 128),
-    new_tokens: int = 32,
+    prompt_tokens: tuple[int, int] = (24, 96),
+    new_tokens: int = 24,
     head_layers: int = SplitConfig.head_layers,
     tail_layers: int = SplitConfig.tail_layers,
     joint_wait_ms: float = 0.0,
     lora_rank: int = 8,
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) on the CPU in float32; returns its figures."""
+    # One intra-op thread on the client side: its 16 sessions compute in 16 threads of this process, and
+    # each thread calling torch would spin up OpenMP workers of its own (oversubscribing the cores the
+    # server needs); 16 real clients would each have machines of their own.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _bench_serve(model, clients, sessions_each, prompt_tokens, new_tokens, head_layers, tail_layers,
+                            joint_wait_ms, lora_rank)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _progress(text: str) -> None:
+    print(f"bench serve: {text}", file=sys.stderr, flush=True)
+
+
+def _bench_serve(
+    model: str,
+    clients: int,
+    sessions_each: int,
+    prompt_tokens: tuple[int, int],
+    new_tokens: int,
+    head_layers: int,
+    tail_layers: int,
+    joint_wait_ms: float,
+    lora_rank: int,
+) -> dict[str, Any]:
     from fedsea.client.split_client import SplitClient
     from fedsea.experiments.serve_proc import ServeProcess
     from fedsea.model.load import load_model
@@ -133,11 +162,13 @@ def bench_serve(
                     warm = prompts[i][:, :8]
                     sessions[i].generate_ids(warm, torch.tensor([warm.shape[1]]), max_new_tokens=2, eos_token_id=())
                 rss_warm = server.rss()
+                _progress(f"{count} sessions warm; one at a time ...")
                 seq_times: list[list[float]] = [[] for _ in range(count)]
                 t0 = time.perf_counter()
                 alone = [run(i, seq_times[i]) for i in range(count)]
                 seq_s = time.perf_counter() - t0
 
+                _progress(f"one at a time: {seq_s:.1f} s; all at once ...")
                 conc_times: list[list[float]] = [[] for _ in range(count)]
                 together: list[list[int] | None] = [None] * count
                 errors: list[str] = []
@@ -185,6 +216,7 @@ def bench_serve(
         "new_tokens": new_tokens,
         "lora_rank": lora_rank,
         "joint_wait_ms": joint_wait_ms,
+        "client_threads": torch.get_num_threads(),
         "sequential_s": round(seq_s, 2),
         "concurrent_s": round(conc_s, 2),
         "sequential_tok_s": round(seq_tok_s, 2),
