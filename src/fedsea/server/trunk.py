@@ -221,8 +221,7 @@ class TrunkHost:
         Call with the compute lock held.
         """
         if self._active != session.adapter_name:
-            # Every LoRA layer of its blocks, not only those its targets made: a layer only another
-            # session targets (its up_proj, say) would otherwise keep that session's adapter active.
+            # All LoRA layers of its blocks: one only another session targets would keep that one's adapter on.
             for layer in lora_layers(session.trunk.layers):
                 layer.set_adapter(session.adapter_name)
             self._active = session.adapter_name
