@@ -10,14 +10,17 @@ session's successive trunk answers), whether every session generated the same to
 times, and the server's memory: its peak resident set (``VmHWM``) and the peak KV-cache bytes
 reserved by its streams (an operator's ``GetStats``), against the server's cache budget.
 
-Client and server share the machine: the client side (16 heads and tails, in threads of this
-process, each torch op on one thread in both phases) competes with the server (torch's default
-threads) for the same cores, as in ``fedsea bench generate``.
+Client and server share the machine, as in ``fedsea bench generate``: the client side competes
+with the server (torch's default threads) for the same cores. One at a time, the sessions run in
+this process; all at once, each client is a process of its own (its sessions in threads), since
+16 sessions in one Python process are bound by its one GIL rather than by the server. Client-side
+torch ops run on one thread in both phases (16 sessions' OpenMP teams would oversubscribe the cores).
 """
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -45,6 +48,51 @@ class _TimedStepper:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+def _client_process(job: tuple[Any, ...], ready: Any, go: Any, results: Any) -> None:
+    """One client's sessions in a process of its own: connect, put the same adapters, warm up, wait for
+    ``go``, generate in threads; put (session, tokens, answer times, error) per session on ``results``."""
+    from fedsea.client.split_client import SplitClient
+    from fedsea.model.load import load_model
+    from fedsea.model.split import split_model
+
+    address, token, indices, prompts, new_tokens, model, head_layers, tail_layers, lora_rank = job
+    torch.set_num_threads(1)
+    split = split_model(load_model(model), head_layers, tail_layers)
+    spec = LoraSpec(r=lora_rank, dropout=0.0)
+    sessions = []
+    for i, ids in zip(indices, prompts, strict=True):
+        client = SplitClient(address, split, token=token, trunk_lora=spec, seed=i).connect()
+        g = torch.Generator().manual_seed(100 + i)
+        client.put_trunk_adapter(
+            {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in client.trunk_adapter().items()}
+        )
+        client.generate_ids(ids[:, :8], torch.tensor([min(8, ids.shape[1])]), max_new_tokens=2, eos_token_id=())
+        sessions.append(client)
+    ready.put(True)
+    go.wait()
+
+    def run(slot: int) -> None:
+        client, ids = sessions[slot], prompts[slot]
+        times: list[float] = []
+        inner = client.stepper
+        client.stepper = lambda *a, **k: _TimedStepper(inner(*a, **k), times)  # type: ignore[method-assign,assignment]
+        try:
+            out = client.generate_ids(ids, torch.tensor([ids.shape[1]]), max_new_tokens=new_tokens, eos_token_id=())
+            results.put((indices[slot], list(out.token_ids[0]), times, ""))
+        except Exception as exc:
+            results.put(
+                (indices[slot], None, times, f"session {indices[slot]}: {type(exc).__name__}: {str(exc)[:200]}")
+            )
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(len(sessions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for client in sessions:
+        client.close()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -168,31 +216,38 @@ def _bench_serve(
                 alone = [run(i, seq_times[i]) for i in range(count)]
                 seq_s = time.perf_counter() - t0
 
-                _progress(f"one at a time: {seq_s:.1f} s; all at once ...")
+                _progress(f"one at a time: {seq_s:.1f} s; all at once, from {clients} client processes ...")
                 conc_times: list[list[float]] = [[] for _ in range(count)]
                 together: list[list[int] | None] = [None] * count
                 errors: list[str] = []
-                barrier = threading.Barrier(count + 1)
-
-                def worker(i: int) -> None:
-                    try:
-                        barrier.wait()
-                        together[i] = run(i, conc_times[i])
-                    except Exception as exc:
-                        errors.append(f"session {i}: {type(exc).__name__}: {str(exc)[:200]}")
-
-                threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
+                # Each client its own process (4 sessions in threads each): 16 sessions in one Python
+                # process would be bound by its one GIL, not by the server. The same seeds, so the same adapters.
+                ctx = mp.get_context("spawn")
+                ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+                procs = []
+                for c in range(clients):
+                    indices = list(range(c * sessions_each, (c + 1) * sessions_each))
+                    job = (server.address, tokens[c], indices, [prompts[i] for i in indices], new_tokens, model,
+                           head_layers, tail_layers, lora_rank)  # fmt: skip
+                    procs.append(ctx.Process(target=_client_process, args=(job, ready, go, results), daemon=True))
+                for proc in procs:
+                    proc.start()
+                for _ in range(clients):
+                    ready.get(timeout=600)
                 monitor = threading.Thread(target=sample, daemon=True)
-                for t in threads:
-                    t.start()
                 monitor.start()
-                barrier.wait()
                 t0 = time.perf_counter()
-                for t in threads:
-                    t.join()
+                go.set()
+                for _ in range(count):
+                    i, ids, times, error = results.get(timeout=900)
+                    together[i], conc_times[i] = ids, times
+                    if error:
+                        errors.append(error)
                 conc_s = time.perf_counter() - t0
                 sampling.set()
                 monitor.join()
+                for proc in procs:
+                    proc.join(60)
                 peak = _peak_rss(server.pid)
                 time.sleep(0.5)  # the server logs its passes when the last stream has closed
                 passes = [line.strip() for line in server.log.tail if "inference passes:" in line][-1:]
