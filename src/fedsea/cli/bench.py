@@ -55,7 +55,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _reexec_for_colocation(args)
         result = bench_serve(
             args.model, args.clients, args.sessions_each, tuple(args.prompt_tokens), args.new_tokens,
-            args.head_layers, args.tail_layers, args.joint_wait_ms, args.lora_rank,
+            args.head_layers, args.tail_layers, args.joint_wait_ms, args.lora_rank, args.client_processes,
         )  # fmt: skip
     elif args.what == "wire":
         from fedsea.experiments.bench_wire import bench_wire
@@ -190,6 +190,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens per session")
     p.add_argument("--joint-wait-ms", type=float, default=0.0, help="the server's joint_wait_ms")
     p.add_argument("--lora-rank", type=int, default=8, help="rank of every session's trunk adapter")
+    p.add_argument(
+        "--client-processes", action="store_true", help="all at once: each client a process (default: threads)"
+    )
     add_settings_flags(p, SplitConfig())
 
 

@@ -12,8 +12,9 @@ reserved by its streams (an operator's ``GetStats``), against the server's cache
 
 Client and server share the machine, as in ``fedsea bench generate``: the client side competes
 with the server (torch's default threads) for the same cores. One at a time, the sessions run in
-this process; all at once, each client is a process of its own (its sessions in threads), since
-16 sessions in one Python process are bound by its one GIL rather than by the server. Client-side
+this process; all at once, in threads of this process, or with ``client_processes`` each client in
+a process of its own (its sessions in threads): 16 sessions in one Python process are bound by its
+one GIL rather than by the server. Client-side
 torch ops run on one thread in both phases (16 sessions' OpenMP teams would oversubscribe the cores).
 """
 
@@ -121,6 +122,7 @@ def bench_serve(
     tail_layers: int = SplitConfig.tail_layers,
     joint_wait_ms: float = 0.0,
     lora_rank: int = 8,
+    client_processes: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) on the CPU in float32; returns its figures."""
     # One intra-op thread on the client side: its 16 sessions compute in 16 threads of this process, and
@@ -130,7 +132,7 @@ def bench_serve(
     torch.set_num_threads(1)
     try:
         return _bench_serve(model, clients, sessions_each, prompt_tokens, new_tokens, head_layers, tail_layers,
-                            joint_wait_ms, lora_rank)  # fmt: skip
+                            joint_wait_ms, lora_rank, client_processes)  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
 
@@ -149,6 +151,7 @@ def _bench_serve(
     tail_layers: int,
     joint_wait_ms: float,
     lora_rank: int,
+    client_processes: bool,
 ) -> dict[str, Any]:
     from fedsea.client.split_client import SplitClient
     from fedsea.experiments.serve_proc import ServeProcess
@@ -216,33 +219,54 @@ def _bench_serve(
                 alone = [run(i, seq_times[i]) for i in range(count)]
                 seq_s = time.perf_counter() - t0
 
-                _progress(f"one at a time: {seq_s:.1f} s; all at once, from {clients} client processes ...")
                 conc_times: list[list[float]] = [[] for _ in range(count)]
                 together: list[list[int] | None] = [None] * count
                 errors: list[str] = []
-                # Each client its own process (4 sessions in threads each): 16 sessions in one Python
-                # process would be bound by its one GIL, not by the server. The same seeds, so the same adapters.
-                ctx = mp.get_context("spawn")
-                ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-                procs = []
-                for c in range(clients):
-                    indices = list(range(c * sessions_each, (c + 1) * sessions_each))
-                    job = (server.address, tokens[c], indices, [prompts[i] for i in indices], new_tokens, model,
-                           head_layers, tail_layers, lora_rank)  # fmt: skip
-                    procs.append(ctx.Process(target=_client_process, args=(job, ready, go, results), daemon=True))
-                for proc in procs:
-                    proc.start()
-                for _ in range(clients):
-                    ready.get(timeout=600)
-                monitor = threading.Thread(target=sample, daemon=True)
-                monitor.start()
-                t0 = time.perf_counter()
-                go.set()
-                for _ in range(count):
-                    i, ids, times, error = results.get(timeout=900)
-                    together[i], conc_times[i] = ids, times
-                    if error:
-                        errors.append(error)
+                procs: list[Any] = []
+                if client_processes:
+                    _progress(f"one at a time: {seq_s:.1f} s; all at once, from {clients} client processes ...")
+                    # Each client its own process (4 sessions in threads each): 16 sessions in one Python
+                    # process would be bound by its one GIL, not by the server. The same seeds, so the same adapters.
+                    ctx = mp.get_context("spawn")
+                    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+                    for c in range(clients):
+                        indices = list(range(c * sessions_each, (c + 1) * sessions_each))
+                        job = (server.address, tokens[c], indices, [prompts[i] for i in indices], new_tokens, model,
+                               head_layers, tail_layers, lora_rank)  # fmt: skip
+                        procs.append(ctx.Process(target=_client_process, args=(job, ready, go, results), daemon=True))
+                    for proc in procs:
+                        proc.start()
+                    for _ in range(clients):
+                        ready.get(timeout=600)
+                    monitor = threading.Thread(target=sample, daemon=True)
+                    monitor.start()
+                    t0 = time.perf_counter()
+                    go.set()
+                    for _ in range(count):
+                        i, ids, times, error = results.get(timeout=900)
+                        together[i], conc_times[i] = ids, times
+                        if error:
+                            errors.append(error)
+                else:  # every session in a thread of this process
+                    _progress(f"one at a time: {seq_s:.1f} s; all at once ...")
+                    barrier = threading.Barrier(count + 1)
+
+                    def worker(i: int) -> None:
+                        try:
+                            barrier.wait()
+                            together[i] = run(i, conc_times[i])
+                        except Exception as exc:
+                            errors.append(f"session {i}: {type(exc).__name__}: {str(exc)[:200]}")
+
+                    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
+                    monitor = threading.Thread(target=sample, daemon=True)
+                    for t in threads:
+                        t.start()
+                    monitor.start()
+                    barrier.wait()
+                    t0 = time.perf_counter()
+                    for t in threads:
+                        t.join()
                 conc_s = time.perf_counter() - t0
                 sampling.set()
                 monitor.join()
@@ -272,6 +296,7 @@ def _bench_serve(
         "lora_rank": lora_rank,
         "joint_wait_ms": joint_wait_ms,
         "client_threads": torch.get_num_threads(),
+        "client_processes": client_processes,
         "sequential_s": round(seq_s, 2),
         "concurrent_s": round(conc_s, 2),
         "sequential_tok_s": round(seq_tok_s, 2),
