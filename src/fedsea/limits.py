@@ -81,6 +81,14 @@ class ServerLimits:
             LLaMA-7B, so a round of dozens of clients fits; the states are in CPU memory.
         Stages and published states unused for ``idle_timeout_s`` are freed (a stage is kept
         while a session that loaded it is open).
+        max_joint_tokens (`int`): most tokens (rows x new tokens) one joint trunk pass of several
+            inference streams may carry (``fedsea.server.multitenant``); a step over it runs alone.
+            It bounds the pass's activations beside the streams' KV caches, which are not copied
+            (2048 tokens of a 7B trunk in bf16 are ~0.2 GB of MLP activations) and how long a
+            decode step may wait behind other streams' prefills. 1 turns joint passes off.
+        joint_wait_ms (`float`): how long the scheduler holds a pass for more streams' steps when
+            fewer have arrived than streams are generating; 0 (the default) runs at once with what
+            has queued while the previous pass computed (continuous batching, no window).
 
     The memory free beside the weights is measured when the server starts (``sized``): on CUDA
     what ``torch.cuda.mem_get_info`` reports free on the trunk's GPUs after loading it, on the CPU
@@ -112,6 +120,8 @@ class ServerLimits:
     max_cache_bytes_per_client: int = 0  # auto (AUTO_SHARES)
     max_stages: int = 16
     max_staged_bytes: int = 4 * GIB
+    max_joint_tokens: int = 2048
+    joint_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         counts = (
@@ -124,6 +134,7 @@ class ServerLimits:
             "max_lora_targets",
             "max_generation_sessions_per_client",
             "max_stages",
+            "max_joint_tokens",
         )
         for name in counts:
             value = getattr(self, name)
@@ -143,6 +154,7 @@ class ServerLimits:
         for name in sizes:
             low, need = (0, ">= 0 (0 = auto)") if name in AUTO_SHARES else (1, ">= 1")
             _check(getattr(self, name) >= low, name, getattr(self, name), need)
+        _check(0.0 <= self.joint_wait_ms <= 1000.0, "joint_wait_ms", self.joint_wait_ms, "in [0, 1000]")
         for name in ("idle_timeout_s", "stream_timeout_s", "pending_timeout_s"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
 

@@ -1,4 +1,4 @@
-"""``fedsea bench load | train | generate | federation | wire | fuzz | soak``: one JSON line each.
+"""``fedsea bench load | train | generate | serve | federation | wire | fuzz | soak``: one JSON line each.
 
 BENCHMARKS.md describes the speed benchmarks, RELIABILITY.md the fuzz and soak benchmarks.
 
@@ -59,6 +59,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 args.tail_layers, args.naive_tokens, args.net_latency_ms, args.wire_dtype, args.device, args.dtype,
                 args.rounds,
             )  # fmt: skip
+    elif args.what == "serve":
+        from fedsea.experiments.bench_serve import bench_serve
+
+        _reexec_for_colocation(args)
+        result = bench_serve(
+            args.model, args.clients, args.sessions_each, tuple(args.prompt_tokens), args.new_tokens,
+            args.head_layers, args.tail_layers, args.joint_wait_ms, args.lora_rank, args.client_processes,
+        )  # fmt: skip
     elif args.what == "wire":
         from fedsea.experiments.bench_wire import bench_wire
 
@@ -118,6 +126,7 @@ def add_bench_commands(sub: Any) -> None:
         "federation": "the federation modes' speed and quality",
         "wire": "tensor codec over loopback gRPC against a raw-bytes ceiling (MB/s)",
         "wan": "the emulated WAN (NetShaper) against a TCP proxy delaying every byte: generation and a training step",
+        "serve": "a multi-tenant trunk: concurrent sessions with their own adapters against one at a time",
     }
     parsers = {}
     for what, text in helps.items():
@@ -180,6 +189,7 @@ def add_bench_commands(sub: Any) -> None:
     add_settings_flags(generate, SplitConfig())
     wire = WireConfig(latency_ms=GENERATE_LATENCY_MS)  # the round trip the generation figures assume
     add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices=wire_choices())
+    _add_serve_flags(parsers["serve"])
     federation = parsers["federation"]
     federation.add_argument(
         "--parts", nargs="+", default=["speed", "quality"], choices=["speed", "quality", "engines"],
@@ -196,6 +206,22 @@ def add_bench_commands(sub: Any) -> None:
         "--set", dest="overrides", action="append", default=[], help="the engines part's overrides: section.key=value"
     )
     federation.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="quality tasks")
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from fedsea.cli.flags import add_settings_flags
+    from fedsea.config import SplitConfig
+
+    p.add_argument("--clients", type=int, default=4, help="clients (tokens of their own)")
+    p.add_argument("--sessions-each", type=int, default=4, help="generation sessions per client, each its own adapter")
+    p.add_argument("--prompt-tokens", type=int, nargs=2, default=[32, 128], help="shortest and longest prompt")
+    p.add_argument("--new-tokens", type=int, default=32, help="new tokens per session")
+    p.add_argument("--joint-wait-ms", type=float, default=0.0, help="the server's joint_wait_ms")
+    p.add_argument("--lora-rank", type=int, default=8, help="rank of every session's trunk adapter")
+    p.add_argument(
+        "--client-processes", action="store_true", help="all at once: each client a process (default: threads)"
+    )
+    add_settings_flags(p, SplitConfig())
 
 
 def _add_wire_flags(p: argparse.ArgumentParser) -> None:

@@ -146,6 +146,21 @@ class GenerationHost:
         keep_rows: list[int],
     ) -> torch.Tensor:
         """Run the trunk for one step of ``stream``; returns (B, n, d) hidden states."""
+        lens = self.prepare(stream, step, hidden, lengths, keep_rows)
+        out = self.compute(stream, hidden, lens)
+        self.finish(stream, lens)
+        return out
+
+    def prepare(
+        self,
+        stream: GenStream,
+        step: int,
+        hidden: torch.Tensor,
+        lengths: list[int],
+        keep_rows: list[int],
+    ) -> torch.Tensor:
+        """Check a step of ``stream`` and apply its ``keep_rows`` (and, at the prefill, its admission and
+        new cache); returns the rows' lengths (B,) after it, for the trunk. ``finish`` records them once computed."""
         if stream.closed:
             raise ProtocolError("the inference stream is closed (or its session was)")
         if step != stream.step:
@@ -180,10 +195,12 @@ class GenerationHost:
             lens = stream.lengths + new
             if int(lens.max()) > stream.max_length or self._cached_len(stream) + new > stream.max_length:
                 raise LimitExceededError(f"the stream reached its max_length={stream.max_length}")
-        out = self._compute(stream, hidden, lens)
-        stream.lengths = lens
+        return lens
+
+    def finish(self, stream: GenStream, lengths: torch.Tensor) -> None:
+        """Record a computed step: the rows' lengths (B,) now, the next step's number."""
+        stream.lengths = lengths
         stream.step += 1
-        return out
 
     def _cached_len(self, stream: GenStream) -> int:
         return stream.cache.get_seq_length(stream.session.trunk.start) if stream.cache is not None else 0
@@ -214,7 +231,8 @@ class GenerationHost:
             # No cache (before the prefill, or a naive stream) is refused like a bad length.
             stream.lengths = rewind_cache(stream.cache, stream.session.trunk.start, stream.lengths, length)
 
-    def _compute(self, stream: GenStream, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def compute(self, stream: GenStream, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The trunk on one prepared step of ``stream`` alone, its session's adapter active; (B, n, d) on the host."""
         host = self.host
         with host.computing(), torch.no_grad():
             session = host.get(stream.owner, stream.session.id)  # NOT_FOUND if it was closed meanwhile

@@ -26,6 +26,7 @@ from fedsea.server.batching import GroupBatcher
 from fedsea.server.budget import InflightBudget, StreamTicket, receive_budgeted_state, receive_budgeted_tensor
 from fedsea.server.calls import abort_with, identify, sees_server, streaming, unary
 from fedsea.server.generation import GenerationHost, GenStream
+from fedsea.server.multitenant import JointScheduler
 from fedsea.server.refusals import RefusalLog
 from fedsea.server.rounds import RoundService
 from fedsea.server.staging import TrunkStaging
@@ -63,6 +64,7 @@ class TrunkServicer(StagingRpcs, pb_grpc.TrunkServicer):
         self.host = host
         self.coordinator: RoundService | None = None  # set when the server runs a federated run
         self.generation = GenerationHost(host)
+        self.scheduler = JointScheduler(self.generation, self._compute, host.limits)  # streams' joint passes
         self.staging = TrunkStaging(host)  # Flower runs' trunk adapters (``StagingRpcs``)
         self.staging.groups.compute = self.run_blocking  # client-batch groups' joint passes
         self.steps = StepRouter(host, self._compute, self._group_of)
@@ -295,13 +297,8 @@ class TrunkServicer(StagingRpcs, pb_grpc.TrunkServicer):
                 if not assembler.complete:
                     continue
                 assert head is not None
-                out, seconds = await self._compute(
-                    self.generation.step,
-                    stream,
-                    head.step,
-                    assembler.tensor(),
-                    list(head.lengths),
-                    list(head.keep_rows),
+                out, seconds = await self.scheduler.step(
+                    stream, head.step, assembler.tensor(), list(head.lengths), list(head.keep_rows)
                 )
                 sent = 0
                 reply = functools.partial(_generate_reply, head.step)
@@ -318,6 +315,7 @@ class TrunkServicer(StagingRpcs, pb_grpc.TrunkServicer):
                 self.budget.close(ticket)
             if stream is not None:
                 self.generation.close(stream)
+                self.scheduler.stream_closed()
 
     # -- federation ----------------------------------------------------------------------------
     @_unary

@@ -44,6 +44,7 @@ from fedsea.errors import (
 from fedsea.model.adapters import adapter_state_dict, add_lora, load_adapter_state_dict
 from fedsea.model.device import to_host
 from fedsea.model.fingerprint import model_fingerprint
+from fedsea.model.joint import lora_layers
 from fedsea.model.masks import check_finite
 from fedsea.model.seeding import seeded
 from fedsea.model.split import Trunk, check_partition, check_supported
@@ -220,7 +221,8 @@ class TrunkHost:
         Call with the compute lock held.
         """
         if self._active != session.adapter_name:
-            for layer in session.tuner_layers:
+            # All LoRA layers of its blocks: one only another session targets would keep that one's adapter on.
+            for layer in lora_layers(session.trunk.layers):
                 layer.set_adapter(session.adapter_name)
             self._active = session.adapter_name
         if training is not None and training is not self._training:

@@ -1,0 +1,31 @@
+"""``fedsea bench serve`` as a user runs it (tiny model, small sizes): one JSON line (issue 17, item 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "client-processes"])
+def test_bench_serve_prints_one_json_line_with_joint_passes_and_identical_tokens(processes):
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [sys.executable, "-m", "fedsea.cli", "bench", "serve", "--model", "tiny-llama", "--head-layers", "1"]
+    cmd += ["--tail-layers", "1", "--clients", "2", "--sessions-each", "3", "--prompt-tokens", "4", "20"]
+    cmd += ["--new-tokens", "6", "--json", *(["--client-processes"] if processes else [])]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stdout
+    result = json.loads(lines[0])
+    assert result["client_processes"] is processes
+    assert result["sessions"] == 6 and result["identical_to_alone"] is True and result["errors"] == []
+    assert result["multitenant_speedup"] > 0 and 0 < result["p50_token_ms"] <= result["p99_token_ms"]
+    # The server joined the sessions' steps (its log line) and its memory was read.
+    assert "joint" in result["server_passes"] and not result["server_passes"].startswith("0 ")
+    assert result["server_peak_rss_mb"] >= result["server_rss_loaded_mb"] > 0
+    assert result["cache_reserved_peak_mb"] > 0
