@@ -24,15 +24,14 @@ import secrets
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
-from fedsea.config import LoraSpec, OptimConfig, ServerLimits
+from fedsea.config import ServerLimits
 from fedsea.errors import (
     InvalidInputError,
     LimitExceededError,
@@ -56,46 +55,10 @@ from fedsea.server.memory import (
     sized_limits,
     within_pending,
 )
+from fedsea.server.sessions import Session as Session
+from fedsea.server.sessions import SessionSpec as SessionSpec
 from fedsea.training.pipeline import MicroStep
 from fedsea.training.step import PartOptimizer
-
-
-@dataclass(frozen=True)
-class SessionSpec:
-    """What a client asks for when it opens a training session."""
-
-    head_layers: int
-    tail_layers: int
-    lora: LoraSpec
-    optim: OptimConfig
-    wire_dtype: int
-    seed: int = 0
-    # TensorChunk.Compression both ends may send this session's tensors in; 0 (NONE): exact only.
-    wire_compression: int = 0
-
-
-@dataclass
-class Session:
-    """One client's open training session on the trunk."""
-
-    id: str
-    owner: str
-    spec: SessionSpec
-    trunk: Trunk
-    optimizer: PartOptimizer
-    tuner_layers: Sequence[BaseTunerLayer]
-    last_used: float = field(default_factory=time.monotonic)
-    next_step: int = 0
-    pending: MicroStep | None = None  # the step in flight: its slices' graphs (one slice unless pipelined)
-    answered: MicroStep | None = None  # the last finished step, its answers kept for resends
-    pending_bytes: dict[int, int] = field(default_factory=dict)  # saved activation bytes per pending slice
-    pending_at: float = 0.0  # when the pending step's last forward came (monotonic)
-    expired_step: int | None = None  # a step whose activations expired before its backward
-
-    @property
-    def adapter_name(self) -> str:
-        """The peft adapter name of this session's trunk LoRA."""
-        return f"s_{self.id}"
 
 
 class TrunkHost:
