@@ -158,6 +158,8 @@ class _Broken(FedAvg):
 def test_a_closed_session_or_a_failing_aggregation_ends_no_run(tmp_path, tiny_tokenizer, monkeypatch, strategy):
     """c2 closes its session after round 1 (still a member when round 2 starts); "broken" fails every aggregation."""
     monkeypatch.setitem(STRATEGIES, "broken", _Broken)
+    # FedConfig checks the name against the torch-free list the CLI's parser also reads.
+    monkeypatch.setattr(fedsea.federation.config, "STRATEGY_NAMES", (*STRATEGIES,))
     config = FedConfig(rounds=3, local_steps=2, mode="hierarchical", expected_clients=3, lora=LORA, strategy=strategy)
     store = TokenStore()
     tokens = [store.add(f"c{i}") for i in range(3)]
