@@ -181,7 +181,8 @@ def add_bench_commands(sub: Any) -> None:
     )
     generate.add_argument(
         "--speculative", nargs="?", const="prompt-lookup", default=None, metavar="DRAFTER",
-        help="instead: plain against speculative decoding (default drafter prompt-lookup) on XSum and QuAC "
+        help="instead: plain against speculative decoding (default drafter prompt-lookup; or bridge:FILE, "
+        "a model source) on XSum and QuAC "
         "prompts, loopback and at --net-latency-ms (--prompt-tokens caps each input)",
     )  # fmt: skip
     generate.add_argument("--draft-tokens", type=int, default=6, help="with --speculative: most draft tokens a step")

@@ -177,7 +177,8 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
         "--speculative",
         metavar="DRAFTER",
         help="speculative decoding, several tokens per round trip to the server (one prompt at a time): "
-        "'prompt-lookup' (copies from the prompt and the answer so far) or a small draft model sharing the "
+        "'prompt-lookup' (copies from the prompt and the answer so far), 'bridge:FILE' (this client's head and "
+        "tail with a trained bridge for the trunk: `fedsea bridge train`) or a small draft model sharing the "
         "tokenizer (a --model source)",
     )
     parser.add_argument(

@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsea.cli.openai_cmd import add_openai_command
 
     add_openai_command(sub)
+    from fedsea.cli.bridge import add_bridge_commands
+
+    add_bridge_commands(sub)
 
     from fedsea.cli.bench import add_bench_commands
 

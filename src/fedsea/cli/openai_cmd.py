@@ -58,7 +58,7 @@ def add_openai_command(sub: Any) -> None:
         "--speculative",
         metavar="DRAFTER",
         help="speculative decoding for every answer, several tokens per round trip to the trunk: 'prompt-lookup' "
-        "or a small draft model sharing the tokenizer (a --model source)",
+        "'bridge:FILE' (`fedsea bridge train`) or a small draft model sharing the tokenizer (a --model source)",
     )
     cmd.add_argument("--draft-tokens", type=int, default=6, help="with --speculative: at most this many per round trip")
     endpoint = cmd.add_argument_group("endpoint")

@@ -53,6 +53,9 @@ class SplitDecoder:
         self.steps = 0  # stepper messages so far (the wire's step number)
         self._pending: torch.Tensor | None = input_ids  # (B, k) tokens not yet through the parts
         self._keep: list[int] | None = None  # rows to keep, told to the stepper with the next step
+        # The last step's clean head output h_p and the trunk's output, each (B, k, d), for the
+        # slots still in the caches (a rewind trims them): the bridge drafter learns from them.
+        self.states: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def length(self) -> int:
@@ -75,9 +78,10 @@ class SplitDecoder:
         prefill = self.steps == 0
         logits: torch.Tensor  # (B, keep, V)
         if self.caches is not None:
-            h = self.head(self._pending, self.lengths, cache=self.caches[0])  # (B, k|n, d)
-            h = self.privatize(h) if self.privatize is not None else h
+            clean = self.head(self._pending, self.lengths, cache=self.caches[0])  # (B, k|n, d)
+            h = self.privatize(clean) if self.privatize is not None else clean
             t = self.stepper.step(self.steps, h, self.lengths if prefill else None, self._keep)
+            self.states = (clean, t)
             logits = self.tail(t, self.lengths, cache=self.caches[1], logits_to_keep=keep)  # (B, keep, V)
         else:
             h = self.head(self.ids, self.lengths)  # (B, T, d): everything, every time
@@ -98,6 +102,7 @@ class SplitDecoder:
             for cache in self.caches:
                 cache.batch_select_indices(index)
         self.ids, self.lengths = self.ids[index], self.lengths[host_index]
+        self.states = None
         if self._keep is not None:  # two selections before one step compose
             rows = [self._keep[r] for r in rows]
         self._keep = rows
@@ -120,3 +125,6 @@ class SplitDecoder:
         rewind_cache(tail_cache, self.tail.start, self.lengths, length)
         self.stepper.rewind(length)
         self.ids, self.lengths = self.ids[:, : self.ids.shape[1] - cut], lengths
+        if self.states is not None:  # keep the states of the slots still cached
+            kept = self.states[0].shape[1] - cut
+            self.states = (self.states[0][:, :kept], self.states[1][:, :kept]) if kept > 0 else None

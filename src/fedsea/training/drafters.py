@@ -9,6 +9,8 @@ drafter runs on the client alone: the text never leaves it, and the trunk's comp
   generated so far; the tokens that followed the latest earlier occurrence are proposed (the idea
   of transformers' ``PromptLookupCandidateGenerator``, ``prompt_lookup_num_tokens``). It shines
   where the answer copies the input: extractive QA, summaries quoting the article, code edits.
+- ``BridgeDrafter`` (``fedsea.training.bridge_drafter``, ``"bridge:PATH"``): self-speculative,
+  the client's own head and tail with the trunk replaced by a small trained bridge.
 - ``ModelDrafter``: a separate small causal LM sharing the tokenizer (any Hugging Face model),
   run greedily or sampled with the generation's own logits processors, with its own KV cache.
 
@@ -18,35 +20,25 @@ speculative acceptance rule) or gives the distribution q each draft token was sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from transformers import DynamicCache
+
+from fedsea.training.draft import Draft, Scores
+
+if TYPE_CHECKING:
+    from fedsea.model.split import SplitModel
+
+__all__ = ["BRIDGE_PREFIX", "PROMPT_LOOKUP_NGRAM", "Draft", "Drafter", "ModelDrafter", "PromptLookupDrafter", "Scores",
+           "make_drafter"]  # fmt: skip
 
 # Default n-gram length that prompt lookup matches (transformers' default for
 # ``max_matching_ngram_size`` is 2; 3 proposes fewer but better drafts on prose; shorter
 # n-grams are tried when the longest finds nothing).
 PROMPT_LOOKUP_NGRAM = 3
-
-
-@dataclass(frozen=True)
-class Draft:
-    """Proposed tokens and, for a sampling model drafter, the distributions they were drawn from.
-
-    Args:
-        tokens: the m <= k proposed ids (empty: no guess, the loop does a plain step).
-        probs: (m, V) the drafter's q for each token given the text before it; None for a
-            deterministic drafter (q is a point mass on each token).
-    """
-
-    tokens: list[int]
-    probs: torch.Tensor | None = None
-
-
-# ``scores(prefix_ids (1, T), logits (1, V)) -> (1, V)``: the generation's logits processors.
-Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# ``GenerationConfig.speculative = "bridge:PATH"``: the self-speculative drafter with that bridge.
+BRIDGE_PREFIX = "bridge:"
 
 
 class Drafter(Protocol):
@@ -160,19 +152,30 @@ class ModelDrafter:
         return Draft(tokens, torch.stack(probs) if probs else None)
 
 
-def make_drafter(speculative: object, vocab_size: int, ngram: int, device: torch.device) -> Drafter:
+def make_drafter(
+    speculative: object, vocab_size: int, ngram: int, device: torch.device, split: SplitModel | None = None
+) -> Drafter:
     """The drafter ``GenerationConfig.speculative`` names.
 
     Args:
-        speculative: ``"prompt-lookup"``; a model source for ``fedsea.load_model`` (a packaged
-            name, a Hugging Face folder, ``random:...``), loaded once per process; or a ready
-            ``Drafter`` object.
+        speculative: ``"prompt-lookup"``; ``"bridge:PATH"``, the self-speculative drafter with the
+            bridge file at PATH (``fedsea.training.bridge_drafter``; needs ``split``); a model
+            source for ``fedsea.load_model`` (a packaged name, a Hugging Face folder,
+            ``random:...``), loaded once per process; or a ready ``Drafter`` object.
         vocab_size: the target's vocabulary; ngram: prompt lookup's n; device: where a loaded
-            draft model goes.
+            draft model goes; split: the client's model (its head and tail draft with a bridge).
     """
     if isinstance(speculative, str):
         if speculative == "prompt-lookup":
             return PromptLookupDrafter(ngram)
+        if speculative.startswith(BRIDGE_PREFIX):
+            if split is None:
+                raise ValueError("the bridge drafter needs the client's split model")
+            from fedsea.training.bridge import load_bridge
+            from fedsea.training.bridge_drafter import BridgeDrafter
+
+            path = speculative.removeprefix(BRIDGE_PREFIX)
+            return BridgeDrafter(load_bridge(path, split.model, split.head_layers, split.tail_layers), split)
         return ModelDrafter(_load_draft_model(speculative, str(device)), vocab_size)
     if hasattr(speculative, "propose"):
         return cast(Drafter, speculative)

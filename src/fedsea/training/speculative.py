@@ -147,7 +147,10 @@ def speculative_steps(
     device = input_ids.device
     decoder = SplitDecoder(split, stepper, input_ids, lengths, True, privatize)
     vocab = int(split.tail.lm_head.weight.shape[0])
-    drafter = make_drafter(config.speculative, vocab, config.prompt_lookup_ngram, device)
+    drafter = make_drafter(config.speculative, vocab, config.prompt_lookup_ngram, device, split)
+    attach = getattr(drafter, "attach", None)
+    if attach is not None:  # a drafter that builds on the decoder's caches (the bridge drafter)
+        attach(decoder)
     processors = config.processors()
 
     def scores(prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
