@@ -36,7 +36,7 @@ class InProcessGrid:
         self.contexts = {
             i + 1: Context(
                 run_id=RUN_ID, node_id=i + 1, node_config=dict(node), state=RecordDict(), run_config=dict(run_config)
-            )  # fmt: skip
+            )
             for i, node in enumerate(node_configs)
         }
 
