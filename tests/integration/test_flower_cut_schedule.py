@@ -125,3 +125,94 @@ def test_moving_a_cut_and_back_loses_no_training(tmp_path: Path, model: Path) ->
     worst = max(float((fixed[k] - moved[k]).abs().max()) for k in fixed)
     assert worst < 1e-5, worst
     assert any(not torch.equal(fixed[k], start[k]) for k in fixed)  # rounds 2 and 3 trained: the check can fail
+
+
+# -- the run file's schedule, checked in the parent before anything starts ---------------------
+@pytest.mark.parametrize(
+    ("cuts", "flags", "expected"),
+    [
+        (
+            "[[4, 4, 1]]",
+            [],
+            "client-0 cuts entry [4, 4, 1]: round 4 is after the run's last round (federation.rounds = 3)",
+        ),
+        ("[[2, 4, 2]]", [], "client-0 round 2 cut (4, 2) on "),  # 4 + 2 blocks of 6 leave no trunk
+        ("[[0, 4, 1]]", [], "clients[0].cuts entry [0, 4, 1]: round 0 must be >= 1"),
+        ("[[3, 4, 1], [2, 2, 2]]", [], "round 2 comes after round 3; list the entries once per round"),
+        ("[[2, 4]]", [], "clients[0].cuts[0] must be a list of 3, got [2, 4]"),
+        ("{ 2 = [4, 1] }", [], "clients[0].cuts must be a list"),  # a table: the list of [round, p, q] it is
+        (
+            "[[2, 4, 1]]",
+            ["--engine", "native"],
+            "client-0 cuts moves its cut to (4, 1) in round 2, but the native engine",
+        ),
+        (
+            "[[2, 4, 1]]",
+            ["--secure-aggregation"],
+            "every client needs the same cut (p, q) in round 2: client-0 has (4, 1)",
+        ),
+    ],
+)
+def test_a_bad_schedule_is_one_line_before_anything_starts(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str], cuts: str, flags: list[str], expected: str
+) -> None:
+    from fedsea.cli.main import main
+
+    run_file = _run_file(tmp_path, model, f"[[clients]]\ncuts = {cuts}\n")
+    run_dir = tmp_path / "run"
+    assert main(["simulate", str(run_file), "--run-dir", str(run_dir), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedsea: error: ") and expected in err[0], err
+    assert not run_dir.exists()  # refused before any folder, server or client
+
+
+def test_a_schedule_that_moves_every_client_together_passes_secure_aggregation(tmp_path: Path, model: Path) -> None:
+    from fedsea.federation.simconfig import load_plan
+    from fedsea.flower.secagg import check_plan
+
+    plan = load_plan(_run_file(tmp_path, model), ["client.cuts=[[2, 4, 1]]", "federation.mode=hierarchical"])
+    check_plan(plan, "fedavg")  # one cut for all in every round: (2, 2), then (4, 1)
+    assert [c.cut_at(2) for c in plan.clients] == [(4, 1), (4, 1)]
+
+
+# -- a client asks for its own schedule (node config ``cuts``) --------------------------------
+def _in_process(tmp_path: Path, model: Path, name: str, nodes: list[dict], extra: str = "", **config: object) -> Path:
+    from tests.integration.flower_inprocess import run_in_process
+
+    folder = tmp_path / name
+    folder.mkdir()
+    run_in_process(_run_file(folder, model, extra), folder / "run", nodes, **config)
+    return folder / "run"
+
+
+def test_a_client_moves_its_own_cut_through_its_node_config(tmp_path: Path, model: Path) -> None:
+    plain = [{"partition-id": 0}, {"partition-id": 1}]
+    fixed = _in_process(tmp_path, model, "fixed", plain)
+    asked = [{"partition-id": 0}, {"partition-id": 1, "cuts": "[[2, 4, 1], [3, 2, 2]]"}]
+    moved = _in_process(tmp_path, model, "moved", asked)
+    records = [json.loads(x) for x in (moved / "server_rounds.jsonl").read_text().splitlines()]
+    assert [r["cuts"]["client-1"] for r in records] == [[2, 2], [4, 1], [2, 2]]
+    assert [r["cuts"]["client-0"] for r in records] == [[2, 2]] * 3
+    a, b = _final(fixed), _final(moved)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # the node's move lost no training either
+
+
+def test_a_node_schedule_that_conflicts_with_the_run_file_is_refused(tmp_path: Path, model: Path) -> None:
+    nodes = [{"partition-id": 0, "cuts": "[[2, 4, 1]]"}, {"partition-id": 1, "cuts": "[[3, 4, 1]]"}]
+    # client-0's run-file schedule is the same list (fine); client-1's node asks in round 3 what
+    # the run file says for round 2: refused, and the run goes on with client-0.
+    extra = "[[clients]]\ncuts = [[2, 4, 1]]\n[[clients]]\ncuts = [[2, 4, 1]]\n"
+    run_dir = _in_process(tmp_path, model, "conflict", nodes, extra, **{"set": "federation.min_clients=1"})
+    records = [json.loads(x) for x in (run_dir / "server_rounds.jsonl").read_text().splitlines()]
+    assert all(r["submitted"] == ["client-0"] for r in records)
+    assert [r["cuts"]["client-0"] for r in records] == [[2, 2], [4, 1], [4, 1]]
+    why = records[0]["failed"]["node 2"]
+    assert "client-1: node config cuts [[3, 4, 1]] conflicts with the run file's cuts [[2, 4, 1]]" in why, why
+
+
+def test_secure_aggregation_refuses_a_node_that_moves_its_cut(tmp_path: Path, model: Path) -> None:
+    from fedsea.errors import FedseaError
+
+    nodes = [{"partition-id": 0, "cuts": "[[2, 4, 1]]"}, {"partition-id": 1, "cuts": "[[2, 4, 1]]"}]
+    with pytest.raises(FedseaError, match="moves the cut, but secure aggregation needs one cut for all clients"):
+        _in_process(tmp_path, model, "secure", nodes, **{"secure-aggregation": True})

@@ -202,6 +202,8 @@ class ClientConfig(SplitConfig):
         super().__post_init__()
         check_placement(self.device, self.dtype)
         check_schedule(self.cuts)
+        if self.cuts is not None:  # tuples, however given (``client_plans`` merges plain lists)
+            object.__setattr__(self, "cuts", tuple(tuple(entry) for entry in self.cuts))
         for name in ("batch_size", "max_length"):
             value = getattr(self, name)
             if value < 1:
