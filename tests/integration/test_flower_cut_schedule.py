@@ -92,15 +92,25 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _in_process(tmp_path: Path, model: Path, name: str, nodes: list[dict], extra: str = "", **config: object) -> Path:
+    from tests.integration.flower_inprocess import run_in_process
+
+    folder = tmp_path / name
+    folder.mkdir()
+    run_in_process(_run_file(folder, model, extra), folder / "run", nodes, **config)
+    return folder / "run"
+
+
 def test_moving_a_cut_and_back_loses_no_training(tmp_path: Path, model: Path) -> None:
-    runs = {}
-    for name, extra in (("fixed", ""), ("moved", MOVES)):
-        folder = tmp_path / name
-        folder.mkdir()
-        done = _simulate(_run_file(folder, model, extra), folder / "run")
-        assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
-        runs[name] = folder / "run"
-    records = [json.loads(x) for x in (runs["moved"] / "server_rounds.jsonl").read_text().splitlines()]
+    # The moving run on the Simulation Engine; the fixed one in this process (the same ServerApp
+    # and ClientApp over ``InProcessGrid``: bit for bit the Simulation Engine's global adapter, and
+    # ~20 s less than a second Ray run).
+    (tmp_path / "moved").mkdir()
+    done = _simulate(_run_file(tmp_path / "moved", model, MOVES), tmp_path / "moved" / "run")
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    moved_dir = tmp_path / "moved" / "run"
+    fixed_dir = _in_process(tmp_path, model, "fixed", [{"partition-id": 0}, {"partition-id": 1}])
+    records = [json.loads(x) for x in (moved_dir / "server_rounds.jsonl").read_text().splitlines()]
     # The round records say where each client cut, round by round.
     assert [r["cuts"]["client-0"] for r in records] == [[2, 2], [4, 1], [2, 2]]
     assert [r["cuts"]["client-1"] for r in records] == [[2, 2]] * 3
@@ -108,18 +118,20 @@ def test_moving_a_cut_and_back_loses_no_training(tmp_path: Path, model: Path) ->
     # Each round client-0 trained with its noise calibrated at that round's p: the last noise record
     # before the round's traffic record (a re-split writes one with the round and cut; so does a
     # participant built afresh in another worker of the simulation, at the run file's cut).
-    log = [json.loads(x) for x in (runs["moved"] / "clients" / "client-0" / "steps.jsonl").read_text().splitlines()]
-    at_p, trained_at = None, {}
+    log = [json.loads(x) for x in (moved_dir / "clients" / "client-0" / "steps.jsonl").read_text().splitlines()]
+    at_p, trained_at, rms = None, {}, {}
     for r in log:
         if "noise" in r:
             at_p = r["noise"]["head_layers"]
+            rms[at_p] = r["noise"]["rms"]  # h_p's RMS, measured again at the new p (relative_sigma's scale)
             assert r["noise"]["sigma"] == 0.0
         elif "bytes_sent" in r:
             trained_at[r["round"]] = at_p
     assert trained_at == {1: 2, 2: 4, 3: 2}, trained_at
+    assert rms[4] != rms[2], rms
     assert [(r["round"], r["cut"]) for r in log if "cut" in r][:1] == [(2, [4, 1])]  # the move, logged with its round
-    fixed, moved = _final(runs["fixed"]), _final(runs["moved"])
-    start = load_round(runs["fixed"] / "checkpoints" / "round-0001")[1]
+    fixed, moved = _final(fixed_dir), _final(moved_dir)
+    start = load_round(fixed_dir / "checkpoints" / "round-0001")[1]
     assert fixed.keys() == moved.keys()
     # Blocks 2 and 3 were client-0's head in round 2, its trunk in rounds 1 and 3; block 4 its trunk in round 2.
     worst = max(float((fixed[k] - moved[k]).abs().max()) for k in fixed)
@@ -175,16 +187,19 @@ def test_a_schedule_that_moves_every_client_together_passes_secure_aggregation(t
     assert [c.cut_at(2) for c in plan.clients] == [(4, 1), (4, 1)]
 
 
+def test_a_resolved_run_file_keeps_a_setting_turned_off(tmp_path: Path, model: Path) -> None:
+    # The Flower apps read the run folder's resolved config.toml: ``max_grad_norm = 0`` (per-part
+    # clipping off, which moving cuts need for an exact match) came back as the default 1.0.
+    from fedsea.federation.simconfig import dump_tree, load_plan
+
+    plan = load_plan(_run_file(tmp_path, model), ["task.train_limit=0", "federation.max_update_rms=0"])
+    (tmp_path / "config.toml").write_text(dump_tree(plan.tree))
+    again = load_plan(tmp_path / "config.toml")
+    assert again.optim.max_grad_norm is None and again.fed.max_update_rms is None
+    assert again.config.task.train_limit is None and again.tree == plan.tree
+
+
 # -- a client asks for its own schedule (node config ``cuts``) --------------------------------
-def _in_process(tmp_path: Path, model: Path, name: str, nodes: list[dict], extra: str = "", **config: object) -> Path:
-    from tests.integration.flower_inprocess import run_in_process
-
-    folder = tmp_path / name
-    folder.mkdir()
-    run_in_process(_run_file(folder, model, extra), folder / "run", nodes, **config)
-    return folder / "run"
-
-
 def test_a_client_moves_its_own_cut_through_its_node_config(tmp_path: Path, model: Path) -> None:
     plain = [{"partition-id": 0}, {"partition-id": 1}]
     fixed = _in_process(tmp_path, model, "fixed", plain)
@@ -216,3 +231,19 @@ def test_secure_aggregation_refuses_a_node_that_moves_its_cut(tmp_path: Path, mo
     nodes = [{"partition-id": 0, "cuts": "[[2, 4, 1]]"}, {"partition-id": 1, "cuts": "[[2, 4, 1]]"}]
     with pytest.raises(FedseaError, match="moves the cut, but secure aggregation needs one cut for all clients"):
         _in_process(tmp_path, model, "secure", nodes, **{"secure-aggregation": True})
+
+
+def test_client_batch_groups_follow_each_rounds_cut(tmp_path: Path, model: Path) -> None:
+    # Rounds 1 and 3: one group [2, 4) of both clients; round 2: client-0 alone in [4, 5), client-1
+    # alone in [2, 4). A group keyed by the run file's cut would stage client-0 in the wrong group
+    # (its session's trunk blocks are not the group's) and the round would fail.
+    folder = tmp_path / "batched"
+    folder.mkdir()
+    run_file = _run_file(folder, model, MOVES)
+    run_file.write_text(run_file.read_text().replace('mode = "hierarchical"', 'mode = "client-batch"'))
+    done = _simulate(run_file, folder / "run")
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    records = [json.loads(x) for x in (folder / "run" / "server_rounds.jsonl").read_text().splitlines()]
+    assert all(r["mode"] == "client-batch" and sorted(r["submitted"]) == ["client-0", "client-1"] for r in records)
+    assert all(not r["refused"] and not r["failed"] for r in records), records
+    assert [r["cuts"]["client-0"] for r in records] == [[2, 2], [4, 1], [2, 2]]
