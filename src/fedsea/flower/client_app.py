@@ -32,6 +32,7 @@ are closed when the process exits: the trunk server allows each client only
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 from collections import OrderedDict
@@ -76,13 +77,19 @@ def _me(context: Context) -> tuple[FlowerRun, Any, Any, Path]:
     return run, names[name], plan, Path(run.run_dir)
 
 
-def _participant(context: Context, address: str) -> Any:
-    """This node's participant: cached in this process, else built (``_build``)."""
+def _participant(context: Context, address: str, config: Any = None) -> Any:
+    """This node's participant: cached in this process, else built (``_build``), at the cut of the
+    TRAIN message's ``config`` if it names one (else the run file's: a QUERY)."""
     _, me, plan, run_dir = _me(context)
     cache_key = (int(context.run_id), me.name)
     if cache_key in _PARTICIPANTS:
         _PARTICIPANTS.move_to_end(cache_key)
         return _PARTICIPANTS[cache_key]
+    if config is not None and "head-layers" in config:
+        # Built at the round's cut at once (the Deployment Engine starts a process per message):
+        # no split and noise calibration at the run file's cut only to move it.
+        cut = {"head_layers": int(config["head-layers"]), "tail_layers": int(config["tail-layers"])}
+        me = dataclasses.replace(me, **cut)
     try:
         participant = _build(context, me, plan, run_dir, address)
     except Exception as exc:  # Flower reports it by node id only: say which client failed to start
@@ -219,7 +226,7 @@ def train(msg: Message, context: Context) -> Message:
     config = config_of(msg)
     address = str(scalar(config, "trunk-address"))
     key, round_number = str(scalar(config, "stage-key")), int(scalar(config, "server-round"))
-    participant = _at_cut(context, _participant(context, address), config, round_number)
+    participant = _at_cut(context, _participant(context, address, config), config, round_number)
     meter = participant.client.connection.meter
     before = (meter.bytes_sent, meter.bytes_received)
     try:
@@ -231,7 +238,7 @@ def train(msg: Message, context: Context) -> Message:
         if exc.code != "NOT_FOUND" or "session" not in exc.message:
             raise
         _PARTICIPANTS.pop((int(context.run_id), participant.fed.name)).close()
-        participant = _at_cut(context, _participant(context, address), config, round_number)
+        participant = _at_cut(context, _participant(context, address, config), config, round_number)
         meter = participant.client.connection.meter
         before = (meter.bytes_sent, meter.bytes_received)
         load_staged_trunk(participant.client, key)

@@ -1,8 +1,10 @@
 """The ServerApp's rounds: fedsea's round logic with Flower sampling, messaging and aggregation.
 
 Per round: every connected SuperNode not yet known is asked (a QUERY message) for its client
-name and cut; the round's global adapter is staged on the trunk server; the strategy samples
-the nodes, and each gets its head and tail slice of the global adapter and the stage key; each
+name, cut and cut schedule (``fedsea.flower.nodes``); the round's global adapter is staged on the
+trunk server; the strategy samples the nodes, and each gets the round's cut (``head-layers``,
+``tail-layers``: its schedule's), its head and tail slice of the global adapter at that cut and
+the stage key; each
 ClientApp loads its trunk blocks from the stage into its session, trains, publishes its trunk
 adapter and replies with its head and tail; the trunk adapters are collected from the trunk
 server and merged into the replies, each reply is checked (``check_update``) and clipped as the
