@@ -252,3 +252,17 @@ def test_client_batch_groups_follow_each_rounds_cut(tmp_path: Path, model: Path)
     assert all(r["mode"] == "client-batch" and sorted(r["submitted"]) == ["client-0", "client-1"] for r in records)
     assert all(not r["refused"] and not r["failed"] for r in records), records
     assert [r["cuts"]["client-0"] for r in records] == [[2, 2], [4, 1], [2, 2]]
+
+
+def test_sequential_mode_moves_a_cut_without_losing_training(tmp_path: Path, model: Path) -> None:
+    # One client: the chain is that client alone, so the moved run must equal the fixed one. (With
+    # more clients sequential mode passes the trunk blocks down the chain, and a block a client
+    # moved into its head is not passed on: the chain itself depends on the cuts.)
+    one = {"set": "federation.clients=1;federation.mode=sequential"}
+    fixed = _in_process(tmp_path, model, "fixed", [{"partition-id": 0}], **one)
+    moved = _in_process(tmp_path, model, "moved", [{"partition-id": 0}], MOVES, **one)
+    records = [json.loads(x) for x in (moved / "server_rounds.jsonl").read_text().splitlines()]
+    assert [r["cuts"] for r in records] == [{"client-0": c} for c in ([2, 2], [4, 1], [2, 2])]
+    assert all(r["mode"] == "sequential" for r in records)
+    a, b = _final(fixed), _final(moved)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
