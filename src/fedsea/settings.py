@@ -162,10 +162,14 @@ def _defaults(cls: type[T]) -> T | None:
 
 
 def to_tree(obj: Any) -> dict[str, Any]:
-    """A settings dataclass as plain TOML-able data: tables, lists, scalars; None left out."""
+    """A settings dataclass as plain TOML-able data: tables, lists, scalars; None left out, except that
+    a ``ZERO_IS_NONE`` field set to None against a default that is not None is written 0 (which reads
+    back as None: left out, it would read back as the default, e.g. ``max_grad_norm = 1.0``)."""
     out: dict[str, Any] = {}
     for f, _ in settings_fields(type(obj)):
         value = _plain(getattr(obj, f.name))
+        if value is None and f.metadata.get(ZERO_IS_NONE) and f.default not in (None, dataclasses.MISSING):
+            value = 0
         if value is not None:
             out[f.name] = value
     return out

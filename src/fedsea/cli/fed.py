@@ -46,9 +46,11 @@ def join_settings(args: argparse.Namespace) -> tuple[RunPlan, ClientPlan, ModelS
     """The run, this client's settings, its model and its wire: the run file's, and the flags given
     (``--model``, ``--device``, ``--dtype``, ``--head-layers``, ``--tail-layers``, ``--wire-dtype``,
     ``--wire-compression``, ``--net-*``) over them."""
+    from fedsea.federation.cuts import refuse_moving_cuts
     from fedsea.federation.simconfig import load_plan
 
     plan = load_plan(args.run)
+    refuse_moving_cuts(plan.clients, "fedsea join (the native engine)")  # the fixed-cut reference
     names = {c.name: c for c in plan.clients}
     if args.client not in names:
         raise ValueError(f"no client {args.client!r} in {args.run}; it has {', '.join(names)}")

@@ -30,6 +30,7 @@ class Participant:
     fed: FederatedClient
     noise: Any  # fedsea.privacy.calibration.ResolvedNoise: summary() and the record of the report
     log: Path | None = None  # where its steps and traffic are logged (JSONL), if anywhere
+    tokenizer: Any = None  # the public text its noise is calibrated on (again when its cut moves)
 
     def close(self) -> None:
         """Close the trunk session and the channel."""
@@ -86,4 +87,4 @@ def build_participant(
     except BaseException:
         client.close()
         raise
-    return Participant(client, fed, noise)
+    return Participant(client, fed, noise, tokenizer=tokenizer)

@@ -37,8 +37,9 @@ from fedsea.config import (
     WireConfig,
 )
 from fedsea.federation.config import FedConfig
+from fedsea.federation.cuts import check_run_cuts, check_schedule, cut_at, cuts_by_round
 from fedsea.federation.placement import ModelSettings, ServerSettings, check_placement
-from fedsea.privacy.constants import HEAD_REGULARIZERS
+from fedsea.federation.privacy_settings import PrivacySettings as PrivacySettings  # re-exported: its home
 from fedsea.privacy.target import NoiseTarget
 from fedsea.settings import ZERO_IS_NONE, to_tree
 
@@ -187,16 +188,22 @@ class ClientConfig(SplitConfig):
             cuda, cuda:N or mps.
         dtype: the clients' dtype (unset: ``[model]``'s): auto (bfloat16 on CUDA, float32 elsewhere),
             float32, bfloat16 or float16.
+        cuts: the cut moved between rounds, ``[[round, head_layers, tail_layers], ...]`` in increasing
+            round order: each holds from its round to the next entry's (``fedsea.federation.cuts``).
     """
 
     batch_size: int = 4
     max_length: int = 128
     device: str | None = None
     dtype: str | None = None
+    cuts: tuple[tuple[int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_placement(self.device, self.dtype)
+        check_schedule(self.cuts)
+        if self.cuts is not None:  # tuples, however given (``client_plans`` merges plain lists)
+            object.__setattr__(self, "cuts", tuple(tuple(entry) for entry in self.cuts))
         for name in ("batch_size", "max_length"):
             value = getattr(self, name)
             if value < 1:
@@ -214,7 +221,11 @@ class ClientOverrides:
     max_length: int | None = None
     device: str | None = None
     dtype: str | None = None
+    cuts: tuple[tuple[int, int, int], ...] | None = None
     data: str | None = None
+
+    def __post_init__(self) -> None:
+        check_schedule(self.cuts)
 
 
 # Each override names a ``ClientConfig`` field (or ``data``): a field added there must be added here.
@@ -233,6 +244,10 @@ class ClientPlan(ClientConfig):
     def placement(self) -> Placement:
         """This client's device and dtype."""
         return Placement(self.device or "auto", self.dtype or "auto")
+
+    def cut_at(self, round_number: int) -> tuple[int, int]:
+        """This client's (p, q) in round ``round_number`` (its ``cuts``, else head_layers, tail_layers)."""
+        return cut_at(self.cuts, (self.head_layers, self.tail_layers), round_number)
 
 
 @dataclass(frozen=True)
@@ -279,28 +294,6 @@ class NoiseSettings:
             return NoiseConfig(sigma=self.grad_sigma, clip_norm=self.grad_clip_norm)
         except ValueError as exc:  # NoiseConfig names its own fields: sigma, clip_norm
             raise ValueError(f"grad_{exc}") from None
-
-
-@dataclass(frozen=True)
-class PrivacySettings:
-    """Privacy-trained heads (PRIVACY.md).
-
-    Args:
-        head_regularizer: ``none``, ``nopeek`` or ``adversarial``: a privacy loss each client's head
-            trains with.
-        regularizer_weight: its weight (a finite number >= 0).
-    """
-
-    head_regularizer: str = "none"
-    regularizer_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.head_regularizer not in HEAD_REGULARIZERS:
-            raise ValueError(
-                f"head_regularizer must be one of {', '.join(HEAD_REGULARIZERS)}, got {self.head_regularizer!r}"
-            )
-        if not (math.isfinite(self.regularizer_weight) and self.regularizer_weight >= 0):
-            raise ValueError(f"regularizer_weight must be a finite number >= 0, got {self.regularizer_weight!r}")
 
 
 @dataclass(frozen=True)
@@ -364,7 +357,7 @@ class RunConfig:
         count = self.federation.clients
         if len(self.clients) > count:
             raise ValueError(f"{len(self.clients)} [[clients]] tables for federation.clients = {count}")
-        self.client_plans()  # each client's merged settings validate
+        check_run_cuts(self.client_plans(), self.federation.rounds)  # each client's merged settings validate
         self.lora_cut()  # parts with different LoRA need one (p, q)
 
     def client_plans(self) -> tuple[ClientPlan, ...]:
@@ -385,14 +378,15 @@ class RunConfig:
         parts = self.lora.parts()
         if parts.uniform_spec is not None:
             return None
-        cuts = sorted({(c.head_layers, c.tail_layers) for c in self.client_plans()})
+        plans = self.client_plans()
+        cuts = sorted({cut for c in plans for _, cut in cuts_by_round(c.cuts, (c.head_layers, c.tail_layers))})
         if len(cuts) > 1:
             # The global adapter is keyed by block: at mixed cuts one block would be one client's
             # head and another's trunk, with tensors of two shapes (or scalings) to average.
             raise ValueError(
                 f"lora: the parts' LoRA differ ({parts.summary()}) and the clients cut the model at different "
                 f"(head_layers, tail_layers) {cuts}; give every client the same head_layers and tail_layers "
-                "([client], no per-client ones in [[clients]]), or one LoRA for all parts (no [lora.head], "
+                "([client], no per-client ones or cuts in [[clients]]), or one LoRA for all parts (no [lora.head], "
                 "[lora.trunk], [lora.tail])"
             )
         return cuts[0]

@@ -41,9 +41,11 @@ def check_plan(plan: RunPlan) -> None:
 
     Raises:
         ModelNotFoundError, ModelLoadError, UnsupportedModelError: the model source.
-        PartitionError: a client's (p, q) that does not fit the model (p, q >= 1, p + q < L).
+        PartitionError: a client's (p, q), or a cut of its schedule (``cuts``), that does not fit the
+            model (p, q >= 1, p + q < L).
         InvalidInputError: a client's batch size or maximum length below 1.
     """
+    from fedsea.federation.cuts import check_schedule_model
     from fedsea.model.load import model_num_layers
     from fedsea.model.split import check_partition
 
@@ -57,6 +59,8 @@ def check_plan(plan: RunPlan) -> None:
             check_partition(layers, client.head_layers, client.tail_layers)
         except PartitionError as exc:
             raise PartitionError(f"{client.name} on {plan.model}: {exc}") from None
+        cut = (client.head_layers, client.tail_layers)  # and every cut of its schedule (round 1 defaults to it)
+        check_schedule_model(client.cuts, cut, layers, client.name, plan.model)
 
 
 def completed_round(run_dir: Path) -> int:

@@ -11,7 +11,13 @@ run folder holds each simulated client's shard, token and certificates, by ``par
 - ``trunk-address``: overrides the address the ServerApp sends (another route to the same server);
 - ``state-dir``: this client's folder for its noise secret and its log (``steps.jsonl``); a
   simulation uses the run folder's ``clients/<name>``;
-- ``log``: a JSONL file for this client's steps instead of ``state-dir``'s.
+- ``log``: a JSONL file for this client's steps instead of ``state-dir``'s;
+- ``cuts``: the cut schedule this data owner asks for, the run file's list as a string,
+  ``"[[3, 4, 1], [5, 2, 2]]"`` (round, p, q); reported in the QUERY reply, settled by the
+  ServerApp (``fedsea.flower.nodes``: a run file's own schedule for the client must be the same).
+
+Each TRAIN message names the round's cut (``head-layers``, ``tail-layers``); a participant at
+another cut is re-split there first (``_at_cut``: a new trunk session, the noise recalibrated).
 
 Participants (the model split, its noise and the trunk session) are kept between messages in
 this process, the last ``FEDSEA_FLOWER_CLIENTS`` (default 4) of them: Flower's simulation runs
@@ -26,6 +32,7 @@ are closed when the process exits: the trunk server allows each client only
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 from collections import OrderedDict
@@ -70,13 +77,19 @@ def _me(context: Context) -> tuple[FlowerRun, Any, Any, Path]:
     return run, names[name], plan, Path(run.run_dir)
 
 
-def _participant(context: Context, address: str) -> Any:
-    """This node's participant: cached in this process, else built (``_build``)."""
+def _participant(context: Context, address: str, config: Any = None) -> Any:
+    """This node's participant: cached in this process, else built (``_build``), at the cut of the
+    TRAIN message's ``config`` if it names one (else the run file's: a QUERY)."""
     _, me, plan, run_dir = _me(context)
     cache_key = (int(context.run_id), me.name)
     if cache_key in _PARTICIPANTS:
         _PARTICIPANTS.move_to_end(cache_key)
         return _PARTICIPANTS[cache_key]
+    if config is not None and "head-layers" in config:
+        # Built at the round's cut at once (the Deployment Engine starts a process per message):
+        # no split and noise calibration at the run file's cut only to move it.
+        cut = {"head_layers": int(config["head-layers"]), "tail_layers": int(config["tail-layers"])}
+        me = dataclasses.replace(me, **cut)
     try:
         participant = _build(context, me, plan, run_dir, address)
     except Exception as exc:  # Flower reports it by node id only: say which client failed to start
@@ -153,18 +166,49 @@ def _build(context: Context, me: Any, plan: Any, run_dir: Path, address: str) ->
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Who this node is: client name, cut (p, q) and number of examples."""
+    """Who this node is: client name, cut (p, q), number of examples, and the cut schedule its node
+    config asks for (``cuts``, checked here; the ServerApp settles it against the run file's)."""
+    from fedsea.federation.cuts import parse_schedule, schedule_text
+
+    _, me, _, _ = _me(context)
+    node = dict(context.node_config)
+    asked = schedule_text(parse_schedule(str(node["cuts"]), f"{me.name}: node config cuts")) if "cuts" in node else ""
     participant = _participant(context, str(scalar(config_of(msg), "trunk-address")))
-    split = participant.client.split
     info = ConfigRecord(
         {
             "name": participant.fed.name,
-            "head-layers": split.head_layers,
-            "tail-layers": split.tail_layers,
+            # The run file's cut (round 1's before any schedule): the split may have moved since.
+            "head-layers": me.head_layers,
+            "tail-layers": me.tail_layers,
             "num-examples": len(participant.fed.examples),
+            "cuts": asked,
         }
     )
     return Message(RecordDict({"client": info}), reply_to=msg)
+
+
+def _at_cut(context: Context, participant: Any, config: Any, round_number: int) -> Any:
+    """``participant`` at the round's cut (the config's ``head-layers``/``tail-layers``): re-split if it moved.
+
+    The move closes the trunk session and opens one at the new cut (``fedsea.federation.recut``),
+    recalibrates the noise at the new p and logs the new noise record (its sigma) with the round.
+    """
+    from fedsea.federation.recut import recut_participant
+    from fedsea.federation.report import noise_record
+
+    split = participant.client.split
+    cut = (int(config.get("head-layers", split.head_layers)), int(config.get("tail-layers", split.tail_layers)))
+    if cut == (split.head_layers, split.tail_layers):
+        return participant
+    _, me, plan, _ = _me(context)
+    cache_key = (int(context.run_id), me.name)
+    _PARTICIPANTS.pop(cache_key, None)  # closed by the move: never reused if the move fails
+    participant = recut_participant(participant, plan, me, *cut)
+    _PARTICIPANTS[cache_key] = participant
+    with participant.log.open("a") as f:  # a new session (its own byte totals) and the noise at the new p
+        record = {"client": me.name, "round": round_number, "cut": list(cut)}
+        f.write(json.dumps({**record, "noise": noise_record(participant.noise, cut[0])}) + "\n")
+    return participant
 
 
 @app.train(mods=[secure_aggregation_mod])  # SecAgg+ when the ServerApp runs it; a no-op otherwise
@@ -181,8 +225,8 @@ def train(msg: Message, context: Context) -> Message:
 
     config = config_of(msg)
     address = str(scalar(config, "trunk-address"))
-    participant = _participant(context, address)
     key, round_number = str(scalar(config, "stage-key")), int(scalar(config, "server-round"))
+    participant = _at_cut(context, _participant(context, address, config), config, round_number)
     meter = participant.client.connection.meter
     before = (meter.bytes_sent, meter.bytes_received)
     try:
@@ -194,7 +238,7 @@ def train(msg: Message, context: Context) -> Message:
         if exc.code != "NOT_FOUND" or "session" not in exc.message:
             raise
         _PARTICIPANTS.pop((int(context.run_id), participant.fed.name)).close()
-        participant = _participant(context, address)
+        participant = _at_cut(context, _participant(context, address, config), config, round_number)
         meter = participant.client.connection.meter
         before = (meter.bytes_sent, meter.bytes_received)
         load_staged_trunk(participant.client, key)

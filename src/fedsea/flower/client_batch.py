@@ -60,8 +60,9 @@ def play_groups(
     """
     groups: dict[tuple[int, int], list[Message]] = {}
     for template in templates:
-        info = rounds.nodes[template.metadata.dst_node_id]
-        groups.setdefault((info.head_layers, rounds.num_layers - info.tail_layers), []).append(template)
+        # Grouped by the round's cut: a client whose cut moved this round trains with that cut's group.
+        trunk = rounds.nodes[template.metadata.dst_node_id].trunk(round_number, rounds.num_layers)
+        groups.setdefault(trunk, []).append(template)
     messages = []
     for (start, end), members in sorted(groups.items()):
         names = [rounds.nodes[m.metadata.dst_node_id].name for m in members]  # sorted: the templates are

@@ -1,8 +1,10 @@
 """The ServerApp's rounds: fedsea's round logic with Flower sampling, messaging and aggregation.
 
 Per round: every connected SuperNode not yet known is asked (a QUERY message) for its client
-name and cut; the round's global adapter is staged on the trunk server; the strategy samples
-the nodes, and each gets its head and tail slice of the global adapter and the stage key; each
+name, cut and cut schedule (``fedsea.flower.nodes``); the round's global adapter is staged on the
+trunk server; the strategy samples the nodes, and each gets the round's cut (``head-layers``,
+``tail-layers``: its schedule's), its head and tail slice of the global adapter at that cut and
+the stage key; each
 ClientApp loads its trunk blocks from the stage into its session, trains, publishes its trunk
 adapter and replies with its head and tail; the trunk adapters are collected from the trunk
 server and merged into the replies, each reply is checked (``check_update``) and clipped as the
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsea.errors import FedseaError, InvalidInputError
+from fedsea.errors import InvalidInputError
 from fedsea.federation.checkpoint import latest_round, load_round, save_round
+from fedsea.federation.cuts import moves
 from fedsea.federation.simconfig import RunPlan
 from fedsea.federation.strategy import Update, clip_update
 from fedsea.federation.strategy import make_strategy as native_strategy
 from fedsea.federation.validation import check_update
+from fedsea.flower.nodes import NodeInfo, _last_line, discover
 from fedsea.flower.records import (
     arrays_of,
     block_of,
@@ -41,16 +44,6 @@ from fedsea.flower.runlog import round_line
 from fedsea.flower.strategies import SERVER_STATE_NAME, FedProx64, strategy_name
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """What a SuperNode's ClientApp told the ServerApp: its client name, cut and sample count."""
-
-    name: str
-    head_layers: int
-    tail_layers: int
-    num_examples: int
 
 
 class FlowerRounds:
@@ -99,38 +92,8 @@ class FlowerRounds:
 
     # -- nodes --------------------------------------------------------------------------------
     def discover(self, wait_s: float) -> None:
-        """Ask every connected node not yet known for its name, cut and samples (QUERY messages).
-
-        Waits up to ``wait_s`` for ``expected_clients`` nodes first. A node answers once its
-        ClientApp has loaded its model and data, so the query has the round's deadline.
-        """
-        deadline = time.monotonic() + wait_s
-        while len(list(self.grid.get_node_ids())) < self.fed.expected_clients and time.monotonic() < deadline:
-            time.sleep(0.5)  # the first round waits for the expected nodes, as the native run does
-        new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
-        if not new:
-            if not self.nodes:  # else the rounds would "complete" with nobody training
-                raise FedseaError(f"no SuperNode connected within {wait_s:.0f} s (federation.join_timeout_s)")
-            return
-        config = ConfigRecord({"trunk-address": self.trunk_address})
-        messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-        failed: list[str] = []
-        # The first query is the native run's join (model and data loaded): the join timeout's, not a round's.
-        for reply in self.grid.send_and_receive(messages, timeout=max(wait_s, self.fed.round_timeout_s)):
-            if reply.has_error():
-                reason = _last_line(reply.error.reason)
-                logger.warning("node %d did not answer the query: %s", reply.metadata.src_node_id, reason)
-                self.failures[f"node {reply.metadata.src_node_id}"] = f"query: {reason}"
-                failed.append(f"node {reply.metadata.src_node_id}: {reason}")
-                continue
-            c = config_of(reply, "client")
-            info = NodeInfo(str(scalar(c, "name")), int(scalar(c, "head-layers")), int(scalar(c, "tail-layers")),
-                            int(scalar(c, "num-examples")))  # fmt: skip
-            self.nodes[reply.metadata.src_node_id] = info
-            logger.info("node %d is client %s (p, q) = (%d, %d), %d examples", reply.metadata.src_node_id,
-                        info.name, info.head_layers, info.tail_layers, info.num_examples)  # fmt: skip
-        if not self.nodes:
-            raise FedseaError(f"no SuperNode could join the run: {'; '.join(failed) or 'none answered the query'}")
+        """Ask every connected node not yet known who it is and where it cuts (``fedsea.flower.nodes.discover``)."""
+        discover(self, wait_s)
 
     # -- one round ------------------------------------------------------------------------------
     def message(self, template: Message, state: dict[str, torch.Tensor], key: str, round_number: int) -> Message:
@@ -141,7 +104,9 @@ class FlowerRounds:
         config = ConfigRecord(dict(config_of(template)))
         config.update({"stage-key": key, "trunk-address": self.trunk_address, "local-steps": self.fed.local_steps})
         config["server-round"] = round_number
-        arrays = to_record(head_tail_slice(state, self.num_layers, info.head_layers, info.tail_layers))
+        p, q = info.cut(round_number)  # the round's cut: the ClientApp re-splits its model there if it moved
+        config.update({"head-layers": p, "tail-layers": q})
+        arrays = to_record(head_tail_slice(state, self.num_layers, p, q))
         return Message(
             RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=MessageType.TRAIN
         )
@@ -210,23 +175,20 @@ class FlowerRounds:
                                 current, refused)  # fmt: skip
             if not got:
                 continue
-            info = self.nodes[template.metadata.dst_node_id]
-            trained = to_state(arrays_of(got[0]))
-            current.update(
-                {
-                    k: v
-                    for k, v in trained.items()
-                    if info.head_layers <= block_of(k) < self.num_layers - info.tail_layers
-                }
-            )
+            start, end = self.nodes[template.metadata.dst_node_id].trunk(round_number, self.num_layers)
+            current.update({k: v for k, v in to_state(arrays_of(got[0])).items() if start <= block_of(k) < end})
             replies += got
         return replies, current
 
-    def _in_a_trunk(self, key: str, names: list[str]) -> bool:
+    def cuts(self, templates: list[Message], round_number: int) -> dict[str, list[int]]:
+        """The round's cut [p, q] of each sampled client (the round record's ``cuts``)."""
+        infos = [self.nodes[t.metadata.dst_node_id] for t in templates]
+        return {info.name: list(info.cut(round_number)) for info in infos}
+
+    def _in_a_trunk(self, key: str, names: list[str], round_number: int) -> bool:
         block = block_of(key)
-        return any(
-            n.head_layers <= block < self.num_layers - n.tail_layers for n in self.nodes.values() if n.name in names
-        )
+        trunks = [n.trunk(round_number, self.num_layers) for n in self.nodes.values() if n.name in names]
+        return any(start <= block < end for start, end in trunks)
 
     def _sample(self, round_number: int, state: dict[str, torch.Tensor]) -> list[Message]:
         """The strategy's TRAIN templates for this round's clients, in the order of their names.
@@ -281,7 +243,7 @@ class FlowerRounds:
                 new_state = {k: v.to(state[k].dtype) for k, v in to_state(arrays).items()}
             if self.fed.mode == "sequential":
                 # The blocks trained as trunk are the chain's: as the last client left them.
-                new_state.update({k: v for k, v in current.items() if self._in_a_trunk(k, done)})
+                new_state.update({k: v for k, v in current.items() if self._in_a_trunk(k, done, round_number)})
         record = {
             "round": round_number,
             "selected": selected,
@@ -301,6 +263,7 @@ class FlowerRounds:
             "seconds": time.monotonic() - started,
             "mode": self.fed.mode,
             "engine": "flower",
+            "cuts": self.cuts(templates, round_number),
         }
         return new_state, record
 
@@ -323,7 +286,7 @@ class FlowerRounds:
             "samples": {str(c["name"]): float(c["num-examples"]) for c in clients},
             "refused": {}, "traffic": {str(c["name"]): _traffic(c) for c in clients},
             "failed": dict(self.failures), "banned": [], "seconds": time.monotonic() - started,
-            "mode": self.fed.mode,
+            "mode": self.fed.mode, "cuts": self.cuts(templates, round_number),
             "engine": "flower", "secure-aggregation": secure,
         }  # fmt: skip
         return new_state, record
@@ -355,6 +318,8 @@ class FlowerRounds:
             logger.info("resuming after round %d", completed)
         for round_number in range(first, self.fed.rounds + 1):
             state, record = self.play(round_number, state)
+            # A run that moves a cut says so in its round lines (``round_line``); the cuts are recorded either way.
+            record["cuts-moved"] = any(moves(n.cuts, (n.head_layers, n.tail_layers)) for n in self.nodes.values())
             if self.run_dir is not None:
                 # The strategy's server state (FedAdam's moments) goes into the round's folder with
                 # the global adapter: written together, atomically, as safetensors (never pickle).
@@ -383,10 +348,3 @@ class _Sample:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
-
-
-def _last_line(reason: str | None) -> str:
-    """The gist of a failure Flower relays (a remote traceback): its last line naming an error (300 chars)."""
-    lines = [line.strip() for line in str(reason or "").splitlines() if line.strip()]
-    named = [line for line in lines if "Error" in line or "Exception" in line]
-    return (named[-1] if named else lines[-1] if lines else "unknown")[:300]

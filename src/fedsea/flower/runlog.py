@@ -26,7 +26,9 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
 
     Returns:
         e.g. ``round 2/3: 2/2 clients replied (client-0, client-1), mean loss 3.2114, 1.4 MiB moved, 12.3 s``
-        with ``; dropped client-2`` / ``; refused client-1`` / ``; failed node 7`` when any.
+        with ``; dropped client-2`` / ``; refused client-1`` / ``; failed node 7`` when any, and
+        ``; cuts client-0 (4, 1), client-1 (2, 2)`` in a run whose cut schedules move a client
+        (``cuts-moved``; the record's ``cuts`` holds every round's cuts either way).
     """
     losses = [float(v) for v in (record.get("losses") or {}).values() if v is not None]
     mean = f"{sum(losses) / len(losses):.4f}" if losses else "n/a"
@@ -40,6 +42,9 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
         who = record.get(what) or []
         if who:
             line += f"; {what} {', '.join(sorted(who))}"
+    cuts = record.get("cuts") or {}
+    if record.get("cuts-moved") and cuts:  # a run whose cuts move: each client's (p, q) this round
+        line += "; cuts " + ", ".join(f"{name} ({p}, {q})" for name, (p, q) in sorted(cuts.items()))
     return line
 
 

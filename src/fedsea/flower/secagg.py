@@ -85,15 +85,17 @@ def error_bound(weights: Sequence[float], max_weight: float, clipping: float = C
     return 2 * values + 1e-6  # + the weights' rounding (at most as much) + float32 rounding
 
 
-def one_cut(cuts: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    """The one (p, q) of the clients ``cuts`` (name -> cut); a ValueError naming two that differ."""
+def one_cut(cuts: dict[str, tuple[int, int]], round_number: int | None = None) -> tuple[int, int]:
+    """The one (p, q) of the clients ``cuts`` (name -> cut, in round ``round_number`` if given); a
+    ValueError naming two that differ."""
     first_name, first = next(iter(cuts.items()))
+    when = f" in round {round_number}" if round_number is not None else ""
     for name, cut in cuts.items():
         if cut != first:
             raise ValueError(
                 f"secure aggregation sums equally shaped head/tail adapters, so every client needs the same "
-                f"cut (p, q): {first_name} has {first}, {name} has {cut}; give all clients one cut or turn "
-                "secure-aggregation off"
+                f"cut (p, q){when}: {first_name} has {first}, {name} has {cut}; give all clients one cut (move "
+                "them together: [client] cuts) or turn secure-aggregation off"
             )
     return first
 
@@ -112,7 +114,8 @@ def check_plan(plan: Any, strategy: str) -> None:
         )
     if len(plan.clients) < 2:
         raise ValueError("secure aggregation needs at least two clients a round (one client's sum is its update)")
-    one_cut({c.name: (c.head_layers, c.tail_layers) for c in plan.clients})
+    for round_number in range(1, plan.fed.rounds + 1):  # a cut schedule may move them all, together
+        one_cut({c.name: c.cut_at(round_number) for c in plan.clients}, round_number if round_number > 1 else None)
 
 
 # -- client ---------------------------------------------------------------------------------------
@@ -308,7 +311,7 @@ def play_secure(
     from fedsea.flower.records import head_tail_slice
 
     plan, fed = rounds.plan, rounds.fed
-    p, q = one_cut({info.name: (info.head_layers, info.tail_layers) for info in rounds.nodes.values()})
+    p, q = one_cut({info.name: info.cut(round_number) for info in rounds.nodes.values()}, round_number)
     keys = sorted(head_tail_slice(state, rounds.num_layers, p, q))
     messages = [rounds.message(t, state, key, round_number) for t in templates]
     max_weight = float(fed.local_steps * max(c.batch_size for c in plan.clients))

@@ -107,11 +107,13 @@ def write_run_report(run: FlowerRun, plan: Any, run_dir: Path, info: dict[str, A
     ``nodes``: the clients that joined (``NodeInfo``); when the clients brought their own data
     (the Deployment Engine), the report's data section lists their sample counts.
     """
+    from fedsea.federation.cuts import schedule_text
     from fedsea.federation.simulate import report_run
     from fedsea.flower.runlog import final_line, lost_clients
 
     if not info.get("partition"):
         rows = [f"{n.name}: {n.num_examples} examples, (p, q) = ({n.head_layers}, {n.tail_layers})"
+                + (f", cuts {schedule_text(n.cuts)}" if n.cuts else "")
                 for n in sorted(nodes, key=lambda n: n.name)]  # fmt: skip
         info = {**info, "partition": "each data owner's own data, on its machine:\n" + "\n".join(rows)}
     logger.info("evaluating (%s) and writing the report", run.evaluate)

@@ -207,10 +207,14 @@ def pick_engine(plan: RunPlan, engine: str = "auto") -> str:
     processes) is kept as the reference the Flower runs are tested against.
 
     Raises:
-        ValueError: an unknown engine.
+        ValueError: an unknown engine, or ``native`` for a run whose ``cuts`` move a client's cut.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "native":  # the fixed-cut reference: a cut schedule (``cuts``) runs on Flower only
+        from fedsea.federation.cuts import refuse_moving_cuts
+
+        refuse_moving_cuts(plan.clients, "the native engine (--engine native)")
     return "native" if engine == "native" else "flower"
 
 
