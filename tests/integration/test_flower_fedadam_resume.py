@@ -51,8 +51,13 @@ def _flower(*args: str) -> None:
 
 
 def test_a_resumed_fedadam_run_keeps_its_moments_and_repeats_the_uninterrupted_run(tmp_path):
+    from tests.integration.flower_inprocess import run_in_process
+
     (tmp_path / "run.toml").write_text(RUN)
-    _flower(str(tmp_path / "run.toml"), "--run-dir", str(tmp_path / "whole"))
+    # The uninterrupted run over the in-process grid: bit for bit the Simulation Engine's (see
+    # tests/integration/test_flower_cut_schedule.py), without a third Ray start.
+    run_in_process(tmp_path / "run.toml", tmp_path / "whole", [{"partition-id": 0}, {"partition-id": 1}],
+                   strategy="fedadam")  # fmt: skip
     _flower(str(tmp_path / "run.toml"), "federation.rounds=1", "--run-dir", str(tmp_path / "part"))
     _flower("federation.rounds=2", "--resume", str(tmp_path / "part"))
 

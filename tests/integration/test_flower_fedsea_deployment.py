@@ -126,7 +126,8 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
             assert refused and all("'client-9' is not a client of the run file" in x for x in refused), result.output
             # The same deployment in client-batch mode: the two owners' ClientApp processes train
             # one shared trunk adapter, their batches joined into one trunk pass per step.
-            batch_config = {**config, "run-dir": str(operator / "batched"), "set": "federation.mode=client-batch"}
+            batch_config = {**config, "run-dir": str(operator / "batched"),
+                            "set": "federation.mode=client-batch;federation.rounds=1"}  # fmt: skip
             batched = dep.run(app, batch_config, timeout=400)
             assert batched.status == "finished:completed", batched.output + dep.logs()
             # And with secure aggregation (SecAgg+): one round, the ServerApp gets masked vectors only.
@@ -194,9 +195,10 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
     rounds = [json.loads(line) for line in (operator / "batched" / "server_rounds.jsonl").read_text().splitlines()]
     assert [(r["mode"], sorted(r["submitted"]), r["refused"]) for r in rounds] == [
         ("client-batch", ["client-0", "client-1"], {})
-    ] * 2
-    one, two = (load_round(operator / "batched" / "checkpoints" / f"round-000{r}")[1] for r in (1, 2))
-    assert all(not torch.equal(two[k], one[k]) for k in two if "lora_B" in k and 1 <= int(k.split(".")[1]) <= 4)
+    ]
+    one = load_round(operator / "batched" / "checkpoints" / "round-0001")[1]
+    # LoRA B starts at zero: every trunk block's moved in the round.
+    assert all(bool(one[k].abs().sum() > 0) for k in one if "lora_B" in k and 1 <= int(k.split(".")[1]) <= 4)
     _check_secure_run(operator / "secure")
     # Each owner's state stays on its machine: the noise secret (owner-only) and its steps.
     for i, name in enumerate(("client-0", "client-1")):
@@ -204,8 +206,8 @@ def test_fedsea_app_on_the_deployment_engine_trains_across_data_owners(tmp_path:
         assert stat.S_IMODE(os.stat(state / "noise.secret").st_mode) == 0o600
         steps = [json.loads(x) for x in (state / "steps.jsonl").read_text().splitlines()]
         done = sorted((s["round"], s["step"]) for s in steps if "step" in s)
-        # Three runs' steps: two of 2 rounds and the secure one of 1 round, 3 steps each.
-        assert done == sorted([(r, s) for r in (1, 2) for s in range(3)] * 2 + [(1, s) for s in range(3)]), done
+        # Three runs' steps: one of 2 rounds, the client-batch and the secure one of 1 round, 3 steps each.
+        assert done == sorted([(r, s) for r in (1, 2) for s in range(3)] + [(1, s) for s in range(3)] * 2), done
         assert all(s["client"] == name for s in steps)
         assert not (run_dir / "clients" / name).exists()  # nothing of the owner's lands in the run folder
     assert trunk.proc.poll() is not None  # stopped by PID (SIGTERM)

@@ -5,7 +5,7 @@ model runs each window of text once (no gradient) and gives, at every position t
 output h_p(t), the trunk's output h_{L-q}(t) and its own next-token choice (argmax). The bridge
 is then fit, teacher-forced as in EAGLE (Li et al., 2024), to
 
-    loss = ||g - h_{L-q}||^2 / ||h_{L-q}||^2  +  CE(tail(g), the model's choice)
+    loss = mean over positions of ||g - h_{L-q}||^2 / ||h_{L-q}||^2  +  CE(tail(g), the model's choice)
 
 with g = bridge(h_p(t), h_{L-q}(t - 1)): the first term keeps the guess a trunk output the
 tail can read, the second is what drafting needs (the model's own token, not the text's, is
@@ -166,7 +166,9 @@ def train_bridge(
         batch, indices = indices[:batch_size], indices[batch_size:]
         h, f, target = (torch.stack(x) for x in zip(*(cached[j] for j in batch), strict=True))
         g, normed = _student(bridge, tail, h, f)
-        regression = (g - f).pow(2).mean() / f.pow(2).mean()  # relative squared error
+        # Relative squared error per position: a few positions (the first, delimiters) carry
+        # activations hundreds of times larger than the rest and would otherwise be all it fits.
+        regression = ((g - f).pow(2).sum(-1) / f.pow(2).sum(-1).clamp_min(1e-6)).mean()
         flat = normed.reshape(-1, normed.shape[-1])  # (B n, d)
         pick = torch.randperm(flat.shape[0], device=flat.device)[: max(1, int(flat.shape[0] * ce_fraction))]
         ce = F.cross_entropy(_logits(tail, flat[pick]).float(), target.reshape(-1)[pick])
