@@ -249,7 +249,10 @@ def train(msg: Message, context: Context) -> Message:
     state = {**adapter_state_dict(client.split.head), **adapter_state_dict(client.split.tail)}
     sent, received = meter.bytes_sent - before[0], meter.bytes_received - before[1]
     with participant.log.open("a") as f:
-        record = {"client": fed.name, "round": round_number, "samples": result.samples}
+        # The cut it trained at: the noise record before it may be another worker's (a simulation
+        # hands a client's messages to any of its processes, each with its own participant).
+        cut = [client.split.head_layers, client.split.tail_layers]
+        record = {"client": fed.name, "round": round_number, "cut": cut, "samples": result.samples}
         record.update(
             bytes_sent=sent, bytes_received=received, total_sent=meter.bytes_sent, total_received=meter.bytes_received
         )
