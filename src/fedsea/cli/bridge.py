@@ -15,9 +15,9 @@ from typing import Any
 
 # Kept here, not imported from fedsea.training.bridge_train (which imports torch), so that
 # parsing stays light; a unit test checks they agree.
-STEPS, BATCH, SEQ_LEN, LR, CE_FRACTION, LAYERS = 300, 4, 256, 3e-4, 0.25, 1
+STEPS, BATCH, SEQ_LEN, LR, CE_FRACTION, LAYERS = 600, 4, 256, 1e-3, 0.25, 1
 TASKS = "xsum,quac"
-EXAMPLES_PER_TASK = 400
+EXAMPLES_PER_TASK = 300
 EVAL_WINDOWS = 12
 
 

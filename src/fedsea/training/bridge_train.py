@@ -30,10 +30,10 @@ from fedsea.model.split import Tail
 from fedsea.training.bridge import BRIDGE_LAYERS, Bridge
 
 # Defaults of ``fedsea bridge train``, sized for SmolLM2-135M on a 2-core CPU (minutes).
-BRIDGE_STEPS = 300
+BRIDGE_STEPS = 600
 BRIDGE_BATCH = 4
 BRIDGE_SEQ_LEN = 256
-BRIDGE_LR = 3e-4
+BRIDGE_LR = 1e-3
 BRIDGE_CE_FRACTION = 0.25
 
 
