@@ -55,6 +55,7 @@ def test_bridge_train_errors_are_one_line(tmp_path):
 
 
 def test_cli_defaults_are_the_library_defaults():
-    assert (cli.STEPS, cli.BATCH, cli.SEQ_LEN, cli.LR, cli.CE_FRACTION, cli.LAYERS) == (
-        bridge_train.BRIDGE_STEPS, bridge_train.BRIDGE_BATCH, bridge_train.BRIDGE_SEQ_LEN, bridge_train.BRIDGE_LR,
-        bridge_train.BRIDGE_CE_FRACTION, fedsea.training.bridge.BRIDGE_LAYERS)  # fmt: skip
+    lib = bridge_train
+    assert (cli.STEPS, cli.BATCH, cli.SEQ_LEN, cli.LR, cli.CE_FRACTION, cli.LAYERS, cli.DRAFT_VOCAB) == (
+        lib.BRIDGE_STEPS, lib.BRIDGE_BATCH, lib.BRIDGE_SEQ_LEN, lib.BRIDGE_LR, lib.BRIDGE_CE_FRACTION,
+        fedsea.training.bridge.BRIDGE_LAYERS, lib.BRIDGE_DRAFT_VOCAB)  # fmt: skip

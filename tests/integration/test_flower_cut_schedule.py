@@ -211,7 +211,7 @@ def test_a_client_moves_its_own_cut_through_its_node_config(tmp_path: Path, mode
     assert [r["cuts"]["client-0"] for r in records] == [[2, 2]] * 3
     # One process: the participant re-split at each move, logging the round, the cut and the noise at its p.
     log = [json.loads(x) for x in (moved / "clients" / "client-1" / "steps.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["cut"], r["noise"]["head_layers"]) for r in log if "cut" in r] == [
+    assert [(r["round"], r["cut"], r["noise"]["head_layers"]) for r in log if "cut" in r and "noise" in r] == [
         (2, [4, 1], 4),
         (3, [2, 2], 2),
     ]

@@ -104,9 +104,12 @@ def test_training_raises_agreement_and_the_file_round_trips(tiny_tokenizer, tmp_
                                 progress=False)  # fmt: skip
     assert info["loss_last"] < 0.7 * info["loss_first"], info
     assert info["agreement_after"] > info["agreement_before"] + 0.1, info
+    # The drafts' sub-vocabulary: the tokens the model chose on the training text, kept in the file.
+    assert bridge.draft_vocab is not None and 0 < info["draft_vocab"] == bridge.draft_vocab.numel() < 512
     path = save_bridge(bridge, tmp_path / "b.safetensors", info)
     assert read_bridge_meta(path)["head_layers"] == 2
     loaded = load_bridge(path, model, 2, 1)
+    assert loaded.draft_vocab is not None and torch.equal(loaded.draft_vocab, bridge.draft_vocab)
     tail = Tail(model, 1)
     assert agreement(model, loaded, tail, windows[:4], 4) == info["agreement_after"]
     with pytest.raises(InvalidInputError, match=r"cut \(p, q\) = \(2, 1\).*fedsea bridge train"):
@@ -133,3 +136,26 @@ def test_bridge_by_path_in_the_generation_config(tiny_tokenizer, tmp_path):
     with pytest.raises(InvalidInputError, match="cut"):
         wrong = fedsea.split_model(split.model, 3, 1)
         _run(wrong, tiny_tokenizer, max_new_tokens=4, speculative=f"bridge:{path}")
+
+
+def test_a_draft_vocabulary_limits_the_drafts_not_the_output(tiny_tokenizer):
+    split = _split(seed=6)
+    bridge = Bridge.from_model(split.model, 2, 1)
+    vocab = torch.arange(0, 512, 3)  # every third id
+    bridge.draft_vocab = vocab
+    drafter = BridgeDrafter(bridge, split)
+    assert drafter.rows is not None and drafter.rows.shape == (vocab.numel(), 64)
+    proposed: list[int] = []
+    original = drafter.propose
+
+    def spy(*args, **kwargs):
+        draft = original(*args, **kwargs)
+        proposed.extend(draft.tokens)
+        return draft
+
+    drafter.propose = spy  # type: ignore[method-assign]
+    plain = _run(split, tiny_tokenizer, max_new_tokens=16, eos_token_id=())
+    spec = _run(split, tiny_tokenizer, max_new_tokens=16, eos_token_id=(), speculative=drafter, num_draft_tokens=3)
+    assert spec.token_ids == plain.token_ids
+    assert proposed and all(t % 3 == 0 for t in proposed), proposed
+    assert BridgeDrafter(Bridge.from_model(split.model, 2, 1), split).rows is None  # no vocabulary: the whole head

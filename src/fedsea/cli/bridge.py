@@ -15,7 +15,7 @@ from typing import Any
 
 # Kept here, not imported from fedsea.training.bridge_train (which imports torch), so that
 # parsing stays light; a unit test checks they agree.
-STEPS, BATCH, SEQ_LEN, LR, CE_FRACTION, LAYERS = 600, 4, 256, 1e-3, 0.25, 1
+STEPS, BATCH, SEQ_LEN, LR, CE_FRACTION, LAYERS, DRAFT_VOCAB = 600, 4, 256, 1e-3, 0.25, 1, 8192
 TASKS = "xsum,quac"
 EXAMPLES_PER_TASK = 300
 EVAL_WINDOWS = 12
@@ -53,6 +53,11 @@ def add_bridge_commands(sub: Any) -> None:
     train.add_argument("--lr", type=float, default=LR, help="peak learning rate (AdamW, warm-up, cosine)")
     train.add_argument("--layers", type=int, default=LAYERS, help="decoder blocks of the bridge")
     train.add_argument("--ce-fraction", type=float, default=CE_FRACTION, help="positions a step scored by the LM head")
+    train.add_argument(
+        "--draft-vocab", type=int, default=DRAFT_VOCAB,
+        help="draft among the N tokens the model chose most often on the text (0: the whole vocabulary); "
+        "the LM head's cost per draft token falls with N",
+    )  # fmt: skip
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_settings_flags(train, Placement(), choices={"dtype": DTYPE_SPECS})
     train.set_defaults(func=_cmd_train)
@@ -103,7 +108,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     bridge, info = train_bridge(
         model, args.head_layers, args.tail_layers, windows[order[held:]], windows[order[:held]],
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, num_layers=args.layers,
-        ce_fraction=args.ce_fraction, progress=not args.no_progress,
+        ce_fraction=args.ce_fraction, draft_vocab=args.draft_vocab or None, progress=not args.no_progress,
     )  # fmt: skip
     info.update({"model": args.model, "tasks": tasks, "windows": int(windows.shape[0]) - held, "held_out": held})
     info["seconds"] = round(time.perf_counter() - t0, 1)

@@ -261,17 +261,25 @@ class Tail(SplitPart):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Returns logits (B, n, V), or (B, k, V) for the last ``logits_to_keep`` = k slots."""
+        return self.cap_logits(self.lm_head(self.normed(hidden, lengths, cache, logits_to_keep)))  # (B, n|k, V)
+
+    def normed(
+        self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None = None, keep: int = 0
+    ) -> torch.Tensor:
+        """The final norm's output (B, n|keep, d): what the LM head reads (a drafter may read part of it)."""
         # The finiteness check costs a device sync: done on CPU tensors only (the tail's input
         # comes from the client's own trunk connection, already decoded and shape-checked).
         self._check_hidden(hidden, finite=hidden.device.type == "cpu")
         hidden = self._run_blocks(hidden, lengths, cache)
-        if logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        logits: torch.Tensor = self.lm_head(self.norm(hidden))  # (B, n|k, V)
+        if keep > 0:
+            hidden = hidden[:, -keep:]
+        normed: torch.Tensor = self.norm(hidden)
+        return normed
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2/3's soft cap, cap * tanh(logits / cap), as their ForCausalLM.forward; others unchanged."""
         cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap is not None:  # Gemma 2/3: cap * tanh(logits / cap), as their ForCausalLM.forward
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
 
 
 class SplitModel:

@@ -42,6 +42,7 @@ BRIDGE_FORMAT = "fedsea-bridge/1"
 # The bridge's blocks: one is EAGLE's choice (its draft model is one decoder layer).
 BRIDGE_LAYERS = 1
 FULL_ATTENTION = "full_attention"
+DRAFT_VOCAB_KEY = "draft_vocab"  # the file's tensor of the drafts' token ids
 
 
 def _bridge_config(model: PreTrainedModel, num_layers: int) -> Any:
@@ -88,6 +89,9 @@ class Bridge(nn.Module):
         self.layers = nn.ModuleList([block_class(self.config, i) for i in range(num_layers)])
         # Rotary embedding has no trainable weights (an inv_freq buffer): shared, never saved.
         self.rotary_emb = [model.model.rotary_emb]  # in a list: not a submodule, not in state_dict()
+        # (N,) sorted token ids the drafts are chosen among (``train_bridge``'s ``draft_vocab``);
+        # None: the whole vocabulary. Saved beside the weights, not a buffer (older files lack it).
+        self.draft_vocab: torch.Tensor | None = None
         param = next(model.parameters())
         self.to(device=param.device, dtype=param.dtype)
 
@@ -159,6 +163,8 @@ def save_bridge(bridge: Bridge, path: str | os.PathLike[str], info: dict[str, An
         "info": info or {},
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in bridge.state_dict().items()}
+    if bridge.draft_vocab is not None:
+        tensors[DRAFT_VOCAB_KEY] = bridge.draft_vocab.to("cpu", torch.int64).contiguous()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"fedsea": json.dumps(meta)})
     os.replace(tmp, path)
@@ -205,7 +211,15 @@ def load_bridge(path: str | os.PathLike[str], model: PreTrainedModel, head_layer
     bridge = Bridge(model, head_layers, tail_layers, int(meta["num_layers"]))
     param = next(model.parameters())
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k).to(device=param.device, dtype=param.dtype) for k in f.keys()}  # noqa: SIM118
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    state = {k: v if k == DRAFT_VOCAB_KEY else v.to(device=param.device, dtype=param.dtype) for k, v in state.items()}
+    vocab = state.pop(DRAFT_VOCAB_KEY, None)
+    if vocab is not None:
+        vocab = vocab.to(device=param.device, dtype=torch.int64)
+        size = int(model.get_output_embeddings().weight.shape[0])
+        if vocab.dim() != 1 or not vocab.numel() or int(vocab.min()) < 0 or int(vocab.max()) >= size:
+            raise InvalidInputError("bridge", f"{path}: its draft vocabulary has ids outside the model's {size}")
+        bridge.draft_vocab = vocab
     missing, unexpected = bridge.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InvalidInputError("bridge", f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")

@@ -13,7 +13,7 @@ draft token), and it needs neither the trunk's weights nor a second model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,8 @@ from fedsea.model.cache import crop_cache
 from fedsea.training.draft import Draft, Scores
 
 if TYPE_CHECKING:
+    from transformers import DynamicCache
+
     from fedsea.model.split import SplitModel
     from fedsea.training.bridge import Bridge
     from fedsea.training.decoder import SplitDecoder
@@ -38,6 +40,24 @@ class BridgeDrafter:
         self.bridge = bridge.eval()
         self.head, self.tail = split.head, split.tail
         self.decoder: SplitDecoder | None = None
+        head: Any = self.tail.lm_head
+        self.vocab_size = int(head.weight.shape[0])
+        # The LM head's rows of the draft vocabulary (N, d), copied once; a LoRA-wrapped head
+        # (not a plain Linear) is read whole.
+        self.rows: torch.Tensor | None = None
+        if bridge.draft_vocab is not None and type(head) is torch.nn.Linear and getattr(head, "bias", None) is None:
+            self.rows = head.weight.detach()[bridge.draft_vocab].contiguous()
+
+    def _logits(self, guess: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """(1, V) float logits after the guess (1, 1, d): -inf outside the bridge's draft vocabulary."""
+        normed = self.tail.normed(guess, lengths, cache, keep=1)[:, -1]  # (1, d)
+        if self.rows is None:
+            return self.tail.cap_logits(self.tail.lm_head(normed)).float()
+        assert self.bridge.draft_vocab is not None
+        sub = self.tail.cap_logits(normed @ self.rows.T).float()  # (1, N): N rows of the LM head, not V
+        full = sub.new_full((1, self.vocab_size), float("-inf"))
+        full[:, self.bridge.draft_vocab] = sub
+        return full
 
     def attach(self, decoder: SplitDecoder) -> None:
         """Start a generation: the decoder whose caches and trunk outputs the drafts build on."""
@@ -90,7 +110,7 @@ class BridgeDrafter:
                 lengths = torch.tensor([n + i + 1])  # (1,) on the host, as the decoder keeps them
                 h = self.head(torch.tensor([[token]], device=device), lengths, cache=head_cache)  # (1, 1, d)
                 guess = self.bridge(h, prev, torch.tensor([[n + i]], device=device), self.cache)  # (1, 1, d)
-                logits = self.tail(guess, lengths, cache=tail_cache, logits_to_keep=1)[:, -1].float()  # (1, V)
+                logits = self._logits(guess, lengths, tail_cache)  # (1, V)
                 processed = scores(torch.tensor([seq], device=device), logits)  # (1, V)
                 if generator is not None:
                     q = torch.softmax(processed, dim=-1)  # (1, V)

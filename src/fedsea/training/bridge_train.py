@@ -35,6 +35,7 @@ BRIDGE_BATCH = 4
 BRIDGE_SEQ_LEN = 256
 BRIDGE_LR = 1e-3
 BRIDGE_CE_FRACTION = 0.25
+BRIDGE_DRAFT_VOCAB = 8192
 
 
 def token_windows(tokenizer: Any, texts: Iterable[str], seq_len: int) -> torch.Tensor:
@@ -82,9 +83,7 @@ def _student(bridge: Bridge, tail: Tail, h: torch.Tensor, f: torch.Tensor) -> tu
 
 
 def _logits(tail: Tail, normed: torch.Tensor) -> torch.Tensor:
-    logits: torch.Tensor = tail.lm_head(normed)
-    cap = getattr(tail.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap is not None else logits
+    return tail.cap_logits(tail.lm_head(normed))
 
 
 @torch.no_grad()
@@ -96,7 +95,12 @@ def agreement(model: PreTrainedModel, bridge: Bridge, tail: Tail, windows: torch
         ids = windows[i : i + batch_size].to(model.device)
         h, f, target = _teacher(model, bridge, ids)
         _, normed = _student(bridge, tail, h, f)
-        hits += int((_logits(tail, normed).argmax(dim=-1) == target).sum())
+        logits = _logits(tail, normed)  # (B, n, V)
+        if bridge.draft_vocab is not None:  # what the drafter proposes: the best of its sub-vocabulary
+            guess = bridge.draft_vocab.to(logits.device)[logits[..., bridge.draft_vocab].argmax(dim=-1)]
+        else:
+            guess = logits.argmax(dim=-1)
+        hits += int((guess == target).sum())
         total += target.numel()
     return hits / max(total, 1)
 
@@ -112,6 +116,7 @@ def train_bridge(
     lr: float = BRIDGE_LR,
     num_layers: int = BRIDGE_LAYERS,
     ce_fraction: float = BRIDGE_CE_FRACTION,
+    draft_vocab: int | None = BRIDGE_DRAFT_VOCAB,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[Bridge, dict[str, Any]]:
@@ -123,6 +128,11 @@ def train_bridge(
             model's; roughly a draft token's chance of being kept).
         steps, batch_size, lr: AdamW with a linear warm-up (5% of the steps) and cosine decay.
         ce_fraction: share of positions whose cross-entropy is computed each step (> 0).
+        draft_vocab: the drafts' sub-vocabulary: the ``draft_vocab`` tokens the model chose most
+            often on the training text (None: the whole vocabulary). Drafting then multiplies by
+            that many rows of the LM head, not all of them (the idea of FR-Spec, Zhao et al.
+            2025): on a CPU the LM head is most of a draft token's cost. Verification is unchanged,
+            so the output is too; a token outside it is only never drafted.
 
     Returns:
         The trained bridge (eval mode) and its figures: losses, agreement before and after.
@@ -156,6 +166,13 @@ def train_bridge(
     for i in tqdm(range(0, windows.shape[0], batch_size), desc="teacher", disable=not progress, unit="batch"):
         outputs = _teacher(model, bridge, windows[i : i + batch_size].to(model.device))
         cached += zip(*(x.unbind(0) for x in outputs), strict=True)
+    if draft_vocab is not None:
+        if draft_vocab < 1:
+            raise ValueError(f"draft_vocab must be >= 1 (or None: the whole vocabulary), got {draft_vocab}")
+        counts = torch.bincount(torch.cat([c[2].flatten() for c in cached]).cpu(), minlength=tail.lm_head.out_features)
+        chosen = counts.topk(min(draft_vocab, int((counts > 0).sum()))).indices
+        bridge.draft_vocab = chosen.sort().values.to(model.device)
+        info["draft_vocab"] = int(chosen.numel())
     indices: list[int] = []
     bar = tqdm(range(steps), desc="bridge", disable=not progress, unit="step")
     losses: list[float] = []
