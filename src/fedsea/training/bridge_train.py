@@ -160,16 +160,24 @@ def train_bridge(
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    # The whole model runs once per window, not once per step: its outputs are kept (about
-    # 2 n d floats a window) and every epoch reuses them. (B, n, d), (B, n, d), (B, n) per batch.
-    cached: list[tuple[torch.Tensor, ...]] = []
-    for i in tqdm(range(0, windows.shape[0], batch_size), desc="teacher", disable=not progress, unit="batch"):
-        outputs = _teacher(model, bridge, windows[i : i + batch_size].to(model.device))
-        cached += zip(*(x.unbind(0) for x in outputs), strict=True)
+    # The whole model runs once per window, not once per step: its outputs are kept (2 n d
+    # floats and n ids a window) and every epoch reuses them. Kept in three tensors allocated
+    # up front: thousands of small tensors kept between the teacher's large transient ones
+    # fragment the heap (the CLI's raised malloc thresholds kept 21 GB for 556 windows).
+    count, n = windows.shape
+    param = next(model.parameters())
+    shape = (count, n, int(model.config.hidden_size))
+    all_h = torch.empty(shape, dtype=param.dtype, device=param.device)  # (N, n, d) h_p
+    all_f = torch.empty(shape, dtype=param.dtype, device=param.device)  # (N, n, d) h_{L-q}
+    all_t = torch.empty((count, n), dtype=torch.int64, device=param.device)  # (N, n) the model's argmax
+    for i in tqdm(range(0, count, batch_size), desc="teacher", disable=not progress, unit="batch"):
+        h, f, target = _teacher(model, bridge, windows[i : i + batch_size].to(model.device))
+        all_h[i : i + batch_size], all_f[i : i + batch_size], all_t[i : i + batch_size] = h, f, target
+        del h, f, target
     if draft_vocab is not None:
         if draft_vocab < 1:
             raise ValueError(f"draft_vocab must be >= 1 (or None: the whole vocabulary), got {draft_vocab}")
-        counts = torch.bincount(torch.cat([c[2].flatten() for c in cached]).cpu(), minlength=tail.lm_head.out_features)
+        counts = torch.bincount(all_t.flatten().cpu(), minlength=tail.lm_head.out_features)
         chosen = counts.topk(min(draft_vocab, int((counts > 0).sum()))).indices
         bridge.draft_vocab = chosen.sort().values.to(model.device)
         info["draft_vocab"] = int(chosen.numel())
@@ -179,9 +187,10 @@ def train_bridge(
     bridge.train()
     for _ in bar:
         if len(indices) < batch_size:
-            indices += order.sample(range(len(cached)), len(cached))
+            indices += order.sample(range(count), count)
         batch, indices = indices[:batch_size], indices[batch_size:]
-        h, f, target = (torch.stack(x) for x in zip(*(cached[j] for j in batch), strict=True))
+        rows = torch.tensor(batch, device=param.device)
+        h, f, target = all_h[rows], all_f[rows], all_t[rows]  # (B, n, d), (B, n, d), (B, n)
         g, normed = _student(bridge, tail, h, f)
         # Relative squared error per position: a few positions (the first, delimiters) carry
         # activations hundreds of times larger than the rest and would otherwise be all it fits.
