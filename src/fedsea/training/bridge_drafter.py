@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedsea.model.cache import crop_cache
-from fedsea.training.draft import Draft, Scores
+from fedsea.training.draft import Draft, Scores, pick
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -111,13 +111,9 @@ class BridgeDrafter:
                 h = self.head(torch.tensor([[token]], device=device), lengths, cache=head_cache)  # (1, 1, d)
                 guess = self.bridge(h, prev, torch.tensor([[n + i]], device=device), self.cache)  # (1, 1, d)
                 logits = self._logits(guess, lengths, tail_cache)  # (1, V)
-                processed = scores(torch.tensor([seq], device=device), logits)  # (1, V)
-                if generator is not None:
-                    q = torch.softmax(processed, dim=-1)  # (1, V)
-                    token = int(torch.multinomial(q, 1, generator=generator))
-                    probs.append(q[0])
-                else:
-                    token = int(processed.argmax(dim=-1))
+                token, q = pick(scores(torch.tensor([seq], device=device), logits), generator)
+                if q is not None:
+                    probs.append(q)
                 tokens.append(token)
                 seq.append(token)
                 prev = guess

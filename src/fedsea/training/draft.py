@@ -28,3 +28,12 @@ class Draft:
 
 # ``scores(prefix_ids (1, T), logits (1, V)) -> (1, V)``: the generation's logits processors.
 Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pick(processed: torch.Tensor, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """A draft token from the processed logits (1, V): drawn from their softmax q, returned as (V,)
+    (sampling: the acceptance rule needs q), or their argmax and None (greedy)."""
+    if generator is not None:
+        q = torch.softmax(processed, dim=-1)  # (1, V)
+        return int(torch.multinomial(q, 1, generator=generator)), q[0]
+    return int(processed.argmax(dim=-1)), None

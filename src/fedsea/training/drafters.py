@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 from transformers import DynamicCache
 
-from fedsea.training.draft import Draft, Scores
+from fedsea.training.draft import Draft, Scores, pick
 
 if TYPE_CHECKING:
     from fedsea.model.split import SplitModel
@@ -139,13 +139,9 @@ class ModelDrafter:
             self.cached += feed
             device = generator.device if generator is not None else torch.device("cpu")
             logits = self._fit(out.logits[:, -1]).to(device)  # (1, V)
-            processed = scores(torch.tensor([seq], device=device), logits)  # (1, V)
-            if generator is not None:
-                q = torch.softmax(processed, dim=-1)  # (1, V)
-                token = int(torch.multinomial(q, 1, generator=generator))
-                probs.append(q[0])
-            else:
-                token = int(processed.argmax(dim=-1))
+            token, q = pick(scores(torch.tensor([seq], device=device), logits), generator)
+            if q is not None:
+                probs.append(q)
             tokens.append(token)
             seq.append(token)
             feed = [token]
