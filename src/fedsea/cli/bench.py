@@ -1,4 +1,4 @@
-"""``fedsea bench load | train | generate | serve | federation | wire | fuzz | soak``: one JSON line each.
+"""``fedsea bench load | train | generate | serve | federation | wire | plan | fuzz | soak``: one JSON line each.
 
 BENCHMARKS.md describes the speed benchmarks, RELIABILITY.md the fuzz and soak benchmarks.
 
@@ -85,6 +85,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from fedsea.experiments.bench_soak import bench_soak
 
         result = bench_soak(args.clients, args.minutes, args.sample_s, tuple(args.serve_args))
+    elif args.what == "plan":
+        from fedsea.experiments.bench_plan import bench_plan
+
+        _reexec_for_colocation(args)
+        try:
+            cuts = [tuple(int(x) for x in c.split(",")) for c in args.cuts]
+        except ValueError:
+            raise ValueError(f"--cuts takes P,Q pairs such as 2,2, got {' '.join(args.cuts)}") from None
+        if any(len(c) != 2 for c in cuts):
+            raise ValueError(f"--cuts takes P,Q pairs such as 2,2, got {' '.join(args.cuts)}")
+        result = bench_plan(
+            args.model, args.batch, args.tokens, [(c[0], c[1]) for c in cuts], tuple(args.latencies_ms), args.steps,
+            args.repeats, args.device, args.dtype,
+        )  # fmt: skip
     elif args.what == "wan":
         from fedsea.experiments.bench_wan import bench_wan
 
@@ -127,6 +141,7 @@ def add_bench_commands(sub: Any) -> None:
         "wire": "tensor codec over loopback gRPC against a raw-bytes ceiling (MB/s)",
         "wan": "the emulated WAN (NetShaper) against a TCP proxy delaying every byte: generation and a training step",
         "serve": "a multi-tenant trunk: concurrent sessions with their own adapters against one at a time",
+        "plan": "fedsea plan's predicted step times against measured ones, per cut and emulated latency",
     }
     parsers = {}
     for what, text in helps.items():
@@ -147,7 +162,8 @@ def add_bench_commands(sub: Any) -> None:
     wan.add_argument("--batch", type=int, default=4, help="training batch (default: %(default)s)")
     wan.add_argument("--tokens", type=int, default=128, help="prompt and sequence length (default: %(default)s)")
     wan.add_argument("--repeats", type=int, default=3, help="measures of each, alternating (default: %(default)s)")
-    for what in ("load", "train", "generate"):
+    _add_plan_flags(parsers["plan"])
+    for what in ("load", "train", "generate", "plan"):
         p = parsers[what]
         p.add_argument(
             "--device", default="auto", help="where client and server run: auto (a GPU if any), cpu, cuda, cuda:1"
@@ -207,6 +223,17 @@ def add_bench_commands(sub: Any) -> None:
         "--set", dest="overrides", action="append", default=[], help="the engines part's overrides: section.key=value"
     )
     federation.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="quality tasks")
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
+    p.add_argument(
+        "--cuts", nargs="+", default=["1,1", "2,2", "4,1", "1,4", "4,4", "6,2"], help="cuts measured, each P,Q"
+    )
+    p.add_argument("--latencies-ms", type=float, nargs="+", default=[0.0, 20.0, 100.0], help="one-way latencies")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per cut and latency (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per profiled cut")
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:

@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsea.cli.bridge import add_bridge_commands
 
     add_bridge_commands(sub)
+    from fedsea.cli.plan import add_plan_commands
+
+    add_plan_commands(sub)
 
     from fedsea.cli.bench import add_bench_commands
 

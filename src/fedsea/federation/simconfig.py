@@ -168,7 +168,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read run file {path}: {exc}") from exc
     if path is not None:
-        _data_paths(data, Path(path).parent)  # the file's relative data paths are its folder's
+        absolute_data_paths(data, Path(path).parent)  # the file's relative data paths are its folder's
     from_file = set(data["noise"]) if isinstance(data.get("noise"), dict) else set()
     from_overrides: set[str] = set()
     for assignment in overrides:
@@ -177,11 +177,11 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
             from_overrides.add(keys[1])
     if isinstance(data.get("noise"), dict):
         _noise_levels(data["noise"], from_overrides, from_file)
-    _data_paths(data, Path.cwd())  # an override's relative path is the working folder's
+    absolute_data_paths(data, Path.cwd())  # an override's relative path is the working folder's
     return build(RunConfig, data)
 
 
-def _data_paths(tree: dict[str, Any], folder: Path) -> None:
+def absolute_data_paths(tree: dict[str, Any], folder: Path) -> None:
     """Make the relative ``data`` paths of ``[task]`` and each ``[[clients]]`` absolute against
     ``folder``, in place: every party (and a ``--resume`` from the run folder's resolved
     ``config.toml``) then reads the same files wherever it runs from."""

@@ -1,0 +1,169 @@
+"""``fedsea plan`` (predicted step time of every cut, and a recommended cut per client) and ``fedsea profile``.
+
+Module import is light (argparse only): torch loads in the commands' functions, so that
+``fedsea --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+MAX_LAYERS = 6  # the largest p and q shown by default: the paper's range is 1-5, the analysis's 1-6
+REPEATS = 3  # timed steps per profiled cut
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_file(path: str | None) -> str:
+    if path is not None:
+        return path
+    from importlib.resources import files
+
+    return str(files("fedsea.federation").joinpath("demo.toml"))
+
+
+def _named(specs: list[str], what: str) -> dict[str, str]:
+    """``NAME=VALUE`` (or a bare ``VALUE``, for every client: ``*``) -> {name: value}."""
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep:
+            name, value = "*", spec
+        if not name or not value:
+            raise ValueError(f"{what} is NAME=VALUE or VALUE (every client), got {spec!r}")
+        out[name] = value
+    return out
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from fedsea.federation.plan_measure import measure_profile
+    from fedsea.federation.plan_profile import save_profile
+    from fedsea.federation.simconfig import load_config
+
+    run = load_config(_run_file(args.run))
+    client = run.client_plans()[0]
+    batch = args.batch or client.batch_size
+    tokens = args.tokens or client.max_length
+    placed = run.server_model() if args.role == "server" else client.placement()
+    profile = measure_profile(
+        args.model or run.model.source, batch, tokens, run.lora.base(), args.device or placed.device,
+        args.dtype or placed.dtype, run.wire.dtype, args.repeats, _progress,
+    )  # fmt: skip
+    path = save_profile(profile, args.out)
+    print(json.dumps({"profile": str(path), "model": profile.model, "batch": batch, "tokens": tokens,
+                      "device": profile.device, "dtype": profile.dtype}))  # fmt: skip
+    return 0
+
+
+def _table(result: Any) -> str:
+    gib = 2**30
+    lines = [f"mode {result.mode}, {result.local_steps} local steps, noise {result.level}", ""]
+    chosen = {(c.client, c.head_layers, c.tail_layers) for c in result.chosen}
+    for name, rows in result.table.items():
+        lines.append(f"{name}: predicted step (seconds) per cut, fastest first (* recommended; waiting with it)")
+        lines.append("     p  q    step  client    wire  server  client mem  bytes/step  best attack")
+        for x in rows:
+            mark = "*" if (name, x.head_layers, x.tail_layers) in chosen else " "
+            if mark == "*":
+                x = next(c for c in result.chosen if c.client == name)
+            leak = f"{x.leakage:.3f}" if x.leakage is not None else "not measured"
+            memory, sent = x.client_process_bytes / gib, x.bytes_per_step / 2**20
+            lines.append(
+                f"  {mark} {x.head_layers:2d} {x.tail_layers:2d} {x.step_s:7.3f} {x.client_s:7.3f} {x.wire_s:7.3f} "
+                f"{x.server_s:7.3f}  {memory:7.2f} GiB {sent:7.2f} MiB  {leak}"
+            )
+        lines.append("")
+    picks = ", ".join(
+        f"{c.client} (p, q) = ({c.head_layers}, {c.tail_layers}): {c.step_s:.3f} s a step"
+        + (f" ({c.waiting_s:.3f} s waiting)" if c.waiting_s > 0 else "")
+        for c in result.chosen
+    )
+    lines.append(f"recommended: {picks}; a round {result.round_s:.3g} s")
+    return "\n".join(lines)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedsea.federation.plan_leakage import default_grids
+    from fedsea.federation.plan_profile import load_profile
+    from fedsea.federation.plan_run import plan_run, write_cuts
+    from fedsea.federation.planner import Constraints, Link
+    from fedsea.federation.simconfig import load_config
+
+    run_file = _run_file(args.run)
+    run = load_config(run_file, args.set)
+    clients = {name: load_profile(path) for name, path in _named(args.client_profile, "--client-profile").items()}
+    if args.profile:
+        clients.setdefault("*", load_profile(args.profile))
+    servers = [load_profile(p) for p in args.server_profile] or ([load_profile(args.profile)] if args.profile else [])
+    links = {name: Link.parse(text) for name, text in _named(args.link, "--link").items()}
+    grids = [Path(g) for g in args.grid] if args.grid is not None else default_grids(run.model.source)
+    memory = int(args.max_client_memory_gib * 2**30) if args.max_client_memory_gib is not None else None
+    result = plan_run(
+        run, clients, servers, links, grids, Constraints(args.max_leakage, memory),
+        args.max_layers if args.max_layers > 0 else None, args.repeats, None if args.json else _progress,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({"plan": result.to_dict(), "run": run_file}))
+    else:
+        print(_table(result))
+    if args.write:
+        path = write_cuts(run_file, result.chosen, args.write)
+        print(f"wrote the recommended cuts into {path}", file=sys.stderr)
+    return 0
+
+
+def add_plan_commands(sub: Any) -> None:
+    """Register ``plan`` and ``profile`` on the ``fedsea`` subparsers."""
+    plan = sub.add_parser(
+        "plan",
+        help="predict each client's step time at every cut (p, q) and recommend one per client",
+        description="For each client of the run: predicted step time at every cut and where it goes (client "
+        "compute, wire, server compute, waiting), client memory, bytes per step and the best attack's token "
+        "recovery at the run's noise level (from the attack grids). Compute comes from profiles (`fedsea "
+        "profile` on each machine, or measured here), the network from --link or the run's [wire].",
+    )
+    plan.add_argument("--run", default=None, help="run file (default: make demo's)")
+    plan.add_argument("set", nargs="*", help="overrides of the run file: section.key=value")
+    plan.add_argument("--profile", default=None, help="one profile for the server and every client")
+    plan.add_argument(
+        "--server-profile", action="append", default=[], help="the server's profile (one per batch shape)"
+    )
+    plan.add_argument("--client-profile", action="append", default=[], help="NAME=FILE, a client's profile")
+    plan.add_argument(
+        "--link", action="append", default=[],
+        help="NAME=LATENCY_MS[:MBPS] (or LATENCY_MS[:MBPS] for every client): one-way latency and bandwidth "
+        "(default: the run's [wire] latency_ms and mbps)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--max-leakage", type=float, default=None,
+        help="the fastest cut whose best attack recovers at most this share of tokens (unmeasured cuts excluded)",
+    )  # fmt: skip
+    plan.add_argument("--max-client-memory-gib", type=float, default=None, help="fastest cut within this client memory")
+    plan.add_argument("--max-layers", type=int, default=MAX_LAYERS, help="largest p and q considered (0: all)")
+    plan.add_argument("--grid", nargs="*", default=None, help="attack_grid.json files (default: the published ones)")
+    plan.add_argument("--repeats", type=int, default=REPEATS, help="timed steps per profiled cut, when measuring")
+    plan.add_argument("--write", default=None, help="write the run file with the recommended cuts to this path")
+    plan.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    plan.set_defaults(func=_cmd_plan)
+
+    profile = sub.add_parser(
+        "profile",
+        help="measure this machine's compute per block for `fedsea plan` (run it on the server and on each client)",
+    )
+    profile.add_argument("--run", default=None, help="run file: model, batch, length, LoRA (default: make demo's)")
+    profile.add_argument("--role", choices=("client", "server"), default="client", help="whose device and dtype")
+    profile.add_argument("--out", required=True, help="the profile file to write (JSON)")
+    profile.add_argument("--model", default=None, help="model source (default: the run's)")
+    profile.add_argument("--batch", type=int, default=None, help="sequences per step (default: the run's)")
+    profile.add_argument("--tokens", type=int, default=None, help="tokens per sequence (default: the run's)")
+    profile.add_argument("--device", default=None, help="device (default: the run's for the role)")
+    profile.add_argument("--dtype", default=None, help="dtype (default: the run's for the role)")
+    profile.add_argument("--repeats", type=int, default=REPEATS, help="timed steps per profiled cut")
+    profile.set_defaults(func=_cmd_profile)

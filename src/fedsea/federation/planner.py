@@ -1,0 +1,287 @@
+"""Predicted step times of every cut, and a recommended cut per client: ``fedsea plan``'s model.
+
+One split training step of a client at cut (p, q) (``fedsea.training.step``) is, in turn: the
+client's head forward, h~_p up, the server's trunk forward, h_{L-q} down, the client's tail
+forward and backward, dL/dh_{L-q} up, the trunk's backward and AdamW step, dL/dh~_p down, the
+client's head backward and AdamW steps. Nothing overlaps, so
+
+    step = client compute + wire + server compute + waiting
+
+with each compute term read off a measured profile (``fedsea.federation.plan_profile``: a line in
+the blocks of each segment), the wire as four (B, n, d) messages of one-way latency plus size over
+bandwidth plus the codec's CPU time, and waiting as the time the server spends on other clients
+(one compute thread serves every session, ``fedsea.server.trunk``):
+
+- ``sequential``: clients take turns; no waiting; a round lasts the sum of their steps;
+- ``hierarchical``: clients step at once; each arrival at the server finds another client's
+  forward or backward under way with that client's share of the server's time, and waits its
+  mean residual (a queue with one server; the server's total work per step bounds it below);
+- ``client-batch``: one joined trunk pass per step; every client waits for the slowest to arrive
+  and for the whole joined batch (its cost, the sum of the clients' trunk times).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from fedsea.federation.plan_profile import PartyProfile
+
+MESSAGES_PER_STEP = 4  # h~_p up, h_{L-q} down, dL/dh_{L-q} up, dL/dh~_p down
+
+
+@dataclass(frozen=True)
+class Link:
+    """A client's network to the server: one-way latency (ms) and bandwidth (Mbit/s; None: unlimited)."""
+
+    latency_ms: float = 0.0
+    mbps: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.latency_ms) and self.latency_ms >= 0):
+            raise ValueError(f"latency must be >= 0 ms, got {self.latency_ms}")
+        if self.mbps is not None and not (math.isfinite(self.mbps) and self.mbps > 0):
+            raise ValueError(f"bandwidth must be > 0 Mbit/s or unlimited, got {self.mbps}")
+
+    def message_s(self, nbytes: int) -> float:
+        """Seconds one message of ``nbytes`` takes one way."""
+        return self.latency_ms / 1000 + (nbytes * 8 / (self.mbps * 1e6) if self.mbps else 0.0)
+
+    @staticmethod
+    def parse(text: str) -> Link:
+        """``LATENCY_MS`` or ``LATENCY_MS:MBPS`` (e.g. ``20`` or ``20:100``)."""
+        latency, _, mbps = text.partition(":")
+        try:
+            return Link(float(latency), float(mbps) if mbps else None)
+        except ValueError as exc:
+            raise ValueError(f"a link is LATENCY_MS or LATENCY_MS:MBPS (e.g. 20:100), got {text!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Party:
+    """A client as the planner sees it: its name, its profile, its link, and the server's profile at its batch shape."""
+
+    name: str
+    profile: PartyProfile
+    link: Link
+    server: PartyProfile
+
+    def __post_init__(self) -> None:
+        c, s = self.profile, self.server
+        if (c.model, c.num_layers, c.hidden_size, c.batch, c.tokens) != (
+            s.model,
+            s.num_layers,
+            s.hidden_size,
+            s.batch,
+            s.tokens,
+        ):
+            raise ValueError(
+                f"{self.name}'s profile is of {c.model} at batch {c.batch} x {c.tokens} tokens, the server's of "
+                f"{s.model} at {s.batch} x {s.tokens}: profile both at the run's model, batch and length"
+            )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One client's predicted step at one cut (seconds and bytes); ``leakage`` None: not measured."""
+
+    client: str
+    head_layers: int
+    tail_layers: int
+    step_s: float
+    client_s: float
+    wire_s: float
+    server_s: float
+    server_forward_s: float
+    waiting_s: float
+    client_memory_bytes: int
+    client_process_bytes: int
+    bytes_per_step: int
+    leakage: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain data, seconds rounded to 0.1 ms."""
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def all_cuts(num_layers: int, max_layers: int | None = None) -> list[tuple[int, int]]:
+    """Every (p, q) with p, q >= 1 (at most ``max_layers`` each) and p + q < L."""
+    top = num_layers - 2 if max_layers is None else min(max_layers, num_layers - 2)
+    return [(p, q) for p in range(1, top + 1) for q in range(1, top + 1) if p + q < num_layers]
+
+
+def _server_parts(server: PartyProfile, trunk_blocks: int) -> tuple[float, float]:
+    """(forward, backward + AdamW) seconds of the trunk's two calls at ``trunk_blocks``."""
+    s = server.seconds
+    return s["trunk_forward"].at(trunk_blocks), s["trunk_backward"].at(trunk_blocks) + s["trunk_optimizer"].at(
+        trunk_blocks
+    )
+
+
+def base_prediction(party: Party, cut: tuple[int, int], leakage: float | None = None) -> Prediction:
+    """The step of ``party`` at ``cut`` with the server to itself (no waiting)."""
+    p, q = cut
+    c, server = party.profile, party.server
+    layers = server.num_layers
+    if p < 1 or q < 1 or p + q >= layers:
+        raise ValueError(f"cut (p, q) = {cut} does not fit a model of {layers} blocks (p, q >= 1, p + q < L)")
+    s = c.seconds
+    client = (
+        s["head_forward"].at(p)
+        + s["head_backward"].at(p)
+        + s["tail_forward"].at(q)
+        + s["tail_backward"].at(q)
+        + s["client_optimizer"].at(p + q)
+    )
+    forward, backward = _server_parts(server, layers - p - q)
+    message = c.message_bytes
+    # Each message is encoded on one side and decoded on the other: the codec time is profiled per
+    # message (both ends); the client's profile stands for both machines' CPUs.
+    wire = MESSAGES_PER_STEP * (party.link.message_s(message) + c.codec_s)
+    adapters = 4 * (p + q) * c.block_adapter_bytes  # LoRA tensors, their gradients, AdamW's two moments
+    # The step's own tensors: h_p, h~_p, the received h_{L-q} and its gradient, in the model's dtype.
+    buffers = 4 * c.batch * c.tokens * c.hidden_size * _itemsize(c.dtype)
+    parts = (
+        c.client_fixed_weight_bytes
+        + (p + q) * c.block_weight_bytes
+        + adapters
+        + int(c.activation_bytes["head"].at(p) + c.activation_bytes["tail"].at(q))
+        + buffers
+    )
+    # fedsea's client process loads the whole base model (a cut can move between rounds): the
+    # trunk's blocks' weights are in its memory too.
+    process = parts + (layers - p - q) * c.block_weight_bytes
+    return Prediction(
+        client=party.name,
+        head_layers=p,
+        tail_layers=q,
+        step_s=client + wire + forward + backward,
+        client_s=client,
+        wire_s=wire,
+        server_s=forward + backward,
+        server_forward_s=forward,
+        waiting_s=0.0,
+        client_memory_bytes=int(parts),
+        client_process_bytes=int(process),
+        bytes_per_step=MESSAGES_PER_STEP * message,
+        leakage=leakage,
+    )
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 8 if dtype == "float64" else 2
+
+
+def with_waiting(chosen: Sequence[Prediction], mode: str) -> list[Prediction]:
+    """``chosen`` (one prediction per client, each at its own cut) with each one's waiting for the others."""
+    if mode == "sequential" or len(chosen) < 2:
+        return list(chosen)
+    if mode == "client-batch":
+        # One joined pass per step, after the last client's h_p arrives; the pass costs the sum.
+        arrive = max(c.client_s + c.wire_s for c in chosen)
+        joined = sum(c.server_s for c in chosen)
+        step = arrive + joined
+        return [dataclasses.replace(c, waiting_s=step - c.step_s, step_s=step) for c in chosen]
+    if mode != "hierarchical":
+        raise ValueError(f"mode must be sequential, client-batch or hierarchical, got {mode!r}")
+    # The residual of a client's service found under way: its two calls (forward, backward) of
+    # lengths f and b, met in proportion to their length, are half done on average.
+    residual = []
+    for c in chosen:
+        f, b = c.server_forward_s, c.server_s - c.server_forward_s
+        residual.append((f * f + b * b) / (2 * (f + b)) if f + b > 0 else 0.0)
+    steps = [c.step_s for c in chosen]
+    floor = sum(c.server_s for c in chosen)  # the server does every client's trunk work each step
+    for _ in range(100):  # a fixed point: busier neighbours, longer steps, fewer arrivals
+        waits = [
+            2 * sum(chosen[j].server_s / steps[j] * residual[j] for j in range(len(chosen)) if j != i)
+            for i in range(len(chosen))
+        ]
+        new = [max(c.step_s + w, floor) for c, w in zip(chosen, waits, strict=True)]
+        if max(abs(a - b) for a, b in zip(new, steps, strict=True)) < 1e-9:
+            break
+        steps = new
+    return [dataclasses.replace(c, waiting_s=s - c.step_s, step_s=s) for c, s in zip(chosen, steps, strict=True)]
+
+
+def round_seconds(chosen: Sequence[Prediction], mode: str, local_steps: int) -> float:
+    """A round's time: the clients in turn (``sequential``), or the slowest of them at once."""
+    if not chosen:
+        return 0.0
+    if mode == "sequential":
+        return local_steps * sum(c.step_s for c in chosen)
+    return local_steps * max(c.step_s for c in chosen)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Ceilings on a client's cut: best-attack token recovery (0-1) and client memory (bytes)."""
+
+    max_leakage: float | None = None
+    max_client_memory: int | None = None
+
+    def allows(self, prediction: Prediction) -> bool:
+        """Whether ``prediction``'s cut is within the ceilings (under a leakage ceiling, unmeasured is not)."""
+        if self.max_leakage is not None and (prediction.leakage is None or prediction.leakage > self.max_leakage):
+            return False
+        return self.max_client_memory is None or prediction.client_process_bytes <= self.max_client_memory
+
+
+def recommend(
+    parties: Sequence[Party],
+    cuts: Sequence[tuple[int, int]],
+    leakage: Mapping[int, float],
+    mode: str,
+    local_steps: int,
+    constraints: Constraints | None = None,
+) -> tuple[dict[str, list[Prediction]], list[Prediction], float]:
+    """Every cut's prediction per client, the recommended cut of each (with waiting) and the round's seconds.
+
+    The recommended cuts minimise the round's time under ``constraints``: each client's fastest
+    allowed cut, then (modes where clients share the server at once) a few passes in which each
+    client in turn moves to the cut that shortens the round given the others' (ties: the shorter
+    sum of steps).
+
+    Raises:
+        ValueError: a client has no cut within the constraints (the message names the ceiling).
+    """
+    table = {
+        party.name: sorted((base_prediction(party, cut, leakage.get(cut[0])) for cut in cuts), key=lambda x: x.step_s)
+        for party in parties
+    }
+    constraints = constraints or Constraints()
+    allowed = {name: [x for x in rows if constraints.allows(x)] for name, rows in table.items()}
+    for name, rows in allowed.items():
+        if not rows:
+            raise ValueError(_none_allowed(name, table[name], constraints))
+    chosen = [allowed[party.name][0] for party in parties]
+
+    def cost(choice: list[Prediction]) -> tuple[float, float]:
+        waited = with_waiting(choice, mode)
+        return round_seconds(waited, mode, local_steps), sum(x.step_s for x in waited)
+
+    if mode != "sequential" and len(parties) > 1:
+        for _ in range(3):
+            moved = False
+            for i, party in enumerate(parties):
+                best = min(allowed[party.name], key=lambda x: cost([*chosen[:i], x, *chosen[i + 1 :]]))
+                if best is not chosen[i] and cost([*chosen[:i], best, *chosen[i + 1 :]]) < cost(chosen):
+                    chosen[i], moved = best, True
+            if not moved:
+                break
+    waited = with_waiting(chosen, mode)
+    return table, waited, round_seconds(waited, mode, local_steps)
+
+
+def _none_allowed(name: str, rows: list[Prediction], constraints: Constraints) -> str:
+    parts = []
+    if constraints.max_leakage is not None:
+        measured = [x.leakage for x in rows if x.leakage is not None]
+        low = f"the lowest measured is {min(measured):.3f}" if measured else "no cut has a measured figure"
+        parts.append(f"a leakage ceiling of {constraints.max_leakage} ({low}; measure more with `fedsea attack`)")
+    if constraints.max_client_memory is not None:
+        least = min(x.client_process_bytes for x in rows) / 2**30
+        parts.append(f"a client memory ceiling of {constraints.max_client_memory / 2**30:.2f} GiB (least {least:.2f})")
+    return f"{name}: no cut meets {' and '.join(parts)}; raise the ceiling"

@@ -1,0 +1,92 @@
+"""Issue 18 item 2: ``fedsea profile``, ``fedsea plan`` and ``fedsea bench plan`` end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from fedsea.federation.simconfig import load_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RUN = """
+[model]
+source = "tiny-llama"
+[federation]
+clients = 2
+rounds = 2
+local_steps = 4
+mode = "hierarchical"
+[client]
+head_layers = 1
+tail_layers = 1
+batch_size = 2
+max_length = 8
+[[clients]]
+[[clients]]
+cuts = [[1, 1, 1], [2, 2, 1]]
+"""
+
+
+def _fedsea(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedsea.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300, cwd=cwd)  # fmt: skip
+
+
+def test_profile_then_plan_recommends_and_writes_the_cuts(tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(RUN)
+    prof = tmp_path / "prof.json"
+    made = _fedsea("profile", "--run", str(run_file), "--out", str(prof), "--repeats", "1")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["batch"] == 2 and prof.is_file()
+    out = tmp_path / "planned.toml"
+    planned = _fedsea("plan", "--run", str(run_file), "--profile", str(prof), "--link", "client-1=50:10",
+                      "--max-layers", "2", "--json", "--write", str(out))  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)["plan"]
+    # Every feasible cut of each client (p, q <= 2, p + q < 4), predictions that add up.
+    assert {(x["head_layers"], x["tail_layers"]) for x in plan["cuts"]["client-0"]} == {(1, 1), (1, 2), (2, 1)}
+    for x in plan["cuts"]["client-1"]:
+        assert abs(x["step_s"] - (x["client_s"] + x["wire_s"] + x["server_s"] + x["waiting_s"])) < 2e-4
+        # 4 messages of 2 x 8 x 64 fp32 values, each 50 ms plus its size over 10 Mbit/s
+        assert x["wire_s"] > 4 * (0.05 + 2 * 8 * 64 * 4 * 8 / 10e6) and x["leakage"] is None
+    assert plan["profiles"] == {"client-0": "file", "client-1": "file", "server": "file"}
+    chosen = {x["client"]: (x["head_layers"], x["tail_layers"]) for x in plan["recommended"]}
+    written = load_config(out)  # the written run file loads, with each client's recommended cut, no schedule
+    assert [(c.head_layers, c.tail_layers) for c in written.client_plans()] == [chosen["client-0"], chosen["client-1"]]
+    assert all(c.cuts is None for c in written.client_plans()) and written.federation.rounds == 2
+    table = _fedsea("plan", "--run", str(run_file), "--profile", str(prof), "--max-layers", "2")
+    assert table.returncode == 0, table.stderr
+    assert "client-1: predicted step" in table.stdout and "recommended: client-0 (p, q) = " in table.stdout
+    assert "not measured" in table.stdout  # no attack grid of tiny-llama
+
+
+def test_plan_errors_are_one_line(tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(RUN)
+    bad = _fedsea("plan", "--run", str(run_file), "--link", "fast")
+    assert bad.returncode == 2 and "LATENCY_MS:MBPS" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "junk.json").write_text("[]")
+    bad = _fedsea("plan", "--run", str(run_file), "--profile", str(tmp_path / "junk.json"))
+    assert bad.returncode == 2 and "not a fedsea plan profile" in bad.stderr
+    # Under a leakage ceiling, cuts without a measured figure are out: none is left for tiny-llama.
+    prof = tmp_path / "prof.json"
+    assert _fedsea("profile", "--run", str(run_file), "--out", str(prof), "--repeats", "1").returncode == 0
+    bad = _fedsea("plan", "--run", str(run_file), "--profile", str(prof), "--max-leakage", "0.5")
+    assert bad.returncode == 2 and "no cut has a measured figure" in bad.stderr
+    other = _fedsea("plan", "--run", str(run_file), "--profile", str(prof), "client.batch_size=4")
+    assert other.returncode == 2 and "profile it at the run's" in other.stderr
+
+
+def test_bench_plan_sets_predictions_against_real_steps():
+    run = _fedsea("bench", "plan", "--model", "tiny-llama", "--batch", "2", "--tokens", "8", "--cuts", "1,1", "2,1",
+                  "--latencies-ms", "0", "--steps", "1", "--repeats", "1")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["bench"] == "plan" and result["cases"] == 2 and len(result["rows"]) == 2
+    for row in result["rows"]:
+        assert row["measured_s"] > 0 and row["predicted_s"] > 0
+        # The bytes are predicted exactly: four B x n x d tensors, plus the wire's few framing bytes.
+        assert 0 <= row["measured_bytes_per_step"] - row["bytes_per_step"] < 400
