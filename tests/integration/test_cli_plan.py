@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from dataclasses import dataclass
 
+import pytest
+
+from fedsea.cli.main import main
 from fedsea.federation.simconfig import load_config
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN = """
 [model]
 source = "tiny-llama"
@@ -29,20 +29,34 @@ cuts = [[1, 1, 1], [2, 2, 1]]
 """
 
 
-def _fedsea(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedsea.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=300, cwd=cwd)  # fmt: skip
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_profile_then_plan_recommends_and_writes_the_cuts(tmp_path):
+@pytest.fixture
+def fedsea_cli(capsys):
+    """``fedsea ARGS`` in this process (the parser, the command and its one-line errors, as from a shell)."""
+
+    def run(*args: str) -> Ran:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return run
+
+
+def test_profile_then_plan_recommends_and_writes_the_cuts(tmp_path, fedsea_cli):
     run_file = tmp_path / "run.toml"
     run_file.write_text(RUN)
     prof = tmp_path / "prof.json"
-    made = _fedsea("profile", "--run", str(run_file), "--out", str(prof), "--repeats", "1")
+    made = fedsea_cli("profile", "--run", str(run_file), "--out", str(prof), "--repeats", "1")
     assert made.returncode == 0, made.stderr
     assert json.loads(made.stdout)["batch"] == 2 and prof.is_file()
     out = tmp_path / "planned.toml"
-    planned = _fedsea("plan", "--run", str(run_file), "--profile", str(prof), "--link", "client-1=50:10",
+    planned = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "--link", "client-1=50:10",
                       "--max-layers", "2", "--json", "--write", str(out))  # fmt: skip
     assert planned.returncode == 0, planned.stderr
     plan = json.loads(planned.stdout)["plan"]
@@ -57,31 +71,31 @@ def test_profile_then_plan_recommends_and_writes_the_cuts(tmp_path):
     written = load_config(out)  # the written run file loads, with each client's recommended cut, no schedule
     assert [(c.head_layers, c.tail_layers) for c in written.client_plans()] == [chosen["client-0"], chosen["client-1"]]
     assert all(c.cuts is None for c in written.client_plans()) and written.federation.rounds == 2
-    table = _fedsea("plan", "--run", str(run_file), "--profile", str(prof), "--max-layers", "2")
+    table = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "--max-layers", "2")
     assert table.returncode == 0, table.stderr
     assert "client-1: predicted step" in table.stdout and "recommended: client-0 (p, q) = " in table.stdout
     assert "not measured" in table.stdout  # no attack grid of tiny-llama
 
 
-def test_plan_errors_are_one_line(tmp_path):
+def test_plan_errors_are_one_line(tmp_path, fedsea_cli):
     run_file = tmp_path / "run.toml"
     run_file.write_text(RUN)
-    bad = _fedsea("plan", "--run", str(run_file), "--link", "fast")
+    bad = fedsea_cli("plan", "--run", str(run_file), "--link", "fast")
     assert bad.returncode == 2 and "LATENCY_MS:MBPS" in bad.stderr and "Traceback" not in bad.stderr
     (tmp_path / "junk.json").write_text("[]")
-    bad = _fedsea("plan", "--run", str(run_file), "--profile", str(tmp_path / "junk.json"))
+    bad = fedsea_cli("plan", "--run", str(run_file), "--profile", str(tmp_path / "junk.json"))
     assert bad.returncode == 2 and "not a fedsea plan profile" in bad.stderr
     # Under a leakage ceiling, cuts without a measured figure are out: none is left for tiny-llama.
     prof = tmp_path / "prof.json"
-    assert _fedsea("profile", "--run", str(run_file), "--out", str(prof), "--repeats", "1").returncode == 0
-    bad = _fedsea("plan", "--run", str(run_file), "--profile", str(prof), "--max-leakage", "0.5")
+    assert fedsea_cli("profile", "--run", str(run_file), "--out", str(prof), "--repeats", "1").returncode == 0
+    bad = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "--max-leakage", "0.5")
     assert bad.returncode == 2 and "no cut has a measured figure" in bad.stderr
-    other = _fedsea("plan", "--run", str(run_file), "--profile", str(prof), "client.batch_size=4")
+    other = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "client.batch_size=4")
     assert other.returncode == 2 and "profile it at the run's" in other.stderr
 
 
-def test_bench_plan_sets_predictions_against_real_steps():
-    run = _fedsea("bench", "plan", "--model", "tiny-llama", "--batch", "2", "--tokens", "8", "--cuts", "1,1", "2,1",
+def test_bench_plan_sets_predictions_against_real_steps(fedsea_cli):
+    run = fedsea_cli("bench", "plan", "--model", "tiny-llama", "--batch", "2", "--tokens", "8", "--cuts", "1,1", "2,1",
                   "--latencies-ms", "0", "--steps", "1", "--repeats", "1")  # fmt: skip
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
