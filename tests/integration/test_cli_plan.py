@@ -104,3 +104,30 @@ def test_bench_plan_sets_predictions_against_real_steps(fedsea_cli):
         assert row["measured_s"] > 0 and row["predicted_s"] > 0
         # The bytes are predicted exactly: four B x n x d tensors, plus the wire's few framing bytes.
         assert 0 <= row["measured_bytes_per_step"] - row["bytes_per_step"] < 400
+
+
+def test_profile_measures_the_link_to_a_real_server_through_a_delayed_tcp_link(tmp_path, fedsea_cli):
+    from fedsea.model.load import load_model
+    from fedsea.server.app import ServerThread, TrunkServer
+    from fedsea.server.trunk import TrunkHost
+    from fedsea.wire.delay_proxy import ProxyProcess
+
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(RUN)
+    thread = ServerThread(TrunkServer(TrunkHost(load_model("tiny-llama"))))
+    port = thread.start()
+    prof = tmp_path / "prof.json"
+    try:
+        with ProxyProcess(f"127.0.0.1:{port}", latency_ms=40) as address:  # every byte 40 ms late, each way
+            made = fedsea_cli("profile", "--run", str(run_file), "--out", str(prof), "--repeats", "1",
+                              "--server", address)  # fmt: skip
+    finally:
+        thread.stop()
+    assert made.returncode == 0, made.stderr
+    link = json.loads(made.stdout)["link"]
+    assert 35 <= link["latency_ms"] <= 40 + 60, link  # the hops add a little, never take any away
+    # plan uses the measured link for that client: four messages, each at least the latency
+    planned = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "--max-layers", "2", "--json")
+    assert planned.returncode == 0, planned.stderr
+    rows = json.loads(planned.stdout)["plan"]["cuts"]["client-0"]
+    assert all(x["wire_s"] >= 4 * link["latency_ms"] / 1000 for x in rows)

@@ -54,10 +54,51 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         args.model or run.model.source, batch, tokens, run.lora.base(), args.device or placed.device,
         args.dtype or placed.dtype, run.wire.dtype, args.repeats, _progress,
     )  # fmt: skip
+    if args.server:
+        profile = _with_link(args, run, profile)
     path = save_profile(profile, args.out)
+    tokens_step = batch * tokens
+    per_block = {  # one block's cost on this machine, as the trunk measured it (most blocks: least noise)
+        kind: {
+            "ms": round(profile.seconds[f"trunk_{kind}"].per_block * 1000, 3),
+            "tokens_per_s": round(tokens_step / max(profile.seconds[f"trunk_{kind}"].per_block, 1e-12)),
+        }
+        for kind in ("forward", "backward")
+    }
+    link = {"server": profile.link_server, "latency_ms": profile.link_latency_ms, "mbps": profile.link_mbps}
     print(json.dumps({"profile": str(path), "model": profile.model, "batch": batch, "tokens": tokens,
-                      "device": profile.device, "dtype": profile.dtype}))  # fmt: skip
+                      "device": profile.device, "dtype": profile.dtype, "per_block": per_block,
+                      **({"link": link} if args.server else {})}))  # fmt: skip
     return 0
+
+
+def _with_link(args: argparse.Namespace, run: Any, profile: Any) -> Any:
+    """``profile`` with this machine's link to ``--server`` measured (a fresh session at (1, 1))."""
+    import dataclasses
+    import os
+
+    import torch
+
+    from fedsea.cli.generate import client_tls
+    from fedsea.client.split_client import SplitClient
+    from fedsea.federation.plan_link import measure_link
+    from fedsea.model.load import load_model
+    from fedsea.model.split import split_model
+    from fedsea.training.batch import make_batch
+
+    _progress(f"measuring the link to {args.server} ...")
+    model = load_model(profile.model, profile.dtype, profile.device)
+    split = split_model(model, 1, 1).add_lora(run.lora.base())
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(3, vocab, (profile.batch, profile.tokens), generator=torch.Generator().manual_seed(0))
+    batch = make_batch(ids.tolist(), pad_token_id=0)
+    token = os.environ.get("FEDSEA_TOKEN")  # never a flag: a secret on a command line is visible to every user
+    with SplitClient(args.server, split, wire_dtype=profile.wire_dtype, tls=client_tls(args), token=token) as client:
+        measured = measure_link(client, batch, profile.codec_s)
+    link = measured.link
+    return dataclasses.replace(
+        profile, link_server=args.server, link_latency_ms=round(link.latency_ms, 3), link_mbps=link.mbps
+    )
 
 
 def _table(result: Any) -> str:
@@ -166,4 +207,12 @@ def add_plan_commands(sub: Any) -> None:
     profile.add_argument("--device", default=None, help="device (default: the run's for the role)")
     profile.add_argument("--dtype", default=None, help="dtype (default: the run's for the role)")
     profile.add_argument("--repeats", type=int, default=REPEATS, help="timed steps per profiled cut")
+    profile.add_argument(
+        "--server", default=None,
+        help="also measure this client's latency and bandwidth to a running `fedsea serve` at host:port "
+        "(token: $FEDSEA_TOKEN); `fedsea plan` then uses them for this client",
+    )  # fmt: skip
+    profile.add_argument("--tls-ca", help="with --server: CA that signed the server's certificate")
+    profile.add_argument("--tls-cert", help="with --server: client certificate, for mutual TLS")
+    profile.add_argument("--tls-key", help="with --server: client key, for mutual TLS")
     profile.set_defaults(func=_cmd_profile)

@@ -11,6 +11,7 @@ client's own meters, as in ``fedsea bench train``.
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import time
@@ -129,6 +130,8 @@ def bench_plan(
         "batch": batch,
         "tokens": tokens,
         "steps": steps,
+        "torch_threads": torch.get_num_threads(),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "profile_s": round(profile_s, 1),
         "rows": rows,
         "max_abs_error": round(max(errors), 4),

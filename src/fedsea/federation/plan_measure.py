@@ -227,5 +227,8 @@ def measure_profile(
         activation_bytes=activation,
         codec_s=_codec_seconds((batch, tokens, sizes["hidden_size"]), wire, repeats),
         created=time.time(),
-        **sizes,
+        hidden_size=sizes["hidden_size"],
+        block_weight_bytes=sizes["block_weight_bytes"],
+        block_adapter_bytes=sizes["block_adapter_bytes"],
+        client_fixed_weight_bytes=sizes["client_fixed_weight_bytes"],
     )

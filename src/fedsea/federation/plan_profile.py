@@ -108,6 +108,9 @@ class PartyProfile:
         client_fixed_weight_bytes: the embedding, the final norm and (when untied) the LM head.
         codec_s: encoding plus decoding one (B, n, d) message (both ends together, one message).
         created: Unix time of the measurement.
+        link_server: the server whose link was measured (``fedsea profile --server``), if any.
+        link_latency_ms: that link's one-way latency.
+        link_mbps: that link's bandwidth (None: unlimited, or not measured).
     """
 
     model: str
@@ -127,6 +130,9 @@ class PartyProfile:
     client_fixed_weight_bytes: int
     codec_s: float
     created: float
+    link_server: str | None = None
+    link_latency_ms: float | None = None
+    link_mbps: float | None = None
 
     def __post_init__(self) -> None:
         missing = [s for s in SEGMENTS if s not in self.seconds] + [

@@ -78,7 +78,8 @@ def plan_run(
             Missing clients are measured here at their batch shape and placement.
         server_profiles: the server's profiles, one per batch shape; a shape without one is measured here
             at ``[server]``'s device and dtype.
-        links: client name (or ``*``) -> its link; default: ``[wire] latency_ms`` and ``mbps``.
+        links: client name (or ``*``) -> its link; default: the link its profile measured, else
+            ``[wire] latency_ms`` and ``mbps``.
         grids: ``attack_grid.json`` files for the leakage column.
         constraints: ceilings on leakage and client memory.
         max_layers: the largest p and q considered (None: every cut the model allows).
@@ -123,8 +124,10 @@ def plan_run(
             sources.setdefault("server", "measured here")
         else:
             sources.setdefault("server", "file")
-        default = Link(run.wire.latency_ms, run.wire.mbps)
-        link = (links or {}).get(plan.name) or (links or {}).get("*") or default
+        link = (links or {}).get(plan.name) or (links or {}).get("*")
+        if link is None and profile.link_latency_ms is not None:  # measured by `fedsea profile --server`
+            link = Link(profile.link_latency_ms, profile.link_mbps)
+        link = link or Link(run.wire.latency_ms, run.wire.mbps)
         parties.append(Party(plan.name, profile, link, server))
     level = run_level(run)
     leakage = best_recovery(read_rows(grids, run.model.source), level) if level is not None and grids else {}
