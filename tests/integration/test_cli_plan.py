@@ -73,8 +73,24 @@ def test_profile_then_plan_recommends_and_writes_the_cuts(tmp_path, fedsea_cli):
     assert all(c.cuts is None for c in written.client_plans()) and written.federation.rounds == 2
     table = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "--max-layers", "2")
     assert table.returncode == 0, table.stderr
-    assert "client-1: predicted step" in table.stdout and "recommended: client-0 (p, q) = " in table.stdout
-    assert "not measured" in table.stdout  # no attack grid of tiny-llama
+    assert "client-1: predicted seconds per step" in table.stdout and "recommended: client-0 (p, q) = " in table.stdout
+    assert "not measured" in table.stdout and "no attack grid of tiny-llama" in table.stdout
+
+
+def test_write_drops_every_schedule_and_keeps_the_overrides(tmp_path, fedsea_cli):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(RUN.replace("[client]\n", "[client]\ncuts = [[2, 2, 1]]\n"))
+    prof = tmp_path / "prof.json"
+    assert fedsea_cli("profile", "--run", str(run_file), "--out", str(prof), "--repeats", "1").returncode == 0
+    out = tmp_path / "planned.toml"
+    done = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "--max-layers", "2", "--json",
+                      "--write", str(out), "federation.rounds=3")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    chosen = [(x["head_layers"], x["tail_layers"]) for x in json.loads(done.stdout)["plan"]["recommended"]]
+    written = load_config(out)
+    assert written.federation.rounds == 3  # the override planned with is the one written
+    # Every round of every client at its recommended cut: the [client] schedule is gone too.
+    assert [[c.cut_at(r) for r in (1, 2, 3)] for c in written.client_plans()] == [[cut] * 3 for cut in chosen]
 
 
 def test_plan_errors_are_one_line(tmp_path, fedsea_cli):
@@ -92,6 +108,31 @@ def test_plan_errors_are_one_line(tmp_path, fedsea_cli):
     assert bad.returncode == 2 and "no cut has a measured figure" in bad.stderr
     other = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "client.batch_size=4")
     assert other.returncode == 2 and "profile it at the run's" in other.stderr
+    # A profile of another LoRA (or model, wire dtype, compression) is refused, not silently used.
+    other = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "lora.r=4")
+    assert other.returncode == 2 and "a profile is of LoRA" in other.stderr
+    for args, words in (
+        (["--link", "client-9=20"], "not a client of the run"),
+        (["--client-profile", f"client0={prof}"], "not a client of the run"),
+        (["--grid", str(tmp_path)], "cannot read attack grid"),
+        (["--max-client-memory-gib", "inf"], "must be a positive number"),
+        (["--max-leakage", "2"], "in [0, 1]"),
+        (["--write", str(tmp_path / "out.yaml")], "give a .toml path"),
+        (["--write", str(tmp_path / "nowhere" / "out.toml")], "does not exist"),
+    ):
+        bad = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), *args)
+        assert bad.returncode == 2 and words in bad.stderr, (args, bad.stderr)
+    # --grid is repeatable and leaves the overrides alone.
+    grid = tmp_path / "attack_grid.json"
+    grid.write_text(json.dumps([{"defence": "none", "head_layers": 1, "relative_sigma": 0.14, "sigma": 1.0,
+                                 "clip_norm": None, "token_accuracy": 0.75}]))  # fmt: skip
+    ok = fedsea_cli("plan", "--run", str(run_file), "--profile", str(prof), "--grid", str(grid), "--json",
+                    "federation.local_steps=7")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    plan = json.loads(ok.stdout)["plan"]
+    assert plan["local_steps"] == 7 and {x["leakage"] for x in plan["cuts"]["client-0"] if x["head_layers"] == 1} == {
+        0.75
+    }
 
 
 def test_bench_plan_sets_predictions_against_real_steps(fedsea_cli):

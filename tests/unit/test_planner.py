@@ -96,6 +96,31 @@ def test_recommendation_is_the_fastest_cut_and_respects_ceilings():
         recommend(parties, cuts, leakage, "sequential", 10, Constraints(max_client_memory=1))
 
 
+def test_parts_with_different_lora_get_one_common_cut():
+    fast_client = profile(client_block=0.001, trunk_block=0.05)
+    slow_client = profile(client_block=0.2, trunk_block=0.05)
+    parties = [Party("client-0", fast_client, Link(), fast_client), Party("client-1", slow_client, Link(), fast_client)]
+    cuts = all_cuts(L, 4)
+    _, free, _ = recommend(parties, cuts, {}, "hierarchical", 5)
+    assert free[0].cut != free[1].cut  # left alone, each client takes its own best cut
+    table, common, round_s = recommend(parties, cuts, {}, "hierarchical", 5, common_cut=True)
+    assert common[0].cut == common[1].cut
+    # The common cut is the best one for the round among all shared cuts.
+    for cut in cuts:
+        at = [next(x for x in table[p.name] if x.cut == cut) for p in parties]
+        assert (
+            round_s
+            <= round_seconds(
+                with_waiting(
+                    [dataclasses.replace(x, waiting_s=0.0, step_s=x.step_s - x.waiting_s) for x in at], "hierarchical"
+                ),
+                "hierarchical",
+                5,
+            )
+            + 1e-9
+        )
+
+
 def test_waiting_for_other_clients_by_mode():
     prof = profile()
     a = base_prediction(Party("a", prof, Link(10.0), prof), (1, 1))
@@ -108,9 +133,14 @@ def test_waiting_for_other_clients_by_mode():
     )
     assert all(x.step_s >= a.server_s + b.server_s for x in hier)  # the server's work per step bounds it
     assert math.isclose(round_seconds(hier, "hierarchical", 3), 3 * max(x.step_s for x in hier))
-    joined = with_waiting([a, b], "client-batch")
-    step = max(x.client_s + x.wire_s for x in (a, b)) + a.server_s + b.server_s
+    # client-batch: clients at one cut share one joined trunk pass a step (it costs the sum, after the
+    # last arrival); clients at different cuts are different groups, queued as hierarchical ones are.
+    a2 = base_prediction(Party("a2", prof, Link(50.0), prof), (1, 1))
+    joined = with_waiting([a, a2], "client-batch")
+    step = max(x.client_s + x.wire_s for x in (a, a2)) + a.server_s + a2.server_s
     assert all(math.isclose(x.step_s, step) for x in joined)
+    apart = with_waiting([a, b], "client-batch")
+    assert [x.step_s for x in apart] == [x.step_s for x in with_waiting([a, b], "hierarchical")]
     with pytest.raises(ValueError, match="mode must be"):
         with_waiting([a, b], "gossip")
     # A server-bound pair: the floor (the sum of both trunk times) is the step.
@@ -146,6 +176,15 @@ def test_measured_profile_round_trips_and_bad_files_are_refused(tmp_path):
     assert all(prof.seconds[s].at(2) > 0 for s in SEGMENTS) and prof.codec_s > 0
     # Autograd keeps tensors per block (bytes are exact, not timed): each block adds the same.
     assert prof.activation_bytes["trunk"].per_block > 0 and prof.block_weight_bytes > prof.block_adapter_bytes > 0
+    # The weights a frozen layer saves for its input's gradient are not activations: the tail's fixed
+    # part (norm, LM head, loss: the logits and their softmax) is below the LM head's own weights plus
+    # those tensors, and a block's saved bytes do not hold its weights.
+    logits = 2 * 8 * 512 * 4  # B x n x V fp32
+    assert prof.activation_bytes["tail"].fixed < 4 * logits + 2 * 8 * 64 * 4 * 4
+    assert prof.activation_bytes["trunk"].per_block < prof.block_weight_bytes
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ValueError, match="cannot read profile"):
+        load_profile(tmp_path / "folder.json")
     path = save_profile(prof, tmp_path / "p.json")
     assert load_profile(path) == prof
     (tmp_path / "bad.json").write_text("{nope")
@@ -187,3 +226,20 @@ def test_leakage_is_the_best_attack_at_the_runs_level_and_model(tmp_path):
     published = default_grids("smollm2-135m")
     assert published and default_grids("tiny-llama") == []
     assert 2 in best_recovery(read_rows(published, "smollm2-135m"), NoiseLevel(relative=0.14))
+
+
+def test_a_measured_link_adds_the_runs_emulated_latency_and_clipped_rows_match_clipped_runs():
+    from fedsea.federation.plan_run import _link
+    from fedsea.federation.simconfig import load_config
+
+    run = load_config(None, ["wire.latency_ms=30", "wire.mbps=100"])
+    measured = dataclasses.replace(profile(), link_latency_ms=5.0, link_mbps=50.0)
+    assert _link(run, "client-0", measured, {}) == Link(35.0, 50.0)  # emulated on top of the real link
+    assert _link(run, "client-0", profile(), {}) == Link(30.0, 100.0)  # nothing measured: the emulation
+    assert _link(run, "client-0", measured, {"*": Link(1.0)}) == Link(1.0)  # --link wins
+    rows = [
+        {"defence": "none", "head_layers": 1, "relative_sigma": 0.14, "clip_norm": None, "token_accuracy": 0.9},
+        {"defence": "none", "head_layers": 1, "relative_sigma": 0.14, "clip_norm": 5.0, "token_accuracy": 0.4},
+    ]
+    assert best_recovery(rows, NoiseLevel(relative=0.14)) == {1: 0.9}
+    assert best_recovery(rows, NoiseLevel(relative=0.14), clip_norm=5.0) == {1: 0.4}

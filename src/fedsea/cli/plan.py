@@ -41,18 +41,27 @@ def _named(specs: list[str], what: str) -> dict[str, str]:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fedsea.federation.plan_measure import measure_profile
     from fedsea.federation.plan_profile import save_profile
     from fedsea.federation.simconfig import load_config
 
-    run = load_config(_run_file(args.run))
-    client = run.client_plans()[0]
+    if not Path(args.out).resolve().parent.is_dir():
+        raise ValueError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
+    if args.server and args.role == "server":
+        raise ValueError("--server measures a client's link to the trunk server: drop it with --role server")
+    run = load_config(_run_file(args.run), args.set)
+    plans = {plan.name: plan for plan in run.client_plans()}
+    if args.client not in plans:
+        raise ValueError(f"--client {args.client} is not a client of the run ({', '.join(plans)})")
+    client = plans[args.client]
     batch = args.batch or client.batch_size
     tokens = args.tokens or client.max_length
     placed = run.server_model() if args.role == "server" else client.placement()
     profile = measure_profile(
-        args.model or run.model.source, batch, tokens, run.lora.base(), args.device or placed.device,
-        args.dtype or placed.dtype, run.wire.dtype, args.repeats, _progress,
+        args.model or run.model.source, batch, tokens, run.lora.parts(), args.device or placed.device,
+        args.dtype or placed.dtype, run.wire.dtype, args.repeats, _progress, run.wire.compression,
     )  # fmt: skip
     if args.server:
         profile = _with_link(args, run, profile)
@@ -103,27 +112,21 @@ def _with_link(args: argparse.Namespace, run: Any, profile: Any) -> Any:
 
 def _table(result: Any) -> str:
     gib = 2**30
-    lines = [f"mode {result.mode}, {result.local_steps} local steps, noise {result.level}", ""]
-    chosen = {(c.client, c.head_layers, c.tail_layers) for c in result.chosen}
+    lines = [f"mode {result.mode}, {result.local_steps} local steps, noise {result.level}; leakage: {result.grids}", ""]
     for name, rows in result.table.items():
-        lines.append(f"{name}: predicted step (seconds) per cut, fastest first (* recommended; waiting with it)")
-        lines.append("     p  q    step  client    wire  server  client mem  bytes/step  best attack")
+        pick = next(c for c in result.chosen if c.client == name)
+        lines.append(f"{name}: predicted seconds per step at each cut, the others at theirs (* recommended)")
+        lines.append("     p  q    step  client    wire  server    wait  process mem  bytes/step  best attack")
         for x in rows:
-            mark = "*" if (name, x.head_layers, x.tail_layers) in chosen else " "
-            if mark == "*":
-                x = next(c for c in result.chosen if c.client == name)
+            mark = "*" if x.cut == pick.cut else " "
             leak = f"{x.leakage:.3f}" if x.leakage is not None else "not measured"
             memory, sent = x.client_process_bytes / gib, x.bytes_per_step / 2**20
             lines.append(
                 f"  {mark} {x.head_layers:2d} {x.tail_layers:2d} {x.step_s:7.3f} {x.client_s:7.3f} {x.wire_s:7.3f} "
-                f"{x.server_s:7.3f}  {memory:7.2f} GiB {sent:7.2f} MiB  {leak}"
+                f"{x.server_s:7.3f} {x.waiting_s:7.3f}  {memory:7.2f} GiB {sent:7.2f} MiB  {leak}"
             )
         lines.append("")
-    picks = ", ".join(
-        f"{c.client} (p, q) = ({c.head_layers}, {c.tail_layers}): {c.step_s:.3f} s a step"
-        + (f" ({c.waiting_s:.3f} s waiting)" if c.waiting_s > 0 else "")
-        for c in result.chosen
-    )
+    picks = ", ".join(f"{c.client} (p, q) = ({c.head_layers}, {c.tail_layers})" for c in result.chosen)
     lines.append(f"recommended: {picks}; a round {result.round_s:.3g} s")
     return "\n".join(lines)
 
@@ -133,10 +136,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from fedsea.federation.plan_leakage import default_grids
     from fedsea.federation.plan_profile import load_profile
-    from fedsea.federation.plan_run import plan_run, write_cuts
+    from fedsea.federation.plan_run import check_write_target, plan_run, write_cuts
     from fedsea.federation.planner import Constraints, Link
     from fedsea.federation.simconfig import load_config
 
+    if args.write:
+        check_write_target(args.write)
+    if args.max_leakage is not None and not 0 <= args.max_leakage <= 1:
+        raise ValueError(f"--max-leakage is a share of tokens in [0, 1], got {args.max_leakage}")
+    if args.max_client_memory_gib is not None and not (0 < args.max_client_memory_gib < 2**40):
+        raise ValueError(f"--max-client-memory-gib must be a positive number, got {args.max_client_memory_gib}")
     run_file = _run_file(args.run)
     run = load_config(run_file, args.set)
     clients = {name: load_profile(path) for name, path in _named(args.client_profile, "--client-profile").items()}
@@ -150,13 +159,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         run, clients, servers, links, grids, Constraints(args.max_leakage, memory),
         args.max_layers if args.max_layers > 0 else None, args.repeats, None if args.json else _progress,
     )  # fmt: skip
+    written = str(write_cuts(run_file, result.chosen, args.write, args.set)) if args.write else None
     if args.json:
-        print(json.dumps({"plan": result.to_dict(), "run": run_file}))
+        print(json.dumps({"plan": result.to_dict(), "run": run_file, "written": written}))
     else:
         print(_table(result))
-    if args.write:
-        path = write_cuts(run_file, result.chosen, args.write)
-        print(f"wrote the recommended cuts into {path}", file=sys.stderr)
+    if written:
+        print(f"wrote the run file with the recommended cuts to {written}", file=sys.stderr)
     return 0
 
 
@@ -186,9 +195,16 @@ def add_plan_commands(sub: Any) -> None:
         "--max-leakage", type=float, default=None,
         help="the fastest cut whose best attack recovers at most this share of tokens (unmeasured cuts excluded)",
     )  # fmt: skip
-    plan.add_argument("--max-client-memory-gib", type=float, default=None, help="fastest cut within this client memory")
+    plan.add_argument(
+        "--max-client-memory-gib", type=float, default=None,
+        help="the fastest cut within this client process memory (the whole base model, the adapters and "
+        "their optimizer, and the step's saved activations)",
+    )  # fmt: skip
     plan.add_argument("--max-layers", type=int, default=MAX_LAYERS, help="largest p and q considered (0: all)")
-    plan.add_argument("--grid", nargs="*", default=None, help="attack_grid.json files (default: the published ones)")
+    plan.add_argument(
+        "--grid", action="append", default=None, help="an attack_grid.json of `fedsea attack` (repeat for several; "
+        "default: the published grids of the run's model)",
+    )  # fmt: skip
     plan.add_argument("--repeats", type=int, default=REPEATS, help="timed steps per profiled cut, when measuring")
     plan.add_argument("--write", default=None, help="write the run file with the recommended cuts to this path")
     plan.add_argument("--json", action="store_true", help="one JSON line instead of the table")
@@ -199,6 +215,8 @@ def add_plan_commands(sub: Any) -> None:
         help="measure this machine's compute per block for `fedsea plan` (run it on the server and on each client)",
     )
     profile.add_argument("--run", default=None, help="run file: model, batch, length, LoRA (default: make demo's)")
+    profile.add_argument("set", nargs="*", help="overrides of the run file: section.key=value")
+    profile.add_argument("--client", default="client-0", help="whose batch, length and placement (--role client)")
     profile.add_argument("--role", choices=("client", "server"), default="client", help="whose device and dtype")
     profile.add_argument("--out", required=True, help="the profile file to write (JSON)")
     profile.add_argument("--model", default=None, help="model source (default: the run's)")
@@ -210,7 +228,8 @@ def add_plan_commands(sub: Any) -> None:
     profile.add_argument(
         "--server", default=None,
         help="also measure this client's latency and bandwidth to a running `fedsea serve` at host:port "
-        "(token: $FEDSEA_TOKEN); `fedsea plan` then uses them for this client",
+        "(token from $FEDSEA_TOKEN only: a secret on a command line is visible to every user); `fedsea plan` "
+        "then uses them for this client, adding the run's emulated [wire] latency",
     )  # fmt: skip
     profile.add_argument("--tls-ca", help="with --server: CA that signed the server's certificate")
     profile.add_argument("--tls-cert", help="with --server: client certificate, for mutual TLS")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -46,12 +47,15 @@ def bench_plan(
     from fedsea.experiments.bench_server import bench_device, start_bench_server, synchronize
     from fedsea.federation.plan_measure import measure_profile
     from fedsea.federation.planner import Link, Party, base_prediction
-    from fedsea.model.load import load_model
-    from fedsea.model.split import split_model
+    from fedsea.model.load import load_model, model_num_layers
+    from fedsea.model.split import check_partition, split_model
     from fedsea.training.batch import make_batch
     from fedsea.wire.ports import free_loopback_port
     from fedsea.wire.shaper import NetShaper
 
+    layers = model_num_layers(model)
+    for cut in cuts:  # before minutes of profiling
+        check_partition(layers, *cut)
     lora = LoraSpec(dropout=0.0)
     where = bench_device(device)
     t0 = time.perf_counter()
@@ -83,6 +87,7 @@ def bench_plan(
                         synchronize(where)
                         times.append(time.perf_counter() - start)
                     after = client.stats()
+                del client  # this session's client; the next one opens its own
                 measured = statistics.median(times)
                 server_s = (_seconds(after, "compute_s") - _seconds(before, "compute_s")) / steps
                 wire_s = (_seconds(after, "network_s") - _seconds(before, "network_s")) / steps
@@ -120,7 +125,11 @@ def bench_plan(
             del split
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     within = sum(e <= BOUND for e in errors)
     return {
         "bench": "plan",

@@ -66,11 +66,11 @@ def grid_model(path: Path) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def read_rows(paths: Iterable[Path], model: str | None = None) -> list[dict[str, object]]:
+def read_rows(paths: Iterable[Path], model: str | None = None, strict: bool = False) -> list[dict[str, object]]:
     """Every row of the given ``attack_grid.json`` files (a clear error for a file that is not one).
 
-    With ``model``, a file whose saved flags name another model is left out (a grid whose model is
-    not recorded is kept: the caller chose it).
+    With ``model``, a file whose saved flags name another model is left out, or with ``strict``
+    refused (a grid whose model is not recorded is kept: the caller chose it).
     """
     rows: list[dict[str, object]] = []
     for path in paths:
@@ -78,21 +78,31 @@ def read_rows(paths: Iterable[Path], model: str | None = None) -> list[dict[str,
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not JSON ({exc}): give an attack_grid.json of `fedsea attack`") from exc
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read attack grid {path} ({exc}): give attack_grid.json files") from exc
         if not isinstance(data, list) or not all(isinstance(r, dict) and "head_layers" in r for r in data):
             raise ValueError(f"{path} is not an attack grid (a list of rows with head_layers): give attack_grid.json")
-        if model is not None and grid_model(Path(path)) not in (None, model):
+        attacked = grid_model(Path(path))
+        if model is not None and attacked not in (None, model):
+            if strict:
+                raise ValueError(f"{path} attacked {attacked}, the run's model is {model}: give grids of {model}")
             continue
         rows += data
     return rows
 
 
-def best_recovery(rows: Iterable[dict[str, object]], level: NoiseLevel, defence: str = "none") -> dict[int, float]:
-    """p -> the best token accuracy of any attack on ``defence`` at ``level`` (ps without a row left out)."""
+def best_recovery(
+    rows: Iterable[dict[str, object]], level: NoiseLevel, defence: str = "none", clip_norm: float | None = None
+) -> dict[int, float]:
+    """p -> the best token accuracy of any attack on ``defence`` at ``level`` and ``clip_norm`` (the
+    per-token clipping before the noise; None: none), ps without such a row left out."""
     best: dict[int, float] = {}
     for row in rows:
         accuracy = row.get("token_accuracy")
         p = row.get("head_layers")
         if row.get("defence") != defence or not isinstance(p, int) or not level.matches(row):
+            continue
+        if row.get("clip_norm") != clip_norm:
             continue
         if isinstance(accuracy, int | float) and math.isfinite(accuracy):
             best[p] = max(best.get(p, 0.0), float(accuracy))

@@ -2,8 +2,9 @@
 
 Latency: half the median round trip of a tiny unary call (``GetStats``). Bandwidth: real split
 training steps, whose four (B, n, d) messages take, beyond four one-way latencies and the
-codec's CPU time, their size over the bandwidth; the client's meters give each step's network
-time apart from the server's compute (``fedsea.client.connection``). A transfer time within the
+server's half of the codec's CPU time, their size over the bandwidth; the client's meters give
+each step's network time apart from the server's compute (``fedsea.client.connection``). The
+server's wait for its compute thread counts as network time: measure against an idle server. A transfer time within the
 measurement's noise (under 5% of the wire's time) reads as unlimited bandwidth: the latency
 then decides.
 """
@@ -64,6 +65,8 @@ def measure_link(
     wire = (_network_s(client) - before) / steps
     hidden = int(client.split.model.config.hidden_size)
     message = int(batch.input_ids.numel()) * hidden * int(client.stats()["wire_itemsize"])
-    transfer = wire - MESSAGES_PER_STEP * (round_trip / 2 + codec_s)
+    # The client encodes before its call starts and decodes after it ends: only the server's half
+    # of each message's codec time is inside the network time.
+    transfer = wire - MESSAGES_PER_STEP * (round_trip / 2 + codec_s / 2)
     mbps = MESSAGES_PER_STEP * message * 8 / transfer / 1e6 if transfer > NOISE_SHARE * wire else None
     return LinkMeasure(Link(round_trip / 2 * 1000, mbps), round_trip, wire, message)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from fedsea.config import LoraSpec
+from fedsea.config import LoraSpec, SplitLora
 from fedsea.federation.plan_profile import MEMORY_PARTS, SEGMENT_PART, SEGMENTS, Line, PartyProfile, profile_cuts
 from fedsea.model.split import SplitModel
 from fedsea.training.batch import Batch, lm_loss
@@ -22,9 +22,13 @@ from fedsea.training.step import PartOptimizer
 
 
 @contextmanager
-def _saved_bytes(total: list[int]) -> Iterator[None]:
-    """Count the bytes autograd saves for the backward (each storage once) into ``total[0]``."""
-    seen: set[int] = set()
+def _saved_bytes(total: list[int], weights: set[int]) -> Iterator[None]:
+    """Count the bytes autograd saves for the backward (each storage once) into ``total[0]``.
+
+    ``weights``: the storages of the model's parameters, not counted: a frozen linear layer saves
+    its weight for the input's gradient, but the weight is in memory anyway (counted once, as weights).
+    """
+    seen: set[int] = set(weights)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -55,10 +59,12 @@ def _step(
         _sync(device)
         marks.append((name, time.perf_counter()))
 
+    weights = {p.untyped_storage().data_ptr() for p in split.model.parameters()} if saved is not None else set()
+
     def counted(part: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         if saved is None:
             return fn()
-        with _saved_bytes(saved[part]):
+        with _saved_bytes(saved[part], weights):
             return fn()
 
     head, trunk, tail = split.head, split.trunk, split.tail
@@ -89,7 +95,7 @@ def _step(
 
 def _one_cut(
     source: str, dtype: torch.dtype, device: torch.device, cut: tuple[int, int], batch: int, tokens: int,
-    lora: LoraSpec, repeats: int,
+    lora: LoraSpec | SplitLora, repeats: int,
 ) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:  # fmt: skip
     """Median seconds per segment and saved bytes per part of real steps at ``cut``; and weight sizes."""
     from fedsea.config import OptimConfig
@@ -130,24 +136,25 @@ def _one_cut(
     return {s: statistics.median(v) for s, v in times.items()}, {p: v[0] for p, v in saved.items()}, sizes
 
 
-def _codec_seconds(shape: tuple[int, int, int], wire_dtype: str, repeats: int) -> float:
+def _codec_seconds(shape: tuple[int, int, int], wire_dtype: str, repeats: int, compression: str = "none") -> float:
     """Median seconds to encode, serialize, parse and decode one message of ``shape`` (the wire's CPU work)."""
     from fedsea.wire import fedsea_pb2 as pb
+    from fedsea.wire.compress import compression as compression_enum
     from fedsea.wire.tensors import decode, encode
     from fedsea.wire.tensors import wire_dtype as wire_enum
 
-    enum = wire_enum(wire_dtype)
+    enum, lossy = wire_enum(wire_dtype), compression_enum(compression)
     tensor = torch.randn(shape)
     seconds = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        blobs = [chunk.SerializeToString() for chunk in encode(tensor, enum)]
+        blobs = [chunk.SerializeToString() for chunk in encode(tensor, enum, compression=lossy)]
         chunks = []
         for blob in blobs:
             chunk = pb.TensorChunk()
             chunk.ParseFromString(blob)
             chunks.append(chunk)
-        decode(chunks, "hidden", max_bytes=1 << 40)
+        decode(chunks, "hidden", max_bytes=1 << 40, allow_compression=True)
         seconds.append(time.perf_counter() - t0)
     return statistics.median(seconds[1:])
 
@@ -156,30 +163,32 @@ def measure_profile(
     source: str,
     batch: int,
     tokens: int,
-    lora: LoraSpec | None = None,
+    lora: LoraSpec | SplitLora | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     wire_dtype: str = "auto",
     repeats: int = 3,
     progress: Callable[[str], None] | None = None,
+    compression: str = "none",
 ) -> PartyProfile:
     """Time real training steps of ``source`` at (``batch``, ``tokens``) at two cuts and fit each segment's line.
 
     Args:
         source: the model (as ``fedsea.model.load.load_model`` takes it).
         batch, tokens: the run's B and n (``[client] batch_size`` and ``max_length``).
-        lora: the LoRA of every part (default ``LoraSpec(dropout=0.0)``).
+        lora: the LoRA of every part, or of each (default ``LoraSpec(dropout=0.0)``).
         device, dtype: where and how the party runs the model (``auto`` resolves as everywhere).
         wire_dtype: the messages' dtype (``auto``: the model's).
         repeats: timed steps per cut (after one warm-up step); medians.
         progress: called with a short line before each stage.
+        compression: the wire's lossy compression (``none``, ``int8``, ``fp8``), for the codec's time.
     """
     from fedsea.model.device import resolve_device, resolve_dtype, resolve_wire_dtype
     from fedsea.model.load import model_num_layers
 
     if batch < 1 or tokens < 2 or repeats < 1:
         raise ValueError(f"need batch >= 1, tokens >= 2 and repeats >= 1, got {batch}, {tokens} and {repeats}")
-    lora = lora or LoraSpec(dropout=0.0)
+    parts = SplitLora.uniform(lora or LoraSpec(dropout=0.0)) if not isinstance(lora, SplitLora) else lora
     resolved = resolve_device(device)
     where = resolved if isinstance(resolved, torch.device) else torch.device("cpu")
     torch_dtype = resolve_dtype(dtype, where)
@@ -190,7 +199,7 @@ def measure_profile(
     for cut in cuts:
         if progress is not None:
             progress(f"timing {repeats} steps at (p, q) = {cut} ...")
-        measured.append(_one_cut(source, torch_dtype, where, cut, batch, tokens, lora, repeats))
+        measured.append(_one_cut(source, torch_dtype, where, cut, batch, tokens, parts, repeats))
     (t0, m0, sizes), (t1, m1, _) = measured
 
     def blocks(cut: tuple[int, int], part: str) -> int:
@@ -221,11 +230,13 @@ def measure_profile(
         device=str(where),
         dtype=str(torch_dtype).removeprefix("torch."),
         wire_dtype=wire,
-        lora_r=lora.r,
+        lora_r=parts.trunk.r if parts.trunk is not None else 0,
+        lora=parts.summary(),
+        compression=compression,
         host=f"{platform.node()} ({torch.get_num_threads()} torch threads)",
         seconds=seconds,
         activation_bytes=activation,
-        codec_s=_codec_seconds((batch, tokens, sizes["hidden_size"]), wire, repeats),
+        codec_s=_codec_seconds((batch, tokens, sizes["hidden_size"]), wire, repeats, compression),
         created=time.time(),
         hidden_size=sizes["hidden_size"],
         block_weight_bytes=sizes["block_weight_bytes"],

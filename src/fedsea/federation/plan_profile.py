@@ -99,7 +99,10 @@ class PartyProfile:
         device: where it ran (``cpu``, ``cuda:0``, ...).
         dtype: the model's dtype.
         wire_dtype: the dtype of the messages (fp32, bf16, fp16).
-        lora_r: the LoRA rank of every part.
+        lora_r: the LoRA rank of the trunk.
+        lora: the LoRA of the parts in one line (``SplitLora.summary``): a profile serves runs with the same.
+        compression: the wire's lossy compression (``none``, ``int8``, ``fp8``): one byte per element
+            and one float32 scale per token instead of the wire dtype's bytes.
         host: the machine's name, and its torch threads, for the record.
         seconds: per segment (``SEGMENTS``), its line in the blocks of its part.
         activation_bytes: per part (``MEMORY_PARTS``), the bytes autograd keeps for the backward.
@@ -130,6 +133,8 @@ class PartyProfile:
     client_fixed_weight_bytes: int
     codec_s: float
     created: float
+    lora: str = ""
+    compression: str = "none"
     link_server: str | None = None
     link_latency_ms: float | None = None
     link_mbps: float | None = None
@@ -140,11 +145,19 @@ class PartyProfile:
         ]
         if missing:
             raise ValueError(f"profile lacks {', '.join(missing)}: measure it again with `fedsea profile`")
+        if self.wire_dtype not in _WIRE_ITEMSIZE:
+            raise ValueError(f"profile has wire dtype {self.wire_dtype!r}, not one of {', '.join(_WIRE_ITEMSIZE)}")
+        sizes = (self.num_layers, self.hidden_size, self.batch, self.tokens)
+        if not all(isinstance(v, int) and v >= 1 for v in sizes):
+            raise ValueError(f"profile has layers, width, batch and tokens {sizes}: all must be integers >= 1")
 
     @property
     def message_bytes(self) -> int:
-        """Bytes of one (B, n, d) message in the wire dtype."""
-        return self.batch * self.tokens * self.hidden_size * _WIRE_ITEMSIZE[self.wire_dtype]
+        """Bytes of one (B, n, d) message: the wire dtype's, or compressed, a byte each and a scale per token."""
+        elements = self.batch * self.tokens * self.hidden_size
+        if self.compression != "none":
+            return elements + 4 * self.batch * self.tokens
+        return elements * _WIRE_ITEMSIZE[self.wire_dtype]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (``save_profile`` writes it as JSON)."""
@@ -163,7 +176,7 @@ class PartyProfile:
             given["seconds"] = {k: Line(**v) for k, v in given["seconds"].items()}
             given["activation_bytes"] = {k: Line(**v) for k, v in given["activation_bytes"].items()}
             return PartyProfile(**given)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{where} is not a complete profile ({exc}): measure it again") from exc
 
 
@@ -182,6 +195,8 @@ def load_profile(path: str | os.PathLike[str]) -> PartyProfile:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON ({exc}): give a file written by `fedsea profile`") from exc
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read profile {path} ({exc}): give a file written by `fedsea profile`") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a fedsea plan profile")
     return PartyProfile.from_dict(data, str(path))

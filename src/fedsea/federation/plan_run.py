@@ -36,6 +36,7 @@ class PlanResult:
     chosen: list[Prediction]
     round_s: float
     profiles: dict[str, str]  # party -> where its profile came from
+    grids: str  # where the leakage column comes from
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``fedsea plan --json``."""
@@ -47,6 +48,7 @@ class PlanResult:
             "recommended": [c.to_dict() for c in self.chosen],
             "cuts": {name: [x.to_dict() for x in rows] for name, rows in self.table.items()},
             "profiles": self.profiles,
+            "grids": self.grids,
         }
 
 
@@ -87,9 +89,15 @@ def plan_run(
         progress: called with a short line before each measurement.
     """
     client_profiles = dict(client_profiles or {})
+    links = dict(links or {})
+    names = [plan.name for plan in run.client_plans()]
+    for keys, what in ((set(client_profiles), "--client-profile"), (set(links), "--link")):
+        unknown = sorted(keys - {*names, "*"})
+        if unknown:
+            raise ValueError(f"{what} names {', '.join(unknown)}, not a client of the run ({', '.join(names)})")
     measured: dict[ShapeKey, PartyProfile] = {}
     sources: dict[str, str] = {}
-    lora = run.lora.base()
+    lora = run.lora.parts()
 
     def measure(batch: int, tokens: int, device: str, dtype: str, who: str) -> PartyProfile:
         key = (batch, tokens, device, dtype)  # as the run file names them: one profile per placement
@@ -97,48 +105,57 @@ def plan_run(
             if progress is not None:
                 progress(f"profiling {run.model.source} at batch {batch} x {tokens} tokens ({device}) for {who}")
             measured[key] = measure_profile(
-                run.model.source, batch, tokens, lora, device, dtype, run.wire.dtype, repeats, progress
-            )
+                run.model.source, batch, tokens, lora, device, dtype, run.wire.dtype, repeats, progress,
+                run.wire.compression,
+            )  # fmt: skip
         return measured[key]
 
+    for one in [*client_profiles.values(), *server_profiles]:
+        check_profile(one, run)
     servers = {(p.batch, p.tokens): p for p in server_profiles}
     parties = []
     for plan in run.client_plans():
+        shape = (plan.batch_size, plan.max_length)
         profile = client_profiles.get(plan.name) or client_profiles.get("*")
         if profile is None:
             placement = plan.placement()
-            profile = measure(plan.batch_size, plan.max_length, placement.device, placement.dtype, plan.name)
+            profile = measure(*shape, placement.device, placement.dtype, plan.name)
             sources[plan.name] = "measured here"
         else:
             sources[plan.name] = "file"
-        if (profile.batch, profile.tokens) != (plan.batch_size, plan.max_length):
+        if (profile.batch, profile.tokens) != shape:
             raise ValueError(
                 f"{plan.name}'s profile is at batch {profile.batch} x {profile.tokens} tokens, the run's at "
-                f"{plan.batch_size} x {plan.max_length}: profile it at the run's ([client] batch_size, max_length)"
+                f"{shape[0]} x {shape[1]}: profile it at the run's ([client] batch_size, max_length)"
             )
-        server = servers.get((plan.batch_size, plan.max_length))
+        server = servers.get(shape)
         if server is None:
+            if server_profiles:
+                raise ValueError(
+                    f"no server profile at {plan.name}'s batch {shape[0]} x {shape[1]} tokens: give one with "
+                    "--server-profile (`fedsea profile --role server` with that --batch and --tokens)"
+                )
             placed = run.server_model()
-            server = measure(plan.batch_size, plan.max_length, placed.device, placed.dtype, "the server")
-            servers[(plan.batch_size, plan.max_length)] = server
-            sources.setdefault("server", "measured here")
+            server = servers[shape] = measure(*shape, placed.device, placed.dtype, "the server")
+            sources["server"] = "measured here"
         else:
-            sources.setdefault("server", "file")
-        link = (links or {}).get(plan.name) or (links or {}).get("*")
-        if link is None and profile.link_latency_ms is not None:  # measured by `fedsea profile --server`
-            link = Link(profile.link_latency_ms, profile.link_mbps)
-        link = link or Link(run.wire.latency_ms, run.wire.mbps)
-        parties.append(Party(plan.name, profile, link, server))
+            sources["server"] = "file"
+        parties.append(Party(plan.name, profile, _link(run, plan.name, profile, links), server))
     level = run_level(run)
-    leakage = best_recovery(read_rows(grids, run.model.source), level) if level is not None and grids else {}
+    rows = read_rows(grids, run.model.source, strict=True) if level is not None else []
+    leakage = best_recovery(rows, level, run.privacy.head_regularizer, run.noise.clip_norm) if level else {}
     cuts = all_cuts(parties[0].server.num_layers, max_layers)
     table, chosen, round_s = recommend(
-        parties, cuts, leakage, run.federation.mode, run.federation.local_steps, constraints
-    )
+        parties, cuts, leakage, run.federation.mode, run.federation.local_steps, constraints,
+        common_cut=run.lora.parts().uniform_spec is None,
+    )  # fmt: skip
     return PlanResult(
         mode=run.federation.mode,
         local_steps=run.federation.local_steps,
         level=level.describe() if level is not None else "an epsilon target (no grid level)",
+        grids=f"{len(grids)} attack grid files of {run.model.source}"
+        if rows
+        else f"no attack grid of {run.model.source} (pass --grid attack_grid.json from `fedsea attack`)",
         table=table,
         chosen=chosen,
         round_s=round_s,
@@ -146,16 +163,70 @@ def plan_run(
     )
 
 
-def write_cuts(source: str | os.PathLike[str], chosen: Sequence[Prediction], out: str | os.PathLike[str]) -> Path:
-    """Write ``source``'s run file to ``out`` with each client's recommended cut in its ``[[clients]]`` table.
+def _link(run: RunConfig, name: str, profile: PartyProfile, links: Mapping[str, Link]) -> Link:
+    """The client's link: ``--link``, else the one its profile measured plus the run's emulated
+    ``[wire]`` latency and bandwidth on top of it (the run adds them on every client), else the emulated."""
+    given = links.get(name) or links.get("*")
+    if given is not None:
+        return given
+    emulated = Link(run.wire.latency_ms, run.wire.mbps)
+    if profile.link_latency_ms is None:
+        return emulated
+    limits = [m for m in (profile.link_mbps, emulated.mbps) if m is not None]
+    return Link(profile.link_latency_ms + emulated.latency_ms, min(limits) if limits else None)
 
-    A client's ``cuts`` schedule is dropped (the recommendation is one cut for the whole run). The
-    result is checked by loading it; written atomically, as TOML (the source's comments are not kept).
+
+def check_profile(profile: PartyProfile, run: RunConfig) -> None:
+    """Refuse a profile made for another model, LoRA, wire dtype or compression than the run's."""
+    from fedsea.model.load import model_num_layers
+
+    wanted = {
+        "model": (profile.model, run.model.source),
+        "LoRA": (profile.lora, run.lora.parts().summary()),
+        "wire compression": (profile.compression, run.wire.compression),
+    }
+    if run.wire.dtype != "auto":
+        wanted["wire dtype"] = (profile.wire_dtype, run.wire.dtype)
+    for what, (theirs, ours) in wanted.items():
+        if theirs != ours:
+            raise ValueError(
+                f"a profile is of {what} {theirs!r}, the run's is {ours!r}: profile again with `fedsea profile --run`"
+            )
+    if profile.num_layers != model_num_layers(run.model.source):
+        raise ValueError(f"a profile has {profile.num_layers} blocks, the run's model another count: profile again")
+
+
+def check_write_target(path: str | os.PathLike[str]) -> None:
+    """Refuse a ``--write`` path that cannot be written, before minutes of profiling."""
+    target = Path(path)
+    if target.suffix != ".toml":
+        raise ValueError(f"--write writes TOML: give a .toml path, got {target}")
+    if not target.parent.is_dir():
+        raise ValueError(f"--write {target}: folder {target.parent} does not exist")
+
+
+def write_cuts(
+    source: str | os.PathLike[str],
+    chosen: Sequence[Prediction],
+    out: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+) -> Path:
+    """Write ``source``'s run file, with ``overrides`` (``section.key=value``) applied, to ``out`` with
+    each client's recommended cut in its ``[[clients]]`` table.
+
+    Cut schedules (``cuts``, in ``[client]`` and ``[[clients]]``) are dropped: the recommendation is
+    one cut for the whole run. The result is checked by loading it; written atomically, as TOML (the
+    source's comments are not kept).
     """
     from fedsea.federation.simconfig import absolute_data_paths, dump_tree, load_config
-    from fedsea.settings import read_settings_file
+    from fedsea.settings import apply_override, read_settings_file
 
+    check_write_target(out)
     tree = read_settings_file(source)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    if isinstance(tree.get("client"), dict):
+        tree["client"].pop("cuts", None)
     if Path(out).resolve().parent != Path(source).resolve().parent:
         absolute_data_paths(tree, Path(source).parent)  # relative data paths keep pointing at the same files
     clients = list(tree.get("clients") or [])
@@ -174,8 +245,6 @@ def write_cuts(source: str | os.PathLike[str], chosen: Sequence[Prediction], out
     tree["clients"] = clients
     text = dump_tree(tree)
     target = Path(out)
-    if target.suffix not in (".toml", ""):
-        raise ValueError(f"--write writes TOML: give a .toml path, got {target}")
     tmp = target.with_name(f".{target.name}.check.toml")
     atomic_write_text(tmp, text)
     try:

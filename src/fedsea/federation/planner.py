@@ -101,6 +101,11 @@ class Prediction:
     bytes_per_step: int
     leakage: float | None
 
+    @property
+    def cut(self) -> tuple[int, int]:
+        """(p, q)."""
+        return (self.head_layers, self.tail_layers)
+
     def to_dict(self) -> dict[str, object]:
         """Plain data, seconds rounded to 0.1 ms."""
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
@@ -174,36 +179,54 @@ def _itemsize(dtype: str) -> int:
     return 4 if dtype == "float32" else 8 if dtype == "float64" else 2
 
 
-def with_waiting(chosen: Sequence[Prediction], mode: str) -> list[Prediction]:
-    """``chosen`` (one prediction per client, each at its own cut) with each one's waiting for the others."""
-    if mode == "sequential" or len(chosen) < 2:
-        return list(chosen)
-    if mode == "client-batch":
-        # One joined pass per step, after the last client's h_p arrives; the pass costs the sum.
-        arrive = max(c.client_s + c.wire_s for c in chosen)
-        joined = sum(c.server_s for c in chosen)
-        step = arrive + joined
-        return [dataclasses.replace(c, waiting_s=step - c.step_s, step_s=step) for c in chosen]
-    if mode != "hierarchical":
-        raise ValueError(f"mode must be sequential, client-batch or hierarchical, got {mode!r}")
-    # The residual of a client's service found under way: its two calls (forward, backward) of
+def _queued(bases: Sequence[float], serve: Sequence[float], forward: Sequence[float]) -> list[float]:
+    """Steps of units sharing the server's one compute thread, each alone taking ``bases[i]`` seconds of
+    which ``serve[i]`` on the server (``forward[i]`` in its forward call, the rest in its backward)."""
+    # The residual of a unit's service found under way: its two calls (forward, backward) of
     # lengths f and b, met in proportion to their length, are half done on average.
     residual = []
-    for c in chosen:
-        f, b = c.server_forward_s, c.server_s - c.server_forward_s
+    for total, f in zip(serve, forward, strict=True):
+        b = total - f
         residual.append((f * f + b * b) / (2 * (f + b)) if f + b > 0 else 0.0)
-    steps = [c.step_s for c in chosen]
-    floor = sum(c.server_s for c in chosen)  # the server does every client's trunk work each step
+    steps = list(bases)
+    floor = sum(serve)  # the server does every unit's trunk work each step
+    n = len(bases)
     for _ in range(100):  # a fixed point: busier neighbours, longer steps, fewer arrivals
-        waits = [
-            2 * sum(chosen[j].server_s / steps[j] * residual[j] for j in range(len(chosen)) if j != i)
-            for i in range(len(chosen))
-        ]
-        new = [max(c.step_s + w, floor) for c, w in zip(chosen, waits, strict=True)]
+        waits = [2 * sum(serve[j] / steps[j] * residual[j] for j in range(n) if j != i) for i in range(n)]
+        new = [max(base + w, floor) for base, w in zip(bases, waits, strict=True)]
         if max(abs(a - b) for a, b in zip(new, steps, strict=True)) < 1e-9:
             break
         steps = new
-    return [dataclasses.replace(c, waiting_s=s - c.step_s, step_s=s) for c, s in zip(chosen, steps, strict=True)]
+    return steps
+
+
+def with_waiting(chosen: Sequence[Prediction], mode: str) -> list[Prediction]:
+    """``chosen`` (one prediction per client, each at its own cut) with each one's waiting for the others."""
+    if mode not in ("sequential", "client-batch", "hierarchical"):
+        raise ValueError(f"mode must be sequential, client-batch or hierarchical, got {mode!r}")
+    if mode == "sequential" or len(chosen) < 2:
+        return list(chosen)
+    if mode == "hierarchical":
+        steps = _queued([c.step_s for c in chosen], [c.server_s for c in chosen], [c.server_forward_s for c in chosen])
+        return [dataclasses.replace(c, waiting_s=s - c.step_s, step_s=s) for c, s in zip(chosen, steps, strict=True)]
+    # client-batch: the clients at one cut (one trunk range) form a group whose batches the server
+    # joins into one pass per step, after the group's last h_p arrives (the pass costs the sum);
+    # groups at different cuts share the compute thread as hierarchical clients do.
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(chosen):
+        groups.setdefault((c.head_layers, c.tail_layers), []).append(i)
+    members = list(groups.values())
+    serve = [sum(chosen[i].server_s for i in group) for group in members]
+    forward = [sum(chosen[i].server_forward_s for i in group) for group in members]
+    bases = [
+        max(chosen[i].client_s + chosen[i].wire_s for i in group) + s for group, s in zip(members, serve, strict=True)
+    ]
+    steps = _queued(bases, serve, forward)
+    out = list(chosen)
+    for group, step in zip(members, steps, strict=True):
+        for i in group:
+            out[i] = dataclasses.replace(chosen[i], waiting_s=step - chosen[i].step_s, step_s=step)
+    return out
 
 
 def round_seconds(chosen: Sequence[Prediction], mode: str, local_steps: int) -> float:
@@ -236,42 +259,56 @@ def recommend(
     mode: str,
     local_steps: int,
     constraints: Constraints | None = None,
+    common_cut: bool = False,
 ) -> tuple[dict[str, list[Prediction]], list[Prediction], float]:
     """Every cut's prediction per client, the recommended cut of each (with waiting) and the round's seconds.
 
     The recommended cuts minimise the round's time under ``constraints``: each client's fastest
     allowed cut, then (modes where clients share the server at once) a few passes in which each
     client in turn moves to the cut that shortens the round given the others' (ties: the shorter
-    sum of steps).
+    sum of steps). With ``common_cut`` (a run whose parts' LoRA differ: every client at one cut),
+    the one cut allowed for everyone with the shortest round. Each row of the returned table is
+    that client's step at that cut with the others at their recommended cuts (waiting included).
 
     Raises:
         ValueError: a client has no cut within the constraints (the message names the ceiling).
     """
-    table = {
-        party.name: sorted((base_prediction(party, cut, leakage.get(cut[0])) for cut in cuts), key=lambda x: x.step_s)
-        for party in parties
-    }
+    base = {party.name: [base_prediction(party, cut, leakage.get(cut[0])) for cut in cuts] for party in parties}
     constraints = constraints or Constraints()
-    allowed = {name: [x for x in rows if constraints.allows(x)] for name, rows in table.items()}
+    allowed = {name: [x for x in rows if constraints.allows(x)] for name, rows in base.items()}
     for name, rows in allowed.items():
         if not rows:
-            raise ValueError(_none_allowed(name, table[name], constraints))
-    chosen = [allowed[party.name][0] for party in parties]
+            raise ValueError(_none_allowed(name, base[name], constraints))
 
     def cost(choice: list[Prediction]) -> tuple[float, float]:
         waited = with_waiting(choice, mode)
         return round_seconds(waited, mode, local_steps), sum(x.step_s for x in waited)
 
-    if mode != "sequential" and len(parties) > 1:
-        for _ in range(3):
-            moved = False
-            for i, party in enumerate(parties):
-                best = min(allowed[party.name], key=lambda x: cost([*chosen[:i], x, *chosen[i + 1 :]]))
-                if best is not chosen[i] and cost([*chosen[:i], best, *chosen[i + 1 :]]) < cost(chosen):
-                    chosen[i], moved = best, True
-            if not moved:
-                break
+    if common_cut:
+        shared = [cut for cut in cuts if all(any(x.cut == cut for x in allowed[p.name]) for p in parties)]
+        if not shared:
+            raise ValueError("the parts' LoRA differ, so every client needs one cut, and no cut meets every ceiling")
+        at = {p.name: {x.cut: x for x in base[p.name]} for p in parties}
+        chosen = min(([at[p.name][cut] for p in parties] for cut in shared), key=cost)
+    else:
+        chosen = [min(allowed[party.name], key=lambda x: x.step_s) for party in parties]
+        if mode != "sequential" and len(parties) > 1:
+            for _ in range(3):
+                moved = False
+                for i, party in enumerate(parties):
+                    best = min(allowed[party.name], key=lambda x: cost([*chosen[:i], x, *chosen[i + 1 :]]))
+                    if best is not chosen[i] and cost([*chosen[:i], best, *chosen[i + 1 :]]) < cost(chosen):
+                        chosen[i], moved = best, True
+                if not moved:
+                    break
     waited = with_waiting(chosen, mode)
+    table = {
+        party.name: sorted(
+            (with_waiting([*chosen[:i], x, *chosen[i + 1 :]], mode)[i] for x in base[party.name]),
+            key=lambda x: x.step_s,
+        )
+        for i, party in enumerate(parties)
+    }
     return table, waited, round_seconds(waited, mode, local_steps)
 
 
