@@ -243,3 +243,13 @@ def test_a_measured_link_adds_the_runs_emulated_latency_and_clipped_rows_match_c
     ]
     assert best_recovery(rows, NoiseLevel(relative=0.14)) == {1: 0.9}
     assert best_recovery(rows, NoiseLevel(relative=0.14), clip_norm=5.0) == {1: 0.4}
+
+
+def test_near_ties_go_to_the_cut_with_the_least_client_compute():
+    # Client and server alike (one machine): every cut's step is within noise of the others.
+    flat = profile(client_block=0.02, trunk_block=0.02)
+    parties = [Party("client-0", flat, Link(), flat)]
+    _, chosen, _ = recommend(parties, all_cuts(L, 4), {}, "sequential", 1)
+    assert chosen[0].cut == (1, 1)
+    _, chosen, _ = recommend(parties, all_cuts(L, 4), {}, "sequential", 1, tie=0.0)  # no tie: the raw fastest
+    assert chosen[0].step_s == min(base_prediction(parties[0], c).step_s for c in all_cuts(L, 4))

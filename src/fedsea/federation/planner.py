@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from fedsea.federation.plan_profile import PartyProfile
 
 MESSAGES_PER_STEP = 4  # h~_p up, h_{L-q} down, dL/dh_{L-q} up, dL/dh~_p down
+# Predicted rounds this close (a fraction) to the fastest are a tie: the profile's own noise is of
+# this order (BENCHMARKS.md, fedsea bench plan: predictions within 5% of measured steps).
+TIE = 0.02
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,7 @@ def recommend(
     local_steps: int,
     constraints: Constraints | None = None,
     common_cut: bool = False,
+    tie: float = TIE,
 ) -> tuple[dict[str, list[Prediction]], list[Prediction], float]:
     """Every cut's prediction per client, the recommended cut of each (with waiting) and the round's seconds.
 
@@ -269,6 +273,8 @@ def recommend(
     sum of steps). With ``common_cut`` (a run whose parts' LoRA differ: every client at one cut),
     the one cut allowed for everyone with the shortest round. Each row of the returned table is
     that client's step at that cut with the others at their recommended cuts (waiting included).
+    Rounds within ``tie`` (a fraction) of the fastest are a tie, broken toward the least client
+    compute.
 
     Raises:
         ValueError: a client has no cut within the constraints (the message names the ceiling).
@@ -280,25 +286,32 @@ def recommend(
         if not rows:
             raise ValueError(_none_allowed(name, base[name], constraints))
 
-    def cost(choice: list[Prediction]) -> tuple[float, float]:
-        waited = with_waiting(choice, mode)
-        return round_seconds(waited, mode, local_steps), sum(x.step_s for x in waited)
+    def cost(choice: list[Prediction]) -> float:
+        return round_seconds(with_waiting(choice, mode), mode, local_steps)
+
+    def lightest(options: list[list[Prediction]]) -> list[Prediction]:
+        # Within ``tie`` of the fastest round the difference is within measurement noise: the
+        # choice that leaves the clients (the parties with the least hardware) the least compute.
+        best = min(cost(o) for o in options)
+        close = [o for o in options if cost(o) <= best * (1 + tie)]
+        return min(close, key=lambda o: (sum(x.client_s for x in o), cost(o)))
 
     if common_cut:
         shared = [cut for cut in cuts if all(any(x.cut == cut for x in allowed[p.name]) for p in parties)]
         if not shared:
             raise ValueError("the parts' LoRA differ, so every client needs one cut, and no cut meets every ceiling")
         at = {p.name: {x.cut: x for x in base[p.name]} for p in parties}
-        chosen = min(([at[p.name][cut] for p in parties] for cut in shared), key=cost)
+        chosen = lightest([[at[p.name][cut] for p in parties] for cut in shared])
     else:
-        chosen = [min(allowed[party.name], key=lambda x: x.step_s) for party in parties]
+        chosen = [lightest([[x] for x in allowed[party.name]])[0] for party in parties]
         if mode != "sequential" and len(parties) > 1:
             for _ in range(3):
                 moved = False
                 for i, party in enumerate(parties):
-                    best = min(allowed[party.name], key=lambda x: cost([*chosen[:i], x, *chosen[i + 1 :]]))
-                    if best is not chosen[i] and cost([*chosen[:i], best, *chosen[i + 1 :]]) < cost(chosen):
-                        chosen[i], moved = best, True
+                    options = [[*chosen[:i], x, *chosen[i + 1 :]] for x in allowed[party.name]]
+                    pick = lightest(options)
+                    if pick[i] is not chosen[i] and cost(pick) < cost(chosen) * (1 - tie / 10):
+                        chosen, moved = pick, True
                 if not moved:
                     break
     waited = with_waiting(chosen, mode)
