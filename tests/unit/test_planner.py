@@ -253,3 +253,19 @@ def test_near_ties_go_to_the_cut_with_the_least_client_compute():
     assert chosen[0].cut == (1, 1)
     _, chosen, _ = recommend(parties, all_cuts(L, 4), {}, "sequential", 1, tie=0.0)  # no tie: the raw fastest
     assert chosen[0].step_s == min(base_prediction(parties[0], c).step_s for c in all_cuts(L, 4))
+
+
+def test_cuts_that_do_not_fit_the_profiled_memory_are_left_out():
+    prof = profile()
+    x11 = base_prediction(Party("c", prof, Link(), prof), (1, 1))
+    x12 = base_prediction(Party("c", prof, Link(), prof), (1, 2))
+    # The server holds every block, its adapter state for the trunk and the trunk's saved tensors.
+    assert x11.server_memory_bytes == 50_000 + L * 10_000 + 4 * 8 * 100 + (100 + 8 * 1000) + 4 * 2 * 4 * 8 * 4
+    small = dataclasses.replace(prof, memory_bytes=x11.client_process_bytes)  # room for (1, 1) only
+    party = Party("client-0", small, Link(), prof)
+    table, chosen, _ = recommend([party], all_cuts(L, 3), {}, "sequential", 1)
+    assert [x.cut for x in table["client-0"]] == [(1, 1)] and chosen[0].cut == (1, 1) and x12.cut not in table
+    with pytest.raises(ValueError, match="no cut fits the memory profiled"):
+        recommend(
+            [Party("client-0", prof, Link(), dataclasses.replace(prof, memory_bytes=1))], [(1, 1)], {}, "sequential", 1
+        )

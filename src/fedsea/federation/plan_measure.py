@@ -6,6 +6,7 @@ See ``fedsea.federation.plan_profile`` for the segments and the lines fitted thr
 from __future__ import annotations
 
 import itertools
+import os
 import platform
 import statistics
 import time
@@ -136,6 +137,24 @@ def _one_cut(
     return {s: statistics.median(v) for s, v in times.items()}, {p: v[0] for p, v in saved.items()}, sizes
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Free memory on ``device`` now: the GPU's free memory, or the host's available memory (Linux's
+    ``MemAvailable``, which counts reclaimable caches; else the free pages); None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _codec_seconds(shape: tuple[int, int, int], wire_dtype: str, repeats: int, compression: str = "none") -> float:
     """Median seconds to encode, serialize, parse and decode one message of ``shape`` (the wire's CPU work)."""
     from fedsea.wire import fedsea_pb2 as pb
@@ -195,6 +214,7 @@ def measure_profile(
     wire = resolve_wire_dtype(wire_dtype, torch_dtype)
     layers = model_num_layers(source)
     cuts = profile_cuts(layers)
+    free = available_memory(where)  # before this process loads anything of its own
     measured = []
     for cut in cuts:
         if progress is not None:
@@ -233,6 +253,7 @@ def measure_profile(
         lora_r=parts.trunk.r if parts.trunk is not None else 0,
         lora=parts.summary(),
         compression=compression,
+        memory_bytes=free,
         host=f"{platform.node()} ({torch.get_num_threads()} torch threads)",
         seconds=seconds,
         activation_bytes=activation,

@@ -114,6 +114,8 @@ class PartyProfile:
         link_server: the server whose link was measured (``fedsea profile --server``), if any.
         link_latency_ms: that link's one-way latency.
         link_mbps: that link's bandwidth (None: unlimited, or not measured).
+        memory_bytes: the memory the party had free on its device before profiling (the GPU's free
+            memory, or the host's available memory); None: unknown.
     """
 
     model: str
@@ -138,6 +140,7 @@ class PartyProfile:
     link_server: str | None = None
     link_latency_ms: float | None = None
     link_mbps: float | None = None
+    memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         missing = [s for s in SEGMENTS if s not in self.seconds] + [

@@ -101,6 +101,7 @@ class Prediction:
     waiting_s: float
     client_memory_bytes: int
     client_process_bytes: int
+    server_memory_bytes: int
     bytes_per_step: int
     leakage: float | None
 
@@ -161,6 +162,16 @@ def base_prediction(party: Party, cut: tuple[int, int], leakage: float | None = 
     # fedsea's client process loads the whole base model (a cut can move between rounds): the
     # trunk's blocks' weights are in its memory too.
     process = parts + (layers - p - q) * c.block_weight_bytes
+    # The server holds the whole base model too, and for this client's session the trunk
+    # adapter with its gradient and AdamW state, and the trunk's saved activations.
+    trunk = layers - p - q
+    serving = (
+        server.client_fixed_weight_bytes
+        + layers * server.block_weight_bytes
+        + 4 * trunk * server.block_adapter_bytes
+        + int(server.activation_bytes["trunk"].at(trunk))
+        + 4 * message  # the step's received and sent tensors
+    )
     return Prediction(
         client=party.name,
         head_layers=p,
@@ -173,6 +184,7 @@ def base_prediction(party: Party, cut: tuple[int, int], leakage: float | None = 
         waiting_s=0.0,
         client_memory_bytes=int(parts),
         client_process_bytes=int(process),
+        server_memory_bytes=int(serving),
         bytes_per_step=MESSAGES_PER_STEP * message,
         leakage=leakage,
     )
@@ -255,6 +267,14 @@ class Constraints:
         return self.max_client_memory is None or prediction.client_process_bytes <= self.max_client_memory
 
 
+def fits(party: Party, prediction: Prediction) -> bool:
+    """Whether the cut fits both machines' memory as profiled (unknown memory: assumed to fit)."""
+    client, server = party.profile.memory_bytes, party.server.memory_bytes
+    return (client is None or prediction.client_process_bytes <= client) and (
+        server is None or prediction.server_memory_bytes <= server
+    )
+
+
 def recommend(
     parties: Sequence[Party],
     cuts: Sequence[tuple[int, int]],
@@ -279,7 +299,17 @@ def recommend(
     Raises:
         ValueError: a client has no cut within the constraints (the message names the ceiling).
     """
-    base = {party.name: [base_prediction(party, cut, leakage.get(cut[0])) for cut in cuts] for party in parties}
+    base = {}
+    for party in parties:
+        rows = [base_prediction(party, cut, leakage.get(cut[0])) for cut in cuts]
+        base[party.name] = [x for x in rows if fits(party, x)]  # the feasible cuts
+        if not base[party.name]:
+            least = min(rows, key=lambda x: x.client_process_bytes)
+            client, server = least.client_process_bytes / 2**30, least.server_memory_bytes / 2**30
+            raise ValueError(
+                f"{party.name}: no cut fits the memory profiled (the least needs {client:.2f} GiB on the client and "
+                f"{server:.2f} GiB on the server): a smaller batch or length, or a machine with more memory"
+            )
     constraints = constraints or Constraints()
     allowed = {name: [x for x in rows if constraints.allows(x)] for name, rows in base.items()}
     for name, rows in allowed.items():
