@@ -269,3 +269,18 @@ def test_cuts_that_do_not_fit_the_profiled_memory_are_left_out():
         recommend(
             [Party("client-0", prof, Link(), dataclasses.replace(prof, memory_bytes=1))], [(1, 1)], {}, "sequential", 1
         )
+
+
+def test_a_profile_of_a_few_blocks_plans_the_whole_random_shape():
+    from fedsea.federation.plan_run import fit_profile
+    from fedsea.federation.simconfig import load_config
+
+    run = load_config(None, ["model.source='random:llama-2-7b'", "lora.dropout=0.0", "wire.compression='none'"])
+    few = dataclasses.replace(
+        profile(), model="random:llama-2-7b?layers=4", num_layers=4, lora=run.lora.parts().summary()
+    )
+    fitted = fit_profile(few, run)
+    assert (fitted.num_layers, fitted.model) == (32, "random:llama-2-7b") and fitted.seconds == few.seconds
+    assert max(p + q for p, q in all_cuts(fitted.num_layers)) == 31
+    with pytest.raises(ValueError, match="a profile is of model 'random:llama-2-13b"):
+        fit_profile(dataclasses.replace(few, model="random:llama-2-13b?layers=4"), run)

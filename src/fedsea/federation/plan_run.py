@@ -8,6 +8,7 @@ shape and placement. ``write_cuts`` puts the recommended (p, q) of each client i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -110,8 +111,8 @@ def plan_run(
             )  # fmt: skip
         return measured[key]
 
-    for one in [*client_profiles.values(), *server_profiles]:
-        check_profile(one, run)
+    client_profiles = {name: fit_profile(one, run) for name, one in client_profiles.items()}
+    server_profiles = [fit_profile(one, run) for one in server_profiles]
     servers = {(p.batch, p.tokens): p for p in server_profiles}
     parties = []
     for plan in run.client_plans():
@@ -176,24 +177,43 @@ def _link(run: RunConfig, name: str, profile: PartyProfile, links: Mapping[str, 
     return Link(profile.link_latency_ms + emulated.latency_ms, min(limits) if limits else None)
 
 
-def check_profile(profile: PartyProfile, run: RunConfig) -> None:
-    """Refuse a profile made for another model, LoRA, wire dtype or compression than the run's."""
+def _same_shape(profiled: str, planned: str) -> bool:
+    """Whether ``profiled`` is ``planned`` or a ``random:`` source of the same shape with fewer blocks
+    (``random:llama-2-70b?layers=8`` for ``random:llama-2-70b``): its blocks cost what the whole
+    model's do, so a few blocks profile a model too large for the machine."""
+    if profiled == planned:
+        return True
+    if not (profiled.startswith("random:") and planned.startswith("random:")):
+        return False
+    from fedsea.model.synthetic import parse_random_source
+
+    return parse_random_source(profiled).name == parse_random_source(planned).name
+
+
+def fit_profile(profile: PartyProfile, run: RunConfig) -> PartyProfile:
+    """``profile`` for ``run``'s model: refused if made for another model, LoRA, wire dtype or
+    compression; a profile of fewer blocks of the same ``random:`` shape is given the run's block count."""
     from fedsea.model.load import model_num_layers
 
     wanted = {
-        "model": (profile.model, run.model.source),
         "LoRA": (profile.lora, run.lora.parts().summary()),
         "wire compression": (profile.compression, run.wire.compression),
     }
     if run.wire.dtype != "auto":
         wanted["wire dtype"] = (profile.wire_dtype, run.wire.dtype)
+    if not _same_shape(profile.model, run.model.source):
+        wanted["model"] = (profile.model, run.model.source)
     for what, (theirs, ours) in wanted.items():
         if theirs != ours:
             raise ValueError(
                 f"a profile is of {what} {theirs!r}, the run's is {ours!r}: profile again with `fedsea profile --run`"
             )
-    if profile.num_layers != model_num_layers(run.model.source):
-        raise ValueError(f"a profile has {profile.num_layers} blocks, the run's model another count: profile again")
+    layers = model_num_layers(run.model.source)
+    if profile.num_layers != layers:
+        if profile.model == run.model.source:
+            raise ValueError(f"a profile has {profile.num_layers} blocks, {run.model.source} {layers}: profile again")
+        profile = dataclasses.replace(profile, num_layers=layers, model=run.model.source)
+    return profile
 
 
 def check_write_target(path: str | os.PathLike[str]) -> None:
