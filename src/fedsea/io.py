@@ -1,13 +1,16 @@
-"""Atomic writes: a reader sees the old file or folder, or the new one, never half of one."""
+"""Atomic writes (a reader sees the old file or folder, or the new one, never half of one), and
+reading a JSON file with an error that names it and the fix."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -62,3 +65,14 @@ def atomic_directory(path: str | os.PathLike[str], *, replace: bool = True) -> I
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike[str], fix: str) -> Any:
+    """The JSON in ``path``; a ``ValueError`` naming the file and ``fix`` (what to give instead) when it
+    is not JSON or not a readable file (a folder, no permission). A missing file stays ``FileNotFoundError``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc}): {fix}") from exc
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path} ({exc}): {fix}") from exc

@@ -114,7 +114,7 @@ def test_plan_errors_are_one_line(tmp_path, fedsea_cli):
     for args, words in (
         (["--link", "client-9=20"], "not a client of the run"),
         (["--client-profile", f"client0={prof}"], "not a client of the run"),
-        (["--grid", str(tmp_path)], "cannot read attack grid"),
+        (["--grid", str(tmp_path)], "give an attack_grid.json"),
         (["--max-client-memory-gib", "inf"], "must be a positive number"),
         (["--max-leakage", "2"], "in [0, 1]"),
         (["--write", str(tmp_path / "out.yaml")], "give a .toml path"),

@@ -183,7 +183,7 @@ def test_measured_profile_round_trips_and_bad_files_are_refused(tmp_path):
     assert prof.activation_bytes["tail"].fixed < 4 * logits + 2 * 8 * 64 * 4 * 4
     assert prof.activation_bytes["trunk"].per_block < prof.block_weight_bytes
     (tmp_path / "folder.json").mkdir()
-    with pytest.raises(ValueError, match="cannot read profile"):
+    with pytest.raises(ValueError, match=r"cannot read .*give a profile"):
         load_profile(tmp_path / "folder.json")
     path = save_profile(prof, tmp_path / "p.json")
     assert load_profile(path) == prof

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
 from typing import Any
 
@@ -100,7 +99,7 @@ def bench_generate(
     split and the unsplit model round differently, and greedy decoding amplifies that).
     """
     from fedsea.client.split_client import SplitClient
-    from fedsea.experiments.bench_server import bench_device, bench_dtype, start_bench_server
+    from fedsea.experiments.bench_server import bench_device, bench_dtype, start_bench_server, stop_server
     from fedsea.model.split import split_model
     from fedsea.training.generation import GenerationConfig
     from fedsea.wire.shaper import NetShaper
@@ -199,8 +198,7 @@ def bench_generate(
                 results[f"batch{batch}"]["shaped_split_tok_s"] = round(batch * new_tokens / shaped_s, 2)
                 results[f"batch{batch}"]["rtt_limit_tok_s"] = round(batch * 1000 / (2 * latency_ms), 2)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_server(server)
     first = results[f"batch{batches[0]}"]
     # Headline fields (batch 1) as the issue names them.
     for key in ("split_tok_s", "central_tok_s", "naive_tok_s", "bytes_per_step", "theoretical_bytes_per_step"):

@@ -12,9 +12,7 @@ client's own meters, as in ``fedsea bench train``.
 from __future__ import annotations
 
 import os
-import signal
 import statistics
-import subprocess
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +42,7 @@ def bench_plan(
 
     from fedsea.client.split_client import SplitClient
     from fedsea.config import LoraSpec, OptimConfig
-    from fedsea.experiments.bench_server import bench_device, start_bench_server, synchronize
+    from fedsea.experiments.bench_server import bench_device, start_bench_server, stop_server, synchronize
     from fedsea.federation.plan_measure import measure_profile
     from fedsea.federation.planner import Link, Party, base_prediction
     from fedsea.model.load import load_model, model_num_layers
@@ -124,12 +122,7 @@ def bench_plan(
                 )
             del split
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     within = sum(e <= BOUND for e in errors)
     return {
         "bench": "plan",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import subprocess
 import sys
 import threading
@@ -45,6 +46,16 @@ def start_bench_server(model: str, port: int, device: str = "auto", dtype: str =
     cmd += ["--device", device, "--dtype", dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return wait_until_listening(proc, "the benchmark's trunk server")
+
+
+def stop_server(proc: Any, timeout: float = 60.0) -> None:
+    """SIGTERM ``proc`` (a graceful stop: sessions closed, the port freed); killed if not gone in ``timeout``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_until_listening(proc: Any, what: str) -> Any:

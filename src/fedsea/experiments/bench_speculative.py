@@ -10,7 +10,6 @@ each, and whether the tokens are the same (greedy speculative decoding must not 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -97,7 +96,7 @@ def bench_speculative(
         ``spec_vs_plain_loopback`` over all the prompts together (and ``..._worst_task``).
     """
     from fedsea.client.split_client import SplitClient
-    from fedsea.experiments.bench_server import bench_device, bench_dtype, start_bench_server
+    from fedsea.experiments.bench_server import bench_device, bench_dtype, start_bench_server, stop_server
     from fedsea.model.split import split_model
     from fedsea.training.generation import GenerationConfig
     from fedsea.wire.shaper import NetShaper
@@ -149,8 +148,7 @@ def bench_speculative(
                         _, seconds, trips = runs[task][f"{where_name}_{kind}"]
                         print(f"{task} {where_name} {kind}: {seconds:.1f} s, {trips} round trips", file=sys.stderr)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_server(server)
     totals = {"plain_s": 0.0, "spec_s": 0.0}
     for task, run in runs.items():
         ids, spec_s, trips = run["loopback_spec"]

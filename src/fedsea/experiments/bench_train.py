@@ -101,14 +101,19 @@ def bench_train(
     has each count's step time and ratio. ``wire_compression`` (int8, fp8: lossy) sends one
     byte per element, which the theoretical bytes then count.
     """
-    import signal
     from contextlib import ExitStack
 
     import torch
 
     from fedsea.client.split_client import SplitClient
     from fedsea.config import LoraSpec, OptimConfig
-    from fedsea.experiments.bench_server import bench_device, bench_dtype, start_bench_server, synchronize
+    from fedsea.experiments.bench_server import (
+        bench_device,
+        bench_dtype,
+        start_bench_server,
+        stop_server,
+        synchronize,
+    )
     from fedsea.model.split import split_model
     from fedsea.training.batch import make_batch
     from fedsea.training.step import CentralTrainer
@@ -172,8 +177,7 @@ def bench_train(
             after = client.stats()
             itemsize = int(after["wire_itemsize"]) if wire_compression == "none" else 1
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_server(server)
 
     def moved(stats: dict[str, Any]) -> int:
         rpcs = stats["rpcs"]

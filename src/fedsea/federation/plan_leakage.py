@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsea.io import read_json
+
 LEVEL_TOLERANCE = 0.10  # relative difference within which two noise levels are the same setting
 
 
@@ -74,12 +76,7 @@ def read_rows(paths: Iterable[Path], model: str | None = None, strict: bool = Fa
     """
     rows: list[dict[str, object]] = []
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not JSON ({exc}): give an attack_grid.json of `fedsea attack`") from exc
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read attack grid {path} ({exc}): give attack_grid.json files") from exc
+        data = read_json(path, "give an attack_grid.json of `fedsea attack`")
         if not isinstance(data, list) or not all(isinstance(r, dict) and "head_layers" in r for r in data):
             raise ValueError(f"{path} is not an attack grid (a list of rows with head_layers): give attack_grid.json")
         attacked = grid_model(Path(path))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsea.io import atomic_write_text
+from fedsea.io import atomic_write_text, read_json
 
 PROFILE_KIND = "fedsea-plan-profile"
 PROFILE_VERSION = 1
@@ -194,12 +194,7 @@ def save_profile(profile: PartyProfile, path: str | os.PathLike[str]) -> Path:
 
 def load_profile(path: str | os.PathLike[str]) -> PartyProfile:
     """Read a profile written by ``save_profile`` (a clear ``ValueError`` for anything else)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not JSON ({exc}): give a file written by `fedsea profile`") from exc
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read profile {path} ({exc}): give a file written by `fedsea profile`") from exc
+    data = read_json(path, "give a profile written by `fedsea profile`")
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a fedsea plan profile")
     return PartyProfile.from_dict(data, str(path))
