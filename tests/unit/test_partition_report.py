@@ -43,7 +43,8 @@ def test_report_draws_tables_and_panels_from_a_grid_json(tmp_path, capsys):
     write_report(tiny_grid(), tmp_path / "grid")
     grid = tmp_path / "grid" / "attack_grid.json"
     out = tmp_path / "by-p"
-    assert main(["attack-report", "--by-p", str(grid), "--levels", "0.14,0.5", "--out", str(out)]) == 0
+    flags = ["--levels", "0.14,0.5", "--chance", "0.525", "--out", str(out)]
+    assert main(["attack-report", "--by-p", str(grid), *flags]) == 0
     assert "9 rows" in capsys.readouterr().out
     assert (out / "partition.png").stat().st_size > 5000
     text = (out / "partition.md").read_text()

@@ -40,7 +40,7 @@ def _cmd_attack_report(args: argparse.Namespace) -> int:
     if args.by_p:
         from fedsea.experiments.partition_report import write_partition_report
 
-        found = write_partition_report(rows, Path(args.out), args.levels, args.defence)
+        found = write_partition_report(rows, Path(args.out), args.levels, args.defence, args.chance)
         print(f"{len(rows)} rows -> {found['md']}, {found['png']}")
         return 0
     paths = write_report(rows, Path(args.out))
@@ -90,4 +90,5 @@ def add_report_commands(sub: Any) -> None:
         help="with --by-p: sigma/RMS levels of the best-attack-vs-p table, comma-separated (default: 0.14)",
     )
     report.add_argument("--defence", default="none", help="with --by-p: the defence reported (default: none)")
+    report.add_argument("--chance", type=float, default=None, help="with --by-p: a dashed line at this quality")
     report.set_defaults(func=_cmd_attack_report)

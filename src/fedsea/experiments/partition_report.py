@@ -167,9 +167,16 @@ def markdown_report(settings: Sequence[Setting], levels: Sequence[float]) -> str
     return "\n".join(out) + "\n"
 
 
-def plot_by_p(settings: Sequence[Setting], levels: Sequence[float], path: Path, quality: str = "task quality") -> None:
-    """Three panels: quality vs sigma, quality vs sigma / RMS (one curve per p, symlog x),
-    and the best attack's token accuracy vs p (one curve per level; unmeasured p are gaps)."""
+def plot_by_p(
+    settings: Sequence[Setting],
+    levels: Sequence[float],
+    path: Path,
+    quality: str = "task quality",
+    chance: float | None = None,
+) -> None:
+    """Three panels: quality vs sigma, quality vs sigma / RMS (one curve per p, symlog x; a dashed
+    line at ``chance``, e.g. the majority class, if given), and the best attack's token accuracy
+    vs p (one curve per level; unmeasured p are gaps)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +194,8 @@ def plot_by_p(settings: Sequence[Setting], levels: Sequence[float], path: Path, 
         for i, p in enumerate(ps):
             points = sorted((float(getattr(s, key)), s.utility) for s in settings if s.head_layers == p)
             ax.plot(*zip(*points, strict=True), marker="o", color=colors[i % len(colors)], label=f"p = {p}")
+        if chance is not None:
+            ax.axhline(chance, linestyle="--", color="gray", linewidth=0.8, label=f"chance ({chance:g})")
         ax.set_xscale("symlog", linthresh=thresh)
         ax.set_xlabel(label)
         ax.set_ylabel(quality, fontsize=8)
@@ -215,7 +224,11 @@ def plot_by_p(settings: Sequence[Setting], levels: Sequence[float], path: Path, 
 
 
 def write_partition_report(
-    rows: Sequence[GridRow], out_dir: Path, levels: Sequence[float] = (0.14,), defence: str = "none"
+    rows: Sequence[GridRow],
+    out_dir: Path,
+    levels: Sequence[float] = (0.14,),
+    defence: str = "none",
+    chance: float | None = None,
 ) -> dict[str, Path]:
     """Write ``partition.md`` (the tables) and ``partition.png`` (the three panels) into ``out_dir``.
 
@@ -224,6 +237,8 @@ def write_partition_report(
         out_dir: the folder (created).
         levels: sigma / RMS levels of the leakage-vs-p table and panel (each > 0 or 0).
         defence: the defence whose settings are reported (``none``: the paper's noise).
+        chance: the quality of a constant guess (sst2's majority class: 0.525 on its first 200
+            validation rows), drawn as a dashed line; None draws none.
 
     Raises:
         ValueError: see ``settings_by_p``; or no level, or a level that is not a finite number >= 0.
@@ -235,7 +250,7 @@ def write_partition_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "partition.md", "png": out_dir / "partition.png"}
     paths["md"].write_text(f"quality: {quality}; defence: {defence}\n\n" + markdown_report(settings, levels))
-    plot_by_p(settings, levels, paths["png"], quality=quality)
+    plot_by_p(settings, levels, paths["png"], quality=quality, chance=chance)
     return paths
 
 
