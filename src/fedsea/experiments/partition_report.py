@@ -197,6 +197,7 @@ def plot_by_p(
         if chance is not None:
             ax.axhline(chance, linestyle="--", color="gray", linewidth=0.8, label=f"chance ({chance:g})")
         ax.set_xscale("symlog", linthresh=thresh)
+        ax.set_xlim(left=0)
         ax.set_xlabel(label)
         ax.set_ylabel(quality, fontsize=8)
         ax.grid(alpha=0.3)
@@ -204,18 +205,20 @@ def plot_by_p(
     axes[0].set_title("quality vs absolute noise")
     axes[1].set_title("quality vs noise relative to RMS(h_p)")
     ax = axes[2]
+    winners = [s.best_attack for s in settings]
+    usual = max(set(winners), key=winners.count)
     for i, level in enumerate(levels):
         hits = [(p, at_level(settings, p, level)) for p in ps]
         ys = [h.token_accuracy if h is not None else math.nan for _, h in hits]
         ax.plot(ps, ys, marker="s", color=colors[(i + 3) % len(colors)], label=f"sigma = {level:g} x RMS")
-        for p, hit in hits:  # which attack won: a best of the probe alone is a weaker bound than one with BiSR
-            if hit is not None:
-                ax.annotate(hit.best_attack.split("/")[0], (p, hit.token_accuracy), fontsize=7, alpha=0.7)
+        for p, hit in hits:  # name the winner where it is not the usual one (e.g. the probe where BiSR did not run)
+            if hit is not None and hit.best_attack != usual:
+                ax.annotate(hit.best_attack, (p, hit.token_accuracy), fontsize=7, alpha=0.8)
     ax.set_xticks(ps)
     ax.set_xlabel("cut point p (head blocks)")
     ax.set_ylabel("best attack's token accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("leakage vs p")
+    ax.set_title(f"leakage vs p (best: {usual} unless named)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
