@@ -37,9 +37,22 @@ def _cmd_attack_report(args: argparse.Namespace) -> int:
     for spec in args.grids:
         path, _, label = spec.partition("=")
         rows += load_rows(Path(path), label or None)
+    if args.by_p:
+        from fedsea.experiments.partition_report import write_partition_report
+
+        found = write_partition_report(rows, Path(args.out), args.levels, args.defence, args.chance)
+        print(f"{len(rows)} rows -> {found['md']}, {found['png']}")
+        return 0
     paths = write_report(rows, Path(args.out))
     print(f"{len(rows)} rows -> {paths['md']}, {paths['png']}")
     return 0
+
+
+def _levels(text: str) -> list[float]:
+    """An argparse type: comma-separated finite numbers >= 0."""
+    from fedsea.cli.attack import _comma_list, _non_negative
+
+    return list(_comma_list(_non_negative, "a number >= 0")(text))
 
 
 def add_report_commands(sub: Any) -> None:
@@ -64,4 +77,18 @@ def add_report_commands(sub: Any) -> None:
     )
     report.add_argument("grids", nargs="+", help="attack_grid.json files, each optionally =LABEL")
     report.add_argument("--out", required=True, help="folder for the merged attack_grid.{csv,md,json} and plot")
+    report.add_argument(
+        "--by-p",
+        action="store_true",
+        help="the partition-point analysis instead: quality vs sigma and vs sigma/RMS per p, best attack vs p "
+        "(partition.md, partition.png; ADAPTIVE.md)",
+    )
+    report.add_argument(
+        "--levels",
+        type=_levels,
+        default=[0.14],
+        help="with --by-p: sigma/RMS levels of the best-attack-vs-p table, comma-separated (default: 0.14)",
+    )
+    report.add_argument("--defence", default="none", help="with --by-p: the defence reported (default: none)")
+    report.add_argument("--chance", type=float, default=None, help="with --by-p: a dashed line at this quality")
     report.set_defaults(func=_cmd_attack_report)
