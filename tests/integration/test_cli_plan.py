@@ -63,7 +63,8 @@ def test_profile_then_plan_recommends_and_writes_the_cuts(tmp_path, fedsea_cli):
     # Every feasible cut of each client (p, q <= 2, p + q < 4), predictions that add up.
     assert {(x["head_layers"], x["tail_layers"]) for x in plan["cuts"]["client-0"]} == {(1, 1), (1, 2), (2, 1)}
     for x in plan["cuts"]["client-1"]:
-        assert abs(x["step_s"] - (x["client_s"] + x["wire_s"] + x["server_s"] + x["waiting_s"])) < 2e-4
+        parts = x["client_s"] + x["wire_s"] + x["server_s"] + x["waiting_s"]
+        assert abs(x["step_s"] - parts) <= 3e-4  # five figures, each rounded to 0.1 ms in the JSON
         # 4 messages of 2 x 8 x 64 fp32 values, each 50 ms plus its size over 10 Mbit/s
         assert x["wire_s"] > 4 * (0.05 + 2 * 8 * 64 * 4 * 8 / 10e6) and x["leakage"] is None
     assert plan["profiles"] == {"client-0": "file", "client-1": "file", "server": "file"}
