@@ -127,10 +127,10 @@ def test_unsupported_settings_are_refused_clearly(tiny_tokenizer):
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
-    drafter = PromptLookupDrafter(ngram=2)
+    drafter = PromptLookupDrafter(ngram=2, min_ngram=1)
 
-    def propose(ids, k=3):
-        return drafter.propose(ids, k, lambda p, s: s, None).tokens
+    def propose(ids, k=3, lookup=drafter):
+        return lookup.propose(ids, k, lambda p, s: s, None).tokens
 
     assert propose([1, 2, 3, 4, 9, 1, 2, 5, 6, 7, 8, 1, 2]) == [5, 6, 7]  # the latest "1 2"
     assert propose([3, 3, 3, 3, 3]) == [3, 3, 3]  # the longest continuation, not the one just behind
@@ -138,6 +138,13 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert propose([1, 2, 3, 1, 2], k=5) == [3, 1, 2]  # cut at the end of the text
     assert propose([1, 2, 3]) == []  # nothing to copy
     assert propose([7, 7], k=0) == []
+    # The default shortest match is a bigram: a lone matching token proposes nothing.
+    default = PromptLookupDrafter()
+    assert propose([4, 5, 6, 9, 5], lookup=default) == []
+    assert propose([4, 5, 6, 9, 4, 5], lookup=default) == [6, 9]  # a bigram match: at most 2 tokens
+    assert propose([1, 2, 3, 7, 1, 2, 3], lookup=default) == [7, 1, 2]  # the full trigram: up to k
+    with pytest.raises(ValueError, match="prompt_lookup_min_ngram"):
+        PromptLookupDrafter(ngram=2, min_ngram=3)
 
 
 class RecordingStepper(LocalStepper):

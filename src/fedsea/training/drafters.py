@@ -30,13 +30,18 @@ from fedsea.training.draft import Draft, Scores, pick
 if TYPE_CHECKING:
     from fedsea.model.split import SplitModel
 
-__all__ = ["BRIDGE_PREFIX", "PROMPT_LOOKUP_NGRAM", "Draft", "Drafter", "ModelDrafter", "PromptLookupDrafter", "Scores",
-           "make_drafter"]  # fmt: skip
+__all__ = ["BRIDGE_PREFIX", "PROMPT_LOOKUP_MIN_NGRAM", "PROMPT_LOOKUP_NGRAM", "Draft", "Drafter", "ModelDrafter",
+           "PromptLookupDrafter", "Scores", "make_drafter"]  # fmt: skip
 
 # Default n-gram length that prompt lookup matches (transformers' default for
 # ``max_matching_ngram_size`` is 2; 3 proposes fewer but better drafts on prose; shorter
 # n-grams are tried when the longest finds nothing).
 PROMPT_LOOKUP_NGRAM = 3
+# The shortest n-gram whose match proposes anything (vLLM's ``prompt_lookup_min``). On SmolLM2's
+# XSum and QuAC answers a unigram match's drafts were kept 1 time in 5, and a verification step
+# of 2-11 tokens costs 1.5-2.3x a one-token step on a CPU (BENCHMARKS.md, "where the speculative
+# targets stand"): a unigram draft costs more time than it saves there; bigrams and trigrams pay.
+PROMPT_LOOKUP_MIN_NGRAM = 2
 # ``GenerationConfig.speculative = "bridge:PATH"``: the self-speculative drafter with that bridge.
 BRIDGE_PREFIX = "bridge:"
 
@@ -52,26 +57,30 @@ class Drafter(Protocol):
 class PromptLookupDrafter:
     """Propose the continuation of the latest earlier occurrence of the last ``ngram`` tokens.
 
-    Tries n = ``ngram``, ``ngram`` - 1, ..., 1 and takes the first n with a match that has a
-    continuation; among matches, the one with the longest continuation (up to k), the latest of
-    those (the text being written is the likeliest to repeat itself). A full ``ngram`` match
-    proposes up to k tokens, a shorter n-gram match at most n. Deterministic: ``probs`` is None.
+    Tries n = ``ngram``, ``ngram`` - 1, ..., ``min_ngram`` and takes the first n with a match
+    that has a continuation; among matches, the one with the longest continuation (up to k), the
+    latest of those (the text being written is the likeliest to repeat itself). A full ``ngram``
+    match proposes up to k tokens, a shorter n-gram match at most n; no match of at least
+    ``min_ngram`` tokens proposes nothing (a plain one-token step). Deterministic: ``probs`` is None.
 
     Args:
         ngram: the longest n-gram to match (>= 1).
+        min_ngram: the shortest (1 <= ``min_ngram`` <= ``ngram``; 1 is transformers' behaviour).
     """
 
-    def __init__(self, ngram: int = PROMPT_LOOKUP_NGRAM) -> None:
+    def __init__(self, ngram: int = PROMPT_LOOKUP_NGRAM, min_ngram: int = PROMPT_LOOKUP_MIN_NGRAM) -> None:
         if ngram < 1:
             raise ValueError(f"prompt_lookup_ngram must be >= 1, got {ngram}")
-        self.ngram = ngram
+        if not 1 <= min_ngram <= ngram:
+            raise ValueError(f"prompt_lookup_min_ngram must be in [1, prompt_lookup_ngram = {ngram}], got {min_ngram}")
+        self.ngram, self.min_ngram = ngram, min_ngram
 
     def propose(self, ids: list[int], k: int, scores: Scores, generator: torch.Generator | None) -> Draft:
         """Up to ``k`` tokens copied from after a match of the last n-gram (``scores`` unused)."""
         if k < 1 or len(ids) < 2:
             return Draft([])
         seq = torch.tensor(ids, dtype=torch.int64)  # (T,)
-        for n in range(min(self.ngram, len(ids) - 1), 0, -1):
+        for n in range(min(self.ngram, len(ids) - 1), self.min_ngram - 1, -1):
             windows = seq.unfold(0, n, 1)  # (T - n + 1, n): every n-gram, by start
             # The last window is the n-gram itself; a match must leave at least one token after it.
             hits = (windows[:-1] == seq[-n:]).all(dim=1).nonzero().flatten()
@@ -149,7 +158,12 @@ class ModelDrafter:
 
 
 def make_drafter(
-    speculative: object, vocab_size: int, ngram: int, device: torch.device, split: SplitModel | None = None
+    speculative: object,
+    vocab_size: int,
+    ngram: int,
+    device: torch.device,
+    split: SplitModel | None = None,
+    min_ngram: int = PROMPT_LOOKUP_MIN_NGRAM,
 ) -> Drafter:
     """The drafter ``GenerationConfig.speculative`` names.
 
@@ -158,12 +172,13 @@ def make_drafter(
             bridge file at PATH (``fedsea.training.bridge_drafter``; needs ``split``); a model
             source for ``fedsea.load_model`` (a packaged name, a Hugging Face folder,
             ``random:...``), loaded once per process; or a ready ``Drafter`` object.
-        vocab_size: the target's vocabulary; ngram: prompt lookup's n; device: where a loaded
-            draft model goes; split: the client's model (its head and tail draft with a bridge).
+        vocab_size: the target's vocabulary; ngram, min_ngram: prompt lookup's longest and
+            shortest n; device: where a loaded draft model goes; split: the client's model (its
+            head and tail draft with a bridge).
     """
     if isinstance(speculative, str):
         if speculative == "prompt-lookup":
-            return PromptLookupDrafter(ngram)
+            return PromptLookupDrafter(ngram, min(min_ngram, ngram))
         if speculative.startswith(BRIDGE_PREFIX):
             if split is None:
                 raise ValueError("the bridge drafter needs the client's split model")

@@ -38,6 +38,8 @@ class GenerationConfig:
         num_draft_tokens: k, the most draft tokens checked per round trip (default 6: a miss costs
             a little compute, a hit saves a round trip; the loop asks for fewer while drafts miss).
         prompt_lookup_ngram: the longest n-gram prompt lookup matches (default 3).
+        prompt_lookup_min_ngram: the shortest n-gram whose match proposes a draft (default 2;
+            capped at ``prompt_lookup_ngram``; 1 also drafts after a single matching token).
     """
 
     max_new_tokens: int = 128
@@ -55,6 +57,7 @@ class GenerationConfig:
     speculative: object = None
     num_draft_tokens: int = 6
     prompt_lookup_ngram: int = 3
+    prompt_lookup_min_ngram: int = 2
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -65,10 +68,10 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.num_draft_tokens < 1 or self.prompt_lookup_ngram < 1:
+        if self.num_draft_tokens < 1 or self.prompt_lookup_ngram < 1 or self.prompt_lookup_min_ngram < 1:
             raise ValueError(
-                f"num_draft_tokens and prompt_lookup_ngram must be >= 1, got {self.num_draft_tokens} "
-                f"and {self.prompt_lookup_ngram}"
+                f"num_draft_tokens, prompt_lookup_ngram and prompt_lookup_min_ngram must be >= 1, got "
+                f"{self.num_draft_tokens}, {self.prompt_lookup_ngram} and {self.prompt_lookup_min_ngram}"
             )
         object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.eos_token_id, int):  # callers pass a bare id too, whatever the annotation says

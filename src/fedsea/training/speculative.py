@@ -137,7 +137,8 @@ def speculative_steps(
     Args:
         input_ids: (1, n) the prompt (left padding allowed); lengths: (1,) its real length.
         config: ``speculative`` names the drafter (see ``fedsea.training.drafters.make_drafter``),
-            ``num_draft_tokens`` is k, ``prompt_lookup_ngram`` prompt lookup's n.
+            ``num_draft_tokens`` is k, ``prompt_lookup_ngram`` and ``prompt_lookup_min_ngram``
+            prompt lookup's longest and shortest n.
         decode: ``ids -> text``, for stop strings.
         privatize: the noise on h_p, applied to every state sent, drafts included.
     """
@@ -147,7 +148,9 @@ def speculative_steps(
     device = input_ids.device
     decoder = SplitDecoder(split, stepper, input_ids, lengths, True, privatize)
     vocab = int(split.tail.lm_head.weight.shape[0])
-    drafter = make_drafter(config.speculative, vocab, config.prompt_lookup_ngram, device, split)
+    drafter = make_drafter(
+        config.speculative, vocab, config.prompt_lookup_ngram, device, split, config.prompt_lookup_min_ngram
+    )
     attach = getattr(drafter, "attach", None)
     if attach is not None:  # a drafter that builds on the decoder's caches (the bridge drafter)
         attach(decoder)
