@@ -51,7 +51,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             result = bench_speculative(
                 args.model, args.prompts_per_task, args.new_tokens, args.prompt_tokens, args.head_layers,
                 args.tail_layers, args.net_latency_ms, args.draft_tokens, args.speculative, args.wire_dtype,
-                args.device, args.dtype,
+                args.device, args.dtype, min_ngram=args.min_ngram,
             )  # fmt: skip
         else:
             result = bench_generate(
@@ -130,6 +130,7 @@ def add_bench_commands(sub: Any) -> None:
     from fedsea.config import SplitConfig, WireConfig
     from fedsea.experiments.constants import GENERATE_LATENCY_MS
     from fedsea.model.constants import DEFAULT_MODEL
+    from fedsea.training.generation_config import GenerationConfig
 
     bench = sub.add_parser("bench", help="run a benchmark; prints one JSON line")
     kinds = bench.add_subparsers(dest="what", required=True)
@@ -203,6 +204,10 @@ def add_bench_commands(sub: Any) -> None:
     )  # fmt: skip
     generate.add_argument("--draft-tokens", type=int, default=6, help="with --speculative: most draft tokens a step")
     generate.add_argument("--prompts-per-task", type=int, default=3, help="with --speculative: prompts per task")
+    generate.add_argument(
+        "--min-ngram", type=int, default=GenerationConfig.prompt_lookup_min_ngram,
+        help="with --speculative prompt-lookup: the shortest n-gram match that drafts (prompt_lookup_min_ngram)",
+    )  # fmt: skip
     add_settings_flags(generate, SplitConfig())
     wire = WireConfig(latency_ms=GENERATE_LATENCY_MS)  # the round trip the generation figures assume
     add_settings_flags(generate, wire, ["dtype", "latency_ms"], flags=WIRE_FLAGS, choices=wire_choices())

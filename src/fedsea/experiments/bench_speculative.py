@@ -9,6 +9,7 @@ each, and whether the tokens are the same (greedy speculative decoding must not 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -76,6 +77,7 @@ def bench_speculative(
     dtype: str = "float32",
     data_dir: str | None = None,
     threads: int | None = 1,
+    min_ngram: int | None = None,
 ) -> dict[str, Any]:
     """Plain against speculative split generation, per task, on loopback and at ``latency_ms``.
 
@@ -84,6 +86,7 @@ def bench_speculative(
         new_tokens: at most this many new tokens per answer (greedy; an answer may end at EOS).
         max_prompt_tokens: a longer input is cut (the article's start, the dialogue's end).
         speculative, draft_tokens: the drafter and k (``GenerationConfig``).
+        min_ngram: prompt lookup's shortest match (``prompt_lookup_min_ngram``; None: the default).
         threads: CPU threads of the client and of the server process (default 1 each: the two
             share the machine's cores, and two multi-threaded processes on two cores make OpenMP
             barriers, hence every step carrying several tokens, several times slower); None
@@ -120,6 +123,8 @@ def bench_speculative(
     tokenizer = load_tokenizer(model)
     plain = GenerationConfig(max_new_tokens=new_tokens)  # EOS: the tokenizer's (SplitClient fills it in)
     spec = GenerationConfig(max_new_tokens=new_tokens, speculative=speculative, num_draft_tokens=draft_tokens)
+    if min_ngram is not None:
+        spec = dataclasses.replace(spec, prompt_lookup_min_ngram=min_ngram)
     prompts = {t: _prompts(t, prompts_per_task, tokenizer, max_prompt_tokens, data_dir) for t in SPECULATIVE_TASKS}
     results: dict[str, Any] = {
         "bench": "generate-speculative",
@@ -128,6 +133,7 @@ def bench_speculative(
         "dtype": dtype,
         "speculative": speculative,
         "draft_tokens": draft_tokens,
+        "prompt_lookup_min_ngram": spec.prompt_lookup_min_ngram,
         "new_tokens": new_tokens,
         "prompts_per_task": prompts_per_task,
         "max_prompt_tokens": max_prompt_tokens,
