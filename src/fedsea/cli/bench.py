@@ -202,7 +202,10 @@ def add_bench_commands(sub: Any) -> None:
         "a model source) on XSum and QuAC "
         "prompts, loopback and at --net-latency-ms (--prompt-tokens caps each input)",
     )  # fmt: skip
-    generate.add_argument("--draft-tokens", type=int, default=6, help="with --speculative: most draft tokens a step")
+    generate.add_argument(
+        "--draft-tokens", type=int, default=GenerationConfig.num_draft_tokens,
+        help="with --speculative: most draft tokens a step",
+    )  # fmt: skip
     generate.add_argument("--prompts-per-task", type=int, default=3, help="with --speculative: prompts per task")
     generate.add_argument(
         "--min-ngram", type=int, default=GenerationConfig.prompt_lookup_min_ngram,

@@ -182,7 +182,10 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
         "tokenizer (a --model source)",
     )
     parser.add_argument(
-        "--draft-tokens", type=int, default=6, help="with --speculative: at most this many draft tokens per round trip"
+        "--draft-tokens",
+        type=int,
+        default=g.num_draft_tokens,
+        help="with --speculative: at most this many draft tokens per round trip",
     )
 
 

@@ -20,6 +20,7 @@ import torch
 from fedsea.config import SplitConfig, WireConfig
 from fedsea.model.device import resolve_wire_dtype
 from fedsea.model.load import DEFAULT_MODEL, load_model, load_tokenizer
+from fedsea.training.generation_config import GenerationConfig
 from fedsea.wire.ports import free_loopback_port
 
 # Tasks measured and which end of a long input is kept: an XSum article's lead, a QuAC
@@ -70,7 +71,7 @@ def bench_speculative(
     head_layers: int = SplitConfig.head_layers,
     tail_layers: int = SplitConfig.tail_layers,
     latency_ms: float = 25.0,
-    draft_tokens: int = 5,
+    draft_tokens: int = GenerationConfig.num_draft_tokens,
     speculative: str = "prompt-lookup",
     wire_dtype: str = WireConfig.dtype,
     device: str = "cpu",
@@ -101,7 +102,6 @@ def bench_speculative(
     from fedsea.client.split_client import SplitClient
     from fedsea.experiments.bench_server import bench_device, bench_dtype, start_bench_server, stop_server
     from fedsea.model.split import split_model
-    from fedsea.training.generation import GenerationConfig
     from fedsea.wire.shaper import NetShaper
 
     where = bench_device(device)

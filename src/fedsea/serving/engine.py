@@ -98,7 +98,7 @@ class SplitEngine:
         default_max_tokens: int = 512,
         max_queue: int = 32,
         speculative: object = None,
-        num_draft_tokens: int = 6,
+        num_draft_tokens: int = GenerationConfig.num_draft_tokens,
     ) -> None:
         if client.tokenizer is None:
             raise ValueError("the endpoint needs a tokenizer: SplitClient(..., tokenizer=...)")
