@@ -7,6 +7,7 @@ import torch
 
 import fedsea
 from fedsea.training.drafters import ModelDrafter
+from fedsea.training.generation_config import GenerationConfig
 from tests.conftest import randomize_lora
 from tests.integration.conftest import TINY
 
@@ -47,7 +48,7 @@ def test_speculative_over_grpc_equals_hf_in_fewer_round_trips(server, tiny_token
                 trips = client.connection.meter.rpc("generate").calls - before
                 assert spec.token_ids[0] == theirs, name
                 assert trips <= plain_trips, name
-            # The target as its own drafter: every draft kept, k + 1 = 7 tokens a round trip after the prefill.
+            # The target as its own drafter: every draft kept, k + 1 tokens a round trip after the prefill.
             before = client.connection.meter.rpc("generate").calls
             spec = client.generate_ids(
                 enc["input_ids"],
@@ -57,7 +58,8 @@ def test_speculative_over_grpc_equals_hf_in_fewer_round_trips(server, tiny_token
                 speculative=ModelDrafter(split.model, 512),
             )
             assert spec.token_ids[0] == theirs
-            assert client.connection.meter.rpc("generate").calls - before == 1 + -(-23 // 7)
+            k = GenerationConfig.num_draft_tokens
+            assert client.connection.meter.rpc("generate").calls - before == 1 + -(-23 // (k + 1))
             streamed = "".join(
                 client.stream(PROMPT, chat=False, max_new_tokens=24, eos_token_id=(), speculative="prompt-lookup")
             )

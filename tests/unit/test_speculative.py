@@ -138,10 +138,12 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert propose([1, 2, 3, 1, 2], k=5) == [3, 1, 2]  # cut at the end of the text
     assert propose([1, 2, 3]) == []  # nothing to copy
     assert propose([7, 7], k=0) == []
-    # The default shortest match is a bigram: a lone matching token proposes nothing.
+    # A shorter match than min_ngram proposes nothing; the default drafts on a full trigram only.
+    bigram = PromptLookupDrafter(ngram=3, min_ngram=2)
+    assert propose([4, 5, 6, 9, 5], lookup=bigram) == []
+    assert propose([4, 5, 6, 9, 4, 5], lookup=bigram) == [6, 9]  # a bigram match: at most 2 tokens
     default = PromptLookupDrafter()
-    assert propose([4, 5, 6, 9, 5], lookup=default) == []
-    assert propose([4, 5, 6, 9, 4, 5], lookup=default) == [6, 9]  # a bigram match: at most 2 tokens
+    assert propose([4, 5, 6, 9, 4, 5], lookup=default) == []
     assert propose([1, 2, 3, 7, 1, 2, 3], lookup=default) == [7, 1, 2]  # the full trigram: up to k
     with pytest.raises(ValueError, match="prompt_lookup_min_ngram"):
         PromptLookupDrafter(ngram=2, min_ngram=3)

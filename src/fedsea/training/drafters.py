@@ -38,10 +38,10 @@ __all__ = ["BRIDGE_PREFIX", "PROMPT_LOOKUP_MIN_NGRAM", "PROMPT_LOOKUP_NGRAM", "D
 # n-grams are tried when the longest finds nothing).
 PROMPT_LOOKUP_NGRAM = 3
 # The shortest n-gram whose match proposes anything (vLLM's ``prompt_lookup_min``). On SmolLM2's
-# XSum and QuAC answers a unigram match's drafts were kept 1 time in 5, and a verification step
-# of 2-11 tokens costs 1.5-2.3x a one-token step on a CPU (BENCHMARKS.md, "where the speculative
-# targets stand"): a unigram draft costs more time than it saves there; bigrams and trigrams pay.
-PROMPT_LOOKUP_MIN_NGRAM = 2
+# XSum and QuAC answers a unigram match's drafts were kept 1 time in 5, a trigram's 3 in 5, and
+# a verification step of 2-11 tokens costs 1.5-2.1x a one-token step on a CPU (BENCHMARKS.md,
+# "where the speculative targets stand"): there only a full match pays for its step.
+PROMPT_LOOKUP_MIN_NGRAM = 3
 # ``GenerationConfig.speculative = "bridge:PATH"``: the self-speculative drafter with that bridge.
 BRIDGE_PREFIX = "bridge:"
 

@@ -35,11 +35,14 @@ class GenerationConfig:
             caches on): ``"prompt-lookup"`` (n-gram matches in the prompt and the text so far),
             a draft model source for ``fedsea.load_model`` sharing the tokenizer, or a
             ``fedsea.training.drafters.Drafter``; None (default) generates one token per step.
-        num_draft_tokens: k, the most draft tokens checked per round trip (default 6: a miss costs
-            a little compute, a hit saves a round trip; the loop asks for fewer while drafts miss).
+        num_draft_tokens: k, the most draft tokens checked per round trip (default 10: a hit saves
+            a round trip, and on a CPU a step of 11 tokens costs about what one of 7 does; the loop
+            asks for fewer while drafts miss).
         prompt_lookup_ngram: the longest n-gram prompt lookup matches (default 3).
-        prompt_lookup_min_ngram: the shortest n-gram whose match proposes a draft (default 2;
-            capped at ``prompt_lookup_ngram``; 1 also drafts after a single matching token).
+        prompt_lookup_min_ngram: the shortest n-gram whose match proposes a draft (default 3: only
+            a full match; capped at ``prompt_lookup_ngram``). Lower it where a step of several
+            tokens costs about what one does (a GPU): shorter matches then add tokens per round
+            trip; on a CPU their misses cost more than they save (BENCHMARKS.md).
     """
 
     max_new_tokens: int = 128
@@ -55,9 +58,9 @@ class GenerationConfig:
     drop_finished: bool = True
     pad_token_id: int | None = None
     speculative: object = None
-    num_draft_tokens: int = 6
+    num_draft_tokens: int = 10
     prompt_lookup_ngram: int = 3
-    prompt_lookup_min_ngram: int = 2
+    prompt_lookup_min_ngram: int = 3
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
