@@ -58,7 +58,7 @@ def test_speculative_over_grpc_equals_hf_in_fewer_round_trips(server, tiny_token
                 speculative=ModelDrafter(split.model, 512),
             )
             assert spec.token_ids[0] == theirs
-            k = GenerationConfig.num_draft_tokens
+            k = GenerationConfig(speculative=ModelDrafter(split.model, 512)).draft_tokens()  # 6: a model's default
             assert client.connection.meter.rpc("generate").calls - before == 1 + -(-23 // (k + 1))
             streamed = "".join(
                 client.stream(PROMPT, chat=False, max_new_tokens=24, eos_token_id=(), speculative="prompt-lookup")

@@ -203,8 +203,8 @@ def add_bench_commands(sub: Any) -> None:
         "prompts, loopback and at --net-latency-ms (--prompt-tokens caps each input)",
     )  # fmt: skip
     generate.add_argument(
-        "--draft-tokens", type=int, default=GenerationConfig.num_draft_tokens,
-        help="with --speculative: most draft tokens a step",
+        "--draft-tokens", type=int, default=None,
+        help="with --speculative: most draft tokens a step (default: 10 for prompt-lookup, 6 for a model or bridge)",
     )  # fmt: skip
     generate.add_argument("--prompts-per-task", type=int, default=3, help="with --speculative: prompts per task")
     generate.add_argument(

@@ -184,8 +184,9 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--draft-tokens",
         type=int,
-        default=g.num_draft_tokens,
-        help="with --speculative: at most this many draft tokens per round trip",
+        default=None,
+        help="with --speculative: at most this many draft tokens per round trip (default: 10 for prompt-lookup, "
+        "6 for a model or bridge)",
     )
 
 

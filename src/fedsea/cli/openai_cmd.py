@@ -33,7 +33,6 @@ def add_openai_command(sub: Any) -> None:
     from fedsea.cli.flags import add_settings_flags
     from fedsea.cli.generate import _cut_from_adapters, add_connection_args, add_noise_args
     from fedsea.serving.settings import API_KEY_ENV, EndpointSettings
-    from fedsea.training.generation_config import GenerationConfig
 
     cmd = sub.add_parser(
         "openai",
@@ -61,8 +60,9 @@ def add_openai_command(sub: Any) -> None:
         help="speculative decoding for every answer, several tokens per round trip to the trunk: 'prompt-lookup' "
         "'bridge:FILE' (`fedsea bridge train`) or a small draft model sharing the tokenizer (a --model source)",
     )
-    cmd.add_argument("--draft-tokens", type=int, default=GenerationConfig.num_draft_tokens,
-                     help="with --speculative: at most this many per round trip")  # fmt: skip
+    cmd.add_argument("--draft-tokens", type=int, default=None,
+                     help="with --speculative: at most this many per round trip (default: 10 for prompt-lookup, "
+                     "6 for a model or bridge)")  # fmt: skip
     endpoint = cmd.add_argument_group("endpoint")
     add_settings_flags(endpoint, EndpointSettings())
     endpoint.add_argument(

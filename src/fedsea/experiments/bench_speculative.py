@@ -71,7 +71,7 @@ def bench_speculative(
     head_layers: int = SplitConfig.head_layers,
     tail_layers: int = SplitConfig.tail_layers,
     latency_ms: float = 25.0,
-    draft_tokens: int = GenerationConfig.num_draft_tokens,
+    draft_tokens: int | None = None,
     speculative: str = "prompt-lookup",
     wire_dtype: str = WireConfig.dtype,
     device: str = "cpu",
@@ -86,7 +86,7 @@ def bench_speculative(
         prompts_per_task: prompts of each task (each generated alone: speculation is batch 1).
         new_tokens: at most this many new tokens per answer (greedy; an answer may end at EOS).
         max_prompt_tokens: a longer input is cut (the article's start, the dialogue's end).
-        speculative, draft_tokens: the drafter and k (``GenerationConfig``).
+        speculative, draft_tokens: the drafter and k (``GenerationConfig``; None: the drafter's default).
         min_ngram: prompt lookup's shortest match (``prompt_lookup_min_ngram``; None: the default).
         threads: CPU threads of the client and of the server process (default 1 each: the two
             share the machine's cores, and two multi-threaded processes on two cores make OpenMP
@@ -132,7 +132,7 @@ def bench_speculative(
         "device": str(where),
         "dtype": dtype,
         "speculative": speculative,
-        "draft_tokens": draft_tokens,
+        "draft_tokens": spec.draft_tokens(),
         "prompt_lookup_min_ngram": spec.prompt_lookup_min_ngram,
         "new_tokens": new_tokens,
         "prompts_per_task": prompts_per_task,

@@ -88,7 +88,7 @@ class SplitEngine:
         max_queue: requests that may wait while one generates; one more is refused (429).
         speculative: every answer's drafter for speculative decoding (``GenerationConfig.speculative``:
             ``"prompt-lookup"`` or a draft model source); None generates one token per round trip.
-        num_draft_tokens: with ``speculative``, the most draft tokens per round trip.
+        num_draft_tokens: with ``speculative``, the most draft tokens per round trip (None: the drafter's default).
     """
 
     def __init__(
@@ -98,7 +98,7 @@ class SplitEngine:
         default_max_tokens: int = 512,
         max_queue: int = 32,
         speculative: object = None,
-        num_draft_tokens: int = GenerationConfig.num_draft_tokens,
+        num_draft_tokens: int | None = None,
     ) -> None:
         if client.tokenizer is None:
             raise ValueError("the endpoint needs a tokenizer: SplitClient(..., tokenizer=...)")

@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from transformers.generation.logits_process import LogitsProcessorList
 
 
+# Default k per drafter (``GenerationConfig.num_draft_tokens`` None): prompt lookup's drafts are
+# free to make, a model's or a bridge's cost a forward pass each (BENCHMARKS.md, issue 17).
+PROMPT_LOOKUP_DRAFT_TOKENS = 10
+MODEL_DRAFT_TOKENS = 6
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to generate.
@@ -35,9 +41,10 @@ class GenerationConfig:
             caches on): ``"prompt-lookup"`` (n-gram matches in the prompt and the text so far),
             a draft model source for ``fedsea.load_model`` sharing the tokenizer, or a
             ``fedsea.training.drafters.Drafter``; None (default) generates one token per step.
-        num_draft_tokens: k, the most draft tokens checked per round trip (default 10: a hit saves
-            a round trip, and on a CPU a step of 11 tokens costs about what one of 7 does; the loop
-            asks for fewer while drafts miss).
+        num_draft_tokens: k, the most draft tokens checked per round trip; None (default) is 10
+            for prompt lookup (its drafts cost nothing to make, and on a CPU a step of 11 tokens
+            costs about what one of 7 does) and 6 for a bridge or a draft model (each draft token
+            costs the client a forward pass). The loop asks for fewer while drafts miss.
         prompt_lookup_ngram: the longest n-gram prompt lookup matches (default 3).
         prompt_lookup_min_ngram: the shortest n-gram whose match proposes a draft (default 3: only
             a full match; capped at ``prompt_lookup_ngram``). Lower it where a step of several
@@ -58,7 +65,7 @@ class GenerationConfig:
     drop_finished: bool = True
     pad_token_id: int | None = None
     speculative: object = None
-    num_draft_tokens: int = 10
+    num_draft_tokens: int | None = None
     prompt_lookup_ngram: int = 3
     prompt_lookup_min_ngram: int = 3
 
@@ -71,7 +78,8 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.num_draft_tokens < 1 or self.prompt_lookup_ngram < 1 or self.prompt_lookup_min_ngram < 1:
+        draft_tokens = 1 if self.num_draft_tokens is None else self.num_draft_tokens
+        if draft_tokens < 1 or self.prompt_lookup_ngram < 1 or self.prompt_lookup_min_ngram < 1:
             raise ValueError(
                 f"num_draft_tokens, prompt_lookup_ngram and prompt_lookup_min_ngram must be >= 1, got "
                 f"{self.num_draft_tokens}, {self.prompt_lookup_ngram} and {self.prompt_lookup_min_ngram}"
@@ -79,6 +87,12 @@ class GenerationConfig:
         object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.eos_token_id, int):  # callers pass a bare id too, whatever the annotation says
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))  # type: ignore[unreachable]
+
+    def draft_tokens(self) -> int:
+        """k: ``num_draft_tokens``, or the drafter's default when it is None."""
+        if self.num_draft_tokens is not None:
+            return self.num_draft_tokens
+        return PROMPT_LOOKUP_DRAFT_TOKENS if self.speculative == "prompt-lookup" else MODEL_DRAFT_TOKENS
 
     def processors(self) -> LogitsProcessorList:
         """Transformers' logits processors for these settings (none for plain greedy decoding)."""

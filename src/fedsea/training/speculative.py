@@ -169,7 +169,8 @@ def speculative_steps(
     ids: list[int] = input_ids[0, input_ids.shape[1] - real :].tolist()  # the prompt's real tokens
     generated: list[int] = []
     draft = Draft([])
-    width = config.num_draft_tokens  # drafts asked for: shrinks while they miss, grows back as they hit
+    k = config.draft_tokens()
+    width = k  # drafts asked for: shrinks while they miss, grows back as they hit
     logits = decoder.logits()[0]  # (1, V): the prefill's last position
     while True:
         new = _accept(logits, draft, ids, scores if processors or generator is not None else None, generator)
@@ -187,7 +188,7 @@ def speculative_steps(
         if rejected:  # the caches hold [last, d_1..d_m]; keep [last, d_1..d_accepted]
             decoder.rewind(decoder.length - rejected)
         if draft.tokens:  # transformers' "heuristic" schedule, capped at k: +2 if all kept, else -1
-            width = min(config.num_draft_tokens, width + 2) if not rejected else max(1, width - 1)
+            width = min(k, width + 2) if not rejected else max(1, width - 1)
         # m + 1 tokens come back at most: never past max_new_tokens (nor the stream's max_length).
         room = min(width, config.max_new_tokens - len(generated) - 1)
         draft = drafter.propose(ids, room, scores, generator) if room > 0 else Draft([])
