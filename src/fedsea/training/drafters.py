@@ -35,7 +35,7 @@ __all__ = ["BRIDGE_PREFIX", "PROMPT_LOOKUP_MIN_NGRAM", "PROMPT_LOOKUP_NGRAM", "D
 
 # Default n-gram length that prompt lookup matches (transformers' default for
 # ``max_matching_ngram_size`` is 2; 3 proposes fewer but better drafts on prose; shorter
-# n-grams are tried when the longest finds nothing).
+# n-grams, down to ``PROMPT_LOOKUP_MIN_NGRAM``, are tried when the longest finds nothing).
 PROMPT_LOOKUP_NGRAM = 3
 # The shortest n-gram whose match proposes anything (vLLM's ``prompt_lookup_min``). On SmolLM2's
 # XSum and QuAC answers a unigram match's drafts were kept 1 time in 5, a trigram's 3 in 5, and
