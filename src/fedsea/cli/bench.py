@@ -66,6 +66,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench_serve(
             args.model, args.clients, args.sessions_each, tuple(args.prompt_tokens), args.new_tokens,
             args.head_layers, args.tail_layers, args.joint_wait_ms, args.lora_rank, args.client_processes,
+            args.client_joint, args.server_threads, args.replay,
         )  # fmt: skip
     elif args.what == "wire":
         from fedsea.experiments.bench_wire import bench_wire
@@ -256,6 +257,23 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=8, help="rank of every session's trunk adapter")
     p.add_argument(
         "--client-processes", action="store_true", help="all at once: each client a process (default: threads)"
+    )
+    p.add_argument(
+        "--client-joint",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each client joins its own sessions' head and tail passes (--no-client-joint: every call alone)",
+    )
+    p.add_argument(
+        "--server-threads",
+        type=int,
+        default=None,
+        help="the server's torch threads (OMP_NUM_THREADS; default: its own)",
+    )
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="also replay the recorded trunk steps without client compute: the server's own speedup (replay_speedup)",
     )
     add_settings_flags(p, SplitConfig())
 

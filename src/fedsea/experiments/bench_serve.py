@@ -11,16 +11,24 @@ times, and the server's memory: its peak resident set (``VmHWM``) and the peak K
 reserved by its streams (an operator's ``GetStats``), against the server's cache budget.
 
 Client and server share the machine, as in ``fedsea bench generate``: the client side competes
-with the server (torch's default threads) for the same cores. One at a time, the sessions run in
-this process; all at once, in threads of this process, or with ``client_processes`` each client in
-a process of its own (its sessions in threads): 16 sessions in one Python process are bound by its
-one GIL rather than by the server. Client-side
-torch ops run on one thread in both phases (16 sessions' OpenMP teams would oversubscribe the cores).
+with the server for the same cores (``server_threads`` sets the server's torch threads; on this
+2-core machine one thread leaves the clients a core instead of spinning OpenMP workers). One at a
+time, the sessions run in this process; all at once, in threads of this process, or with
+``client_processes`` each client in a process of its own (its sessions in threads): 16 sessions
+in one Python process are bound by its one GIL rather than by the server. Client-side torch ops
+run on one thread in both phases (16 sessions' OpenMP teams would oversubscribe the cores).
+
+Each client joins its own sessions' head and tail calls into shared passes
+(``fedsea.training.shared_parts``), as a client answering several requests at once does;
+``client_joint=False`` runs every call alone. Each client has its own split (views over one set
+of weights), so no pass mixes two clients. ``client_passes`` counts the clients' passes and the
+calls they carried all at once; ``concurrent_cpu_s`` (client processes only) the CPU seconds the
+server, this process and the clients used all at once. ``replay`` also measures the server
+alone, the recorded trunk steps sent again without client compute (``fedsea.experiments.bench_replay``).
 """
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing as mp
 import os
 import sys
@@ -33,22 +41,8 @@ from typing import Any
 import torch
 
 from fedsea.config import LoraSpec, SplitConfig
+from fedsea.experiments.bench_replay import TimedStepper, gaps, percentile, run_together
 from fedsea.model.load import DEFAULT_MODEL
-
-
-class _TimedStepper:
-    """A trunk stepper that notes when each of its steps was answered (``times``)."""
-
-    def __init__(self, inner: Any, times: list[float]) -> None:
-        self.inner, self.times = inner, times
-
-    def step(self, *args: Any) -> torch.Tensor:
-        out: torch.Tensor = self.inner.step(*args)
-        self.times.append(time.perf_counter())
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def _client_process(job: tuple[Any, ...], ready: Any, go: Any, results: Any) -> None:
@@ -57,10 +51,12 @@ def _client_process(job: tuple[Any, ...], ready: Any, go: Any, results: Any) -> 
     from fedsea.client.split_client import SplitClient
     from fedsea.model.load import load_model
     from fedsea.model.split import split_model
+    from fedsea.training.shared_parts import JointStats, joint_parts
 
-    address, token, indices, prompts, new_tokens, model, head_layers, tail_layers, lora_rank = job
+    address, token, indices, prompts, new_tokens, model, head_layers, tail_layers, lora_rank, client_joint = job
     torch.set_num_threads(1)
     split = split_model(load_model(model), head_layers, tail_layers)
+    joint_parts(split).enabled = client_joint
     spec = LoraSpec(r=lora_rank, dropout=0.0)
     sessions = []
     for i, ids in zip(indices, prompts, strict=True):
@@ -71,6 +67,8 @@ def _client_process(job: tuple[Any, ...], ready: Any, go: Any, results: Any) -> 
         )
         client.generate_ids(ids[:, :8], torch.tensor([min(8, ids.shape[1])]), max_new_tokens=2, eos_token_id=())
         sessions.append(client)
+    parts = joint_parts(split)
+    parts.stats = JointStats()  # the concurrent phase's passes only
     ready.put(True)
     go.wait()
 
@@ -78,7 +76,7 @@ def _client_process(job: tuple[Any, ...], ready: Any, go: Any, results: Any) -> 
         client, ids = sessions[slot], prompts[slot]
         times: list[float] = []
         inner = client.stepper
-        client.stepper = lambda *a, **k: _TimedStepper(inner(*a, **k), times)  # type: ignore[method-assign,assignment]
+        client.stepper = lambda *a, **k: TimedStepper(inner(*a, **k), times)  # type: ignore[method-assign,assignment]
         try:
             out = client.generate_ids(ids, torch.tensor([ids.shape[1]]), max_new_tokens=new_tokens, eos_token_id=())
             results.put((indices[slot], list(out.token_ids[0]), times, ""))
@@ -92,15 +90,21 @@ def _client_process(job: tuple[Any, ...], ready: Any, go: Any, results: Any) -> 
         t.start()
     for t in threads:
         t.join()
+    results.put((-1, None, [], _pass_counts(parts.stats)))
     for client in sessions:
         client.close()
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+def _pass_counts(stats: Any) -> dict[str, int]:
+    """A client's ``JointStats`` as counts: head/tail passes and the calls they carried."""
+    return {f"{part}_{what}": getattr(stats, what)[part] for part in ("head", "tail") for what in ("passes", "calls")}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss(pid: int) -> int:
@@ -123,6 +127,9 @@ def bench_serve(
     joint_wait_ms: float = 0.0,
     lora_rank: int = 8,
     client_processes: bool = False,
+    client_joint: bool = True,
+    server_threads: int | None = None,
+    replay: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) on the CPU in float32; returns its figures."""
     # One intra-op thread on the client side: its 16 sessions compute in 16 threads of this process, and
@@ -131,8 +138,10 @@ def bench_serve(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _bench_serve(model, clients, sessions_each, prompt_tokens, new_tokens, head_layers, tail_layers,
-                            joint_wait_ms, lora_rank, client_processes)  # fmt: skip
+        return _bench_serve(
+            model, clients, sessions_each, prompt_tokens, new_tokens, head_layers, tail_layers, joint_wait_ms,
+            lora_rank, client_processes, client_joint, server_threads, replay,
+        )  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
 
@@ -152,11 +161,17 @@ def _bench_serve(
     joint_wait_ms: float,
     lora_rank: int,
     client_processes: bool,
+    client_joint: bool,
+    server_threads: int | None,
+    replay: bool,
 ) -> dict[str, Any]:
     from fedsea.client.split_client import SplitClient
+    from fedsea.experiments.bench_replay import Recording, RecordingStepper
+    from fedsea.experiments.bench_replay import replay as replay_steps
     from fedsea.experiments.serve_proc import ServeProcess
     from fedsea.model.load import load_model
     from fedsea.model.split import split_model
+    from fedsea.training.shared_parts import JointStats, joint_parts
     from fedsea.wire import fedsea_pb2 as pb
     from fedsea.wire.auth import TokenStore
 
@@ -167,7 +182,11 @@ def _bench_serve(
     low, high = prompt_tokens
     gen = torch.Generator().manual_seed(0)
     base = load_model(model)
-    split = split_model(base, head_layers, tail_layers)  # shared by every session: no LoRA on head and tail
+    # One split per client (views over the same weights; no LoRA on head and tail): a client joins
+    # its own sessions' head and tail passes (``fedsea.training.shared_parts``), never another's.
+    splits = [split_model(base, head_layers, tail_layers) for _ in range(clients)]
+    for split in splits:
+        joint_parts(split).enabled = client_joint
     vocab = int(base.config.vocab_size)
     lengths = [low + (high - low) * i // max(1, count - 1) for i in range(count)]
     prompts = [torch.randint(3, vocab, (1, n), generator=gen) for n in lengths]
@@ -175,11 +194,12 @@ def _bench_serve(
     with tempfile.TemporaryDirectory(prefix="fedsea-bench-serve-") as tmp:
         store.save(Path(tmp) / "tokens.json")
         args = ("--tokens", str(Path(tmp) / "tokens.json"), "--joint-wait-ms", str(joint_wait_ms))
-        with ServeProcess(model, args) as server:
+        env = {"OMP_NUM_THREADS": str(server_threads)} if server_threads else None
+        with ServeProcess(model, args, env=env) as server:
             rss_loaded = server.rss()
             sessions = [
-                SplitClient(server.address, split, token=tokens[i // sessions_each], trunk_lora=spec, seed=i).connect()
-                for i in range(count)
+                SplitClient(server.address, splits[c], token=tokens[c], trunk_lora=spec, seed=i).connect()
+                for i, c in ((i, i // sessions_each) for i in range(count))
             ]
             try:
                 for i, client in enumerate(sessions):  # a random adapter of its own (peft starts B at zero)
@@ -196,10 +216,18 @@ def _bench_serve(
                         stats = operator.stub.GetStats(pb.StatsRequest(), metadata=operator.metadata)
                         reserved_peak[0] = max(reserved_peak[0], int(stats.server_reserved_bytes))
 
-                def run(i: int, times: list[float]) -> list[int]:
+                def run(i: int, times: list[float], record: Recording | None = None) -> list[int]:
                     client = sessions[i]
                     inner = client.stepper
-                    client.stepper = lambda *a, **k: _TimedStepper(inner(*a, **k), times)  # type: ignore[method-assign,assignment]
+
+                    def opened(max_length: int, *a: Any, **k: Any) -> TimedStepper:
+                        stepper: Any = inner(max_length, *a, **k)
+                        if record is not None:  # for the replay: what it sent and received
+                            record.max_length = max_length
+                            stepper = RecordingStepper(stepper, record)
+                        return TimedStepper(stepper, times)
+
+                    client.stepper = opened  # type: ignore[method-assign,assignment]
                     try:
                         ids = prompts[i]
                         out = client.generate_ids(
@@ -216,13 +244,18 @@ def _bench_serve(
                 _progress(f"{count} sessions warm; one at a time ...")
                 seq_times: list[list[float]] = [[] for _ in range(count)]
                 t0 = time.perf_counter()
-                alone = [run(i, seq_times[i]) for i in range(count)]
+                records = [Recording() for _ in range(count)] if replay else None
+                alone = [run(i, seq_times[i], records[i] if records else None) for i in range(count)]
                 seq_s = time.perf_counter() - t0
 
                 conc_times: list[list[float]] = [[] for _ in range(count)]
                 together: list[list[int] | None] = [None] * count
                 errors: list[str] = []
                 procs: list[Any] = []
+                client_passes: dict[str, int] = {}
+                cpu: dict[str, float] = {}
+                for split in splits:
+                    joint_parts(split).stats = JointStats()  # the concurrent phase's passes only
                 if client_processes:
                     _progress(f"one at a time: {seq_s:.1f} s; all at once, from {clients} client processes ...")
                     # Each client its own process (4 sessions in threads each): 16 sessions in one Python
@@ -232,7 +265,7 @@ def _bench_serve(
                     for c in range(clients):
                         indices = list(range(c * sessions_each, (c + 1) * sessions_each))
                         job = (server.address, tokens[c], indices, [prompts[i] for i in indices], new_tokens, model,
-                               head_layers, tail_layers, lora_rank)  # fmt: skip
+                               head_layers, tail_layers, lora_rank, client_joint)  # fmt: skip
                         procs.append(ctx.Process(target=_client_process, args=(job, ready, go, results), daemon=True))
                     for proc in procs:
                         proc.start()
@@ -240,47 +273,59 @@ def _bench_serve(
                         ready.get(timeout=600)
                     monitor = threading.Thread(target=sample, daemon=True)
                     monitor.start()
+                    _progress(f"{clients} client processes ready: go")
+                    cpu0 = [_cpu_s(pid) for pid in (server.pid, os.getpid(), *(proc.pid for proc in procs))]
                     t0 = time.perf_counter()
                     go.set()
-                    for _ in range(count):
+                    for _ in range(count + clients):
                         i, ids, times, error = results.get(timeout=900)
+                        if i < 0:  # a client's pass counts (its last message)
+                            for key, value in error.items():
+                                client_passes[key] = client_passes.get(key, 0) + value
+                            continue
                         together[i], conc_times[i] = ids, times
                         if error:
                             errors.append(error)
+                    conc_s = time.perf_counter() - t0
                 else:  # every session in a thread of this process
                     _progress(f"one at a time: {seq_s:.1f} s; all at once ...")
-                    barrier = threading.Barrier(count + 1)
 
                     def worker(i: int) -> None:
-                        try:
-                            barrier.wait()
-                            together[i] = run(i, conc_times[i])
-                        except Exception as exc:
-                            errors.append(f"session {i}: {type(exc).__name__}: {str(exc)[:200]}")
+                        together[i] = run(i, conc_times[i])
 
-                    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
                     monitor = threading.Thread(target=sample, daemon=True)
-                    for t in threads:
-                        t.start()
-                    monitor.start()
-                    barrier.wait()
-                    t0 = time.perf_counter()
-                    for t in threads:
-                        t.join()
-                conc_s = time.perf_counter() - t0
+                    conc_s, failed = run_together(count, worker, monitor.start)
+                    errors.extend(failed)
+                if client_processes:  # CPU seconds of the concurrent phase: server, this process, the clients
+                    used = [
+                        _cpu_s(pid) - c
+                        for pid, c in zip((server.pid, os.getpid(), *(proc.pid for proc in procs)), cpu0, strict=True)
+                    ]
+                    cpu = {"server": round(used[0], 2), "bench": round(used[1], 2), "clients": round(sum(used[2:]), 2)}
+                if not client_processes:
+                    for split in splits:
+                        for key, value in _pass_counts(joint_parts(split).stats).items():
+                            client_passes[key] = client_passes.get(key, 0) + value
                 sampling.set()
                 monitor.join()
                 for proc in procs:
                     proc.join(60)
+                replayed: dict[str, Any] = {}
+                if records is not None:
+                    _progress(
+                        f"all at once: {conc_s:.1f} s; replaying the trunk steps, one at a time then all at once ..."
+                    )
+                    replayed = replay_steps(sessions, records)
+                    seq_replay, conc_replay = replayed.pop("replay_times")
+                    replayed["replay_p50_step_ms"] = round(percentile(gaps(conc_replay), 0.5), 1)
+                    replayed["replay_p99_step_ms"] = round(percentile(gaps(conc_replay), 0.99), 1)
+                    replayed["replay_sequential_p50_step_ms"] = round(percentile(gaps(seq_replay), 0.5), 1)
                 peak = _peak_rss(server.pid)
                 time.sleep(0.5)  # the server logs its passes when the last stream has closed
                 passes = [line.strip() for line in server.log.tail if "inference passes:" in line][-1:]
             finally:
                 for client in sessions:
                     client.close()
-
-    def gaps(times: list[list[float]]) -> list[float]:  # ms between a session's successive answers (decode)
-        return [1000 * (b - a) for t in times for a, b in itertools.pairwise(t)]
 
     seq_gaps, conc_gaps = gaps(seq_times), gaps(conc_times)
     generated = count * new_tokens
@@ -297,15 +342,20 @@ def _bench_serve(
         "joint_wait_ms": joint_wait_ms,
         "client_threads": torch.get_num_threads(),
         "client_processes": client_processes,
+        "client_joint": client_joint,
+        "server_threads": server_threads,
+        # Head and tail passes the clients ran all at once, and the calls they carried (calls / passes: the join).
+        "client_passes": client_passes,
+        "concurrent_cpu_s": cpu,  # with client processes: CPU seconds each side used all at once
         "sequential_s": round(seq_s, 2),
         "concurrent_s": round(conc_s, 2),
         "sequential_tok_s": round(seq_tok_s, 2),
         "concurrent_tok_s": round(conc_tok_s, 2),
         "multitenant_speedup": round(conc_tok_s / seq_tok_s, 2),
-        "p50_token_ms": round(_percentile(conc_gaps, 0.5), 1),
-        "p99_token_ms": round(_percentile(conc_gaps, 0.99), 1),
-        "sequential_p50_token_ms": round(_percentile(seq_gaps, 0.5), 1),
-        "sequential_p99_token_ms": round(_percentile(seq_gaps, 0.99), 1),
+        "p50_token_ms": round(percentile(conc_gaps, 0.5), 1),
+        "p99_token_ms": round(percentile(conc_gaps, 0.99), 1),
+        "sequential_p50_token_ms": round(percentile(seq_gaps, 0.5), 1),
+        "sequential_p99_token_ms": round(percentile(seq_gaps, 0.99), 1),
         "identical_to_alone": not errors and together == alone,
         "errors": errors[:3],
         "server_passes": passes[0].split("inference passes:")[-1].strip() if passes else "",
@@ -313,5 +363,6 @@ def _bench_serve(
         "server_rss_warm_mb": round(rss_warm / 2**20, 1),
         "server_peak_rss_mb": round(peak / 2**20, 1),
         "cache_reserved_peak_mb": round(reserved_peak[0] / 2**20, 2),
+        **replayed,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +52,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from fedsea.errors import InvalidInputError
 from fedsea.model.attention import attention_kernels
+from fedsea.model.attention_switch import ordinary_forward, switched_attention
 from fedsea.model.masks import check_lengths, padding_mask, position_ids
-from fedsea.model.split import Trunk, no_padding
+from fedsea.model.split import SplitPart, no_padding
 
 JOINT_ATTENTION = "fedsea_joint"
 
@@ -164,17 +165,6 @@ def _joint_attention(
 AttentionInterface.register(JOINT_ATTENTION, _joint_attention)
 
 
-@contextmanager
-def _joint_attention_on(config: Any) -> Iterator[str | None]:
-    """Make the joint attention the config's for the block; yields the implementation it replaced."""
-    before = config._attn_implementation
-    config._attn_implementation = JOINT_ATTENTION
-    try:
-        yield before
-    finally:
-        config._attn_implementation = before
-
-
 def lora_layers(module: nn.Module) -> Iterator[LoraLayer]:
     """The LoRA layers under ``module``, whichever adapters they hold, not descending into them
     (hundreds of adapter submodules on a server with many sessions)."""
@@ -186,7 +176,7 @@ def lora_layers(module: nn.Module) -> Iterator[LoraLayer]:
 
 
 @contextmanager
-def _row_adapters(trunk: Trunk, segments: list[tuple[int, int, str | None]]) -> Iterator[None]:
+def _row_adapters(trunk: SplitPart, segments: list[tuple[int, int, str | None]]) -> Iterator[None]:
     """For the block, every LoRA layer of ``trunk`` adds each segment's own adapter to its rows.
 
     ``segments``: (first row, end row, adapter name or None) in row order. A layer the adapter
@@ -252,17 +242,13 @@ def _row_adapters(trunk: Trunk, segments: list[tuple[int, int, str | None]]) -> 
             layer._disable_adapters = flag
 
 
-def joint_forward(trunk: Trunk, inputs: Sequence[JointInput]) -> list[torch.Tensor]:
-    """Run ``trunk``'s blocks once for several streams; return each stream's (B, n, d) output.
+_Streams = tuple[
+    list[tuple[int, int, int, int]], list[dict[str, torch.Tensor | None]], list[torch.Tensor], list[torch.Tensor]
+]
 
-    The blocks must be in eval mode (no LoRA dropout) and gradients off; each stream's adapter
-    must be injected into ``trunk``'s blocks (as the trunk host does for every session).
 
-    Raises:
-        InvalidInputError: naming ``hidden`` or ``lengths`` when a stream's input does not fit its cache.
-    """
-    if not inputs:
-        return []
+def _streams(trunk: SplitPart, inputs: Sequence[JointInput]) -> _Streams:
+    """Each stream's checked rows: its (first row, end row, B, n), masks, (B, n) positions and (B*n, 1, d) rows."""
     width = trunk.hidden_size
     device = inputs[0].hidden.device
     segments: list[tuple[int, int, int, int]] = []
@@ -284,8 +270,29 @@ def joint_forward(trunk: Trunk, inputs: Sequence[JointInput]) -> list[torch.Tens
         segments.append((offset, offset + batch * new, batch, new))
         rows.append(hidden.reshape(batch * new, 1, width))
         offset += batch * new
+    return segments, masks, positions, rows
+
+
+def joint_forward(trunk: SplitPart, inputs: Sequence[JointInput], row_adapters: bool = True) -> list[torch.Tensor]:
+    """Run ``trunk``'s blocks once for several streams; return each stream's (B, n, d) output.
+
+    The blocks must be in eval mode (no LoRA dropout) and gradients off; each stream's adapter
+    must be injected into ``trunk``'s blocks (as the trunk host does for every session).
+    ``trunk`` may be any part (a client joins its own generations' head and tail passes,
+    ``fedsea.training.shared_parts``): with ``row_adapters`` False every stream runs the part's
+    LoRA layers as they are (its active adapter, or none), the ``adapter`` fields unused.
+
+    Raises:
+        InvalidInputError: naming ``hidden`` or ``lengths`` when a stream's input does not fit its cache.
+    """
+    if not inputs:
+        return []
+    # The masks' format follows the config's attention implementation: built while no joint pass has it switched.
+    with ordinary_forward(trunk.config):
+        segments, masks, positions, rows = _streams(trunk, inputs)
     hidden = torch.cat(rows, dim=0)  # (N, 1, d)
     pos = torch.cat([p.reshape(-1, 1) for p in positions], dim=0)  # (N, 1)
+    device = inputs[0].hidden.device
     kinds = set(trunk.layer_types.values())
     if trunk.family.rope_per_layer_type:
         ropes = {kind: trunk.rotary_emb(hidden, pos, kind) for kind in kinds}
@@ -293,11 +300,12 @@ def joint_forward(trunk: Trunk, inputs: Sequence[JointInput]) -> list[torch.Tens
         rope = trunk.rotary_emb(hidden, position_ids=pos)  # (cos, sin), each (N, 1, head_dim)
         ropes = dict.fromkeys(kinds, rope)
     adapters = [(s, e, item.adapter) for (s, e, _, _), item in zip(segments, inputs, strict=True)]
-    with _joint_attention_on(trunk.config) as inner:
+    with switched_attention(trunk.config, JOINT_ATTENTION) as inner:
         plan = _Plan(segments, masks, positions, [item.cache for item in inputs], inner)
         cache = _JointCache(plan)
         layer_masks = {kind: _JointMask(plan, kind) for kind in kinds}
-        with _row_adapters(trunk, adapters), attention_kernels(device):
+        rows_lora = _row_adapters(trunk, adapters) if row_adapters else nullcontext()
+        with rows_lora, attention_kernels(device):
             for key, layer in trunk.layers.items():
                 kind = trunk.layer_types[key]
                 hidden = layer(
@@ -308,4 +316,4 @@ def joint_forward(trunk: Trunk, inputs: Sequence[JointInput]) -> list[torch.Tens
                     use_cache=True,
                     position_embeddings=ropes[kind],
                 )
-    return [hidden[start:end].reshape(batch, new, width) for start, end, batch, new in segments]
+    return [hidden[start:end].reshape(batch, new, trunk.hidden_size) for start, end, batch, new in segments]

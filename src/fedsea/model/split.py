@@ -40,6 +40,7 @@ from fedsea.config import LoraSpec, SplitLora
 from fedsea.errors import InvalidInputError, PartitionError
 from fedsea.model import adapters
 from fedsea.model.attention import attention_kernels
+from fedsea.model.attention_switch import ordinary_forward
 from fedsea.model.families import FAMILIES, SLIDING_ATTENTION, Family, family_of, layer_types
 from fedsea.model.masks import check_finite, check_lengths, padding_mask, position_ids
 from fedsea.model.model_card import TrainingRecord
@@ -156,6 +157,11 @@ class SplitPart(nn.Module):
 
     def _run_blocks(self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
         """Run this part's blocks on ``hidden`` (B, n, d); ``lengths`` counts cached past too."""
+        # Another thread's joint pass may have the shared config's attention switched: wait for it.
+        with ordinary_forward(self.config):
+            return self._blocks(hidden, lengths, cache)
+
+    def _blocks(self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
         batch, new = hidden.shape[0], hidden.shape[1]
         past = cache.get_seq_length(self.start) if cache is not None else 0
         total = past + new
@@ -213,6 +219,10 @@ class Head(SplitPart):
 
         Token ids are range-checked here on the CPU only (see ``check_token_ids``).
         """
+        return self._run_blocks(self.embed(input_ids), lengths, cache)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The checked ids' token embeddings (B, n, d): what the head's first block reads."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
             raise InvalidInputError("input_ids", f"expected shape (batch, tokens) with tokens >= 1, got {shape}")
@@ -224,8 +234,8 @@ class Head(SplitPart):
         if input_ids.device.type == "cpu":
             check_token_ids(input_ids, self.embed_tokens.num_embeddings)
         # Gemma's embedding module multiplies by sqrt(d) itself: the head needs no scale of its own.
-        hidden = self.embed_tokens(input_ids)  # (B, n, d)
-        return self._run_blocks(hidden, lengths, cache)
+        hidden: torch.Tensor = self.embed_tokens(input_ids)  # (B, n, d)
+        return hidden
 
 
 class Trunk(SplitPart):

@@ -170,12 +170,15 @@ class TrunkHost:
         """Hold the shared blocks for the block: the compute lock, ``session``'s adapter active.
 
         ``training`` sets train (True) or eval (False) mode; None leaves the mode as it is.
-        Without a session, only the lock is held (e.g. to change a cache or the adapters).
+        Without a session, only the lock is held (e.g. to change a cache or the adapters), and
+        the mode set: a joint pass picks each row's adapter itself (``fedsea.model.joint``).
         Re-entrant: a holder may enter again for another session.
         """
         with self._compute_lock:
             if session is not None:
                 self._activate(session, training)
+            elif training is not None:
+                self._set_training(training)
             yield
 
     def _activate(self, session: Session, training: bool | None = None) -> None:
@@ -188,7 +191,11 @@ class TrunkHost:
             for layer in lora_layers(session.trunk.layers):
                 layer.set_adapter(session.adapter_name)
             self._active = session.adapter_name
-        if training is not None and training is not self._training:
+        if training is not None:
+            self._set_training(training)
+
+    def _set_training(self, training: bool) -> None:
+        if training is not self._training:
             self.model.model.layers.train(training)  # the shared blocks, every session's view
             self._training = training
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         split_greedy_generate,
         stream_text,
     )
+    from fedsea.training.shared_parts import JointParts, joint_parts
     from fedsea.training.step import CentralTrainer, LocalTrunk, SplitTrainer, StepResult, TrunkLink
     from fedsea.training.stepper import CutTraffic, LocalStepper, TrunkStepper, rewind_cache
 
@@ -41,6 +42,8 @@ _LAZY: dict[str, str] = {
     "greedy_generate": "fedsea.training.generation",
     "split_greedy_generate": "fedsea.training.generation",
     "stream_text": "fedsea.training.generation",
+    "JointParts": "fedsea.training.shared_parts",
+    "joint_parts": "fedsea.training.shared_parts",
     "CentralTrainer": "fedsea.training.step",
     "LocalTrunk": "fedsea.training.step",
     "SplitTrainer": "fedsea.training.step",
@@ -60,6 +63,7 @@ __all__ = [
     "GenerationConfig",
     "GenerationOutput",
     "GenerationStep",
+    "JointParts",
     "LocalStepper",
     "LocalTrunk",
     "SplitDecoder",
@@ -70,6 +74,7 @@ __all__ = [
     "generate",
     "generate_steps",
     "greedy_generate",
+    "joint_parts",
     "lm_loss",
     "make_batch",
     "rewind_cache",

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from fedsea.model.split import SplitModel
+from fedsea.training.shared_parts import joint_parts
 from fedsea.training.stepper import TrunkStepper, rewind_cache
 
 
@@ -40,6 +41,10 @@ class SplitDecoder:
         privatize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.head, self.tail = split.head.eval(), split.tail.eval()
+        # Shared with the other decoders of ``split`` running at the same time (other threads):
+        # their head and tail calls join into one pass (``fedsea.training.shared_parts``).
+        self.parts = joint_parts(split)
+        self.parts.open(self)
         self.stepper = stepper
         self.use_cache = use_cache
         self.privatize = privatize
@@ -78,11 +83,11 @@ class SplitDecoder:
         prefill = self.steps == 0
         logits: torch.Tensor  # (B, keep, V)
         if self.caches is not None:
-            clean = self.head(self._pending, self.lengths, cache=self.caches[0])  # (B, k|n, d)
+            clean = self.parts.run_head(self._pending, self.lengths, self.caches[0])  # (B, k|n, d)
             h = self.privatize(clean) if self.privatize is not None else clean
             t = self.stepper.step(self.steps, h, self.lengths if prefill else None, self._keep)
             self.states = (clean, t)
-            logits = self.tail(t, self.lengths, cache=self.caches[1], logits_to_keep=keep)  # (B, keep, V)
+            logits = self.parts.run_tail(t, self.lengths, self.caches[1], keep)  # (B, keep, V)
         else:
             h = self.head(self.ids, self.lengths)  # (B, T, d): everything, every time
             h = self.privatize(h) if self.privatize is not None else h
@@ -91,6 +96,10 @@ class SplitDecoder:
         self.steps += 1
         self._pending, self._keep = None, None
         return logits
+
+    def close(self) -> None:
+        """The generation is over: the other decoders' passes no longer wait for this one."""
+        self.parts.close(self)
 
     def keep_rows(self, rows: list[int]) -> None:
         """Go on with ``rows`` only (indices into the running rows, increasing); the rest are dropped."""

@@ -71,48 +71,51 @@ def generate_steps(
     if config.stop and decode is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
     decoder = SplitDecoder(split, stepper, input_ids, lengths, config.use_cache, privatize)
-    processors = config.processors()
-    generator = torch.Generator(device=input_ids.device)
-    if config.seed is not None:
-        generator.manual_seed(config.seed)
-    device = input_ids.device
-    eos = set(config.eos_token_id or ())
-    pad = config.pad_token_id if config.pad_token_id is not None else next(iter(config.eos_token_id or (0,)))
-    # The bookkeeping runs on the host: the one device sync of a step is the read of its tokens
-    # (``tolist``); flags kept as device tensors would sync at every ``if`` on an accelerator.
-    alive = [True] * input_ids.shape[0]
-    rows = list(range(input_ids.shape[0]))  # original index of each running row
-    new_ids: dict[int, list[int]] = {r: [] for r in rows}
-    for step in range(config.max_new_tokens):
-        logits = decoder.logits()[:, -1]  # (B_run, V)
-        # decoder.ids (B_run, T): prompt + generated so far, for the repetition penalty
-        scores = processors(cast(torch.LongTensor, decoder.ids), logits.float())
-        if config.do_sample:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            token = scores.argmax(dim=-1)  # (B_run,)
-        chosen: list[int] = token.tolist()  # the step's one host sync
-        tokens = [t if alive[i] else pad for i, t in enumerate(chosen)]
-        done = [alive[i] and t in eos for i, t in enumerate(tokens)]
-        for i, row in enumerate(rows):
-            if not alive[i]:
-                continue
-            new_ids[row].append(tokens[i])
-            if config.stop and not done[i] and decode is not None:
-                done[i] = first_stop(decode(new_ids[row]), config.stop) >= 0
-        finished = tuple(rows[i] for i in range(len(rows)) if done[i])
-        yield GenerationStep(step, {row: tokens[i] for i, row in enumerate(rows) if alive[i]}, finished)
-        alive = [a and not d for a, d in zip(alive, done, strict=True)]
-        if not any(alive) or step + 1 == config.max_new_tokens:
-            return
-        if config.drop_finished and not all(alive):
-            keep = [i for i in range(len(rows)) if alive[i]]
-            decoder.keep_rows(keep)
-            rows = [rows[i] for i in keep]
-            tokens, alive = [tokens[i] for i in keep], [True] * len(keep)
-        # (B_run,) -> (B_run, 1) on the model's device; the copy does not wait for the device.
-        token = torch.tensor(tokens, dtype=torch.int64).to(device, non_blocking=True)
-        decoder.feed(token.unsqueeze(1))  # (B_run, 1)
+    try:
+        processors = config.processors()
+        generator = torch.Generator(device=input_ids.device)
+        if config.seed is not None:
+            generator.manual_seed(config.seed)
+        device = input_ids.device
+        eos = set(config.eos_token_id or ())
+        pad = config.pad_token_id if config.pad_token_id is not None else next(iter(config.eos_token_id or (0,)))
+        # The bookkeeping runs on the host: the one device sync of a step is the read of its tokens
+        # (``tolist``); flags kept as device tensors would sync at every ``if`` on an accelerator.
+        alive = [True] * input_ids.shape[0]
+        rows = list(range(input_ids.shape[0]))  # original index of each running row
+        new_ids: dict[int, list[int]] = {r: [] for r in rows}
+        for step in range(config.max_new_tokens):
+            logits = decoder.logits()[:, -1]  # (B_run, V)
+            # decoder.ids (B_run, T): prompt + generated so far, for the repetition penalty
+            scores = processors(cast(torch.LongTensor, decoder.ids), logits.float())
+            if config.do_sample:
+                token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+            else:
+                token = scores.argmax(dim=-1)  # (B_run,)
+            chosen: list[int] = token.tolist()  # the step's one host sync
+            tokens = [t if alive[i] else pad for i, t in enumerate(chosen)]
+            done = [alive[i] and t in eos for i, t in enumerate(tokens)]
+            for i, row in enumerate(rows):
+                if not alive[i]:
+                    continue
+                new_ids[row].append(tokens[i])
+                if config.stop and not done[i] and decode is not None:
+                    done[i] = first_stop(decode(new_ids[row]), config.stop) >= 0
+            finished = tuple(rows[i] for i in range(len(rows)) if done[i])
+            yield GenerationStep(step, {row: tokens[i] for i, row in enumerate(rows) if alive[i]}, finished)
+            alive = [a and not d for a, d in zip(alive, done, strict=True)]
+            if not any(alive) or step + 1 == config.max_new_tokens:
+                return
+            if config.drop_finished and not all(alive):
+                keep = [i for i in range(len(rows)) if alive[i]]
+                decoder.keep_rows(keep)
+                rows = [rows[i] for i in keep]
+                tokens, alive = [tokens[i] for i in keep], [True] * len(keep)
+            # (B_run,) -> (B_run, 1) on the model's device; the copy does not wait for the device.
+            token = torch.tensor(tokens, dtype=torch.int64).to(device, non_blocking=True)
+            decoder.feed(token.unsqueeze(1))  # (B_run, 1)
+    finally:
+        decoder.close()
 
 
 def _decoder_of(tokenizer: object | None) -> Callable[[list[int]], str] | None:

@@ -147,52 +147,55 @@ def speculative_steps(
         raise ValueError("stop strings need a tokenizer to decode the text")
     device = input_ids.device
     decoder = SplitDecoder(split, stepper, input_ids, lengths, True, privatize)
-    vocab = int(split.tail.lm_head.weight.shape[0])
-    drafter = make_drafter(
-        config.speculative, vocab, config.prompt_lookup_ngram, device, split, config.prompt_lookup_min_ngram
-    )
-    attach = getattr(drafter, "attach", None)
-    if attach is not None:  # a drafter that builds on the decoder's caches (the bridge drafter)
-        attach(decoder)
-    processors = config.processors()
+    try:
+        vocab = int(split.tail.lm_head.weight.shape[0])
+        drafter = make_drafter(
+            config.speculative, vocab, config.prompt_lookup_ngram, device, split, config.prompt_lookup_min_ngram
+        )
+        attach = getattr(drafter, "attach", None)
+        if attach is not None:  # a drafter that builds on the decoder's caches (the bridge drafter)
+            attach(decoder)
+        processors = config.processors()
 
-    def scores(prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return processors(cast(torch.LongTensor, prefix), logits)
+        def scores(prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            return processors(cast(torch.LongTensor, prefix), logits)
 
-    generator: torch.Generator | None = None
-    if config.do_sample:
-        generator = torch.Generator(device=device)
-        if config.seed is not None:
-            generator.manual_seed(config.seed)
-    eos = set(config.eos_token_id or ())
-    real = int(lengths[0])
-    ids: list[int] = input_ids[0, input_ids.shape[1] - real :].tolist()  # the prompt's real tokens
-    generated: list[int] = []
-    draft = Draft([])
-    k = config.draft_tokens()
-    width = k  # drafts asked for: shrinks while they miss, grows back as they hit
-    logits = decoder.logits()[0]  # (1, V): the prefill's last position
-    while True:
-        new = _accept(logits, draft, ids, scores if processors or generator is not None else None, generator)
-        for token in new:
-            ids.append(token)
-            generated.append(token)
-            done = token in eos
-            if config.stop and not done and decode is not None:
-                done = first_stop(decode(generated), config.stop) >= 0
-            # As in ``generate_steps``: finished means EOS or a stop string, not the length cap.
-            yield GenerationStep(len(generated) - 1, {0: token}, (0,) if done else ())
-            if done or len(generated) == config.max_new_tokens:
-                return
-        rejected = len(draft.tokens) - (len(new) - 1)
-        if rejected:  # the caches hold [last, d_1..d_m]; keep [last, d_1..d_accepted]
-            decoder.rewind(decoder.length - rejected)
-        if draft.tokens:  # transformers' "heuristic" schedule, capped at k: +2 if all kept, else -1
-            width = min(k, width + 2) if not rejected else max(1, width - 1)
-        # m + 1 tokens come back at most: never past max_new_tokens (nor the stream's max_length).
-        room = min(width, config.max_new_tokens - len(generated) - 1)
-        draft = drafter.propose(ids, room, scores, generator) if room > 0 else Draft([])
-        draft = Draft(draft.tokens[:room], draft.probs[:room] if draft.probs is not None else None)
-        fed = torch.tensor([[new[-1], *draft.tokens]], dtype=torch.int64).to(device, non_blocking=True)
-        decoder.feed(fed)  # (1, m + 1)
-        logits = decoder.logits(keep=len(draft.tokens) + 1)[0]  # (m + 1, V)
+        generator: torch.Generator | None = None
+        if config.do_sample:
+            generator = torch.Generator(device=device)
+            if config.seed is not None:
+                generator.manual_seed(config.seed)
+        eos = set(config.eos_token_id or ())
+        real = int(lengths[0])
+        ids: list[int] = input_ids[0, input_ids.shape[1] - real :].tolist()  # the prompt's real tokens
+        generated: list[int] = []
+        draft = Draft([])
+        k = config.draft_tokens()
+        width = k  # drafts asked for: shrinks while they miss, grows back as they hit
+        logits = decoder.logits()[0]  # (1, V): the prefill's last position
+        while True:
+            new = _accept(logits, draft, ids, scores if processors or generator is not None else None, generator)
+            for token in new:
+                ids.append(token)
+                generated.append(token)
+                done = token in eos
+                if config.stop and not done and decode is not None:
+                    done = first_stop(decode(generated), config.stop) >= 0
+                # As in ``generate_steps``: finished means EOS or a stop string, not the length cap.
+                yield GenerationStep(len(generated) - 1, {0: token}, (0,) if done else ())
+                if done or len(generated) == config.max_new_tokens:
+                    return
+            rejected = len(draft.tokens) - (len(new) - 1)
+            if rejected:  # the caches hold [last, d_1..d_m]; keep [last, d_1..d_accepted]
+                decoder.rewind(decoder.length - rejected)
+            if draft.tokens:  # transformers' "heuristic" schedule, capped at k: +2 if all kept, else -1
+                width = min(k, width + 2) if not rejected else max(1, width - 1)
+            # m + 1 tokens come back at most: never past max_new_tokens (nor the stream's max_length).
+            room = min(width, config.max_new_tokens - len(generated) - 1)
+            draft = drafter.propose(ids, room, scores, generator) if room > 0 else Draft([])
+            draft = Draft(draft.tokens[:room], draft.probs[:room] if draft.probs is not None else None)
+            fed = torch.tensor([[new[-1], *draft.tokens]], dtype=torch.int64).to(device, non_blocking=True)
+            decoder.feed(fed)  # (1, m + 1)
+            logits = decoder.logits(keep=len(draft.tokens) + 1)[0]  # (m + 1, V)
+    finally:
+        decoder.close()
