@@ -61,11 +61,13 @@ def test_concurrent_generations_share_passes_and_match_running_alone(tiny_model)
     # All four open before any runs, and a long wait: every pass then carries all four (deterministic).
     parts.wait_ms = 10_000.0
     parts.stats = type(parts.stats)()
-    decoders = [decoder(ids) for ids in prompts]
     results: list[tuple[list[int], list[torch.Tensor]] | None] = [None] * len(prompts)
+    opened = threading.Barrier(len(prompts))
 
     def run(i: int) -> None:
-        results[i] = _greedy(decoders[i])
+        made = decoder(prompts[i])  # opened in the thread that steps it
+        opened.wait()  # all four open before any steps
+        results[i] = _greedy(made)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -86,14 +88,15 @@ def test_a_bad_call_fails_alone(tiny_model):
     split = _split(tiny_model)
     parts = JointParts(split, wait_ms=10_000.0)
     holders = [_Decoder(), _Decoder()]
-    for holder in holders:
-        parts.open(holder)
+    opened = threading.Barrier(2)
     vocab = int(split.model.config.vocab_size)
     good = torch.tensor([[5, 6, 7]])
     bad = torch.tensor([[5, vocab + 3]])  # an id out of range
     out: dict[str, object] = {}
 
     def call(name: str, ids: torch.Tensor) -> None:
+        parts.open(holders[name == "bad"])  # a decoder stepped by this thread
+        opened.wait()
         try:
             out[name] = parts.run_head(ids, torch.tensor([ids.shape[1]]), split.head.new_cache())
         except Exception as exc:
@@ -140,13 +143,14 @@ def test_joint_tail_keeps_the_last_slots(tiny_model, keep):
     split = _split(tiny_model)
     parts = JointParts(split, wait_ms=10_000.0)
     holders = [_Decoder(), _Decoder()]
-    for holder in holders:
-        parts.open(holder)
+    opened = threading.Barrier(2)
     g = torch.Generator().manual_seed(1)
     states = [torch.randn(1, n, split.tail.hidden_size, generator=g) for n in (4, 6)]
     out: list[torch.Tensor | None] = [None, None]
 
     def call(i: int) -> None:
+        parts.open(holders[i])  # a decoder stepped by this thread
+        opened.wait()
         out[i] = parts.run_tail(states[i], torch.tensor([states[i].shape[1]]), split.tail.new_cache(), keep)
 
     with torch.no_grad():
@@ -201,3 +205,20 @@ def test_ordinary_forwards_beside_joint_passes_of_the_same_model(tiny_model):
         t.join(120)
     assert not errors, errors[0]
     assert split.model.config._attn_implementation != "fedsea_joint"  # switched back
+
+
+def test_decoders_interleaved_in_one_thread_are_not_waited_for(tiny_model):
+    """Two generations stepped alternately by one thread: neither can call while the other waits."""
+    import time
+
+    split = _split(tiny_model)
+    parts = JointParts(split, wait_ms=60_000.0)
+    holders = [_Decoder(), _Decoder()]
+    for holder in holders:
+        parts.open(holder)  # both in this thread
+    start = time.monotonic()
+    with torch.no_grad():
+        for _ in range(3):
+            parts.run_head(torch.tensor([[5, 6]]), torch.tensor([2]), None)
+    assert time.monotonic() - start < 30  # a wait for the other decoder would take the minute
+    assert parts.stats.passes["head"] == 3 and parts.stats.most == 1

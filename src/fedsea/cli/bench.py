@@ -66,7 +66,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench_serve(
             args.model, args.clients, args.sessions_each, tuple(args.prompt_tokens), args.new_tokens,
             args.head_layers, args.tail_layers, args.joint_wait_ms, args.lora_rank, args.client_processes,
-            args.client_joint, args.server_threads, args.replay,
+            args.client_joint, args.server_threads, args.replay, args.client_wait_ms,
         )  # fmt: skip
     elif args.what == "wire":
         from fedsea.experiments.bench_wire import bench_wire
@@ -269,6 +269,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="the server's torch threads (OMP_NUM_THREADS; default: its own)",
+    )
+    p.add_argument(
+        "--client-wait-ms",
+        type=float,
+        default=None,
+        help="how long a client's pass waits for its other sessions' calls (default: JointParts' own, 40)",
     )
     p.add_argument(
         "--replay",

@@ -53,10 +53,13 @@ def _client_process(job: tuple[Any, ...], ready: Any, go: Any, results: Any) -> 
     from fedsea.model.split import split_model
     from fedsea.training.shared_parts import JointStats, joint_parts
 
-    address, token, indices, prompts, new_tokens, model, head_layers, tail_layers, lora_rank, client_joint = job
+    address, token, indices, prompts, new_tokens, model, head_layers, tail_layers, lora_rank = job[:9]
+    client_joint, client_wait_ms = job[9:]
     torch.set_num_threads(1)
     split = split_model(load_model(model), head_layers, tail_layers)
     joint_parts(split).enabled = client_joint
+    if client_wait_ms is not None:
+        joint_parts(split).wait_ms = client_wait_ms
     spec = LoraSpec(r=lora_rank, dropout=0.0)
     sessions = []
     for i, ids in zip(indices, prompts, strict=True):
@@ -130,6 +133,7 @@ def bench_serve(
     client_joint: bool = True,
     server_threads: int | None = None,
     replay: bool = False,
+    client_wait_ms: float | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) on the CPU in float32; returns its figures."""
     # One intra-op thread on the client side: its 16 sessions compute in 16 threads of this process, and
@@ -140,7 +144,7 @@ def bench_serve(
     try:
         return _bench_serve(
             model, clients, sessions_each, prompt_tokens, new_tokens, head_layers, tail_layers, joint_wait_ms,
-            lora_rank, client_processes, client_joint, server_threads, replay,
+            lora_rank, client_processes, client_joint, server_threads, replay, client_wait_ms,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
@@ -164,6 +168,7 @@ def _bench_serve(
     client_joint: bool,
     server_threads: int | None,
     replay: bool,
+    client_wait_ms: float | None,
 ) -> dict[str, Any]:
     from fedsea.client.split_client import SplitClient
     from fedsea.experiments.bench_replay import Recording, RecordingStepper
@@ -187,6 +192,8 @@ def _bench_serve(
     splits = [split_model(base, head_layers, tail_layers) for _ in range(clients)]
     for split in splits:
         joint_parts(split).enabled = client_joint
+        if client_wait_ms is not None:
+            joint_parts(split).wait_ms = client_wait_ms
     vocab = int(base.config.vocab_size)
     lengths = [low + (high - low) * i // max(1, count - 1) for i in range(count)]
     prompts = [torch.randint(3, vocab, (1, n), generator=gen) for n in lengths]
@@ -265,7 +272,7 @@ def _bench_serve(
                     for c in range(clients):
                         indices = list(range(c * sessions_each, (c + 1) * sessions_each))
                         job = (server.address, tokens[c], indices, [prompts[i] for i in indices], new_tokens, model,
-                               head_layers, tail_layers, lora_rank, client_joint)  # fmt: skip
+                               head_layers, tail_layers, lora_rank, client_joint, client_wait_ms)  # fmt: skip
                         procs.append(ctx.Process(target=_client_process, args=(job, ready, go, results), daemon=True))
                     for proc in procs:
                         proc.start()
@@ -344,6 +351,7 @@ def _bench_serve(
         "client_processes": client_processes,
         "client_joint": client_joint,
         "server_threads": server_threads,
+        "client_wait_ms": client_wait_ms,
         # Head and tail passes the clients ran all at once, and the calls they carried (calls / passes: the join).
         "client_passes": client_passes,
         "concurrent_cpu_s": cpu,  # with client processes: CPU seconds each side used all at once

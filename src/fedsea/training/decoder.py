@@ -83,11 +83,11 @@ class SplitDecoder:
         prefill = self.steps == 0
         logits: torch.Tensor  # (B, keep, V)
         if self.caches is not None:
-            clean = self.parts.run_head(self._pending, self.lengths, self.caches[0])  # (B, k|n, d)
+            clean = self.parts.run_head(self._pending, self.lengths, self.caches[0], self)  # (B, k|n, d)
             h = self.privatize(clean) if self.privatize is not None else clean
             t = self.stepper.step(self.steps, h, self.lengths if prefill else None, self._keep)
             self.states = (clean, t)
-            logits = self.parts.run_tail(t, self.lengths, self.caches[1], keep)  # (B, keep, V)
+            logits = self.parts.run_tail(t, self.lengths, self.caches[1], keep, self)  # (B, keep, V)
         else:
             h = self.head(self.ids, self.lengths)  # (B, T, d): everything, every time
             h = self.privatize(h) if self.privatize is not None else h

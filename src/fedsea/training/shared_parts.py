@@ -16,10 +16,14 @@ Design decisions:
   before; a call that finds no pass of that part running runs one (the leader) with every call
   queued by then, and the others wait for their result (flat combining). No thread of our own,
   nothing to start or stop, and a lone decoder runs its call directly.
-- **A short wait for the others.** Concurrent answers fall into step: the trunk server answers
-  their steps from one joint pass, so their tails are called within a millisecond or so of each
-  other. A leader that sees fewer calls queued than decoders running waits up to ``wait_ms``
-  (default 2 ms, against a step of 60-150 ms here) for the rest before it runs.
+- **A wait for the others.** A leader that sees fewer calls queued than threads running
+  decoders waits up to ``wait_ms`` (default 40 ms) for the rest before it runs. Threads, not
+  decoders: generators interleaved in one thread can only call one at a time, so they are never
+  waited for. Once a client's answers have met in one pass they stay in step (they reach the
+  trunk together, and the server answers them from one joint pass), so the wait is paid only
+  when an answer starts or falls out of step. Measured with ``fedsea bench serve`` (4 clients of
+  4 sessions, BENCHMARKS.md): a client pass carried 1.8 of its 4 calls with a 2 ms wait, 3.1
+  with 20 ms and 3.4 with 40 ms, and the clients' CPU fell from 11.1 s to 6.5 s.
 - **Same adapters for all.** One client's decoders share its head and tail modules and their
   LoRA adapter (the one the part has active), so the pass needs no per-row adapters.
 - **Exactness.** A lone call is the part's own forward, bit for bit. A joint pass computes each
@@ -46,7 +50,7 @@ from fedsea.model.masks import check_lengths
 from fedsea.model.split import SplitModel, SplitPart
 
 # How long a pass's leader waits for the calls of the other running decoders, in milliseconds.
-DEFAULT_WAIT_MS = 2.0
+DEFAULT_WAIT_MS = 40.0
 
 
 @dataclass
@@ -88,40 +92,53 @@ class JointParts:
         self._cv = threading.Condition()
         self._queues: dict[str, list[_Call]] = {"head": [], "tail": []}
         self._running = {"head": False, "tail": False}
-        self._decoders: weakref.WeakSet[object] = weakref.WeakSet()  # those between open and close
+        # Decoders between open and close -> the thread that opened them (that steps them).
+        self._decoders: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
 
     # -- the decoders' side ------------------------------------------------------------------
     def open(self, decoder: object) -> None:
-        """Count ``decoder`` among the running ones (a leader waits for their calls)."""
+        """Count ``decoder`` among the running ones (a leader waits for their threads' calls)."""
         with self._cv:
-            self._decoders.add(decoder)
+            self._decoders[decoder] = threading.get_ident()
 
     def close(self, decoder: object) -> None:
         """``decoder`` is done: no leader waits for it any more."""
         with self._cv:
-            self._decoders.discard(decoder)
+            self._decoders.pop(decoder, None)
             self._cv.notify_all()
 
-    def run_head(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
-        """``head(input_ids, lengths, cache=cache)``, joined with other decoders' calls: h_p (B, n, d)."""
+    def run_head(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None, owner: object = None
+    ) -> torch.Tensor:
+        """``head(input_ids, lengths, cache=cache)``, joined with other decoders' calls: h_p (B, n, d).
+
+        ``owner``: the calling decoder (its thread is noted: a leader waits for other threads only).
+        """
         if not self.enabled:
             out: torch.Tensor = self.head(input_ids, lengths, cache=cache)
             return out
-        return self._submit("head", _Call(input_ids, lengths, cache))
+        return self._submit("head", _Call(input_ids, lengths, cache), owner)
 
     def run_tail(
-        self, hidden: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None, keep: int = 0
+        self,
+        hidden: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: DynamicCache | None,
+        keep: int = 0,
+        owner: object = None,
     ) -> torch.Tensor:
         """``tail(hidden, lengths, cache=cache, logits_to_keep=keep)``, joined: logits (B, keep|n, V)."""
         if not self.enabled:
             out: torch.Tensor = self.tail(hidden, lengths, cache=cache, logits_to_keep=keep)
             return out
-        return self._submit("tail", _Call(hidden, lengths, cache, keep))
+        return self._submit("tail", _Call(hidden, lengths, cache, keep), owner)
 
     # -- combining ---------------------------------------------------------------------------
-    def _submit(self, part: str, call: _Call) -> torch.Tensor:
+    def _submit(self, part: str, call: _Call, owner: object) -> torch.Tensor:
         queue = self._queues[part]
         with self._cv:
+            if owner is not None and owner in self._decoders:
+                self._decoders[owner] = threading.get_ident()  # stepped here, wherever it was opened
             queue.append(call)
             self._cv.notify_all()  # a leader gathering calls counts this one
             while not call.done and self._running[part]:
@@ -147,11 +164,12 @@ class JointParts:
         return call.result
 
     def _gather(self, queue: list[_Call]) -> None:
-        """With the lock held: wait up to ``wait_ms`` until every running decoder has a call queued."""
+        """With the lock held: wait up to ``wait_ms`` until every thread running decoders has a call queued."""
         if self.wait_ms <= 0:
             return
+        threads = len(set(self._decoders.values()))  # one call at a time per thread
         deadline = time.monotonic() + self.wait_ms / 1000.0
-        while len(queue) < len(self._decoders):
+        while len(queue) < threads:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
