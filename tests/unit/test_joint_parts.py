@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -95,12 +96,14 @@ def test_a_bad_call_fails_alone(tiny_model):
     out: dict[str, object] = {}
 
     def call(name: str, ids: torch.Tensor) -> None:
-        parts.open(holders[name == "bad"])  # a decoder stepped by this thread
+        token = parts.open(holders[name == "bad"])  # a decoder stepped by this thread
         opened.wait()
         try:
-            out[name] = parts.run_head(ids, torch.tensor([ids.shape[1]]), split.head.new_cache())
+            out[name] = parts.run_head(ids, torch.tensor([ids.shape[1]]), split.head.new_cache(), token)
         except Exception as exc:
             out[name] = exc
+        finally:
+            parts.close(token)
 
     threads = [threading.Thread(target=call, args=a) for a in (("good", good), ("bad", bad))]
     for t in threads:
@@ -113,8 +116,6 @@ def test_a_bad_call_fails_alone(tiny_model):
         expected = split.head(good, torch.tensor([3]))
     assert isinstance(out["good"], torch.Tensor)
     torch.testing.assert_close(out["good"], expected, rtol=1e-6, atol=1e-6)
-    for holder in holders:
-        parts.close(holder)
 
 
 def test_disabled_runs_every_call_alone(tiny_model):
@@ -131,8 +132,7 @@ def test_a_leader_does_not_wait_for_a_closed_decoder(tiny_model):
     split = _split(tiny_model)
     parts = JointParts(split, wait_ms=60_000.0)
     other = _Decoder()
-    parts.open(other)
-    parts.close(other)  # gone: a lone call must not wait the minute for it
+    parts.close(parts.open(other))  # gone: a lone call must not wait the minute for it
     with torch.no_grad():
         h = parts.run_head(torch.tensor([[5, 6]]), torch.tensor([2]), None)
     assert h.shape == (1, 2, split.head.hidden_size)
@@ -149,9 +149,10 @@ def test_joint_tail_keeps_the_last_slots(tiny_model, keep):
     out: list[torch.Tensor | None] = [None, None]
 
     def call(i: int) -> None:
-        parts.open(holders[i])  # a decoder stepped by this thread
+        token = parts.open(holders[i])  # a decoder stepped by this thread
         opened.wait()
-        out[i] = parts.run_tail(states[i], torch.tensor([states[i].shape[1]]), split.tail.new_cache(), keep)
+        out[i] = parts.run_tail(states[i], torch.tensor([states[i].shape[1]]), split.tail.new_cache(), keep, token)
+        parts.close(token)
 
     with torch.no_grad():
         threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
@@ -209,8 +210,6 @@ def test_ordinary_forwards_beside_joint_passes_of_the_same_model(tiny_model):
 
 def test_decoders_interleaved_in_one_thread_are_not_waited_for(tiny_model):
     """Two generations stepped alternately by one thread: neither can call while the other waits."""
-    import time
-
     split = _split(tiny_model)
     parts = JointParts(split, wait_ms=60_000.0)
     holders = [_Decoder(), _Decoder()]
@@ -222,3 +221,32 @@ def test_decoders_interleaved_in_one_thread_are_not_waited_for(tiny_model):
             parts.run_head(torch.tensor([[5, 6]]), torch.tensor([2]), None)
     assert time.monotonic() - start < 30  # a wait for the other decoder would take the minute
     assert parts.stats.passes["head"] == 3 and parts.stats.most == 1
+
+
+def test_an_idle_thread_is_not_waited_for_and_a_failed_pass_frees_the_part(tiny_model, monkeypatch):
+    from fedsea.training import shared_parts
+
+    monkeypatch.setattr(shared_parts, "IDLE_S", 0.2)
+    split = _split(tiny_model)
+    parts = JointParts(split, wait_ms=60_000.0)
+    holder, release = _Decoder(), threading.Event()
+
+    def idle() -> None:  # a thread with an open decoder that does not step it (a paused consumer)
+        token = parts.open(holder)
+        release.wait(60)
+        parts.close(token)
+
+    thread = threading.Thread(target=idle)
+    thread.start()
+    try:
+        time.sleep(0.5)  # past IDLE_S
+        start = time.monotonic()
+        with torch.no_grad():
+            with pytest.raises(InvalidInputError):  # a failed pass (an id out of range) ...
+                parts.run_head(torch.tensor([[5, 10**6]]), torch.tensor([2]), None)
+            h = parts.run_head(torch.tensor([[5, 6]]), torch.tensor([2]), None)  # ... leaves the part free
+        assert time.monotonic() - start < 30  # a wait for the idle thread would take the minute
+        assert h.shape == (1, 2, split.head.hidden_size)
+    finally:
+        release.set()
+        thread.join(60)

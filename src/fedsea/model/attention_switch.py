@@ -55,17 +55,20 @@ def _switch(config: Any) -> _Switch:
 def ordinary_forward(config: Any) -> Iterator[None]:
     """A forward that uses ``config`` as it is: waits while a joint pass has it switched."""
     switch = _switch(config)
-    with switch.cv:
-        while switch.writing or switch.waiting_writers:
-            switch.cv.wait()
-        switch.readers += 1
+    entered = False
     try:
+        with switch.cv:
+            while switch.writing or switch.waiting_writers:
+                switch.cv.wait()
+            switch.readers += 1
+            entered = True
         yield
     finally:
-        with switch.cv:
-            switch.readers -= 1
-            if switch.readers == 0:
-                switch.cv.notify_all()
+        if entered:  # (interrupted while waiting: nothing to undo)
+            with switch.cv:
+                switch.readers -= 1
+                if switch.readers == 0:
+                    switch.cv.notify_all()
 
 
 @contextmanager
@@ -75,13 +78,16 @@ def switched_attention(config: Any, name: str) -> Iterator[str | None]:
     switch = _switch(config)
     with switch.cv:
         switch.waiting_writers += 1
-        while switch.writing or switch.readers:
-            switch.cv.wait()
-        switch.waiting_writers -= 1
+        try:
+            while switch.writing or switch.readers:
+                switch.cv.wait()
+        finally:  # interrupted too: readers must not wait for a writer that has gone
+            switch.waiting_writers -= 1
+            switch.cv.notify_all()
         switch.writing = True
     before = config._attn_implementation
-    config._attn_implementation = name
     try:
+        config._attn_implementation = name
         yield before
     finally:
         config._attn_implementation = before

@@ -381,7 +381,8 @@ def central_forward(model: PreTrainedModel, input_ids: torch.Tensor, lengths: to
     check_lengths(lengths, input_ids.shape[0], total)
     unpadded = no_padding(lengths, total)  # then no mask: the same SDPA path as the split's
     lengths = lengths.to(device=input_ids.device, dtype=torch.int64)
-    with attention_kernels(input_ids.device):  # the split's attention kernels (``fedsea.model.attention``)
+    # The split's attention kernels (``fedsea.model.attention``); never beside a joint pass that switched the config.
+    with ordinary_forward(model.config), attention_kernels(input_ids.device):
         out = model(
             input_ids=input_ids,
             attention_mask=None if unpadded else padding_mask(lengths, total),

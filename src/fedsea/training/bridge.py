@@ -35,6 +35,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from fedsea.errors import InvalidInputError
+from fedsea.model.attention_switch import ordinary_forward
 from fedsea.model.families import family_of
 from fedsea.model.split import check_partition
 
@@ -53,7 +54,9 @@ def _bridge_config(model: PreTrainedModel, num_layers: int) -> Any:
     """
     config = type(model.config).from_dict(model.config.to_dict())
     config.num_hidden_layers = num_layers
-    config._attn_implementation = model.config._attn_implementation  # not in to_dict(): the same kernels
+    # Not in to_dict(): the same kernels. Read while no joint pass has the model's config switched.
+    with ordinary_forward(model.config):
+        config._attn_implementation = model.config._attn_implementation
     if hasattr(config, "layer_types"):
         config.layer_types = [FULL_ATTENTION] * num_layers
     if hasattr(config, "sliding_window"):

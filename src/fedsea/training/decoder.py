@@ -41,10 +41,6 @@ class SplitDecoder:
         privatize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.head, self.tail = split.head.eval(), split.tail.eval()
-        # Shared with the other decoders of ``split`` running at the same time (other threads):
-        # their head and tail calls join into one pass (``fedsea.training.shared_parts``).
-        self.parts = joint_parts(split)
-        self.parts.open(self)
         self.stepper = stepper
         self.use_cache = use_cache
         self.privatize = privatize
@@ -61,6 +57,11 @@ class SplitDecoder:
         # The last step's clean head output h_p and the trunk's output, each (B, k, d), for the
         # slots still in the caches (a rewind trims them): the bridge drafter learns from them.
         self.states: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Shared with the other decoders of ``split`` running at the same time (other threads):
+        # their head and tail calls join into one pass (``fedsea.training.shared_parts``). Opened
+        # last (nothing after it can fail) and only with caches: a naive decoder calls its parts itself.
+        self.parts = joint_parts(split)
+        self._token = self.parts.open(self) if use_cache else None
 
     @property
     def length(self) -> int:
@@ -83,11 +84,11 @@ class SplitDecoder:
         prefill = self.steps == 0
         logits: torch.Tensor  # (B, keep, V)
         if self.caches is not None:
-            clean = self.parts.run_head(self._pending, self.lengths, self.caches[0], self)  # (B, k|n, d)
+            clean = self.parts.run_head(self._pending, self.lengths, self.caches[0], self._token)  # (B, k|n, d)
             h = self.privatize(clean) if self.privatize is not None else clean
             t = self.stepper.step(self.steps, h, self.lengths if prefill else None, self._keep)
             self.states = (clean, t)
-            logits = self.parts.run_tail(t, self.lengths, self.caches[1], keep, self)  # (B, keep, V)
+            logits = self.parts.run_tail(t, self.lengths, self.caches[1], keep, self._token)  # (B, keep, V)
         else:
             h = self.head(self.ids, self.lengths)  # (B, T, d): everything, every time
             h = self.privatize(h) if self.privatize is not None else h
@@ -99,7 +100,9 @@ class SplitDecoder:
 
     def close(self) -> None:
         """The generation is over: the other decoders' passes no longer wait for this one."""
-        self.parts.close(self)
+        if self._token is not None:
+            self.parts.close(self._token)
+            self._token = None
 
     def keep_rows(self, rows: list[int]) -> None:
         """Go on with ``rows`` only (indices into the running rows, increasing); the rest are dropped."""

@@ -23,7 +23,8 @@ Design decisions:
   trunk together, and the server answers them from one joint pass), so the wait is paid only
   when an answer starts or falls out of step. Measured with ``fedsea bench serve`` (4 clients of
   4 sessions, BENCHMARKS.md): a client pass carried 1.8 of its 4 calls with a 2 ms wait, 3.1
-  with 20 ms and 3.4 with 40 ms, and the clients' CPU fell from 11.1 s to 6.5 s.
+  with 20 ms and 3.4 with 40 ms, and the clients' CPU fell from 11.1 s to 6.5 s. Threads that
+  have ended or not called for ``IDLE_S`` (2 s: a consumer pausing a stream) are not waited for.
 - **Same adapters for all.** One client's decoders share its head and tail modules and their
   LoRA adapter (the one the part has active), so the pass needs no per-row adapters.
 - **Exactness.** A lone call is the part's own forward, bit for bit. A joint pass computes each
@@ -35,6 +36,8 @@ Design decisions:
 
 from __future__ import annotations
 
+import collections
+import itertools
 import threading
 import time
 import weakref
@@ -51,9 +54,18 @@ from fedsea.model.split import SplitModel, SplitPart
 
 # How long a pass's leader waits for the calls of the other running decoders, in milliseconds.
 DEFAULT_WAIT_MS = 40.0
+# A thread whose decoders have not called for this long (a paused consumer) is not waited for, in seconds.
+IDLE_S = 2.0
 
 
-@dataclass
+def _result(call: _Call) -> torch.Tensor:
+    if isinstance(call.result, BaseException):
+        raise call.result
+    assert call.result is not None
+    return call.result
+
+
+@dataclass(eq=False)  # compared by identity (a queue's ``remove``), not by its tensors
 class _Call:
     """One decoder's call: its input (token ids for the head, trunk states for the tail) and result."""
 
@@ -89,30 +101,38 @@ class JointParts:
         self.enabled = True
         self.wait_ms = wait_ms
         self.stats = JointStats()
-        self._cv = threading.Condition()
+        self._cv = threading.Condition()  # re-entrant (an RLock): a finalizer may run inside it
         self._queues: dict[str, list[_Call]] = {"head": [], "tail": []}
         self._running = {"head": False, "tail": False}
-        # Decoders between open and close -> the thread that opened them (that steps them).
-        self._decoders: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+        # Open decoders: token -> (the thread that steps it, when it last called). Plain ints as
+        # keys (tokens, never reused); closes and finalizers only append to ``_closed``, which is
+        # drained under the lock: a garbage collection inside an iteration cannot resize the dict.
+        self._open: dict[int, tuple[int, float]] = {}
+        self._closed: collections.deque[int] = collections.deque()
+        self._tokens = itertools.count(1)
 
     # -- the decoders' side ------------------------------------------------------------------
-    def open(self, decoder: object) -> None:
-        """Count ``decoder`` among the running ones (a leader waits for their threads' calls)."""
+    def open(self, decoder: object) -> int:
+        """Count ``decoder`` among the running ones (a leader waits for its thread's calls); returns
+        its token for ``close`` and the ``run_*`` calls. A decoder collected unclosed is forgotten."""
+        token = next(self._tokens)
+        weakref.finalize(decoder, self._closed.append, token)
         with self._cv:
-            self._decoders[decoder] = threading.get_ident()
+            self._open[token] = (threading.get_ident(), time.monotonic())
+        return token
 
-    def close(self, decoder: object) -> None:
-        """``decoder`` is done: no leader waits for it any more."""
+    def close(self, token: int) -> None:
+        """The decoder of ``token`` is done: no leader waits for it any more."""
+        self._closed.append(token)
         with self._cv:
-            self._decoders.pop(decoder, None)
             self._cv.notify_all()
 
     def run_head(
-        self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None, owner: object = None
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache | None, owner: int | None = None
     ) -> torch.Tensor:
         """``head(input_ids, lengths, cache=cache)``, joined with other decoders' calls: h_p (B, n, d).
 
-        ``owner``: the calling decoder (its thread is noted: a leader waits for other threads only).
+        ``owner``: the calling decoder's token (its thread and time are noted).
         """
         if not self.enabled:
             out: torch.Tensor = self.head(input_ids, lengths, cache=cache)
@@ -125,7 +145,7 @@ class JointParts:
         lengths: torch.Tensor,
         cache: DynamicCache | None,
         keep: int = 0,
-        owner: object = None,
+        owner: int | None = None,
     ) -> torch.Tensor:
         """``tail(hidden, lengths, cache=cache, logits_to_keep=keep)``, joined: logits (B, keep|n, V)."""
         if not self.enabled:
@@ -134,47 +154,84 @@ class JointParts:
         return self._submit("tail", _Call(hidden, lengths, cache, keep), owner)
 
     # -- combining ---------------------------------------------------------------------------
-    def _submit(self, part: str, call: _Call, owner: object) -> torch.Tensor:
+    def _submit(self, part: str, call: _Call, owner: int | None) -> torch.Tensor:
         queue = self._queues[part]
         with self._cv:
-            if owner is not None and owner in self._decoders:
-                self._decoders[owner] = threading.get_ident()  # stepped here, wherever it was opened
+            self._drain()
+            if owner is not None and owner in self._open:
+                self._open[owner] = (threading.get_ident(), time.monotonic())  # stepped here, now
             queue.append(call)
             self._cv.notify_all()  # a leader gathering calls counts this one
-            while not call.done and self._running[part]:
-                self._cv.wait()
-            if not call.done:  # no pass running: lead one with what is queued (after a short wait)
-                self._running[part] = True
-                self._gather(queue)
-                batch = list(queue)
-                queue.clear()
-        if not call.done:
             try:
-                results = self._pass(part, batch)
-            except BaseException as exc:  # the pass failed (or was interrupted): every call in it fails
-                results = [exc] * len(batch)
-            with self._cv:
-                for item, result in zip(batch, results, strict=True):
-                    item.result, item.done = result, True
+                while not call.done and self._running[part]:
+                    self._cv.wait()
+            except BaseException:  # interrupted while waiting: no leader may run this call any more
+                if not call.done and call in queue:
+                    queue.remove(call)
+                raise
+            if call.done:
+                return _result(call)
+            # No pass running: lead one with what is queued (after a short wait for the others).
+            self._running[part] = True
+            try:
+                self._gather(queue)
+            except BaseException:  # interrupted before any pass ran: the next caller leads
+                queue.remove(call)
                 self._running[part] = False
                 self._cv.notify_all()
-        if isinstance(call.result, BaseException):
-            raise call.result
-        assert call.result is not None
-        return call.result
+                raise
+            batch = list(queue)
+            queue.clear()
+        failure: BaseException | None = None
+        results: list[torch.Tensor | BaseException] = []
+        try:
+            results = self._pass(part, batch)
+        except BaseException as exc:  # the pass failed (or was interrupted): every call in it fails
+            failure = exc
+        with self._cv:
+            for i, item in enumerate(batch):
+                if failure is None:
+                    item.result = results[i]
+                elif item is call:
+                    item.result = failure  # the leader raises the original
+                else:
+                    item.result = RuntimeError(f"the joint {part} pass failed: {failure!r}")
+                    item.result.__cause__ = failure
+                item.done = True
+            self._running[part] = False
+            self._cv.notify_all()
+        return _result(call)
+
+    def _drain(self) -> None:
+        """With the lock held: forget the decoders closed (or collected) since the last call."""
+        while self._closed:
+            self._open.pop(self._closed.popleft(), None)
+
+    def _expected(self) -> int:
+        """With the lock held: calls a leader waits for, one per thread stepping an open decoder.
+
+        Threads, not decoders: generators interleaved in one thread call one at a time. A thread
+        that has ended, or has not called for ``IDLE_S`` (a paused consumer), is not waited for.
+        """
+        self._drain()
+        now = time.monotonic()
+        alive = {t.ident for t in threading.enumerate()}
+        stepping = {t for t, seen in list(self._open.values()) if t in alive and now - seen <= IDLE_S}
+        stepping.add(threading.get_ident())
+        return len(stepping)
 
     def _gather(self, queue: list[_Call]) -> None:
-        """With the lock held: wait up to ``wait_ms`` until every thread running decoders has a call queued."""
+        """With the lock held: wait up to ``wait_ms`` until every thread stepping decoders has a call queued."""
         if self.wait_ms <= 0:
             return
-        threads = len(set(self._decoders.values()))  # one call at a time per thread
         deadline = time.monotonic() + self.wait_ms / 1000.0
-        while len(queue) < threads:
+        while len(queue) < self._expected():  # counted again after each wake-up (a close, a new call)
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             self._cv.wait(left)
 
+    @torch.no_grad()
     def _pass(self, part: str, batch: list[_Call]) -> list[torch.Tensor | BaseException]:
         """One pass of ``part`` for ``batch``'s calls (outside the lock); a result or an error per call."""
         self.stats.passes[part] += 1
