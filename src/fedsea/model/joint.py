@@ -292,7 +292,6 @@ def joint_forward(trunk: SplitPart, inputs: Sequence[JointInput], row_adapters: 
         segments, masks, positions, rows = _streams(trunk, inputs)
     hidden = torch.cat(rows, dim=0)  # (N, 1, d)
     pos = torch.cat([p.reshape(-1, 1) for p in positions], dim=0)  # (N, 1)
-    device = inputs[0].hidden.device
     kinds = set(trunk.layer_types.values())
     if trunk.family.rope_per_layer_type:
         ropes = {kind: trunk.rotary_emb(hidden, pos, kind) for kind in kinds}
@@ -305,7 +304,7 @@ def joint_forward(trunk: SplitPart, inputs: Sequence[JointInput], row_adapters: 
         cache = _JointCache(plan)
         layer_masks = {kind: _JointMask(plan, kind) for kind in kinds}
         rows_lora = _row_adapters(trunk, adapters) if row_adapters else nullcontext()
-        with rows_lora, attention_kernels(device):
+        with rows_lora, attention_kernels(hidden.device):
             for key, layer in trunk.layers.items():
                 kind = trunk.layer_types[key]
                 hidden = layer(

@@ -231,7 +231,7 @@ class JointParts:
                 return
             self._cv.wait(left)
 
-    @torch.no_grad()
+    @torch.no_grad()  # inference only, whatever the leader's thread has set (covers the joint passes too)
     def _pass(self, part: str, batch: list[_Call]) -> list[torch.Tensor | BaseException]:
         """One pass of ``part`` for ``batch``'s calls (outside the lock); a result or an error per call."""
         self.stats.passes[part] += 1
@@ -266,7 +266,6 @@ def _inputs(
     return results, ok, inputs
 
 
-@torch.no_grad()
 def _joint_head(head: Any, batch: list[_Call]) -> list[torch.Tensor | BaseException]:
     results, ok, inputs = _inputs(head, batch, lambda call: head.embed(call.data))
     if inputs:
@@ -275,7 +274,6 @@ def _joint_head(head: Any, batch: list[_Call]) -> list[torch.Tensor | BaseExcept
     return results
 
 
-@torch.no_grad()
 def _joint_tail(tail: Any, batch: list[_Call]) -> list[torch.Tensor | BaseException]:
     def checked(call: _Call) -> torch.Tensor:
         tail._check_hidden(call.data, finite=call.data.device.type == "cpu")
